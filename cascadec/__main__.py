@@ -1,0 +1,3 @@
+from cascadec.cli import entry
+
+entry()

@@ -1,0 +1,165 @@
+"""ONNX Runtime runner: the deployment path cascadec vouches for on every machine.
+
+The runner refuses to silently fall back to the CPU when a GPU provider was asked
+for, because a parity or latency number measured on the wrong device is worse
+than no number at all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from cascadec.errors import UserError
+
+_PROVIDERS: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] or type(exc).__name__
+
+
+def _providers(device: str) -> list[str | tuple[str, dict]]:
+    """Map a cascadec device name to ORT providers, failing early when they are absent."""
+    kind, _, index = str(device).partition(":")
+    kind = kind.lower()
+    if kind not in _PROVIDERS:
+        raise UserError(f"unknown onnxruntime device {device!r}; use one of: cpu, cuda, cuda:N, tensorrt")
+    if index and not index.isdigit():
+        raise UserError(f"bad device index in {device!r}; expected e.g. cuda:0")
+    wanted = _PROVIDERS[kind][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise UserError(
+            f"onnxruntime has no {wanted} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu on a machine with an NVIDIA GPU"
+        )
+    options = {"device_id": int(index)} if index else {}
+    return [(name, options) if name != "CPUExecutionProvider" and options else name for name in _PROVIDERS[kind]]
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise UserError(f"threads must be a positive integer, got {threads!r}")
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: provider chatter is not user-facing output
+    return opts
+
+
+def _create_session(model: str | bytes, device: str, threads: int | None, label: str) -> ort.InferenceSession:
+    providers = _providers(device)
+    try:
+        session = ort.InferenceSession(model, sess_options=_session_options(threads), providers=providers)
+    except Exception as exc:  # ORT raises several unrelated classes for unreadable models
+        raise UserError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
+    wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    if wanted not in session.get_providers():
+        raise UserError(f"onnxruntime could not initialise {wanted} for {label} (CUDA/cuDNN/TensorRT libraries missing?)")
+    return session
+
+
+def _check_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ONNX model not found: {path}")
+    return path
+
+
+class OrtRunner:
+    """Numpy in, numpy out, so verification and profiling can treat every backend alike."""
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None) -> None:
+        self.path = _check_path(path)
+        self.device = device
+        self.session = _create_session(str(self.path), device, threads, str(self.path))
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise UserError(f"{self.path} has {len(inputs)} inputs; cascadec expects a single image input")
+        self.input_name: str = inputs[0].name
+        self.output_name: str = outputs[0].name
+        self.input_shape: list[int | str | None] = list(inputs[0].shape)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def static_input_shape(self) -> tuple[int, ...] | None:
+        """The non-batch input shape when the graph fixes it; lets profiling infer shapes."""
+        rest = self.input_shape[1:]
+        return tuple(rest) if all(isinstance(d, int) for d in rest) else None
+
+    def check_input(self, shape: Sequence[int]) -> None:
+        """A wrong image size is a user mistake; say so instead of surfacing an ORT kernel error."""
+        expected = self.input_shape
+        bad = len(shape) != len(expected) or any(
+            isinstance(e, int) and e != s for e, s in zip(expected, shape, strict=False)
+        )
+        if bad:
+            raise UserError(f"input shape {tuple(shape)} does not match {self.path.name} input {expected}")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.check_input(x.shape)
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+
+def value_names(path: str | os.PathLike[str]) -> list[str]:
+    """Every node output in graph order: the search space for first-divergence bisection."""
+    model = _load(path)
+    return [name for node in model.graph.node for name in node.output if name]
+
+
+def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    path = _check_path(path)
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:
+        raise UserError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+
+
+def intermediate_outputs(
+    path: str | os.PathLike[str],
+    x: np.ndarray,
+    names: Sequence[str],
+    *,
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Run the graph with ``names`` promoted to graph outputs, to find where two backends diverge.
+
+    ORT keeps any value that is a graph output, so fusions cannot hide the tensor asked for.
+    """
+    model = _load(path)
+    produced = {name for node in model.graph.node for name in node.output if name}
+    produced |= {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    unknown = [n for n in names if n not in produced]
+    if unknown:
+        raise UserError(f"no value named {', '.join(map(repr, unknown))} in {Path(path).name}")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
+    except Exception:  # shape inference is best effort; ORT accepts outputs typed as float
+        known = {}
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name in existing:
+            continue
+        value = known.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        model.graph.output.append(value)
+        existing.add(name)
+    session = _create_session(model.SerializeToString(), device, None, f"{Path(path).name} (intermediates)")
+    input_name = session.get_inputs()[0].name
+    values = session.run(list(names), {input_name: np.ascontiguousarray(x, dtype=np.float32)})
+    return dict(zip(names, values, strict=True))

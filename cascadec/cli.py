@@ -1,0 +1,256 @@
+"""The ``cascadec`` command: parse, call the library, print. No logic lives here.
+
+Exit codes: 0 success, 2 bad input (one line, no traceback), 3 a parity gate failed,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress a pretrained CNN with cascaded channel pruning and prove it on real backends.")
+recipes_app = typer.Typer(no_args_is_help=True, help="Shipped recipes.")
+models_app = typer.Typer(no_args_is_help=True, help="Models the registry knows.")
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(models_app, name="models")
+out = Console()
+err = Console(stderr=True)
+
+
+def _human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not batches or any(b < 1 for b in batches):
+        raise typer.BadParameter(f"batch sizes must be positive integers, got {text!r}")
+    return batches
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="Model name (cascadec models list)."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (cascadec recipes list) or YAML path."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data set root (overrides data.root)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision weights name, .pt/.pth or .safetensors."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<recipe>)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: key.sub=value (repeatable)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show widths and FLOPs/params at the target; no data, no training."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run, skipping finished stages."),
+) -> None:
+    """Prune MODEL with a recipe, then export, verify and profile the student."""
+    from cascadec import stages
+    from cascadec.preflight import dry_run as run_dry
+
+    if dry_run:
+        resolved = stages.prepare_recipe(model, recipe, data=data, weights=None, overrides=overrides)
+        _print_inspect(run_dry(model, resolved))
+        return
+    report = stages.compress(model, recipe, data=data, weights=weights, out=out_dir, overrides=overrides, device=device,
+                             resume=resume, command=sys.argv)
+    _print_summary(report)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
+    trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines (needs tensorrt and an NVIDIA GPU)."),
+    fp16: bool = typer.Option(False, "--fp16", help="TensorRT FP16 engine."),
+    int8: bool = typer.Option(False, "--int8", help="TensorRT INT8 engine (calibrated on training images)."),
+) -> None:
+    """Re-export the run's ONNX models; with --trt, build TensorRT engines."""
+    from cascadec.commands import export_run
+
+    for line in export_run(run_dir, trt=trt, fp16=fp16, int8=int8):
+        out.print(line)
+
+
+@app.command()
+def verify(
+    run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
+    backend: List[str] = typer.Option(["onnxruntime"], "--backend", help="Backend to check against PyTorch (repeatable)."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Validation images to compare (default: recipe)."),
+) -> None:
+    """Check backends against the PyTorch student on real validation images (exit 3 on failure)."""
+    from cascadec.commands import verify_run
+
+    result = verify_run(run_dir, backends=backend, samples=samples)
+    _print_parity(result)
+    from cascadec.verify import raise_on_failure
+
+    raise_on_failure(result)
+
+
+@app.command()
+def profile(
+    target: Path = typer.Argument(..., help="A run directory (teacher and student) or an .onnx file."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (cpu) or onnxruntime-cuda."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
+) -> None:
+    """Latency per batch size: warm-up, then p50/p90/p95/p99 and throughput."""
+    from cascadec.commands import profile_path
+
+    result = profile_path(target, backend=backend, batches=_parse_batches(batch))
+    _print_latency(result)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Model name."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Show what this recipe's target means."),
+    in_channels: int = typer.Option(3, "--in-channels", min=1),
+    image_size: int = typer.Option(224, "--image-size", min=8),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Pre-flight: prunable groups, layers that cannot be pruned and why, FLOPs/params."""
+    from cascadec.preflight import inspect_model
+    from cascadec.recipe import load_recipe
+
+    resolved = load_recipe(recipe, model=model) if recipe else None
+    result = inspect_model(model, in_channels=in_channels, image_size=image_size, num_classes=num_classes, recipe=resolved)
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        _print_inspect(result)
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """Shipped recipes with their model, data and target."""
+    from cascadec.recipe import list_recipes, load_recipe
+
+    table = Table("recipe", "model", "data", "target", "method", "description")
+    for name in list_recipes():
+        r = load_recipe(name)
+        table.add_row(name, r.model.name, r.data.name, r.prune.target.describe(), r.prune.method, r.description)
+    out.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="Recipe name or path.")) -> None:
+    """Print a recipe with every default filled in."""
+    from cascadec.recipe import load_recipe, recipe_to_yaml
+
+    out.print(recipe_to_yaml(load_recipe(name)), highlight=False, markup=False)
+
+
+@models_app.command("list")
+def models_list(contains: Optional[str] = typer.Argument(None, help="Only names containing this.")) -> None:
+    """Every model name create_model accepts."""
+    from cascadec.models import list_models
+
+    for name in list_models():
+        if not contains or contains in name:
+            out.print(name, highlight=False)
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _print_inspect(r: dict) -> None:
+    out.print(f"[bold]{r['model']}[/] input {'x'.join(map(str, r['input_shape']))}: {_human(r['flops'], 'MAC')}, "
+              f"{_human(r['params'])} params, {r['prunable_units']} prunable channels in {len(r['groups'])} groups")
+    target = r.get("target")
+    table = Table("group root", "layers", "channels", *(["kept"] if target else []), title="prunable groups")
+    for g in r["groups"]:
+        table.add_row(g["root"], str(g["layers"]), str(g["channels"]), *([str(g.get("kept", "-"))] if target else []))
+    out.print(table)
+    if r["frozen"]:
+        frozen = Table("group root", "channels", "why it is not pruned", title="frozen groups")
+        for f in r["frozen"]:
+            frozen.add_row(f["root"], str(f["channels"]), f["reason"])
+        out.print(frozen)
+    if target:
+        out.print(f"target {target['description']}: {_human(target['flops'], 'MAC')} ({target['flops'] / r['flops']:.1%} of FLOPs), "
+                  f"{_human(target['params'])} params ({target['params'] / r['params']:.1%}); {target['note']}")
+
+
+def _print_parity(result: dict) -> None:
+    table = Table("backend", "samples", "max |diff|", "top-1 agree", "accuracy", "passed", title="parity vs PyTorch")
+    for name, r in result["backends"].items():
+        acc = r.get("accuracy")
+        table.add_row(name, str(result["samples"]), f"{r['max_abs_diff']:.2e}", f"{r['top1_agreement']:.4f}",
+                      "-" if acc is None else f"{acc:.4f}", "[green]yes[/]" if r["passed"] else "[red]NO[/]")
+    out.print(table)
+
+
+def _print_latency(result: dict) -> None:
+    table = Table("model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", title="latency (onnxruntime)")
+    for name, per_batch in result.items():
+        if name == "speedup":
+            continue
+        for b, s in per_batch.items():
+            table.add_row(name, str(b), f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['throughput']:.0f}")
+    out.print(table)
+    if result.get("speedup"):
+        out.print("speed-up (teacher p50 / student p50): " + ", ".join(f"batch {b}: {s:.2f}x" for b, s in result["speedup"].items()))
+
+
+def _print_summary(report: dict) -> None:
+    from cascadec.report import summary_table
+
+    out.print(summary_table(report))
+    out.print(f"artifacts and report.md in {report['run']['dir']}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: maps cascadec's errors to exit codes and one line."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int):
+            return result
+    except CascadecError as exc:
+        if isinstance(exc, GateFailed):
+            err.print(f"[red]parity gate failed[/]: {exc}", highlight=False)
+        else:
+            err.print(f"error: {exc}", highlight=False, markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", highlight=False)
+        return EXIT_INTERRUPTED
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            err.print("interrupted")
+            return EXIT_INTERRUPTED
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        if os.environ.get("CASCADEC_DEBUG"):
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                  "(set CASCADEC_DEBUG=1 for a traceback and please report it)", highlight=False, markup=False)
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Channel pruning: dependency groups, masks after BatchNorm, cost model, shrink, artifacts."""

@@ -1,0 +1,277 @@
+"""Cascaded channel pruning with hierarchical self-distillation (Miles & Mikolajczyk, BMVC 2020).
+
+docs/method.md maps each equation to the code below. In short:
+
+* ``build_hierarchy``: N models T_0 (student) .. T_{N-1} (keep fraction 1.0) as copies of
+  the network that share ONE set of conv/linear weights; each keeps its own BatchNorm
+  layers, classifier and first conv. T_{N-1}'s teacher is the frozen pretrained network.
+* ``CascadeTrainer.joint_step``: every model's mask is the global top-k of its scores
+  under its budget (recomputed each step). With ``cascade_update`` (Eq. 5) the scores of
+  T_i get their straight-through gradient from the forward pass and loss of T_{i+1}: the
+  mask vector fed to T_{i+1}'s hooks is ``hard_{i+1} + s_i - s_i.detach()``, so
+  dL_{i+1}/ds_i = sum_{h,w} dL_{i+1}/dY_{i+1} * Y_{i+1}, the teacher's Taylor term. A unit
+  masked out of T_i but alive in T_{i+1} therefore still learns and can come back.
+* ``CascadeTrainer.student_phase``: masks frozen, the student alone fine-tunes with KD;
+  its teacher moves one level up whenever the student's validation accuracy beats it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cascadec.distill.losses import DistillLoss
+from cascadec.prune.groups import GroupIndex
+from cascadec.prune.masks import ChannelMasks
+from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.progress import Status, log
+from cascadec.train.loop import check_finite, cosine_schedule, evaluate, make_optimizer, steps_in
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | None = None) -> list[float]:
+    """Keep fractions of [student, TA_1, ..., TA_n]; the last TA is the unpruned 1.0 model.
+
+    The paper's default for 3 TAs is 1+(k_0-1)/1.5, 1+(k_0-1)/2.5, 1.0; for other counts
+    we space TAs uniformly ("any reasonably uniform allocation ... is sufficient").
+    """
+    k0 = student_fraction
+    if explicit:
+        fractions = [k0, *explicit]
+    elif num_tas == 0:
+        fractions = [k0]
+    elif num_tas == 3:
+        fractions = [k0, 1 + (k0 - 1) / 1.5, 1 + (k0 - 1) / 2.5, 1.0]
+    else:
+        fractions = [k0 + (1 - k0) * j / num_tas for j in range(1, num_tas + 1)]
+        fractions = [k0, *fractions]
+    if any(b <= a for a, b in zip(fractions, fractions[1:])) or fractions[-1] > 1.0 + 1e-9:
+        raise ValueError(f"TA keep fractions must increase from the student's {k0:.3f} to at most 1.0: {fractions}")
+    return fractions
+
+
+def own_parameter_names(model: nn.Module, index: GroupIndex) -> set[str]:
+    """Parameters each model of the hierarchy owns: BatchNorm, classifier, first conv."""
+    owned_modules = {index.first_conv, index.classifier}
+    owned_modules |= {n for n, m in model.named_modules() if isinstance(m, _BN)}
+    names = set()
+    for mod_name in owned_modules:
+        if mod_name is None:
+            continue
+        for p_name, _ in model.get_submodule(mod_name).named_parameters(recurse=False):
+            names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return names
+
+
+def build_hierarchy(base: nn.Module, index: GroupIndex, count: int) -> list[nn.Module]:
+    """``count`` copies of ``base`` whose shared parameters are the very same tensors."""
+    owned = own_parameter_names(base, index)
+    models = []
+    for _ in range(count):
+        clone = copy.deepcopy(base)
+        for name, param in base.named_parameters():
+            if name in owned:
+                continue
+            module_name, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(module_name) if module_name else clone, attr, param)
+        models.append(clone)
+    return models
+
+
+@dataclass
+class CascadeState:
+    fractions: list[float]
+    budgets: list[Budget]
+    hard_masks: list[torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+
+
+class CascadeTrainer:
+    """Trains the hierarchy (joint phase) and then the student alone (student phase)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        teacher: nn.Module,
+        index: GroupIndex,
+        solver: MaskSolver,
+        student_budget: Budget,
+        initial_scores: torch.Tensor,
+        *,
+        num_tas: int,
+        ta_ratios: list[float] | None,
+        cascade_update: bool,
+        loss: DistillLoss,
+        device: torch.device,
+    ) -> None:
+        self.index, self.solver, self.loss, self.device = index, solver, loss, device
+        self.cascade_update = cascade_update and num_tas > 0
+        fractions = ta_fractions(student_budget.keep_fraction, num_tas, ta_ratios)
+        budgets = [student_budget.scaled(f, solver.cost) for f in fractions]
+        self.teacher = teacher.to(device).eval()  # only ever run under no_grad
+        self.models = [m.to(device) for m in build_hierarchy(base.to(device), index, len(fractions))]
+        self.masks = [ChannelMasks(m, index).install() for m in self.models]
+        # the top model keeps everything: it needs no scores of its own
+        self.scores = [
+            nn.Parameter(initial_scores.clone().float().to(device)) if f < 1.0 - 1e-9 else None for f in fractions
+        ]
+        self.budgets = budgets
+        self.state = CascadeState(fractions, budgets, [self._solve(i) for i in range(len(fractions))])
+
+    # ---------------------------------------------------------------- masks
+    def _solve(self, i: int) -> torch.Tensor:
+        if self.scores[i] is None:
+            return torch.ones(self.index.num_units, device=self.device)
+        return self.solver.solve(self.scores[i], self.budgets[i]).to(self.device)
+
+    def refresh_masks(self) -> None:
+        self.state.hard_masks = [self._solve(i) for i in range(len(self.models))]
+
+    def _mask_vector(self, j: int) -> torch.Tensor:
+        """What model j's hooks multiply by, and therefore which scores its loss trains."""
+        hard = self.state.hard_masks[j]
+        if self.cascade_update:
+            learner = self.scores[j - 1] if j > 0 else None  # Eq. 5: T_j's pass trains T_{j-1}'s scores
+        else:
+            learner = self.scores[j]  # plain straight-through on the model's own loss
+        return hard if learner is None else hard + learner - learner.detach()
+
+    # ---------------------------------------------------------------- joint phase
+    def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        seen, weights = set(), []
+        for model in self.models:
+            for p in model.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    weights.append(p)
+        return weights, [s for s in self.scores if s is not None]
+
+    def joint_step(self, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            upper_logits = self.teacher(images)
+        losses, total = [], 0.0
+        for j in reversed(range(len(self.models))):  # top first: each model's teacher is the one above
+            self.masks[j].set(self._mask_vector(j))
+            logits = self.models[j](images)
+            loss_j = self.loss(logits, labels, upper_logits)
+            total = total + loss_j
+            losses.append(loss_j.item())
+            upper_logits = logits.detach()
+        check_finite(total, "joint phase")
+        total.backward()
+        return list(reversed(losses))
+
+    def joint_epoch(self, loader: DataLoader, weight_opt, score_opt, scheduler, *, max_steps: int | None, epoch: int) -> dict:
+        for m in self.models:
+            m.train()
+        steps = steps_in(loader, max_steps)
+        start, sums, seen = time.perf_counter(), None, 0
+        with Status(f"joint epoch {epoch}", steps) as status:
+            for step, (images, labels) in enumerate(loader):
+                if step >= steps:
+                    break
+                images, labels = images.to(self.device), labels.to(self.device)
+                weight_opt.zero_grad(set_to_none=True)
+                if score_opt is not None:
+                    score_opt.zero_grad(set_to_none=True)
+                losses = self.joint_step(images, labels)
+                weight_opt.step()
+                if score_opt is not None:
+                    score_opt.step()
+                scheduler.step()
+                self.refresh_masks()
+                sums = losses if sums is None else [a + b for a, b in zip(sums, losses)]
+                seen += 1
+                status.advance("loss " + " ".join(f"{x / seen:.3f}" for x in sums))
+        elapsed = time.perf_counter() - start
+        return {"epoch": epoch, "losses": [x / max(seen, 1) for x in (sums or [])], "seconds": elapsed, "steps": seen}
+
+    # ---------------------------------------------------------------- student phase
+    def release(self) -> None:
+        """Remove the joint phase's hooks, so copies made afterwards carry none of them."""
+        for masks in self.masks:
+            masks.remove()
+
+    def frozen_model(self, j: int) -> nn.Module:
+        """An independent copy of model j with its final hard mask baked into fresh hooks."""
+        self.release()
+        clone = copy.deepcopy(self.models[j]).eval()
+        for p in clone.parameters():
+            p.requires_grad_(False)
+        ChannelMasks(clone, self.index).install().set(self.state.hard_masks[j].detach().clone())
+        return clone
+
+    def extract_student(self) -> tuple[nn.Module, torch.Tensor]:
+        """The student with its own copy of the weights and its final (frozen) mask."""
+        self.release()
+        return copy.deepcopy(self.models[0]), self.state.hard_masks[0].detach().clone()
+
+
+def student_phase(
+    student: nn.Module,
+    mask: torch.Tensor,
+    index: GroupIndex,
+    teachers: list[tuple[str, nn.Module | None]],
+    loader: DataLoader,
+    val_loader: DataLoader,
+    loss: DistillLoss,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    device: torch.device,
+    promote: bool,
+    max_steps: int | None,
+) -> list[dict]:
+    """Fine-tune the masked student; ``teachers`` runs from the nearest TA up to the pretrained
+    teacher, and the student moves one level up whenever its validation accuracy beats its
+    current teacher's (METHOD.md, Schedule step 2)."""
+    hooks = ChannelMasks(student, index).install()
+    hooks.set(mask.to(device))
+    teacher_acc = [
+        evaluate(t, val_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0 for name, t in teachers
+    ]
+    level = 0
+    opt = make_optimizer(student.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    sched = cosine_schedule(opt, epochs * steps_in(loader, max_steps))
+    history = []
+    for epoch in range(epochs):
+        name, teacher = teachers[level]
+        student.train()
+        steps = steps_in(loader, max_steps)
+        start, total, seen = time.perf_counter(), 0.0, 0
+        with Status(f"student epoch {epoch} (teacher {name})", steps) as status:
+            for step, (images, labels) in enumerate(loader):
+                if step >= steps:
+                    break
+                images, labels = images.to(device), labels.to(device)
+                t_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(images)
+                value = loss(student(images), labels, t_logits)
+                check_finite(value, "student phase")
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                opt.step()
+                sched.step()
+                total += value.item()
+                seen += 1
+                status.advance(f"loss {total / seen:.3f}")
+        acc = evaluate(student, val_loader, device=device, description="evaluate student")
+        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level], "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": time.perf_counter() - start}
+        history.append(record)
+        log(f"student epoch {epoch}: accuracy {acc:.4f} (teacher {name} {teacher_acc[level]:.4f})")
+        if promote and acc > teacher_acc[level] and level + 1 < len(teachers):
+            level += 1
+            log(f"student beats {name}; its teacher is now {teachers[level][0]}")
+    hooks.remove()
+    return history

@@ -1,0 +1,66 @@
+"""One-shot importance criteria: one class of question ("how much does this unit matter?"),
+one function per answer, as in Torch-Pruning's importance module.
+
+Scores are per unit (group channel) and comparable across layers, because one global
+threshold ranks them all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cascadec.prune.groups import GroupIndex
+from cascadec.prune.masks import masked
+
+
+def taylor_importance(
+    model: nn.Module,
+    index: GroupIndex,
+    loader: DataLoader,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device,
+    batches: int = 8,
+) -> torch.Tensor:
+    """Mean over batches of |sum_{h,w} dL/dY * Y| per unit: the first-order Taylor estimate
+    of the loss change when the unit is removed (Molchanov et al. 2019, on the mask after BN).
+    The same quantity, signed, is what the cascade's scores learn from (Eqs. 3-4)."""
+    was_training = model.training
+    model.eval()  # BN uses its running statistics: importance of the network as it is
+    ones = torch.ones(index.num_units, device=device, requires_grad=True)
+    total = torch.zeros(index.num_units, device=device)
+    count = 0
+    with masked(model, index, ones):
+        for step, (images, labels) in enumerate(loader):
+            if step >= batches:
+                break
+            loss = loss_fn(model(images.to(device)), labels.to(device))
+            (grad,) = torch.autograd.grad(loss, ones)
+            total += grad.abs()
+            count += 1
+    model.train(was_training)
+    return (total / max(count, 1)).detach().cpu()
+
+
+def l1_importance(model: nn.Module, index: GroupIndex) -> torch.Tensor:
+    """Sum of L1 norms of each unit's filters in the group's conv/linear producers, divided by
+    the group's mean so that groups with big kernels do not win every global comparison."""
+    scores = []
+    for group in index.groups:
+        s = torch.zeros(group.size)
+        for member in group.members:
+            if member.role != "out":
+                continue
+            module = model.get_submodule(member.module)
+            if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                continue
+            weight = module.weight.detach().cpu()
+            norms = weight.flatten(1).abs().sum(1)
+            s.index_add_(0, torch.tensor(member.root_idxs), norms[torch.tensor(member.idxs)])
+        mean = s.mean()
+        scores.append(s / mean if mean > 0 else s)
+    return torch.cat(scores) if scores else torch.zeros(0)

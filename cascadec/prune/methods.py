@@ -1,0 +1,155 @@
+"""The pruning methods a recipe can choose (``prune.method``), on one shared code path.
+
+* ``oneshot``: rank units once (Taylor or L1 on the pretrained network), cut to the target,
+  fine-tune for joint_epochs + student_epochs, with KD from the teacher when ``distill.kd``.
+  Baselines (a) and (b) of the benchmark.
+* ``cascade``: the paper's method (cascade.py). ``cascade.num_tas: 0`` gives learned scores
+  without TAs (baseline c); ``cascade.cascade_update: false`` switches Eq. 5 off.
+
+Both spend the same epochs, data and optimiser, so the benchmark compares like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cascadec.distill.losses import DistillLoss
+from cascadec.prune.cascade import CascadeTrainer, student_phase
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import GroupIndex, build_groups
+from cascadec.prune.importance import l1_importance, taylor_importance
+from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.errors import UserError
+from cascadec.recipe import Recipe
+from cascadec.train.loop import cosine_schedule, make_optimizer, steps_in
+
+
+@dataclass
+class Analysis:
+    """What a network looks like to the pruner: groups, costs and the resolved budget."""
+
+    index: GroupIndex
+    cost: CostModel
+    solver: MaskSolver
+    budget: Budget
+
+
+@dataclass
+class PruneResult:
+    student: nn.Module  # full-width network; ``mask`` says which units survive
+    mask: torch.Tensor
+    analysis: Analysis
+    history: dict = field(default_factory=dict)
+
+
+def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
+    index = build_groups(model, example_input)
+    if not index.groups:
+        reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
+        raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
+    cost = CostModel.build(model, index, example_input)
+    solver = MaskSolver(index, cost, min_channels=recipe.prune.min_channels, round_to=recipe.prune.round_to)
+    target = recipe.prune.target
+    budget = Budget.from_target(
+        cost, flops_reduction=target.flops_reduction, params_reduction=target.params_reduction, keep_ratio=target.keep_ratio
+    )
+    return Analysis(index, cost, solver, budget)
+
+
+def distill_loss(recipe: Recipe) -> DistillLoss:
+    d = recipe.distill
+    return DistillLoss(ce_weight=d.ce_weight, kd_weight=d.kd_weight if d.kd else 0.0, temperature=d.temperature)
+
+
+def initial_importance(model, analysis, recipe, loader, device) -> torch.Tensor:
+    if recipe.prune.importance == "l1":
+        return l1_importance(model, analysis.index)
+    ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
+    return taylor_importance(
+        model, analysis.index, loader, lambda logits, y: ce(logits, y), device=device, batches=recipe.prune.importance_batches
+    )
+
+
+def _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote):
+    t = recipe.train
+    return student_phase(
+        student, mask, analysis.index, teachers, loader, val_loader, distill_loss(recipe),
+        epochs=epochs, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
+        device=device, promote=promote, max_steps=t.max_steps_per_epoch,
+    )
+
+
+def run_oneshot(teacher, analysis, recipe, loader, val_loader, device) -> PruneResult:
+    start = time.perf_counter()
+    scores = initial_importance(teacher, analysis, recipe, loader, device)
+    mask = analysis.solver.solve(scores, analysis.budget)
+    student = copy.deepcopy(teacher).to(device)
+    teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
+    epochs = recipe.train.joint_epochs + recipe.train.student_epochs
+    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote=False)
+    return PruneResult(student, mask, analysis, {"fine_tune": history, "seconds": time.perf_counter() - start})
+
+
+def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Scores start at importance / c (mean 1); gradients are divided by c too, so Eq. 5's
+    step size alpha = score_lr is relative to the initial Taylor scale and one recipe value
+    works across models and data sets."""
+    c = float(importance.abs().mean()) or 1.0
+    return importance / c, c
+
+
+def run_cascade(teacher, analysis, recipe, loader, val_loader, device) -> PruneResult:
+    start = time.perf_counter()
+    c = recipe.cascade
+    importance = initial_importance(teacher, analysis, recipe, loader, device)
+    scores, scale = _scale_free_scores(importance)
+    base = copy.deepcopy(teacher)
+    trainer = CascadeTrainer(
+        base, teacher, analysis.index, analysis.solver, analysis.budget, scores,
+        num_tas=c.num_tas, ta_ratios=c.ta_ratios, cascade_update=c.cascade_update,
+        loss=distill_loss(recipe), device=device,
+    )
+    weights, score_params = trainer.parameters()
+    for s in score_params:
+        s.register_hook(lambda g, scale=scale: g / scale)
+    t = recipe.train
+    weight_opt = make_optimizer(weights, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
+    if c.score_optimizer == "rmsprop":
+        score_opt = torch.optim.RMSprop(score_params, lr=c.score_lr) if score_params else None
+    else:
+        score_opt = torch.optim.SGD(score_params, lr=c.score_lr, momentum=0.9) if score_params else None
+    sched = cosine_schedule(weight_opt, t.joint_epochs * steps_in(loader, t.max_steps_per_epoch))
+    initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()
+    joint = []
+    for epoch in range(t.joint_epochs):
+        joint.append(trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch))
+    joint_seconds = time.perf_counter() - start
+    teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]
+    teachers.append(("teacher", teacher))
+    student, mask = trainer.extract_student()
+    final_mask = mask.cpu()
+    history = {
+        "fractions": trainer.state.fractions,
+        "joint": joint,
+        "joint_seconds": joint_seconds,
+        "mask_changed_units": int((final_mask != initial_mask).sum()),
+    }
+    history["student"] = _fine_tune(
+        student, mask, analysis, teachers, recipe, loader, val_loader, device, t.student_epochs, promote=c.promote_teacher
+    )
+    history["seconds"] = time.perf_counter() - start
+    return PruneResult(student, final_mask, analysis, history)
+
+
+def prune_model(teacher, recipe, loader, val_loader, example_input, device) -> PruneResult:
+    """Entry point of the prune stage: analyse, then run the recipe's method."""
+    teacher = teacher.to(device).eval()
+    analysis = analyse(teacher, recipe, example_input.to(device))
+    runner = run_cascade if recipe.prune.method == "cascade" else run_oneshot
+    return runner(teacher, analysis, recipe, loader, val_loader, device)

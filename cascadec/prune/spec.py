@@ -1,0 +1,103 @@
+"""Pickle-free student artifacts: a width spec (JSON) plus safetensors weights.
+
+Loading never unpickles: the architecture is rebuilt from the registry by name, the same
+channel removals are replayed, then the safetensors weights are loaded strictly. A user
+can therefore load a student from an untrusted source without running its code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cascadec.errors import UserError
+
+SPEC_FORMAT = "cascadec-widths/1"
+
+
+def state_dict_for_safetensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; students never share weights once extracted
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_student(
+    model: nn.Module,
+    directory: Path,
+    *,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    input_shape: list[int],
+    removals: dict[str, list[int]],
+    extra: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "format": SPEC_FORMAT,
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+        "input_shape": list(input_shape),
+        "removed_channels": removals,
+        **(extra or {}),
+    }
+    spec_path = directory / "student.widths.json"
+    weights_path = directory / "student.safetensors"
+    tmp = spec_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=1))
+    tmp.replace(spec_path)
+    tmp_w = weights_path.with_suffix(".tmp")
+    save_file(state_dict_for_safetensors(model), str(tmp_w), metadata={"format": SPEC_FORMAT})
+    tmp_w.replace(weights_path)
+    return spec_path, weights_path
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: width spec not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a valid width spec ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise UserError(f"{path}: not a cascadec width spec (expected format {SPEC_FORMAT!r})")
+    for key, kind in (("model", str), ("model_kwargs", dict), ("input_shape", list), ("removed_channels", dict)):
+        if not isinstance(spec.get(key), kind):
+            raise UserError(f"{path}: key {key!r} missing or not a {kind.__name__}")
+    return spec
+
+
+def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a student from ``student.widths.json`` + ``student.safetensors`` in ``directory``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from cascadec.models import create_model
+    from cascadec.prune.shrink import apply_removals
+
+    directory = Path(directory)
+    spec = read_spec(directory / "student.widths.json")
+    model = create_model(spec["model"], **spec["model_kwargs"]).eval()
+    example = torch.zeros(1, *spec["input_shape"])
+    try:
+        removals = {str(k): [int(i) for i in v] for k, v in spec["removed_channels"].items()}
+        with torch.no_grad():
+            apply_removals(model, removals, example)
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise UserError(f"{directory / 'student.widths.json'}: removals do not fit model {spec['model']!r} ({exc})".splitlines()[0]) from None
+    weights = directory / "student.safetensors"
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise UserError(f"{weights}: weights not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: corrupted safetensors file ({exc})".splitlines()[0]) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{weights}: weights do not match the width spec ({str(exc).splitlines()[0]})") from None
+    return model.eval(), spec

@@ -1,0 +1,124 @@
+"""Turn a user's target (FLOPs, params or keep ratio) into a mask by one global threshold.
+
+Units (group channels) are ranked by score across the whole network; we search the
+number K of globally top-ranked units such that the mask's cost meets the budget, with
+at least ``min_channels`` kept per group and optional rounding of each group's width to
+a multiple of ``round_to`` (Tensor Cores and vector units like widths of 8/16/32).
+Rounding is applied inside the search, so the reported cost is the cost of what ships.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cascadec.errors import UserError
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import GroupIndex
+
+METRICS = ("flops", "params", "units")
+
+
+@dataclass
+class Budget:
+    """A resolved target: the metric and the largest value the pruned network may cost."""
+
+    metric: str
+    value: float
+    keep_fraction: float  # of the metric's unpruned value
+
+    @classmethod
+    def from_target(cls, cost: CostModel, *, flops_reduction=None, params_reduction=None, keep_ratio=None) -> "Budget":
+        given = [(k, v) for k, v in (("flops", flops_reduction), ("params", params_reduction), ("units", keep_ratio)) if v is not None]
+        if len(given) != 1:
+            raise UserError("target: give exactly one of flops_reduction, params_reduction, keep_ratio")
+        metric, value = given[0]
+        fraction = value if metric == "units" else 1.0 - value
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"target: {metric} value {value} is outside (0, 1)")
+        return cls(metric, fraction * cost.base(metric), fraction)
+
+    def scaled(self, fraction: float, cost: CostModel) -> "Budget":
+        return Budget(self.metric, fraction * cost.base(self.metric), fraction)
+
+
+class MaskSolver:
+    """Precomputes group membership of units so each candidate mask is a few tensor ops."""
+
+    def __init__(self, index: GroupIndex, cost: CostModel, *, min_channels: int = 1, round_to: int | None = None) -> None:
+        self.index = index
+        self.cost = cost
+        self.min_channels = min_channels
+        self.round_to = round_to if round_to and round_to > 1 else None
+        sizes = torch.tensor([g.size for g in index.groups])
+        self.sizes = sizes
+        self.group_of_unit = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        self.offsets = torch.cumsum(sizes, 0) - sizes
+
+    def _ranks_within_group(self, scores: torch.Tensor) -> torch.Tensor:
+        """Rank 0 = best unit of its group (ties broken by position, deterministic)."""
+        by_score = torch.argsort(scores, descending=True, stable=True)
+        order = by_score[torch.argsort(self.group_of_unit[by_score], stable=True)]
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(len(order))
+        return ranks - self.offsets[self.group_of_unit]
+
+    def widths(self, per_group_kept: torch.Tensor) -> torch.Tensor:
+        kept = torch.maximum(per_group_kept, torch.minimum(self.sizes, torch.tensor(self.min_channels)))
+        if self.round_to:
+            kept = torch.minimum(self.sizes, ((kept + self.round_to - 1) // self.round_to) * self.round_to)
+        return kept
+
+    def mask_for_count(self, scores: torch.Tensor, top_k: int, ranks: torch.Tensor | None = None, order=None) -> torch.Tensor:
+        """Keep the ``top_k`` best units network-wide, then apply per-group floors and rounding."""
+        if order is None:
+            order = torch.argsort(scores, descending=True, stable=True)
+        if ranks is None:
+            ranks = self._ranks_within_group(scores)
+        per_group = torch.bincount(self.group_of_unit[order[:top_k]], minlength=len(self.sizes))
+        kept = self.widths(per_group)
+        return (ranks < kept[self.group_of_unit]).float()
+
+    def solve(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
+        """The largest global top-k mask whose cost is within the budget."""
+        scores = scores.detach().float().cpu()
+        order = torch.argsort(scores, descending=True, stable=True)
+        ranks = self._ranks_within_group(scores)
+        lo, hi = 0, len(scores)
+        smallest = self.mask_for_count(scores, 0, ranks, order)
+        floor_cost = self.cost.metric(budget.metric, smallest)
+        if floor_cost > budget.value * (1 + 1e-9):
+            base = self.cost.base(budget.metric)
+            raise UserError(
+                f"target infeasible: keeping {self.min_channels} channel(s) per prunable group already costs "
+                f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
+            )
+        while lo < hi:  # largest k with cost(k) <= budget
+            mid = (lo + hi + 1) // 2
+            if self.cost.metric(budget.metric, self.mask_for_count(scores, mid, ranks, order)) <= budget.value:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self._fill(scores, self.mask_for_count(scores, lo, ranks, order), ranks, budget)
+
+    def _fill(self, scores: torch.Tensor, keep: torch.Tensor, ranks: torch.Tensor, budget: Budget) -> torch.Tensor:
+        """Spend what rounding left of the budget: widen groups one step at a time, best next
+        unit first, while the cost stays within budget (keeps coarse round_to near the target)."""
+        step = self.round_to or 1
+        kept = torch.bincount(self.group_of_unit, weights=keep, minlength=len(self.sizes)).long()
+        while True:
+            candidates = []
+            for g in torch.nonzero(kept < self.sizes).flatten().tolist():
+                nxt = (ranks == kept[g]) & (self.group_of_unit == g)
+                candidates.append((float(scores[nxt].max()), g))
+            grown = False
+            for _, g in sorted(candidates, reverse=True):
+                trial_kept = kept.clone()
+                trial_kept[g] = min(int(self.sizes[g]), int(kept[g]) + step)
+                trial = (ranks < trial_kept[self.group_of_unit]).float()
+                if self.cost.metric(budget.metric, trial) <= budget.value:
+                    kept, keep, grown = trial_kept, trial, True
+                    break
+            if not grown:
+                return keep

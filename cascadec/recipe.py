@@ -1,0 +1,260 @@
+"""Recipes: YAML validated by a pydantic schema, loaded by name or path, with --set overrides.
+
+Targets are explicit (``flops_reduction``, ``params_reduction`` or ``keep_ratio``),
+never a bare percentage. Every validation error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cascadec.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Strict):
+    name: str = Field(description="registry name: a torchvision classification model or one of ours")
+    weights: Optional[str] = Field(None, description="torchvision weights name, .pt/.pth state dict or .safetensors")
+    num_classes: Optional[int] = Field(None, ge=1, description="defaults to the data set's")
+    in_channels: Optional[int] = Field(None, ge=1, description="defaults to the data set's")
+
+
+class DataSection(_Strict):
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    image_size: Optional[int] = Field(None, ge=8)
+    train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training set")
+    val_limit: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(128, ge=1)
+    workers: int = Field(0, ge=0)
+    download: bool = False
+
+
+class TeacherSection(_Strict):
+    """How to get a teacher when ``model.weights`` is empty: train one (cached by recipe hash)."""
+
+    train_epochs: int = Field(0, ge=0)
+    lr: float = Field(0.05, gt=0)
+    cache: bool = True
+
+
+class TargetSection(_Strict):
+    flops_reduction: Optional[float] = Field(None, gt=0, lt=1)
+    params_reduction: Optional[float] = Field(None, gt=0, lt=1)
+    keep_ratio: Optional[float] = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "TargetSection":
+        given = [k for k in ("flops_reduction", "params_reduction", "keep_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of flops_reduction, params_reduction, keep_ratio")
+        return self
+
+    def describe(self) -> str:
+        if self.flops_reduction is not None:
+            return f"{self.flops_reduction:.0%} fewer FLOPs"
+        if self.params_reduction is not None:
+            return f"{self.params_reduction:.0%} fewer parameters"
+        return f"keep {self.keep_ratio:.0%} of prunable channels"
+
+
+class PruneSection(_Strict):
+    method: Literal["cascade", "oneshot"] = "cascade"
+    target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
+    importance: Literal["taylor", "l1"] = Field("taylor", description="oneshot criterion; also initialises learned scores")
+    importance_batches: int = Field(8, ge=1)
+    round_to: Optional[int] = Field(None, ge=1, description="round kept widths up to a multiple (8/16/32)")
+    min_channels: int = Field(1, ge=1)
+
+
+class CascadeSection(_Strict):
+    num_tas: int = Field(3, ge=0, description="0 = learned scores distilled straight from the teacher")
+    ta_ratios: Optional[list[float]] = Field(None, description="keep fractions of the TAs, ascending, last 1.0")
+    cascade_update: bool = Field(True, description="Eq. 5: a model's scores learn from its teacher's Taylor term")
+    score_optimizer: Literal["sgd", "rmsprop"] = "sgd"
+    score_lr: float = Field(0.1, gt=0)
+    promote_teacher: bool = True
+
+
+class DistillSection(_Strict):
+    kd: bool = True
+    kd_weight: float = Field(0.4, ge=0)
+    temperature: float = Field(15.0, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+    hint_weight: float = Field(0.0, ge=0)
+
+
+class TrainSection(_Strict):
+    joint_epochs: int = Field(1, ge=0, description="cascade joint phase; oneshot fine-tunes joint+student epochs")
+    student_epochs: int = Field(1, ge=0)
+    lr: float = Field(0.008, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(4e-4, ge=0)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs")
+    seed: int = 0
+
+
+class VerifySection(_Strict):
+    samples: int = Field(512, ge=1)
+    max_abs_diff: float = Field(1e-4, gt=0)
+    min_top1_agreement: float = Field(0.999, ge=0, le=1)
+
+
+class ProfileSection(_Strict):
+    batches: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    warmup_s: float = Field(0.2, ge=0)
+    duration_s: float = Field(1.0, gt=0)
+    min_iters: int = Field(10, ge=1)
+    threads: Optional[int] = Field(None, ge=1)
+
+
+class ExportSection(_Strict):
+    opset: int = Field(18, ge=11)
+    slim: bool = True
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    prune: PruneSection = Field(default_factory=PruneSection)
+    cascade: CascadeSection = Field(default_factory=CascadeSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    verify: VerifySection = Field(default_factory=VerifySection)
+    profile: ProfileSection = Field(default_factory=ProfileSection)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: the ``cascadec.recipes`` package (``recipes/`` in the repository)."""
+    try:
+        return Path(str(resources.files("cascadec.recipes")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        return path
+    shipped = recipes_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name_or_path, list_recipes(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; shipped recipes: {', '.join(list_recipes())}"
+    raise UserError(f"unknown recipe {name_or_path!r}{hint}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``key.sub=value``; the value is parsed as YAML, so ``0.5``, ``true``, ``[1, 8]`` work."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise UserError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {p!r} is not a section")
+            node = child
+        if parts[-1] == "target" and isinstance(value, dict):
+            node[parts[-1]] = value
+        elif len(parts) >= 2 and parts[-2] == "target" and parts[0] == "prune":
+            # a new target replaces the old one: they are mutually exclusive
+            node.clear()
+            node[parts[-1]] = value
+        else:
+            node[parts[-1]] = value
+    return data
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(source, exc)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, *, model: str | None = None) -> Recipe:
+    """Load a shipped recipe by name or a YAML file, apply ``--set`` overrides, validate."""
+    path = resolve_recipe_path(name_or_path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    if model is not None:
+        section = data.setdefault("model", {})
+        if not isinstance(section, dict):
+            raise UserError(f"{path}: model: must be a mapping")
+        if section.get("name") not in (None, model):
+            # the recipe's weights belong to its own model, not the one on the command line
+            section.pop("weights", None)
+        section["name"] = model
+    apply_overrides(data, overrides or [])
+    return validate_recipe(data, str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,182 @@
+"""The run directory: the contract between stages, and what makes resume possible.
+
+Layout (all pickle-free)::
+
+    runs/<model>-<recipe>/
+      recipe.yaml              the resolved recipe (after --set, --data, --weights)
+      manifest.json            versions, command, per-stage status and timings, metrics
+      teacher.safetensors      the teacher's weights (its architecture is the recipe's model)
+      student.widths.json      the student's width spec (removed channels per group)
+      student.safetensors      the student's weights
+      teacher.onnx, student.onnx
+      report.json, report.md
+
+A finished run is never overwritten: a second ``compress`` into the same directory is
+refused unless ``--resume`` (which skips finished stages) is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from cascadec.errors import UserError
+from cascadec.recipe import Recipe, recipe_to_yaml, validate_recipe
+
+MANIFEST_FORMAT = "cascadec-run/1"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("cascadec", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxscript", "onnxslim", "numpy", "tensorrt"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temp file and rename, so a crash never leaves half a JSON behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe_to_yaml(recipe).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    # ------------------------------------------------------------ open / create
+    @classmethod
+    def create(cls, path: Path, recipe: Recipe, *, resume: bool = False, command: list[str] | None = None) -> "RunDir":
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        digest = recipe_digest(recipe)
+        if manifest_path.exists():
+            run = cls.open(path)
+            status = run.manifest.get("status")
+            if not resume:
+                if status == "finished":
+                    raise UserError(f"{path} holds a finished run; choose another --out or delete it")
+                raise UserError(f"{path} holds an unfinished run; pass --resume to continue it or --out for a new one")
+            if run.manifest.get("recipe_digest") != digest:
+                raise UserError(f"{path}: --resume with a different recipe than the run was started with; use a new --out")
+            run.manifest["status"] = "running"
+            run.manifest.setdefault("resumed", []).append(_now())
+            run.save()
+            return run
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} exists and is not a cascadec run directory; choose another --out")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK):
+            raise UserError(f"run directory {path} is not writable")
+        (path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "created": _now(),
+            "command": command or sys.argv,
+            "recipe": recipe.name,
+            "recipe_digest": digest,
+            "versions": library_versions(),
+            "status": "running",
+            "stages": {},
+            "metrics": {},
+        }
+        run = cls(path, manifest)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not path.is_dir():
+            raise UserError(f"run directory not found: {path}")
+        if not manifest_path.is_file():
+            raise UserError(f"{path} is not a cascadec run directory (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{manifest_path}: corrupted manifest") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{manifest_path}: not a cascadec manifest")
+        return cls(path, manifest)
+
+    # ------------------------------------------------------------ contents
+    def recipe(self) -> Recipe:
+        import yaml
+
+        path = self.path / "recipe.yaml"
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing") from None
+        except yaml.YAMLError:
+            raise UserError(f"{path}: malformed YAML") from None
+        return validate_recipe(data if isinstance(data, dict) else {}, str(path))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def save(self) -> None:
+        write_json_atomic(self.path / "manifest.json", self.manifest)
+
+    def is_done(self, stage: str) -> bool:
+        return self.manifest["stages"].get(stage, {}).get("status") == "done"
+
+    def record(self, key: str, value: Any) -> None:
+        self.manifest["metrics"][key] = value
+        self.save()
+
+    def metric(self, key: str, default: Any = None) -> Any:
+        return self.manifest["metrics"].get(key, default)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[dict[str, Any]]:
+        """Time a stage and record its outcome; the yielded dict is stored with it."""
+        info: dict[str, Any] = {"status": "running", "started": _now()}
+        self.manifest["stages"][name] = info
+        self.save()
+        start = time.perf_counter()
+        try:
+            yield info
+        except BaseException as exc:
+            info["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            info["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            info["seconds"] = round(time.perf_counter() - start, 3)
+            self.save()
+            raise
+        info["status"] = "done"
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        self.save()
+
+    def finish(self, status: str = "finished") -> None:
+        self.manifest["status"] = status
+        self.manifest["finished"] = _now()
+        self.save()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,342 @@
+"""The recipe's stages. Each reads what earlier stages left in the run directory and writes
+its own artifacts there, so any stage can be resumed or re-run on its own.
+
+    teacher -> prune (+ shrink) -> export -> verify -> profile -> report
+
+``compress`` runs them all; ``export_run``, ``verify_run`` and ``profile_path`` are the
+entry points behind ``cascadec export``, ``verify`` and ``profile``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cascadec.data import build_data
+from cascadec.data.bundle import DataBundle
+from cascadec.errors import UserError
+from cascadec.models import create_model
+from cascadec.progress import log
+from cascadec.recipe import Recipe, load_recipe, recipe_to_yaml
+from cascadec.run import RunDir
+
+TEACHER_WEIGHTS = "teacher.safetensors"
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+        return torch.device(name)
+    raise UserError(f"--device {name!r}: expected cpu or cuda")
+
+
+def load_data(recipe: Recipe) -> DataBundle:
+    d = recipe.data
+    return build_data(
+        d.name, d.root, image_size=d.image_size, train_limit=d.train_limit, val_limit=d.val_limit,
+        seed=recipe.train.seed, download=d.download,
+    )
+
+
+def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    common = {"batch_size": recipe.data.batch_size, "num_workers": recipe.data.workers, "pin_memory": device.type == "cuda"}
+    if recipe.data.workers > 0:
+        common["persistent_workers"] = True
+    train = DataLoader(bundle.train, shuffle=True, drop_last=len(bundle.train) > recipe.data.batch_size, generator=generator, **common)
+    val = DataLoader(bundle.val, shuffle=False, **common)
+    return train, val
+
+
+def model_kwargs(recipe: Recipe, bundle_or_shape) -> dict[str, int]:
+    num_classes = recipe.model.num_classes or bundle_or_shape.num_classes
+    in_channels = recipe.model.in_channels or bundle_or_shape.in_channels
+    return {"num_classes": int(num_classes), "in_channels": int(in_channels)}
+
+
+def input_shape(bundle: DataBundle) -> list[int]:
+    return [bundle.in_channels, bundle.image_size, bundle.image_size]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("CASCADEC_CACHE", Path.home() / ".cache" / "cascadec"))
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def _teacher_cache_key(recipe: Recipe, kwargs: dict) -> str:
+    payload = json.dumps(
+        {"model": recipe.model.name, "kwargs": kwargs, "data": recipe.data.model_dump(exclude={"root", "workers", "download"}),
+         "teacher": recipe.teacher.model_dump(exclude={"cache"}), "seed": recipe.train.seed, "torch": torch.__version__.split("+")[0]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def train_teacher(model: nn.Module, recipe: Recipe, train: DataLoader, val: DataLoader, device: torch.device) -> float:
+    """Plain supervised training, for recipes whose model has no pretrained weights."""
+    from cascadec.distill.losses import DistillLoss
+    from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in, train_epoch
+
+    t = recipe.teacher
+    opt = make_optimizer(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=recipe.train.weight_decay)
+    steps = steps_in(train, recipe.train.max_steps_per_epoch)
+    sched = cosine_schedule(opt, t.train_epochs * steps)
+    ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
+    for epoch in range(t.train_epochs):
+        stats = train_epoch(model, train, opt, sched, lambda lg, y, _t: ce(lg, y), device=device,
+                            description=f"teacher epoch {epoch}", max_steps=recipe.train.max_steps_per_epoch)
+        log(f"teacher epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
+    return evaluate(model, val, device=device, description="evaluate teacher")
+
+
+def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, device: torch.device) -> nn.Module:
+    from safetensors.torch import load_file, save_file
+
+    from cascadec.prune.spec import state_dict_for_safetensors
+    from cascadec.train.loop import evaluate
+
+    kwargs = model_kwargs(recipe, bundle)
+    path = run.file(TEACHER_WEIGHTS)
+    if run.is_done("teacher") and path.is_file():
+        model = create_model(recipe.model.name, **kwargs)
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval()
+    with run.stage("teacher") as info:
+        model = create_model(recipe.model.name, weights=recipe.model.weights, **kwargs).to(device)
+        source = recipe.model.weights or "random init"
+        if not recipe.model.weights and recipe.teacher.train_epochs > 0:
+            key = _teacher_cache_key(recipe, kwargs)
+            cached = _cache_root() / "teachers" / f"{recipe.model.name}-{recipe.data.name}-{key}.safetensors"
+            if recipe.teacher.cache and cached.is_file():
+                model.load_state_dict(load_file(str(cached)))
+                source = f"cache {cached}"
+                log(f"teacher: loaded from cache {cached}")
+            else:
+                log(f"teacher: no weights given; training {recipe.teacher.train_epochs} epoch(s) on {bundle.name}")
+                train_teacher(model, recipe, *loaders, device)
+                source = f"trained by cascadec ({recipe.teacher.train_epochs} epochs)"
+                if recipe.teacher.cache:
+                    try:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        save_file(state_dict_for_safetensors(model), str(cached))
+                    except OSError:
+                        log(f"teacher: could not write cache {cached}; continuing")
+        elif not recipe.model.weights:
+            log("[yellow]teacher has random weights (no model.weights, teacher.train_epochs 0): accuracy numbers will be meaningless[/]")
+        model.eval()
+        accuracy = evaluate(model, loaders[1], device=device, description="evaluate teacher")
+        save_file(state_dict_for_safetensors(model), str(path))
+        info.update(source=source, accuracy=accuracy)
+        run.record("teacher.accuracy", accuracy)
+        log(f"teacher: accuracy {accuracy:.4f} ({source})")
+    return model
+
+
+# ---------------------------------------------------------------- prune
+
+
+def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBundle, loaders, device: torch.device) -> nn.Module:
+    from cascadec.prune.cost import count_macs, count_params
+    from cascadec.prune.methods import prune_model
+    from cascadec.prune.shrink import pruned_root_idxs, shrink
+    from cascadec.prune.spec import load_student, save_student
+    from cascadec.train.loop import evaluate
+
+    if run.is_done("prune"):
+        student, _ = load_student(run.path)
+        return student.to(device)
+    shape = input_shape(bundle)
+    example = torch.zeros(1, *shape)
+    with run.stage("prune") as info:
+        torch.manual_seed(recipe.train.seed)
+        result = prune_model(teacher, recipe, loaders[0], loaders[1], example, device)
+        student = shrink(result.student.cpu(), result.analysis.index, result.mask, example)
+        removals = pruned_root_idxs(result.analysis.index, result.mask)
+        save_student(student, run.path, model_name=recipe.model.name, model_kwargs=model_kwargs(recipe, bundle),
+                     input_shape=shape, removals=removals, extra={"recipe": recipe.name, "method": recipe.prune.method})
+        student = student.to(device)
+        accuracy = evaluate(student, loaders[1], device=device, description="evaluate student")
+        metrics = {
+            "teacher.flops": count_macs(teacher.cpu(), example), "teacher.params": count_params(teacher),
+            "student.flops": count_macs(student.cpu(), example), "student.params": count_params(student),
+            "student.accuracy": accuracy, "prune.target_fraction": result.analysis.budget.keep_fraction,
+            "prune.target_metric": result.analysis.budget.metric,
+        }
+        teacher.to(device)
+        student.to(device)
+        for k, v in metrics.items():
+            run.record(k, v)
+        run.record("prune.history", result.history)
+        info.update(method=recipe.prune.method, groups=len(result.analysis.index.groups))
+        log(f"student: accuracy {accuracy:.4f}, {metrics['student.flops'] / metrics['teacher.flops']:.1%} of the teacher's FLOPs")
+    return student
+
+
+# ---------------------------------------------------------------- export / verify / profile
+
+
+def stage_export(run: RunDir, recipe: Recipe, teacher: nn.Module, student: nn.Module, shape: list[int]) -> None:
+    from cascadec.backends.onnx_export import export_onnx
+
+    with run.stage("export") as info:
+        sample = torch.zeros(1, *shape)
+        for name, model in (("teacher", teacher), ("student", student)):
+            exported = export_onnx(model.cpu().eval(), sample, run.file(f"{name}.onnx"), opset=recipe.export.opset, slim=recipe.export.slim)
+            info[name] = {k: v for k, v in exported.items() if isinstance(v, (str, int, float, bool, list))}
+
+
+def stage_verify(run: RunDir, recipe: Recipe, student: nn.Module, val_dataset, backends: Sequence[str] = ("onnxruntime",), samples: int | None = None) -> dict:
+    from cascadec.verify import Gate, verify_backends
+
+    v = recipe.verify
+    with run.stage("verify") as info:
+        gate = Gate(max_abs_diff=v.max_abs_diff, min_top1_agreement=v.min_top1_agreement)
+        loader = DataLoader(val_dataset, batch_size=64, shuffle=False)
+        result = verify_backends(student.cpu().eval(), run.file("student.onnx"), loader, backends=list(backends), gate=gate,
+                                 samples=samples or v.samples, progress=_progress())
+        info["passed"] = all(r["passed"] for r in result["backends"].values())
+    run.record("parity", result)
+    return result
+
+
+def stage_profile(run: RunDir, recipe: Recipe, shape: list[int], batches: Sequence[int] | None = None) -> dict:
+    from cascadec.profile import compare, profile_onnx
+
+    p = recipe.profile
+    with run.stage("profile"):
+        out: dict[str, Any] = {}
+        for name in ("teacher", "student"):
+            prof = profile_onnx(run.file(f"{name}.onnx"), shape, list(batches or p.batches), warmup_s=p.warmup_s,
+                                min_duration_s=p.duration_s, min_iters=p.min_iters, threads=p.threads, progress=_progress())
+            out[name] = {str(b): v for b, v in prof.items()}
+        out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
+    run.record("latency.onnxruntime", out)
+    return out
+
+
+def _progress() -> bool:
+    from cascadec import progress
+
+    return progress.enabled()
+
+
+# ---------------------------------------------------------------- report
+
+
+def build_report(run: RunDir) -> dict:
+    """Assemble report.json from the manifest; the keys are a fixed contract (README)."""
+    from cascadec.envinfo import environment
+
+    m = run.manifest["metrics"]
+    recipe = run.recipe()
+    report: dict[str, Any] = {
+        "run": {"dir": str(run.path), "model": recipe.model.name, "recipe": recipe.name, "method": recipe.prune.method,
+                "target": recipe.prune.target.model_dump(exclude_none=True), "target_description": recipe.prune.target.describe(),
+                "data": recipe.data.name, "stages": {k: v.get("seconds") for k, v in run.manifest["stages"].items()}},
+        "teacher": {"flops": m.get("teacher.flops"), "params": m.get("teacher.params"), "accuracy": m.get("teacher.accuracy")},
+        "student": {"flops": m.get("student.flops"), "params": m.get("student.params"), "accuracy": m.get("student.accuracy")},
+        "environment": environment(),
+        "versions": run.manifest.get("versions", {}),
+    }
+    if m.get("teacher.flops") and m.get("student.flops"):
+        report["student"]["flops_reduction"] = 1 - m["student.flops"] / m["teacher.flops"]
+        report["student"]["params_reduction"] = 1 - m["student.params"] / m["teacher.params"]
+    parity = m.get("parity")
+    if parity:
+        report["parity"] = {name: r for name, r in parity["backends"].items()}
+        report["parity_samples"] = parity.get("samples")
+        report["parity_torch_accuracy"] = parity.get("torch_accuracy")
+    latency = m.get("latency.onnxruntime")
+    if latency:
+        report["latency"] = {"onnxruntime": {"teacher": latency["teacher"], "student": latency["student"]}}
+        report["speedup"] = {"onnxruntime": latency.get("speedup", {})}
+    history = m.get("prune.history")
+    if history:
+        report["prune"] = _history_summary(history)
+    return report
+
+
+def _history_summary(history: dict) -> dict:
+    out = {k: history[k] for k in ("fractions", "joint_seconds", "mask_changed_units", "seconds") if k in history}
+    for phase in ("student", "fine_tune"):
+        if history.get(phase):
+            out[f"{phase}_epochs"] = [{k: e[k] for k in ("epoch", "teacher", "student_accuracy", "seconds") if k in e} for e in history[phase]]
+    return out
+
+
+def write_run_report(run: RunDir) -> dict:
+    from cascadec.report import write_report
+
+    report = build_report(run)
+    write_report(run.path, report)
+    return report
+
+
+# ---------------------------------------------------------------- compress
+
+
+def default_out(model: str, recipe: Recipe) -> Path:
+    return Path("runs") / f"{model}-{recipe.name}"
+
+
+def prepare_recipe(model: str, recipe_name: str, *, data: str | None = None, weights: str | None = None,
+                   overrides: Sequence[str] = ()) -> Recipe:
+    extra = list(overrides)
+    recipe = load_recipe(recipe_name, extra, model=model)
+    if data is not None:
+        if not Path(data).exists():
+            raise UserError(f"--data {data}: path does not exist")
+        recipe.data.root = str(Path(data).resolve())
+    if weights is not None:
+        if "." in Path(weights).name and not Path(weights).exists() and Path(weights).suffix in (".pt", ".pth", ".safetensors"):
+            raise UserError(f"--weights {weights}: file not found")
+        recipe.model.weights = str(Path(weights).resolve()) if Path(weights).exists() else weights
+    return recipe
+
+
+def compress(model: str, recipe_name: str, *, data: str | None = None, weights: str | None = None, out: str | None = None,
+             overrides: Sequence[str] = (), device: str = "cpu", resume: bool = False, command: list[str] | None = None) -> dict:
+    """The whole pipeline; returns the report. Raises GateFailed (after writing the report)
+    when a parity gate fails."""
+    from cascadec.verify import raise_on_failure
+
+    recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
+    dev = resolve_device(device)
+    bundle = load_data(recipe)  # fail on missing data before creating anything
+    run = RunDir.create(Path(out) if out else default_out(model, recipe), recipe, resume=resume, command=command)
+    torch.manual_seed(recipe.train.seed)
+    loaders = make_loaders(bundle, recipe, dev)
+    try:
+        teacher = stage_teacher(run, recipe, bundle, loaders, dev)
+        student = stage_prune(run, recipe, teacher, bundle, loaders, dev)
+        shape = input_shape(bundle)
+        if not run.is_done("export"):
+            stage_export(run, recipe, teacher, student, shape)
+        parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
+        if not run.is_done("profile"):
+            stage_profile(run, recipe, shape)
+        report = write_run_report(run)
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        raise
+    except BaseException:
+        run.finish("failed")
+        raise
+    run.finish("finished")
+    raise_on_failure(parity)
+    return report

@@ -1,0 +1,1 @@
+"""Plain training and evaluation loops (torchvision references style)."""

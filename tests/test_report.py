@@ -1,0 +1,117 @@
+"""report.json keeps its fixed keys; report.md and the CLI table render any subset of sections."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cascadec.envinfo import environment
+from cascadec.profile import summarize
+from cascadec.report import fmt_accuracy, fmt_flops, fmt_params, render_markdown, summary_table, write_report
+from cascadec.verify import Gate, compare_outputs
+
+
+def latency(p50: float) -> dict:
+    # int batch keys, as profile_onnx returns them; the writer must turn them into strings
+    return {b: summarize(np.array([p50 * b, p50 * b * 1.1, p50 * b * 1.3]), b) for b in (1, 8, 32)}
+
+
+def full_report() -> dict:
+    ref = np.random.default_rng(0).standard_normal((20, 10))
+    parity = compare_outputs(ref, ref + 1e-6, np.arange(20) % 10)
+    failures = Gate().check(parity)
+    return {
+        "name": "resnet18-demo",
+        "teacher": {"flops": 1.82e9, "params": 11.69e6, "accuracy": 0.6976},
+        "student": {"flops": 0.91e9, "params": 5.2e6, "accuracy": 0.6912},
+        "parity": {"onnxruntime": {**parity, "passed": not failures, "failures": failures}},
+        "latency": {"onnxruntime": {"teacher": latency(4.0), "student": latency(2.0)}},
+        "environment": environment(),
+    }
+
+
+def test_write_report_files_and_fixed_keys(tmp_path):
+    json_path, md_path = write_report(tmp_path / "run", full_report())
+    assert json_path == tmp_path / "run" / "report.json" and md_path == tmp_path / "run" / "report.md"
+    data = json.loads(json_path.read_text())
+    for who in ("teacher", "student"):
+        for key in ("flops", "params", "accuracy"):
+            assert isinstance(data[who][key], float)
+    assert 0 <= data["student"]["accuracy"] <= 1
+    p = data["parity"]["onnxruntime"]
+    assert p["passed"] is True and p["max_abs_diff"] < 1e-4 and p["top1_agreement"] == 1.0
+    for who in ("teacher", "student"):
+        for batch in ("1", "8", "32"):
+            row = data["latency"]["onnxruntime"][who][batch]
+            assert {"p50_ms", "p90_ms", "p99_ms", "throughput"} <= set(row)
+    assert data["latency"]["onnxruntime"]["student"]["1"]["p50_ms"] < data["latency"]["onnxruntime"]["teacher"]["1"][
+        "p50_ms"]
+    assert "versions" in data["environment"]
+
+
+def test_markdown_tables(tmp_path):
+    _, md_path = write_report(tmp_path, full_report())
+    md = md_path.read_text()
+    for heading in ("# cascadec report: resnet18-demo", "## Summary", "## Parity", "## Latency", "## Environment"):
+        assert heading in md
+    assert "| Accuracy | 69.76% | 69.12% | -0.64 pp |" in md
+    assert "1.82 GMac" in md and "910.00 MMac" in md and "11.69 M" in md
+    assert "| onnxruntime | 20 |" in md and "PASS" in md
+    assert "| onnxruntime | student | 1 |" in md and "2.00x" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("| onnxruntime | student")]
+    assert [ln.split("|")[3].strip() for ln in lines] == ["1", "8", "32"]  # numeric batch order
+    assert "| torch |" in md  # environment versions table
+    assert all(ln.count("|") == lines[0].count("|") for ln in lines)
+
+
+def test_markdown_tolerates_missing_sections(tmp_path):
+    _, md_path = write_report(tmp_path, {"teacher": {"flops": 40.8e6, "params": 0.27e6, "accuracy": 0.9163}})
+    md = md_path.read_text()
+    assert "## Summary" in md and "40.80 MMac" in md and "91.63%" in md
+    assert "## Latency" not in md and "## Parity" not in md
+    assert "| Accuracy | 91.63% | — | — |" in md
+    assert render_markdown({}).startswith("# cascadec report")
+    partial = {"latency": {"onnxruntime": {"student": latency(1.0)}}}  # no teacher: no speed-up
+    assert "## Latency" in render_markdown(partial)
+
+
+def test_failed_parity_lists_failures(tmp_path):
+    report = full_report()
+    ref = np.eye(10)
+    bad = compare_outputs(ref, ref[::-1].copy())
+    report["parity"]["onnxruntime"] = {**bad, "passed": False, "failures": Gate().check(bad)}
+    md = render_markdown(report)
+    assert "FAIL" in md and "Gate failures:" in md and "top1_agreement" in md
+
+
+def test_summary_table():
+    table = summary_table(full_report())
+    assert isinstance(table, Table)
+    console = Console(record=True, width=140)
+    console.print(table)
+    text = console.export_text()
+    for needle in ("Accuracy", "69.76%", "FLOPs", "Params", "Parity (onnxruntime)", "PASS",
+                   "CPU latency p50 (bs=1)", "2.00x faster"):
+        assert needle in text
+    empty = Console(record=True, width=140)
+    empty.print(summary_table({}))
+    assert "Accuracy" in empty.export_text()
+
+
+def test_formatters():
+    assert fmt_accuracy(0.5) == "50.00%" and fmt_accuracy(None) == "—"
+    assert fmt_flops(4.1e9) == "4.10 GMac" and fmt_flops(5.5e5) == "0.55 MMac"
+    assert fmt_params(25_557_032) == "25.56 M"
+
+
+def test_environment_fields():
+    env = environment()
+    assert env["cpu"] and env["logical_cores"] >= 1 and env["torch_threads"] >= 1
+    assert {"torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "torch_pruning", "tensorrt"} <= set(
+        env["versions"])
+    assert env["versions"]["torch"] and env["python"] and env["platform"]
+    assert {"gpu", "gpu_driver", "cuda"} <= set(env)
+    json.dumps(env)
