@@ -24,7 +24,8 @@ recipes_app = typer.Typer(no_args_is_help=True, help="Shipped recipes.")
 models_app = typer.Typer(no_args_is_help=True, help="Models the registry knows.")
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(models_app, name="models")
-out = Console()
+# Off a terminal (pipes, CI logs) rich assumes 80 columns; tables then truncate names.
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 
@@ -142,6 +143,8 @@ def recipes_list() -> None:
     from cascadec.recipe import list_recipes, load_recipe
 
     table = Table("recipe", "model", "data", "target", "method", "description")
+    for column in table.columns[:2]:
+        column.no_wrap = True
     for name in list_recipes():
         r = load_recipe(name)
         table.add_row(name, r.model.name, r.data.name, r.prune.target.describe(), r.prune.method, r.description)
@@ -153,7 +156,7 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name or path.")) -
     """Print a recipe with every default filled in."""
     from cascadec.recipe import load_recipe, recipe_to_yaml
 
-    out.print(recipe_to_yaml(load_recipe(name)), highlight=False, markup=False)
+    sys.stdout.write(recipe_to_yaml(load_recipe(name)))  # raw: the output must stay valid YAML
 
 
 @models_app.command("list")
@@ -226,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             return result
     except CascadecError as exc:
         if isinstance(exc, GateFailed):
-            err.print(f"[red]parity gate failed[/]: {exc}", highlight=False)
+            err.print(f"parity gate failed: {exc}", highlight=False, markup=False, soft_wrap=True)
         else:
-            err.print(f"error: {exc}", highlight=False, markup=False)
+            err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted", highlight=False)
@@ -236,18 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+        # Typer bundles its own copy of click, so match on the class names, not on click's types
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        if "Abort" in names:
             err.print("interrupted")
             return EXIT_INTERRUPTED
-        if isinstance(exc, click.ClickException):
+        if "ClickException" in names and hasattr(exc, "show"):
             exc.show()
-            return 2
+            return int(getattr(exc, "exit_code", 2) or 2)
         if os.environ.get("CASCADEC_DEBUG"):
             raise
         err.print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                  "(set CASCADEC_DEBUG=1 for a traceback and please report it)", highlight=False, markup=False)
+                  "(set CASCADEC_DEBUG=1 for a traceback and please report it)", highlight=False, markup=False, soft_wrap=True)
         return 1
     return 0
 

@@ -62,4 +62,4 @@ class Status:
 
 
 def log(message: str) -> None:
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, soft_wrap=True)

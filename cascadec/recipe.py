@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascadec.errors import UserError
 
@@ -37,6 +37,9 @@ class DataSection(_Strict):
     batch_size: int = Field(128, ge=1)
     workers: int = Field(0, ge=0)
     download: bool = False
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="data-set specific: synthetic sizes, augment (checked by the data set)"
+    )
 
 
 class TeacherSection(_Strict):
@@ -81,8 +84,19 @@ class CascadeSection(_Strict):
     ta_ratios: Optional[list[float]] = Field(None, description="keep fractions of the TAs, ascending, last 1.0")
     cascade_update: bool = Field(True, description="Eq. 5: a model's scores learn from its teacher's Taylor term")
     score_optimizer: Literal["sgd", "rmsprop"] = "sgd"
-    score_lr: float = Field(0.1, gt=0)
+    score_lr: float = Field(0.01, gt=0, description="alpha of Eq. 5, relative to the initial Taylor scale")
     promote_teacher: bool = True
+
+    @model_validator(mode="after")
+    def _ratios_match(self) -> "CascadeSection":
+        if self.ta_ratios is not None:
+            if len(self.ta_ratios) != self.num_tas:
+                raise ValueError(f"ta_ratios has {len(self.ta_ratios)} entries but num_tas is {self.num_tas}")
+            if any(not 0 < r <= 1 for r in self.ta_ratios) or any(b <= a for a, b in zip(self.ta_ratios, self.ta_ratios[1:])):
+                raise ValueError("ta_ratios must increase, each in (0, 1]")
+            if self.ta_ratios and self.ta_ratios[-1] != 1.0:
+                raise ValueError("ta_ratios must end with 1.0 (the unpruned shared model)")
+        return self
 
 
 class DistillSection(_Strict):
@@ -90,7 +104,14 @@ class DistillSection(_Strict):
     kd_weight: float = Field(0.4, ge=0)
     temperature: float = Field(15.0, gt=0)
     ce_weight: float = Field(1.0, ge=0)
-    hint_weight: float = Field(0.0, ge=0)
+    hint_weight: float = Field(0.0, ge=0, description="L2 hints on the last 3 blocks: not implemented yet, must be 0")
+
+    @field_validator("hint_weight")
+    @classmethod
+    def _no_hints_yet(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("hint losses are not implemented yet (the paper's ablation found KD alone best); use 0")
+        return value
 
 
 class TrainSection(_Strict):
@@ -225,7 +246,7 @@ def _format_error(source: str, exc: ValidationError) -> str:
     errors = exc.errors()
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

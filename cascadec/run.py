@@ -43,7 +43,25 @@ def library_versions() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    commit = git_commit()
+    if commit:
+        out["cascadec_commit"] = commit
     return out
+
+
+def git_commit() -> str | None:
+    """The source commit (with '+dirty' for local changes), so results name the code that made them."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}+dirty" if sha and dirty else (sha or None)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -84,6 +102,8 @@ class RunDir:
             run.manifest.setdefault("resumed", []).append(_now())
             run.save()
             return run
+        if path.exists() and not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a directory")
         if path.exists() and any(path.iterdir()):
             raise UserError(f"{path} exists and is not a cascadec run directory; choose another --out")
         try:

@@ -47,7 +47,7 @@ def load_data(recipe: Recipe) -> DataBundle:
     d = recipe.data
     return build_data(
         d.name, d.root, image_size=d.image_size, train_limit=d.train_limit, val_limit=d.val_limit,
-        seed=recipe.train.seed, download=d.download,
+        seed=recipe.train.seed, download=d.download, **d.options,
     )
 
 
@@ -80,7 +80,7 @@ def _cache_root() -> Path:
 
 def _teacher_cache_key(recipe: Recipe, kwargs: dict) -> str:
     payload = json.dumps(
-        {"model": recipe.model.name, "kwargs": kwargs, "data": recipe.data.model_dump(exclude={"root", "workers", "download"}),
+        {"model": recipe.model.name, "kwargs": kwargs, "data": recipe.data.model_dump(exclude={"workers", "download"}),
          "teacher": recipe.teacher.model_dump(exclude={"cache"}), "seed": recipe.train.seed, "torch": torch.__version__.split("+")[0]},
         sort_keys=True,
     )
@@ -192,10 +192,11 @@ def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBun
 
 def stage_export(run: RunDir, recipe: Recipe, teacher: nn.Module, student: nn.Module, shape: list[int]) -> None:
     from cascadec.backends.onnx_export import export_onnx
+    from cascadec.progress import track
 
     with run.stage("export") as info:
         sample = torch.zeros(1, *shape)
-        for name, model in (("teacher", teacher), ("student", student)):
+        for name, model in track((("teacher", teacher), ("student", student)), "export ONNX", total=2):
             exported = export_onnx(model.cpu().eval(), sample, run.file(f"{name}.onnx"), opset=recipe.export.opset, slim=recipe.export.slim)
             info[name] = {k: v for k, v in exported.items() if isinstance(v, (str, int, float, bool, list))}
 
@@ -290,6 +291,17 @@ def write_run_report(run: RunDir) -> dict:
 # ---------------------------------------------------------------- compress
 
 
+def check_target(recipe: Recipe, bundle: DataBundle) -> None:
+    """Analyse the architecture (random weights, no data) so that an unknown model or an
+    infeasible target is refused before a run directory exists or any training starts."""
+    from cascadec.prune.methods import analyse
+
+    # loading the weights here too means a corrupt --weights file is refused before any run exists
+    model = create_model(recipe.model.name, weights=recipe.model.weights, **model_kwargs(recipe, bundle)).eval()
+    analysis = analyse(model, recipe, torch.zeros(1, *input_shape(bundle)))
+    analysis.solver.check_feasible(analysis.budget)
+
+
 def default_out(model: str, recipe: Recipe) -> Path:
     return Path("runs") / f"{model}-{recipe.name}"
 
@@ -318,6 +330,7 @@ def compress(model: str, recipe_name: str, *, data: str | None = None, weights: 
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dev = resolve_device(device)
     bundle = load_data(recipe)  # fail on missing data before creating anything
+    check_target(recipe, bundle)
     run = RunDir.create(Path(out) if out else default_out(model, recipe), recipe, resume=resume, command=command)
     torch.manual_seed(recipe.train.seed)
     loaders = make_loaders(bundle, recipe, dev)

@@ -2,6 +2,5 @@
 # Installs cascadec with its test dependencies and runs the test suite (README: "Run the tests").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check 'torch>=2.4' 'torchvision>=0.19'
 python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 python -m pytest -q "$@"

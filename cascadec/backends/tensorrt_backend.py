@@ -30,6 +30,7 @@ def build_engine(
     engine_path: str | os.PathLike[str],
     *,
     fp16: bool = False,
+    int8: bool = False,
     batches: tuple[int, ...] = (1, 8, 32),
 ) -> dict:
     """Build a TensorRT engine from an ONNX file.

@@ -16,8 +16,8 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     """tau^2 * KL(teacher_tau || student_tau), batch mean."""
     t = temperature
     log_p_student = F.log_softmax(student_logits / t, dim=1)
-    p_teacher = F.softmax(teacher_logits.detach() / t, dim=1)
-    return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * (t * t)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)  # log-space: exactly 0 for equal logits
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
 
 
 @dataclass

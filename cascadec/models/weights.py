@@ -86,12 +86,29 @@ def load_weights(
     ``model_name`` (the registry name) is needed only to resolve a bare torchvision member
     such as ``IMAGENET1K_V2``/``DEFAULT``; models from ``create_model`` carry it already.
     """
+    if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
+        path = builtin_weights_path(spec)
+        return apply_state_dict(model, read_state_dict(path), spec)
     if isinstance(spec, str) and is_torchvision_weights_name(spec):
         name = model_name or getattr(model, "cascadec_model_name", None)
         weights = resolve_torchvision_weights(spec, name)
         return apply_state_dict(model, fetch_torchvision_state_dict(weights), str(weights))
     path = Path(spec).expanduser()
     return apply_state_dict(model, read_state_dict(path), str(path))
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def builtin_weights_path(spec: str) -> Path:
+    """``builtin:NAME`` -> the safetensors file cascadec ships (trained by scripts/ in this repo)."""
+    name = spec[len(BUILTIN_PREFIX):]
+    path = BUILTIN_DIR / f"{name}.safetensors"
+    if not path.is_file():
+        available = sorted(p.stem for p in BUILTIN_DIR.glob("*.safetensors")) or ["none"]
+        raise UserError(f"unknown builtin weights {spec!r}; available: {', '.join(available)}")
+    return path
 
 
 def is_torchvision_weights_name(spec: str) -> bool:

@@ -26,13 +26,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from cascadec.distill.losses import DistillLoss
+from cascadec.errors import UserError
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.progress import Status, log
 from cascadec.train.loop import check_finite, cosine_schedule, evaluate, make_optimizer, steps_in
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | None = None) -> list[float]:
@@ -43,6 +44,8 @@ def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | 
     """
     k0 = student_fraction
     if explicit:
+        if abs(explicit[-1] - 1.0) > 1e-9:
+            raise UserError(f"cascade.ta_ratios must end with 1.0 (the unpruned shared model), got {explicit}")
         fractions = [k0, *explicit]
     elif num_tas == 0:
         fractions = [k0]
@@ -52,7 +55,8 @@ def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | 
         fractions = [k0 + (1 - k0) * j / num_tas for j in range(1, num_tas + 1)]
         fractions = [k0, *fractions]
     if any(b <= a for a, b in zip(fractions, fractions[1:])) or fractions[-1] > 1.0 + 1e-9:
-        raise ValueError(f"TA keep fractions must increase from the student's {k0:.3f} to at most 1.0: {fractions}")
+        shown = ", ".join(f"{f:.3f}" for f in fractions)
+        raise UserError(f"cascade: TA keep fractions must increase from the student's {k0:.3f} to 1.0, got [{shown}]")
     return fractions
 
 
@@ -111,8 +115,8 @@ class CascadeTrainer:
         device: torch.device,
     ) -> None:
         self.index, self.solver, self.loss, self.device = index, solver, loss, device
-        self.cascade_update = cascade_update and num_tas > 0
         fractions = ta_fractions(student_budget.keep_fraction, num_tas, ta_ratios)
+        self.cascade_update = cascade_update and len(fractions) > 1
         budgets = [student_budget.scaled(f, solver.cost) for f in fractions]
         self.teacher = teacher.to(device).eval()  # only ever run under no_grad
         self.models = [m.to(device) for m in build_hierarchy(base.to(device), index, len(fractions))]
@@ -266,10 +270,13 @@ def student_phase(
                 total += value.item()
                 seen += 1
                 status.advance(f"loss {total / seen:.3f}")
+        train_seconds = time.perf_counter() - start  # training only, validation excluded
         acc = evaluate(student, val_loader, device=device, description="evaluate student")
-        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level], "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": time.perf_counter() - start}
+        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
+                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds}
         history.append(record)
-        log(f"student epoch {epoch}: accuracy {acc:.4f} (teacher {name} {teacher_acc[level]:.4f})")
+        against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
+        log(f"student epoch {epoch}: accuracy {acc:.4f}{against}")
         if promote and acc > teacher_acc[level] and level + 1 < len(teachers):
             level += 1
             log(f"student beats {name}; its teacher is now {teachers[level][0]}")

@@ -129,7 +129,7 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device) -> PruneR
     joint = []
     for epoch in range(t.joint_epochs):
         joint.append(trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch))
-    joint_seconds = time.perf_counter() - start
+    joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
     teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]
     teachers.append(("teacher", teacher))
     student, mask = trainer.extract_student()

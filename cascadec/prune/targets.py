@@ -80,20 +80,24 @@ class MaskSolver:
         kept = self.widths(per_group)
         return (ranks < kept[self.group_of_unit]).float()
 
+    def check_feasible(self, budget: Budget) -> None:
+        """Refuse a target that even the narrowest allowed network cannot meet."""
+        smallest = self.mask_for_count(torch.zeros(len(self.group_of_unit)), 0)
+        floor_cost = self.cost.metric(budget.metric, smallest)
+        if floor_cost > budget.value * (1 + 1e-9):
+            base = self.cost.base(budget.metric)
+            raise UserError(
+                f"target infeasible: keeping {max(self.min_channels, self.round_to or 1)} channel(s) per prunable group already costs "
+                f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
+            )
+
     def solve(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
         """The largest global top-k mask whose cost is within the budget."""
         scores = scores.detach().float().cpu()
         order = torch.argsort(scores, descending=True, stable=True)
         ranks = self._ranks_within_group(scores)
+        self.check_feasible(budget)
         lo, hi = 0, len(scores)
-        smallest = self.mask_for_count(scores, 0, ranks, order)
-        floor_cost = self.cost.metric(budget.metric, smallest)
-        if floor_cost > budget.value * (1 + 1e-9):
-            base = self.cost.base(budget.metric)
-            raise UserError(
-                f"target infeasible: keeping {self.min_channels} channel(s) per prunable group already costs "
-                f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
-            )
         while lo < hi:  # largest k with cost(k) <= budget
             mid = (lo + hi + 1) // 2
             if self.cost.metric(budget.metric, self.mask_for_count(scores, mid, ranks, order)) <= budget.value:

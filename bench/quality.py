@@ -1,0 +1,683 @@
+#!/usr/bin/env python
+"""Quality benchmark (issue 3): cascaded pruning vs one-shot baselines on Fashion-MNIST.
+
+One teacher (a CIFAR-style ResNet trained here with plain SGD, cached under bench/work/)
+is pruned to several FLOPs targets by five methods that share the same data, epochs and
+optimiser (cascadec.prune.methods.prune_model):
+
+    oneshot_ft   (a) one-shot Taylor pruning, fine-tuned without KD
+    oneshot_kd   (b) one-shot Taylor pruning, fine-tuned with KD from the teacher
+    learned_0ta  (c) learned scores (cascade, 0 TAs), distilled straight from the teacher
+    cascade_1ta      the paper's method with 1 teaching assistant
+    cascade_2ta      the paper's method with 2 teaching assistants
+
+Every student is physically shrunk and measured (accuracy, MACs, params). Results are
+written after every run to <out>/<stem>.json/.md/.png (see bench/README.md).
+
+    python bench/quality.py --profile smoke        # < 3 min, checks the script
+    python bench/quality.py --profile fast         # resnet8, 2 seeds, 3 targets (CPU)
+    python bench/quality.py --profile full --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascadec.data import build_data
+from cascadec.envinfo import environment
+from cascadec.models import create_model
+from cascadec.prune.cost import count_macs, count_params
+from cascadec.prune.methods import prune_model
+from cascadec.prune.shrink import shrink
+from cascadec.prune.spec import state_dict_for_safetensors
+from cascadec.recipe import Recipe
+from cascadec.stages import make_loaders, resolve_device, train_teacher
+from cascadec.train.loop import evaluate
+
+BENCH_DIR = Path(__file__).resolve().parent
+WORK_DIR = BENCH_DIR / "work"  # gitignored: cached teacher weights
+DATASET = "fashion_mnist"
+DATA_SEED = 0  # the subset of the data is the same for every method and seed
+
+# ---------------------------------------------------------------- configuration
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "model": "cifar_resnet8", "train_limit": 512, "val_limit": 256, "batch_size": 128,
+        "joint_epochs": 1, "student_epochs": 1, "lr": 0.02, "max_steps_per_epoch": 3,
+        "targets": [0.5], "seeds": [0],
+        "teacher": {"train_limit": 512, "epochs": 1, "lr": 0.05},
+    },
+    "fast": {
+        "model": "cifar_resnet8", "train_limit": 6000, "val_limit": 2000, "batch_size": 128,
+        "joint_epochs": 2, "student_epochs": 2, "lr": 0.01, "max_steps_per_epoch": None,
+        "targets": [0.5, 0.75, 0.9], "seeds": [0, 1],
+        # full 60k training set; ~0.2 s/step single-threaded here -> 4 x 468 steps ~ 6-7 min
+        "teacher": {"train_limit": None, "epochs": 4, "lr": 0.05},
+    },
+    "full": {
+        "model": "cifar_resnet20", "train_limit": None, "val_limit": None, "batch_size": 128,
+        "joint_epochs": 30, "student_epochs": 30, "lr": 0.008, "max_steps_per_epoch": None,
+        "targets": [0.5, 0.75, 0.9], "seeds": [0, 1, 2],
+        "teacher": {"train_limit": None, "epochs": 30, "lr": 0.05},
+    },
+}
+
+METHODS: dict[str, dict[str, Any]] = {
+    "oneshot_ft": {"label": "(a) one-shot Taylor + FT", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": False}},
+    "oneshot_kd": {"label": "(b) one-shot Taylor + KD", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": True}},
+    "learned_0ta": {"label": "(c) learned scores, 0 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 0}},
+    "cascade_1ta": {"label": "cascade, 1 TA", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 1}},
+    "cascade_2ta": {"label": "cascade, 2 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 2}},
+}
+# masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
+# shapes pick different kernels and an image or two near the decision boundary may flip
+MASKED_TOLERANCE = 0.001
+CASCADE_METHODS = ("learned_0ta", "cascade_1ta", "cascade_2ta")
+TA_METHODS = ("cascade_1ta", "cascade_2ta")
+
+
+def stem_for(profile: str) -> str:
+    return {"fast": "quality-fmnist", "smoke": "quality-fmnist-smoke"}.get(profile, f"quality-fmnist-{profile}")
+
+
+def build_recipe(cfg: dict, *, method: str | None, target: float | None, seed: int, teacher: bool = False) -> Recipe:
+    data = {"name": DATASET, "train_limit": cfg["teacher"]["train_limit"] if teacher else cfg["train_limit"],
+            "val_limit": cfg["val_limit"], "batch_size": cfg["batch_size"], "workers": cfg.get("workers", 0)}
+    train = {"joint_epochs": cfg["joint_epochs"], "student_epochs": cfg["student_epochs"], "lr": cfg["lr"],
+             "max_steps_per_epoch": cfg["max_steps_per_epoch"], "seed": seed}
+    spec: dict[str, Any] = {
+        "name": f"bench-quality-{method or 'teacher'}",
+        "model": {"name": cfg["model"]},
+        "data": data,
+        "teacher": {"train_epochs": cfg["teacher"]["epochs"], "lr": cfg["teacher"]["lr"], "cache": False},
+        "train": train,
+    }
+    if method is not None:
+        m = METHODS[method]
+        spec["prune"] = {**m["prune"], "target": {"flops_reduction": target}}
+        spec["distill"] = dict(m["distill"])
+        if "cascade" in m:
+            spec["cascade"] = dict(m["cascade"])
+    return Recipe.model_validate(spec)
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train the teacher once per profile (plain SGD, cascadec.stages.train_teacher); cache it.
+    ``weights`` (``--teacher``) uses given weights instead, e.g. ``builtin:cifar_resnet8_fmnist``."""
+    from safetensors.torch import load_file, save_file
+
+    if weights is not None:
+        kwargs = {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels)}
+        model = create_model(cfg["model"], weights=weights, **kwargs).to(device).eval()
+        print(f"teacher: loaded {weights}", flush=True)
+        return model, {"model": cfg["model"], "source": f"--teacher {weights}", "weights": weights}
+
+    recipe = build_recipe(cfg, method=None, target=None, seed=DATA_SEED, teacher=True)
+    kwargs = {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels)}
+    key = config_hash({"model": cfg["model"], "kwargs": kwargs, "teacher": cfg["teacher"], "batch": cfg["batch_size"],
+                       "max_steps": cfg["max_steps_per_epoch"], "data_seed": DATA_SEED, "wd": recipe.train.weight_decay})
+    path = WORK_DIR / f"teacher-{profile}-{cfg['model']}-{key}.safetensors"
+    meta_path = path.with_suffix(".json")
+    model = create_model(cfg["model"], **kwargs)
+    info: dict[str, Any] = {"model": cfg["model"], "train_epochs": cfg["teacher"]["epochs"], "lr": cfg["teacher"]["lr"],
+                            "train_limit": cfg["teacher"]["train_limit"], "optimizer": "SGD nesterov 0.9, cosine, wd "
+                            f"{recipe.train.weight_decay}", "weights": str(path.relative_to(BENCH_DIR.parent))}
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        info["source"] = "cache"
+        if meta_path.is_file():
+            info["train_seconds"] = json.loads(meta_path.read_text()).get("train_seconds")
+        print(f"teacher: loaded {path}", flush=True)
+    else:
+        data = build_data(DATASET, train_limit=cfg["teacher"]["train_limit"], val_limit=cfg["val_limit"], seed=DATA_SEED)
+        torch.manual_seed(DATA_SEED)
+        loaders = make_loaders(data, recipe, device)
+        n = len(loaders[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders[0]), cfg["max_steps_per_epoch"])
+        print(f"teacher: training {cfg['model']} for {cfg['teacher']['epochs']} epoch(s) x {n} steps on "
+              f"{len(data.train)} images (lr {cfg['teacher']['lr']})", flush=True)
+        model.to(device)
+        start = time.perf_counter()
+        train_teacher(model, recipe, loaders[0], loaders[1], device)
+        info["train_seconds"] = time.perf_counter() - start
+        info["source"] = "trained now"
+        WORK_DIR.mkdir(parents=True, exist_ok=True)
+        save_file(state_dict_for_safetensors(model), str(path))
+        meta_path.write_text(json.dumps({"train_seconds": info["train_seconds"], "steps_per_epoch": n, **cfg["teacher"]}, indent=1))
+        print(f"teacher: trained in {info['train_seconds']:.0f} s, cached at {path}", flush=True)
+    model = model.to(device).eval()
+    return model, info
+
+
+# ---------------------------------------------------------------- one run
+
+
+def _state_fingerprint(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(method: str, target: float, seed: int, *, cfg, teacher, teacher_fp, teacher_flops, teacher_params,
+            teacher_accuracy, bundle, device, example) -> dict:
+    recipe = build_recipe(cfg, method=method, target=target, seed=seed)
+    torch.manual_seed(seed)
+    loaders = make_loaders(bundle, recipe, device)  # fresh generator: same batch order for every method
+    work_teacher = copy.deepcopy(teacher).to(device).eval()
+    start = time.perf_counter()
+    result = prune_model(work_teacher, recipe, loaders[0], loaders[1], example, device)
+    prune_seconds = time.perf_counter() - start
+    student = shrink(result.student.cpu(), result.analysis.index, result.mask, example.cpu())
+    flops, params = count_macs(student.cpu(), example.cpu()), count_params(student)
+    accuracy = evaluate(student.to(device), loaders[1], device=device, description="evaluate shrunk student")
+    wall = time.perf_counter() - start
+    h = result.history
+    rec: dict[str, Any] = {
+        "method": method, "target": target, "seed": seed,
+        "teacher_accuracy": teacher_accuracy, "student_accuracy": accuracy,
+        "delta": 100.0 * (accuracy - teacher_accuracy),
+        "flops": flops, "params": params,
+        "flops_fraction": flops / teacher_flops, "params_fraction": params / teacher_params,
+        "wall_seconds": wall, "prune_seconds": prune_seconds,
+        "budget_keep_fraction": result.analysis.budget.keep_fraction,
+    }
+    epochs = h.get("student") or h.get("fine_tune") or []
+    if epochs:
+        # accuracy of the masked (unshrunk) network after its last epoch: must equal the shrunk one
+        rec["masked_accuracy"] = epochs[-1]["student_accuracy"]
+    if method in CASCADE_METHODS:
+        joint = h.get("joint", [])
+        rec.update({
+            "joint_seconds": h["joint_seconds"],
+            "joint_epochs": len(joint),
+            "joint_epoch_seconds": [e["seconds"] for e in joint],
+            "joint_steps": sum(e.get("steps", 0) for e in joint),
+            "num_models": len(h["fractions"]),
+            "fractions": list(h["fractions"]),
+            "mask_changed_units": h["mask_changed_units"],
+            "student_epochs": [{k: e[k] for k in ("epoch", "teacher", "teacher_accuracy", "student_accuracy", "seconds")} for e in h["student"]],
+        })
+    else:
+        rec["fine_tune_epoch_seconds"] = [e["seconds"] for e in h["fine_tune"]]
+        rec["fine_tune_epochs"] = [{k: e[k] for k in ("epoch", "teacher", "student_accuracy", "seconds")} for e in h["fine_tune"]]
+    rec["teacher_unchanged"] = _state_fingerprint(work_teacher) == teacher_fp
+    return rec
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cost_ratios(runs: list[dict], steps_per_epoch: int) -> list[dict]:
+    """Joint-phase seconds per epoch of each cascade run / mean seconds of one plain KD
+    fine-tuning epoch (oneshot_kd, same target and seed)."""
+    kd = {(r["target"], r["seed"]): r for r in runs if r["method"] == "oneshot_kd" and "error" not in r}
+    out = []
+    for r in runs:
+        if r["method"] not in CASCADE_METHODS or "error" in r:
+            continue
+        ref = kd.get((r["target"], r["seed"]))
+        if ref is None or not r.get("joint_epochs"):
+            continue
+        kd_epoch = statistics.fmean(ref["fine_tune_epoch_seconds"])
+        per_epoch = r["joint_seconds"] / r["joint_epochs"]
+        loop_epoch = statistics.fmean(r["joint_epoch_seconds"])
+        out.append({
+            "method": r["method"], "target": r["target"], "seed": r["seed"], "num_models": r["num_models"],
+            "joint_seconds_per_epoch": per_epoch, "joint_loop_seconds_per_epoch": loop_epoch,
+            "kd_epoch_seconds": kd_epoch, "ratio": per_epoch / kd_epoch, "loop_ratio": loop_epoch / kd_epoch,
+            "within": per_epoch / kd_epoch <= r["num_models"],
+        })
+    return out
+
+
+def summarise(runs: list[dict], targets: list[float], methods: list[str], teacher_acc: float, steps_per_epoch: int) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    table = []
+    for m in methods:
+        for t in targets:
+            rs = [r for r in ok if r["method"] == m and r["target"] == t]
+            if not rs:
+                continue
+            acc_m, acc_s = _mean_std([100 * r["student_accuracy"] for r in rs])
+            d_m, d_s = _mean_std([r["delta"] for r in rs])
+            table.append({
+                "method": m, "target": t, "n": len(rs), "seeds": [r["seed"] for r in rs],
+                "accuracy_mean": acc_m, "accuracy_std": acc_s, "delta_mean": d_m, "delta_std": d_s,
+                "flops_fraction": _mean_std([r["flops_fraction"] for r in rs])[0],
+                "params_fraction": _mean_std([r["params_fraction"] for r in rs])[0],
+                "wall_seconds": _mean_std([r["wall_seconds"] for r in rs])[0],
+            })
+    ratios = cost_ratios(runs, steps_per_epoch)
+    goals = evaluate_goals(table, ratios, teacher_acc)
+    return {"table": table, "cost_ratios": ratios, "goals": goals,
+            "errors": [{k: r[k] for k in ("method", "target", "seed", "error")} for r in runs if "error" in r]}
+
+
+def _cell(table, method, target):
+    for row in table:
+        if row["method"] == method and abs(row["target"] - target) < 1e-9:
+            return row
+    return None
+
+
+def evaluate_goals(table: list[dict], ratios: list[dict], teacher_acc: float) -> list[dict]:
+    goals = []
+    # (1) at 50 % the cascade student within 0.3 points of the teacher
+    rows = [(m, _cell(table, m, 0.5)) for m in TA_METHODS]
+    rows = [(m, r) for m, r in rows if r]
+    g1 = {"goal": "at 50% FLOPs reduction the cascade student is within 0.3 points of the teacher", "id": 1}
+    if not rows:
+        g1.update(status="not evaluated", detail="no cascade run at target 0.5")
+    else:
+        parts = [f"{m}: {r['delta_mean']:+.2f} pts (n={r['n']})" for m, r in rows]
+        best_m, best = max(rows, key=lambda mr: mr[1]["delta_mean"])
+        met = best["delta_mean"] >= -0.3
+        g1.update(status="met" if met else "missed",
+                  detail=f"teacher {100 * teacher_acc:.2f}%; mean delta " + ", ".join(parts)
+                  + (f"; met by {best_m}" if met else f"; best {best_m} {best['delta_mean']:+.2f} < -0.30"))
+    goals.append(g1)
+    # (2) at 90 % the cascade beats (a) and (b) by >= 1 point
+    g2 = {"goal": "at 90% FLOPs reduction the cascade beats (a) and (b) by >= 1 point", "id": 2}
+    a, b = _cell(table, "oneshot_ft", 0.9), _cell(table, "oneshot_kd", 0.9)
+    rows = [(m, _cell(table, m, 0.9)) for m in TA_METHODS]
+    rows = [(m, r) for m, r in rows if r]
+    if not rows or not a or not b:
+        g2.update(status="not evaluated", detail="needs cascade, oneshot_ft and oneshot_kd runs at target 0.9")
+    else:
+        base = max(a["accuracy_mean"], b["accuracy_mean"])
+        parts = [f"{m} {r['accuracy_mean']:.2f}% ({r['accuracy_mean'] - base:+.2f} pts)" for m, r in rows]
+        best_m, best = max(rows, key=lambda mr: mr[1]["accuracy_mean"])
+        met = best["accuracy_mean"] - base >= 1.0
+        g2.update(status="met" if met else "missed",
+                  detail=f"(a) {a['accuracy_mean']:.2f}%, (b) {b['accuracy_mean']:.2f}%; " + ", ".join(parts)
+                  + (f"; met by {best_m}" if met else "; margin over the better baseline < 1.00"))
+    goals.append(g2)
+    # (3) joint-phase cost ratio <= number of models
+    g3 = {"goal": "joint-phase cost per epoch / one plain KD fine-tune epoch <= number of models", "id": 3}
+    if not ratios:
+        g3.update(status="not evaluated", detail="needs cascade and oneshot_kd runs at the same target and seed")
+    else:
+        parts = []
+        for m in CASCADE_METHODS:
+            rs = [r for r in ratios if r["method"] == m]
+            if rs:
+                worst = max(r["ratio"] for r in rs)
+                parts.append(f"{m}: mean {statistics.fmean(r['ratio'] for r in rs):.2f}, worst {worst:.2f} vs {rs[0]['num_models']} model(s)")
+        bad = [r for r in ratios if not r["within"]]
+        g3.update(status="met" if not bad else "missed",
+                  detail="; ".join(parts) + (f"; {len(bad)} of {len(ratios)} runs over" if bad else f"; all {len(ratios)} runs within"))
+    goals.append(g3)
+    return goals
+
+
+# ---------------------------------------------------------------- time estimate
+
+
+def _steps_per_epoch(cfg: dict) -> int:
+    n, bs = cfg["train_limit"] or 60000, cfg["batch_size"]
+    steps = n // bs if n > bs else 1  # make_loaders drops the last partial batch
+    return min(steps, cfg["max_steps_per_epoch"]) if cfg["max_steps_per_epoch"] else steps
+
+
+def _modelled_seconds(cfg: dict, method: str, num_models: int, tr: float, ev: float) -> float:
+    """Loop + evaluation seconds of one run, from a full-width training step ``tr`` and an
+    evaluation batch ``ev`` (also the cost of one teacher forward on a training batch)."""
+    s, bs = _steps_per_epoch(cfg), cfg["batch_size"]
+    v = math.ceil((cfg["val_limit"] or 10000) / bs)
+    importance = min(8, max(1, (cfg["train_limit"] or 60000) // bs)) * tr  # Taylor scoring: fwd+bwd batches
+    if method in CASCADE_METHODS:
+        joint = cfg["joint_epochs"] * s * (num_models * tr + ev)
+        student = cfg["student_epochs"] * s * (tr + ev)
+        evals = (num_models + cfg["student_epochs"] + 1) * v * ev  # TAs + teacher, per epoch, shrunk student
+        return importance + joint + student + evals
+    kd = method == "oneshot_kd"
+    epochs = cfg["joint_epochs"] + cfg["student_epochs"]
+    return importance + epochs * s * (tr + (ev if kd else 0.0)) + (int(kd) + epochs + 1) * v * ev
+
+
+def estimate_profile_seconds(runs: list[dict], timing: dict, cfg_from: dict, cfg_to: dict, methods: list[str]) -> dict | None:
+    """Extrapolate this profile's runs to profile ``cfg_to`` (same model and batch size):
+    estimate = measured wall of the run here + modelled(cfg_to) - modelled(cfg_from), the
+    model using the full-width training step and evaluation batch timed in this process
+    (so per-run fixed costs, warm-up included, are carried over as measured)."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok or cfg_from["model"] != cfg_to["model"] or cfg_from["batch_size"] != cfg_to["batch_size"]:
+        return None
+    tr, ev = timing["train_seconds_per_step"], timing["eval_seconds_per_batch"]
+    per_method = {}
+    for m in methods:
+        rs = [r for r in ok if r["method"] == m]
+        if not rs:
+            continue
+        n_models = rs[0].get("num_models", 1)
+        wall = statistics.fmean(r["wall_seconds"] for r in rs)
+        per_method[m] = wall + _modelled_seconds(cfg_to, m, n_models, tr, ev) - _modelled_seconds(cfg_from, m, n_models, tr, ev)
+    n_runs = len(cfg_to["targets"]) * len(cfg_to["seeds"])
+    runs_total = sum(per_method.values()) * n_runs
+    teacher_steps = (cfg_to["teacher"]["train_limit"] or 60000) // cfg_to["batch_size"]
+    v_to = math.ceil((cfg_to["val_limit"] or 10000) / cfg_to["batch_size"])
+    teacher_total = teacher_steps * cfg_to["teacher"]["epochs"] * tr + 2 * v_to * ev
+    return {"per_run_seconds": per_method, "runs_seconds": runs_total, "teacher_seconds": teacher_total,
+            "total_seconds": runs_total + teacher_total, "runs": n_runs * len(per_method),
+            "train_seconds_per_step": tr, "eval_seconds_per_batch": ev, "torch_threads": torch.get_num_threads(),
+            "basis": f"measured smoke runs + modelled step costs (train step {tr:.3f} s, eval batch {ev:.3f} s at "
+                     f"{torch.get_num_threads()} torch thread(s)); depends on the CPU load at measurement time"}
+
+
+def measure_step_costs(teacher: torch.nn.Module, val_loader, train_loader, device, steps: int = 5) -> dict:
+    """Seconds of one full-width training step (SGD on a copy) and of one evaluation batch."""
+    model = copy.deepcopy(teacher).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    it = iter(train_loader)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()  # batch loading included: on a GPU it can be most of a step
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(train_loader)
+            x, y = next(it)
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()  # waits for the device
+        if i:  # first step warms up
+            times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    evaluate(teacher, val_loader, device=device, description="evaluate teacher")
+    eval_s = time.perf_counter() - t0
+    return {"train_seconds_per_step": statistics.fmean(times), "eval_seconds_per_batch": eval_s / max(1, len(val_loader)),
+            "eval_seconds": eval_s}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(mean, std, digits=2, sign=False):
+    if mean is None:
+        return "-"
+    s = f"{mean:+.{digits}f}" if sign else f"{mean:.{digits}f}"
+    return s + (f" ± {std:.{digits}f}" if std is not None else " ± n/a")
+
+
+def write_markdown(path: Path, doc: dict) -> None:
+    s, t, cfg = doc["summary"], doc["teacher"], doc["config"]
+    lines = [f"# Quality benchmark: Fashion-MNIST, profile `{doc['profile']}`", ""]
+    if doc["profile"] == "smoke":
+        lines += ["> **Smoke profile**: a few steps on a barely trained teacher. These numbers only show that the "
+                  "script runs end to end; they say nothing about the methods.", ""]
+    lines += [f"Generated {doc['updated']} by `{doc['command']}` "
+              f"({doc['status']}: {len(doc['runs'])} of {doc['planned_runs']} runs)." , ""]
+    env = doc["environment"]
+    lines += [f"Machine: {env.get('cpu')}, {env.get('logical_cores')} logical cores, torch threads {doc['torch_threads']}, "
+              f"GPU {env.get('gpu') or 'none'}, device `{doc['device']}`; torch {env.get('versions', {}).get('torch')}, "
+              f"cascadec {env.get('versions', {}).get('cascadec')}. Load average at start {doc['loadavg_start']}, "
+              f"now {doc.get('loadavg_now')}.", ""]
+    val_note = (f"val_limit {cfg['val_limit']} (a seeded class-balanced subset of the 10k test split) for **all** "
+                "evaluations, teacher included" if cfg["val_limit"] else "the full 10k test split for all evaluations")
+    lines += [f"Data: {DATASET}, train_limit {cfg['train_limit'] or 'all (60k)'} (subset seed {DATA_SEED}, same for every "
+              f"method and seed), {val_note}. Batch {cfg['batch_size']}, joint {cfg['joint_epochs']} + student "
+              f"{cfg['student_epochs']} epochs (one-shot methods fine-tune for the sum), lr {cfg['lr']}"
+              + (f", max {cfg['max_steps_per_epoch']} steps/epoch" if cfg["max_steps_per_epoch"] else "")
+              + f". Seeds {cfg['seeds']} (train.seed and torch.manual_seed).", ""]
+    ts = t.get("train_seconds")
+    lines += [f"Teacher: `{t['model']}` trained {t['train_epochs']} epoch(s) on "
+              f"{t['train_limit'] or 'all 60k'} images, lr {t['lr']} ({t['optimizer']}), "
+              f"{t['source']}" + (f", training took {ts:.0f} s" if ts else "")
+              + f"; accuracy **{100 * t['accuracy']:.2f}%**, {t['flops'] / 1e6:.2f} M MACs, {t['params'] / 1e3:.1f} k params.", ""]
+    lines += ["## Accuracy (mean ± std over seeds)", "",
+              "| method | FLOPs reduction target | FLOPs fraction | params fraction | student acc (%) | delta (points) | seeds | wall s / run |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in s["table"]:
+        lines.append(f"| {row['method']} | {row['target']:.2f} | {row['flops_fraction']:.3f} | {row['params_fraction']:.3f} | "
+                     f"{_fmt(row['accuracy_mean'], row['accuracy_std'])} | {_fmt(row['delta_mean'], row['delta_std'], sign=True)} | "
+                     f"{row['n']} | {row['wall_seconds']:.0f} |")
+    lines += ["", "Methods: " + "; ".join(f"`{k}` = {v['label']}" for k, v in METHODS.items() if k in cfg["methods"]) + ".", ""]
+    lines += ["## Joint-phase cost", "",
+              "ratio = `history['joint_seconds']` / joint epochs, divided by the mean seconds of one plain KD fine-tuning "
+              "epoch (`oneshot_kd`, same target and seed). Note: `joint_seconds` also counts the Taylor scoring and "
+              "hierarchy set-up, and a fine-tune epoch's seconds include one validation pass; `loop ratio` uses only "
+              "the joint epochs' own loop time.", "",
+              "| method | target | seed | models | joint s/epoch | KD fine-tune s/epoch | ratio | loop ratio | ratio <= models |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in s["cost_ratios"]:
+        lines.append(f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {r['num_models']} | {r['joint_seconds_per_epoch']:.2f} | "
+                     f"{r['kd_epoch_seconds']:.2f} | {r['ratio']:.2f} | {r['loop_ratio']:.2f} | {'yes' if r['within'] else 'no'} |")
+    if not s["cost_ratios"]:
+        lines.append("| - | - | - | - | - | - | - | - | - |")
+    lines += ["", "## Goals", ""]
+    for g in s["goals"]:
+        lines.append(f"{g['id']}. **{g['status'].upper()}** - {g['goal']}: {g['detail']}.")
+    lines.append("")
+    warn = [r for r in doc["runs"] if "error" not in r and (not r.get("teacher_unchanged", True)
+            or ("masked_accuracy" in r and abs(r["masked_accuracy"] - r["student_accuracy"]) > MASKED_TOLERANCE))]
+    if s["errors"] or warn:
+        lines += ["## Problems", ""]
+        for e in s["errors"]:
+            lines.append(f"- {e['method']} target {e['target']} seed {e['seed']} failed: `{e['error']}`")
+        for r in warn:
+            lines.append(f"- {r['method']} target {r['target']} seed {r['seed']}: teacher unchanged {r['teacher_unchanged']}, "
+                         f"masked accuracy {r.get('masked_accuracy')} vs shrunk {r['student_accuracy']}")
+        lines.append("")
+    if doc.get("estimates"):
+        lines += ["## Time estimates from this run", ""]
+        for name, e in doc["estimates"].items():
+            lines.append(f"- `--profile {name}`: about {e['total_seconds'] / 60:.0f} min ({e['runs']} runs, "
+                         f"{e['runs_seconds'] / 60:.0f} min; teacher {e['teacher_seconds'] / 60:.0f} min if not cached). {e['basis']}.")
+        lines.append("")
+    lines += [f"Plot: `{path.with_suffix('.png').name}`. Raw runs: `{path.with_suffix('.json').name}`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, doc: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, t = doc["summary"], doc["teacher"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    markers = dict(zip(METHODS, ["o", "s", "^", "D", "v"]))
+    for m in METHODS:
+        rows = sorted((r for r in s["table"] if r["method"] == m), key=lambda r: r["flops_fraction"])
+        if not rows:
+            continue
+        dodge = 0.006 * (list(METHODS).index(m) - 2)  # keeps overlapping error bars apart
+        x = [r["flops_fraction"] + dodge for r in rows]
+        y = [r["accuracy_mean"] for r in rows]
+        e = [r["accuracy_std"] or 0.0 for r in rows]
+        size = {"oneshot_ft": 9, "oneshot_kd": 7.5, "learned_0ta": 6.5, "cascade_1ta": 5.5, "cascade_2ta": 5}[m]
+        ax.errorbar(x, y, yerr=e, marker=markers[m], markersize=size, capsize=3, alpha=0.85,
+                    markerfacecolor="none" if m.startswith("oneshot") else None, label=f"{m}: {METHODS[m]['label']}")
+    ax.axhline(100 * t["accuracy"], color="k", linestyle="--", linewidth=1, label=f"teacher {100 * t['accuracy']:.2f}%")
+    ax.plot([1.0], [100 * t["accuracy"]], "k*", markersize=10)
+    ax.set_xlim(0.0, 1.05)
+    ax.set_xlabel("student FLOPs / teacher FLOPs (shrunk network; methods dodged by up to ±0.012)")
+    ax.set_ylabel("validation accuracy (%)")
+    cfg = doc["config"]
+    ax.set_title(f"Fashion-MNIST, {t['model']}, profile {doc['profile']} "
+                 f"(mean ± std over {len(cfg['seeds'])} seed(s), val {cfg['val_limit'] or 10000})", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, stem: str, doc: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    doc["loadavg_now"] = _loadavg()
+    tmp = out / f"{stem}.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    os.replace(tmp, out / f"{stem}.json")
+    write_markdown(out / f"{stem}.md", doc)
+    try:
+        write_plot(out / f"{stem}.png", doc)
+    except Exception as exc:  # a plotting problem must not lose the numbers
+        print(f"warning: plot failed: {exc}", file=sys.stderr, flush=True)
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="fast")
+    p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder (default bench/results)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
+    p.add_argument("--targets", type=float, nargs="+", help="FLOPs-reduction targets (override the profile's)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="subset of methods (default all five)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default 0; batches are the same either way)")
+    p.add_argument("--teacher", help="teacher weights instead of training one (e.g. builtin:cifar_resnet8_fmnist)")
+    p.add_argument("--resume", action="store_true", help="keep finished runs of an existing result file with the same config")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = copy.deepcopy(PROFILES[args.profile])
+    if args.seeds:
+        cfg["seeds"] = list(args.seeds)
+    if args.targets:
+        cfg["targets"] = list(args.targets)
+    cfg["methods"] = list(args.methods or METHODS)
+    if args.workers is not None:
+        cfg["workers"] = args.workers
+    device = resolve_device(args.device)
+    out, stem = Path(args.out), stem_for(args.profile)
+    command = "python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "bench/quality.py", *(argv or sys.argv[1:])])
+    t_start = time.perf_counter()
+
+    print(f"profile {args.profile}: {cfg['model']}, train_limit {cfg['train_limit'] or 'all'}, val_limit "
+          f"{cfg['val_limit'] or 'all (10k)'} for all evaluations, joint {cfg['joint_epochs']} + student "
+          f"{cfg['student_epochs']} epochs, lr {cfg['lr']}, targets {cfg['targets']}, seeds {cfg['seeds']}, "
+          f"{len(cfg['methods'])} methods, device {device}, {torch.get_num_threads()} torch thread(s)", flush=True)
+    bundle = build_data(DATASET, train_limit=cfg["train_limit"], val_limit=cfg["val_limit"], seed=DATA_SEED)
+    example = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
+    teacher, tinfo = get_teacher(cfg, args.profile, bundle, device, example, weights=args.teacher)
+    recipe0 = build_recipe(cfg, method=None, target=None, seed=DATA_SEED)
+    loaders0 = make_loaders(bundle, recipe0, device)
+    timing = measure_step_costs(teacher, loaders0[1], loaders0[0], device)
+    teacher_acc = evaluate(teacher, loaders0[1], device=device, description="evaluate teacher")
+    tinfo.update(accuracy=teacher_acc, flops=count_macs(copy.deepcopy(teacher).cpu(), example),
+                 params=count_params(teacher), val_images=len(bundle.val))
+    teacher_fp = _state_fingerprint(teacher)
+    print(f"teacher {cfg['model']}: accuracy {100 * teacher_acc:.2f}% on {len(bundle.val)} val images, "
+          f"{tinfo['flops'] / 1e6:.2f} M MACs; train step {timing['train_seconds_per_step']:.3f} s, "
+          f"eval batch {timing['eval_seconds_per_batch']:.3f} s", flush=True)
+
+    load = _loadavg()
+    if device.type == "cpu" and load and torch.get_num_threads() > 1 and load[0] > (os.cpu_count() or 1) - 0.5:
+        print(f"warning: load average {load[0]} with {torch.get_num_threads()} torch threads on {os.cpu_count()} cores: "
+              "timings will be slow and noisy; --threads 1 is much faster on a shared CPU", flush=True)
+    plan = [(m, t, s) for s in cfg["seeds"] for t in cfg["targets"] for m in cfg["methods"]]
+    doc: dict[str, Any] = {
+        "benchmark": "quality", "dataset": DATASET, "profile": args.profile, "command": command, "status": "running",
+        "config": cfg,
+        # runs are comparable (and --resume may keep them) when everything but the run list matches
+        "config_hash": config_hash({"cfg": {k: v for k, v in cfg.items() if k not in ("seeds", "targets", "methods", "workers")},
+                                    "teacher": teacher_fp, "device": str(device)}), "device": str(device),
+        "torch_threads": torch.get_num_threads(), "environment": environment(), "hostname": platform.node(),
+        "loadavg_start": _loadavg(), "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "teacher": tinfo, "step_costs": timing, "planned_runs": len(plan), "runs": [],
+    }
+    done: dict[tuple, dict] = {}
+    if args.resume and (out / f"{stem}.json").is_file():
+        old = json.loads((out / f"{stem}.json").read_text())
+        if old.get("config_hash") == doc["config_hash"]:
+            done = {(r["method"], r["target"], r["seed"]): r for r in old.get("runs", []) if "error" not in r}
+            print(f"resume: {len(done)} finished run(s) kept from {out / (stem + '.json')}", flush=True)
+        else:
+            print("resume: existing results have another config; starting afresh", flush=True)
+    steps_per_epoch = len(loaders0[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders0[0]), cfg["max_steps_per_epoch"])
+
+    def flush_outputs(status: str) -> None:
+        doc["status"] = status
+        doc["elapsed_seconds"] = time.perf_counter() - t_start
+        doc["summary"] = summarise(doc["runs"], cfg["targets"], cfg["methods"], teacher_acc, steps_per_epoch)
+        write_outputs(out, stem, doc)
+
+    for i, (m, t, s) in enumerate(plan, 1):
+        if (m, t, s) in done:
+            doc["runs"].append(done[(m, t, s)])
+            continue
+        try:
+            rec = run_one(m, t, s, cfg=cfg, teacher=teacher, teacher_fp=teacher_fp, teacher_flops=tinfo["flops"],
+                          teacher_params=tinfo["params"], teacher_accuracy=teacher_acc, bundle=bundle, device=device, example=example)
+            extra = f" joint {rec['joint_seconds']:.1f}s, {rec['num_models']} model(s), {rec['mask_changed_units']} units changed" \
+                if m in CASCADE_METHODS else ""
+            print(f"[{i}/{len(plan)}] {m:12s} target {t:.2f} seed {s}: acc {100 * rec['student_accuracy']:.2f}% "
+                  f"({rec['delta']:+.2f} pts), FLOPs {rec['flops_fraction']:.3f}, {rec['wall_seconds']:.1f} s{extra}", flush=True)
+        except KeyboardInterrupt:
+            flush_outputs("interrupted")
+            raise
+        except Exception as exc:  # record and go on: one broken method must not cost the others
+            traceback.print_exc()
+            rec = {"method": m, "target": t, "seed": s, "error": f"{type(exc).__name__}: {exc}"}
+            print(f"[{i}/{len(plan)}] {m:12s} target {t:.2f} seed {s}: FAILED {rec['error']}", flush=True)
+        doc["runs"].append(rec)
+        flush_outputs("running")
+
+    if args.profile == "smoke":
+        doc["estimates"] = {}
+        for name in ("fast",):
+            est = estimate_profile_seconds(doc["runs"], timing, cfg, PROFILES[name], cfg["methods"])
+            if est:
+                doc["estimates"][name] = est
+    flush_outputs("finished")
+    total = time.perf_counter() - t_start
+    print(f"done in {total:.0f} s; results in {out / stem}.{{json,md,png}}", flush=True)
+    for g in doc["summary"]["goals"]:
+        print(f"goal {g['id']}: {g['status']} - {g['detail']}", flush=True)
+    for name, e in (doc.get("estimates") or {}).items():
+        print(f"estimate --profile {name}: {e['total_seconds'] / 60:.0f} min "
+              f"(runs {e['runs_seconds'] / 60:.0f} min + teacher {e['teacher_seconds'] / 60:.0f} min)", flush=True)
+    return 1 if doc["summary"]["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test helpers (importable because pytest puts tests/ on sys.path)."""

@@ -1,0 +1,233 @@
+"""cascadec.prune.groups: dependency groups, frozen groups and mask points on tiny nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cascadec.models import create_model
+from cascadec.prune.groups import build_groups
+
+
+class Chain(nn.Module):
+    """conv1-BN-ReLU -> conv2-BN-ReLU -> conv3-BN-ReLU -> pool -> Linear."""
+
+    def __init__(self, in_channels: int = 1, widths=(8, 12, 16), num_classes: int = 10) -> None:
+        super().__init__()
+        a, b, c = widths
+        self.conv1 = nn.Conv2d(in_channels, a, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(a)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(a, b, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(b)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(b, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.relu3 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu3(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class GroupNormNet(nn.Module):
+    """conv2 feeds a GroupNorm: its channels cannot be masked exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.gn(self.conv2(x)))
+        x = torch.relu(self.bn(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class LayerNormNet(nn.Module):
+    """ConvNeXt-style channels-last LayerNorm after conv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = self.ln(self.conv2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = torch.relu(self.bn(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class GroupedConvNet(nn.Module):
+    """A non-depthwise grouped conv (groups=2) consumes/produces conv2's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+EX = torch.randn(1, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def chain_index():
+    torch.manual_seed(0)
+    return build_groups(Chain(), EX)
+
+
+@pytest.fixture(scope="module")
+def resnet_index():
+    torch.manual_seed(0)
+    return build_groups(create_model("cifar_resnet8", num_classes=10, in_channels=1), EX)
+
+
+def _outs(group) -> set[str]:
+    return {m.module for m in group.members if m.role == "out"}
+
+
+def _ins(group) -> set[str]:
+    return {m.module for m in group.members if m.role == "in"}
+
+
+# --------------------------------------------------------------------------- plain chain
+
+
+def test_chain_one_group_per_hidden_conv(chain_index) -> None:
+    idx = chain_index
+    assert idx.first_conv == "conv1"
+    assert idx.classifier == "fc"
+    by_root = idx.by_root()
+    assert set(by_root) == {"conv2", "conv3"}
+    assert _outs(by_root["conv2"]) == {"conv2", "bn2"}
+    assert _ins(by_root["conv2"]) == {"conv3"}
+    assert _outs(by_root["conv3"]) == {"conv3", "bn3"}
+    assert _ins(by_root["conv3"]) == {"fc"}
+    assert by_root["conv2"].size == 12 and by_root["conv3"].size == 16
+    assert idx.num_units == 28
+    # offsets index the flat unit vector group by group
+    sizes = [g.size for g in idx.groups]
+    assert idx.offsets() == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert [g.index for g in idx.groups] == list(range(len(idx.groups)))
+
+
+def test_chain_first_conv_and_classifier_frozen_with_reason(chain_index) -> None:
+    frozen = {f.root: f for f in chain_index.frozen}
+    assert set(frozen) == {"conv1", "fc"}
+    assert "first conv" in frozen["conv1"].reason and "conv1" in frozen["conv1"].reason
+    assert frozen["conv1"].size == 8
+    assert "classifier" in frozen["fc"].reason and "fc" in frozen["fc"].reason
+    assert frozen["fc"].size == 10
+    # nothing frozen is also prunable
+    prunable_outs = set().union(*(_outs(g) for g in chain_index.groups))
+    assert "conv1" not in prunable_outs and "bn1" not in prunable_outs and "fc" not in prunable_outs
+
+
+def test_chain_mask_points_are_the_batchnorms(chain_index) -> None:
+    for g in chain_index.groups:
+        points = [p.module for p in g.mask_points]
+        bn = g.root.replace("conv", "bn")
+        assert points == [bn], (g.root, points)  # not the conv that feeds the BN
+        (p,) = g.mask_points
+        assert p.role == "out"
+        assert sorted(p.idxs) == list(range(g.size)) and sorted(p.root_idxs) == list(range(g.size))
+
+
+# --------------------------------------------------------------------------- residual net
+
+
+def test_resnet_couples_block_outputs(resnet_index) -> None:
+    idx = resnet_index
+    owner = {}
+    for g in idx.groups:
+        for name in _outs(g):
+            owner.setdefault(name, set()).add(g.root)
+    # stage 2 and 3: the block's last conv and its projection shortcut share one group
+    for stage, width in (("layer2", 32), ("layer3", 64)):
+        conv2, short = f"{stage}.0.conv2", f"{stage}.0.shortcut.0"
+        assert owner[conv2] == owner[short], (conv2, owner[conv2], owner[short])
+        (root,) = owner[conv2]
+        g = idx.by_root()[root]
+        assert g.size == width
+        assert {conv2, f"{stage}.0.bn2", short, f"{stage}.0.shortcut.1"} <= _outs(g)
+        # mask points: both BatchNorms before the add (masked == shrunk), no conv
+        assert {p.module for p in g.mask_points} == {f"{stage}.0.bn2", f"{stage}.0.shortcut.1"}
+    # stage 3's stream feeds the classifier; stage 2's stream feeds stage 3's block input
+    assert "fc" in _ins(idx.by_root()[next(iter(owner["layer3.0.conv2"]))])
+    assert {"layer3.0.conv1", "layer3.0.shortcut.0"} <= _ins(idx.by_root()[next(iter(owner["layer2.0.conv2"]))])
+    # each block's inner conv is its own group
+    for name in ("layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"):
+        assert len(owner[name]) == 1
+        g = idx.by_root()[next(iter(owner[name]))]
+        assert _outs(g) == {name, name.replace("conv1", "bn1")}
+        assert [p.module for p in g.mask_points] == [name.replace("conv1", "bn1")]
+    assert len(idx.groups) == 5
+
+
+def test_resnet_stage1_stream_is_frozen_with_the_stem(resnet_index) -> None:
+    """Identity shortcuts tie layer1's output to the stem conv, which is never pruned."""
+    idx = resnet_index
+    prunable_outs = set().union(*(_outs(g) for g in idx.groups))
+    assert "conv1" not in prunable_outs and "layer1.0.conv2" not in prunable_outs
+    frozen = {f.root: f.reason for f in idx.frozen}
+    assert "first conv" in frozen["conv1"]
+    assert "classifier" in frozen["fc"]
+
+
+def test_resnet20_couples_all_blocks_of_a_stage() -> None:
+    torch.manual_seed(0)
+    idx = build_groups(create_model("cifar_resnet20", num_classes=10, in_channels=1), EX)
+    for stage in ("layer2", "layer3"):
+        (g,) = [g for g in idx.groups if f"{stage}.0.conv2" in _outs(g)]
+        assert {f"{stage}.{b}.conv2" for b in range(3)} <= _outs(g)
+        assert {p.module for p in g.mask_points} == {f"{stage}.{b}.bn2" for b in range(3)} | {f"{stage}.0.shortcut.1"}
+
+
+# --------------------------------------------------------------------------- frozen by normalisation / grouping
+
+
+@pytest.mark.parametrize("net_cls, norm", [(GroupNormNet, "GroupNorm"), (LayerNormNet, "LayerNorm")])
+def test_channel_mixing_norm_group_is_frozen(net_cls, norm) -> None:
+    torch.manual_seed(0)
+    idx = build_groups(net_cls(), EX)
+    frozen = {f.root: f.reason for f in idx.frozen}
+    assert "conv2" in frozen
+    assert norm in frozen["conv2"] and "across channels" in frozen["conv2"]
+    prunable_outs = set().union(*(_outs(g) for g in idx.groups))
+    assert "conv2" not in prunable_outs
+    # the unaffected group (conv3 -> BN) stays prunable
+    assert "conv3" in idx.by_root()
+
+
+def test_grouped_conv_is_frozen_with_reason() -> None:
+    torch.manual_seed(0)
+    idx = build_groups(GroupedConvNet(), EX)
+    reasons = " | ".join(f.reason for f in idx.frozen)
+    assert "grouped conv 'conv2'" in reasons and "groups=2" in reasons
+    assert "conv3" in idx.by_root()

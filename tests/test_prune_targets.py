@@ -1,0 +1,230 @@
+"""cascadec.prune.targets + cost: budgets met within 2 %, rounding, infeasibility, analytic cost
+== measured cost of the shrunk net, and the TA keep fractions of the hierarchy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cascadec.errors import UserError
+from cascadec.models import create_model
+from cascadec.prune.cascade import ta_fractions
+from cascadec.prune.cost import CostModel, count_macs, count_params
+from cascadec.prune.groups import build_groups
+from cascadec.prune.masks import split_units
+from cascadec.prune.shrink import shrink
+from cascadec.prune.targets import Budget, MaskSolver
+
+TOL = 0.02
+
+
+class DepthwiseNet(nn.Module):
+    """Depthwise pair, a biased conv without BN, and a flatten-into-Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1, bias=True)
+        self.pw = nn.Conv2d(12, 16, 1, bias=False)
+        self.pw_bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 12, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(12)
+        self.fc1 = nn.Linear(12 * 8 * 8, 20)
+        self.fc2 = nn.Linear(20, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.pw_bn(self.pw(x)))
+        x = torch.relu(self.dw_bn(self.dw(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class Setup:
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        self.model = model.eval()
+        self.example = example
+        self.index = build_groups(model, example)
+        self.cost = CostModel.build(model, self.index, example)
+
+
+@pytest.fixture(scope="module")
+def r8() -> Setup:
+    torch.manual_seed(0)
+    return Setup(create_model("cifar_resnet8", num_classes=10, in_channels=1), torch.randn(1, 1, 16, 16))
+
+
+@pytest.fixture(scope="module")
+def r18() -> Setup:
+    torch.manual_seed(0)
+    return Setup(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 64, 64))
+
+
+@pytest.fixture(scope="module")
+def dwnet() -> Setup:
+    torch.manual_seed(0)
+    return Setup(DepthwiseNet(), torch.randn(1, 1, 16, 16))
+
+
+def _scores(setup: Setup, seed: int) -> torch.Tensor:
+    return torch.rand(setup.index.num_units, generator=torch.Generator().manual_seed(seed))
+
+
+def _achieved(setup: Setup, metric: str, mask: torch.Tensor) -> float:
+    return setup.cost.metric(metric, mask) / setup.cost.base(metric)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("net", ["r8", "r18"])
+@pytest.mark.parametrize(
+    "kind, value",
+    [
+        ("flops_reduction", 0.5), ("flops_reduction", 0.75), ("flops_reduction", 0.9),
+        ("params_reduction", 0.5), ("params_reduction", 0.75), ("params_reduction", 0.9),
+        ("keep_ratio", 0.25), ("keep_ratio", 0.5), ("keep_ratio", 0.8),
+    ],
+)
+def test_solve_meets_target_within_2_percent(net, kind, value, request) -> None:
+    setup: Setup = request.getfixturevalue(net)
+    budget = Budget.from_target(setup.cost, **{kind: value})
+    metric = {"flops_reduction": "flops", "params_reduction": "params", "keep_ratio": "units"}[kind]
+    target_fraction = value if kind == "keep_ratio" else 1.0 - value
+    assert budget.metric == metric and budget.keep_fraction == pytest.approx(target_fraction)
+    solver = MaskSolver(setup.index, setup.cost)
+    mask = solver.solve(_scores(setup, 0), budget)
+    assert mask.shape == (setup.index.num_units,)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    achieved = _achieved(setup, metric, mask)
+    assert abs(achieved - target_fraction) <= TOL, (achieved, target_fraction)
+    assert achieved <= target_fraction + 1e-9  # the budget is a ceiling
+    for part in split_units(setup.index, mask):  # min_channels = 1
+        assert part.sum() >= 1
+
+
+def test_keep_ratio_mask_is_a_global_top_k(r8) -> None:
+    """One threshold for the whole network (not per layer): every kept unit outranks every removed one."""
+    scores = _scores(r8, 3)
+    mask = MaskSolver(r8.index, r8.cost).solve(scores, Budget.from_target(r8.cost, keep_ratio=0.5))
+    assert int(mask.sum()) == r8.index.num_units // 2
+    assert scores[mask > 0].min() > scores[mask == 0].max()
+    # and the per-layer keep ratios differ (a per-layer threshold would give 0.5 everywhere)
+    ratios = {round(float(p.mean()), 3) for p in split_units(r8.index, mask)}
+    assert len(ratios) > 1
+
+
+def test_min_channels_floor(r8) -> None:
+    solver = MaskSolver(r8.index, r8.cost, min_channels=4)
+    scores = torch.zeros(r8.index.num_units)
+    scores[: r8.index.groups[0].size] = 1.0  # every other group would be emptied by a pure top-k
+    mask = solver.solve(scores, Budget.from_target(r8.cost, keep_ratio=0.3))
+    for part in split_units(r8.index, mask):
+        assert part.sum() >= 4
+
+
+@pytest.mark.parametrize("net, kind, value", [("r8", "flops_reduction", 0.5), ("r18", "flops_reduction", 0.5), ("r18", "flops_reduction", 0.75), ("r18", "params_reduction", 0.75), ("r8", "keep_ratio", 0.5)])
+def test_round_to_8_widths(net, kind, value, request) -> None:
+    setup: Setup = request.getfixturevalue(net)
+    solver = MaskSolver(setup.index, setup.cost, round_to=8)
+    budget = Budget.from_target(setup.cost, **{kind: value})
+    mask = solver.solve(_scores(setup, 1), budget)
+    for g, part in zip(setup.index.groups, split_units(setup.index, mask)):
+        kept = int(part.sum())
+        assert kept % 8 == 0 or kept == g.size, (g.root, kept, g.size)
+        assert kept >= min(8, g.size)
+    assert abs(_achieved(setup, budget.metric, mask) - budget.keep_fraction) <= TOL
+    assert _achieved(setup, budget.metric, mask) <= budget.keep_fraction + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["flops_reduction", "params_reduction"])
+def test_infeasible_target_raises(r8, kind) -> None:
+    solver = MaskSolver(r8.index, r8.cost)
+    with pytest.raises(UserError, match="infeasible"):
+        solver.solve(_scores(r8, 0), Budget.from_target(r8.cost, **{kind: 0.999}))
+
+
+def test_budget_needs_exactly_one_target(r8) -> None:
+    with pytest.raises(UserError, match="exactly one"):
+        Budget.from_target(r8.cost)
+    with pytest.raises(UserError, match="exactly one"):
+        Budget.from_target(r8.cost, flops_reduction=0.5, keep_ratio=0.5)
+    with pytest.raises(UserError, match="outside"):
+        Budget.from_target(r8.cost, flops_reduction=1.0)
+
+
+# --------------------------------------------------------------------------- analytic cost == measured cost
+
+
+@pytest.mark.parametrize("net", ["r8", "r18", "dwnet"])
+def test_analytic_cost_equals_measured_cost_of_shrunk_net(net, request) -> None:
+    setup: Setup = request.getfixturevalue(net)
+    ones = torch.ones(setup.index.num_units)
+    assert setup.cost.macs(ones) == count_macs(setup.model, setup.example)
+    assert setup.cost.params(ones) == count_params(setup.model)
+    solver = MaskSolver(setup.index, setup.cost)
+    masks = [solver.solve(_scores(setup, 5), Budget.from_target(setup.cost, flops_reduction=0.6))]
+    if net != "r18":  # shrinking resnet18 is the slow part; one mask is enough there
+        g = torch.Generator().manual_seed(9)
+        m = (torch.rand(setup.index.num_units, generator=g) < 0.4).float()
+        for part in split_units(setup.index, m):
+            part[0] = 1.0
+        masks.append(m)
+    for mask in masks:
+        small = shrink(setup.model, setup.index, mask, setup.example)
+        assert setup.cost.macs(mask) == count_macs(small, setup.example)
+        assert setup.cost.params(mask) == count_params(small)
+        assert count_macs(small, setup.example) < count_macs(setup.model, setup.example)
+
+
+def test_count_macs_by_hand() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    # conv: 5*5 positions * 3*3 kernel * 2 in * 4 out; linear: 100 * 3 (no bias, no BN counted)
+    assert count_macs(model, torch.zeros(1, 2, 5, 5)) == 25 * 9 * 2 * 4 + 100 * 3
+    assert count_params(model) == (4 * 2 * 9 + 4) + 8 + (100 * 3 + 3)
+
+
+# --------------------------------------------------------------------------- TA fractions
+
+
+@pytest.mark.parametrize("k0", [0.1, 0.3, 0.5])
+def test_ta_fractions_paper_formula_for_three_tas(k0) -> None:
+    f = ta_fractions(k0, 3)
+    assert f == pytest.approx([k0, 1 + (k0 - 1) / 1.5, 1 + (k0 - 1) / 2.5, 1.0])
+
+
+@pytest.mark.parametrize("num_tas", [1, 2, 4, 5])
+def test_ta_fractions_uniform_and_increasing(num_tas) -> None:
+    k0 = 0.3
+    f = ta_fractions(k0, num_tas)
+    assert len(f) == num_tas + 1
+    assert f[0] == k0 and f[-1] == pytest.approx(1.0)
+    steps = [b - a for a, b in zip(f, f[1:])]
+    assert all(s > 0 for s in steps)
+    assert steps == pytest.approx([(1 - k0) / num_tas] * num_tas)
+
+
+def test_ta_fractions_no_tas_and_explicit() -> None:
+    assert ta_fractions(0.4, 0) == [0.4]
+    assert ta_fractions(0.4, 2, [0.6, 1.0]) == [0.4, 0.6, 1.0]
+    with pytest.raises((ValueError, UserError), match="increase"):
+        ta_fractions(0.4, 2, [0.3, 1.0])
+    with pytest.raises((ValueError, UserError), match="end with 1.0"):
+        ta_fractions(0.4, 1, [1.2])
+    with pytest.raises((ValueError, UserError), match="end with 1.0"):
+        ta_fractions(0.4, 1, [0.8])
+
+
+def test_budget_scaled_for_tas(r8) -> None:
+    student = Budget.from_target(r8.cost, flops_reduction=0.75)
+    budgets = [student.scaled(f, r8.cost) for f in ta_fractions(student.keep_fraction, 2)]
+    assert [b.keep_fraction for b in budgets] == pytest.approx([0.25, 0.625, 1.0])
+    assert budgets[-1].value == pytest.approx(r8.cost.base_macs)
+    full = MaskSolver(r8.index, r8.cost).solve(_scores(r8, 0), budgets[-1])
+    assert full.sum() == r8.index.num_units
