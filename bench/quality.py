@@ -133,7 +133,13 @@ def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str |
         kwargs = {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels)}
         model = create_model(cfg["model"], weights=weights, **kwargs).to(device).eval()
         print(f"teacher: loaded {weights}", flush=True)
-        return model, {"model": cfg["model"], "source": f"--teacher {weights}", "weights": weights}
+        info = {"model": cfg["model"], "source": f"--teacher {weights}", "weights": weights}
+        card = Path(str(weights).replace("builtin:", str(BENCH_DIR.parent / "cascadec/models/pretrained") + "/") + ".json")
+        if str(weights).startswith("builtin:") and card.is_file():  # the model card written by scripts/train_fmnist_teacher.py
+            meta = json.loads(card.read_text())
+            info.update(train_epochs=meta.get("epochs"), train_limit=None, lr=0.05, train_seconds=meta.get("train_seconds"),
+                        optimizer="SGD nesterov 0.9, cosine, wd 0.0004", command=meta.get("command"))
+        return model, info
 
     recipe = build_recipe(cfg, method=None, target=None, seed=DATA_SEED, teacher=True)
     kwargs = {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels)}
@@ -453,8 +459,8 @@ def write_markdown(path: Path, doc: dict) -> None:
               + (f", max {cfg['max_steps_per_epoch']} steps/epoch" if cfg["max_steps_per_epoch"] else "")
               + f". Seeds {cfg['seeds']} (train.seed and torch.manual_seed).", ""]
     ts = t.get("train_seconds")
-    lines += [f"Teacher: `{t['model']}` trained {t['train_epochs']} epoch(s) on "
-              f"{t['train_limit'] or 'all 60k'} images, lr {t['lr']} ({t['optimizer']}), "
+    lines += [f"Teacher: `{t['model']}` trained {t.get('train_epochs', '?')} epoch(s) on "
+              f"{t.get('train_limit') or 'all 60k'} images, lr {t.get('lr', '?')} ({t.get('optimizer', '?')}), "
               f"{t['source']}" + (f", training took {ts:.0f} s" if ts else "")
               + f"; accuracy **{100 * t['accuracy']:.2f}%**, {t['flops'] / 1e6:.2f} M MACs, {t['params'] / 1e3:.1f} k params.", ""]
     lines += ["## Accuracy (mean ± std over seeds)", "",

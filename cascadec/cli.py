@@ -79,12 +79,34 @@ def export(
     trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines (needs tensorrt and an NVIDIA GPU)."),
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT FP16 engine."),
     int8: bool = typer.Option(False, "--int8", help="TensorRT INT8 engine (calibrated on training images)."),
+    calib_images: int = typer.Option(512, "--calib-images", help="Training images used to calibrate --int8."),
+    triton: bool = typer.Option(False, "--triton", help="Write a Triton Inference Server model repository."),
+    triton_dir: Optional[Path] = typer.Option(None, "--triton-dir", help="Model repository directory (default RUN_DIR/triton)."),
 ) -> None:
-    """Re-export the run's ONNX models; with --trt, build TensorRT engines."""
+    """Re-export the run's ONNX models; --trt builds a TensorRT engine, --triton a Triton model repository."""
     from cascadec.commands import export_run
 
-    for line in export_run(run_dir, trt=trt, fp16=fp16, int8=int8):
-        out.print(line)
+    for line in export_run(run_dir, trt=trt, fp16=fp16, int8=int8, calib_images=calib_images, triton=triton,
+                           triton_dir=triton_dir):
+        out.print(line, highlight=False)
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Pareto plot PNG (default ./pareto.png)."),
+) -> None:
+    """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot."""
+    from cascadec.commands import report_runs
+    from cascadec.report import fmt_accuracy, fmt_flops, fmt_ms
+
+    result = report_runs(run_dirs, out_path)
+    table = Table("run", "model", "recipe", "accuracy", "FLOPs", "p50 ms (bs=1)", title="runs")
+    for row in result["rows"]:
+        table.add_row(Path(row["dir"] or "?").name, str(row["model"]), str(row["recipe"]), fmt_accuracy(row["accuracy"]),
+                      fmt_flops(row["flops"]), fmt_ms(row["p50_ms"]))
+    out.print(table)
+    out.print(f"wrote {result['plot']}", highlight=False)
 
 
 @app.command()

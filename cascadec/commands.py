@@ -33,20 +33,85 @@ def _load_models(run: RunDir):
     return teacher, student, spec["input_shape"]
 
 
-def export_run(run_dir: Path, *, trt: bool = False, fp16: bool = False, int8: bool = False) -> list[str]:
-    """Re-export ONNX; ``trt`` builds TensorRT engines (a later issue: fails cleanly for now)."""
+def export_run(run_dir: Path, *, trt: bool = False, fp16: bool = False, int8: bool = False, calib_images: int = 512,
+               triton: bool = False, triton_dir: Path | None = None) -> list[str]:
+    """Re-export ONNX; ``trt`` then builds ``student.plan`` (TensorRT), ``triton`` writes a
+    Triton model repository (default RUN_DIR/triton)."""
     from cascadec.stages import stage_export
 
     if (fp16 or int8) and not trt:
         raise UserError("--fp16/--int8 apply to TensorRT engines: add --trt")
+    if calib_images < 1:
+        raise UserError(f"--calib-images {calib_images}: must be a positive number of images")
+    if triton_dir is not None and not triton:
+        raise UserError("--triton-dir applies to --triton: add --triton")
     run = RunDir.open(run_dir)
+    if trt:  # fail fast (one line) on machines without TensorRT or a GPU, before any work
+        from cascadec.backends.tensorrt_backend import require_tensorrt
+
+        require_tensorrt(gpu=True)
+    recipe = run.recipe()
+    teacher, student, shape = _load_models(run)
+    stage_export(run, recipe, teacher, student, shape)
+    lines = [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
     if trt:
         from cascadec.backends.tensorrt_backend import build_engine
 
-        build_engine(run.file("student.onnx"), run.file("student.plan"), fp16=fp16, int8=int8)
-    teacher, student, shape = _load_models(run)
-    stage_export(run, run.recipe(), teacher, student, shape)
-    return [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
+        images = calibration_images(recipe, calib_images) if int8 else None
+        meta = build_engine(run.file("student.onnx"), run.file("student.plan"), fp16=fp16, int8=int8,
+                            batches=tuple(recipe.profile.batches), calibration_images=images)
+        run.record("tensorrt", meta)
+        lines.append(f"wrote {run.file('student.plan')} ({meta['precision']}, TensorRT {meta['tensorrt']}, {meta['gpu']})")
+    if triton:
+        from cascadec.backends.triton import write_model_repository
+
+        written = write_model_repository(run.path, triton_dir)
+        lines += [f"wrote {p}" for p in written]
+    return lines
+
+
+def calibration_images(recipe, count: int) -> "np.ndarray":
+    """The first ``count`` training images of the run's data (N x C x H x W float32), for INT8."""
+    import numpy as np
+
+    from cascadec.stages import load_data
+
+    train = load_data(recipe).train
+    n = min(int(count), len(train))
+    if n == 0:
+        raise UserError(f"data {recipe.data.name}: no training images to calibrate INT8 with")
+    return np.stack([np.asarray(train[i][0], dtype=np.float32) for i in range(n)])
+
+
+def report_runs(run_dirs: Sequence[Path], out: Path | None = None) -> dict:
+    """Read each run's report.json; draw the accuracy-vs-latency Pareto plot; return rows + plot path."""
+    import json
+
+    from cascadec.plots import pareto_plot, student_p50
+
+    if not run_dirs:
+        raise UserError("cascadec report needs at least one run directory")
+    reports = []
+    for run_dir in run_dirs:
+        run = RunDir.open(Path(run_dir))
+        path = run.file("report.json")
+        try:
+            reports.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing; finish the run (cascadec compress --resume) first") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})".splitlines()[0]) from None
+    out = Path(out) if out is not None else Path("pareto.png")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    pareto_plot(reports, out)
+    rows = []
+    for r in reports:
+        run = r.get("run", {})
+        rows.append({"dir": run.get("dir"), "model": run.get("model"), "recipe": run.get("recipe"),
+                     "accuracy": r.get("student", {}).get("accuracy"), "flops": r.get("student", {}).get("flops"),
+                     "p50_ms": student_p50(r)})
+    return {"rows": rows, "plot": str(out)}
 
 
 def verify_run(run_dir: Path, *, backends: Sequence[str] = ("onnxruntime",), samples: int | None = None) -> dict:
@@ -87,5 +152,8 @@ def profile_path(target: Path, *, backend: str = "onnxruntime", batches: Sequenc
 
     shape = read_spec(run.file("student.widths.json"))["input_shape"]
     result = stage_profile(run, recipe, shape, batches)
-    write_run_report(run)
+    report = write_run_report(run)
+    from cascadec.plots import write_run_plots
+
+    write_run_plots(run.path, report)
     return result

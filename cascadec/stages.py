@@ -283,8 +283,11 @@ def _history_summary(history: dict) -> dict:
 def write_run_report(run: RunDir) -> dict:
     from cascadec.report import write_report
 
+    from cascadec.plots import write_run_plots
+
     report = build_report(run)
     write_report(run.path, report)
+    write_run_plots(run.path, report)  # latency.png; logs instead of failing
     return report
 
 

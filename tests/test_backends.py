@@ -216,13 +216,6 @@ def test_tensorrt_missing(monkeypatch, tiny):
         get_runner("trt", onnx_path=tiny[1])
 
 
-def test_tensorrt_present_but_builder_not_yet(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
-    assert require_tensorrt() is sys.modules["tensorrt"]
-    with pytest.raises(UserError, match="--trt is not available yet"):
-        build_engine("m.onnx", "m.engine")
-
-
 def test_intermediate_outputs(tiny):
     _, path, _ = tiny
     names = value_names(path)

@@ -47,12 +47,10 @@ def get_runner(
 
         return TorchRunner(model, device=device)
     if key == "tensorrt":
-        from cascadec.backends.tensorrt_backend import build_engine
+        from cascadec.backends.tensorrt_backend import require_tensorrt
 
-        if onnx_path is None:
-            raise UserError("the tensorrt backend needs an ONNX file")
-        build_engine(onnx_path, os.fspath(onnx_path) + ".engine")  # raises until the builder lands
-        raise UserError("--trt is not available yet")  # pragma: no cover - build_engine raises
+        require_tensorrt(gpu=True)  # one clear line on machines without TensorRT or a GPU
+        raise UserError("tensorrt as a verify/profile backend is not implemented yet; engines are built by 'cascadec export RUN --trt'")
     if onnx_path is None:
         raise UserError(f"the {key} backend needs an ONNX file (export the model first)")
     from cascadec.backends.onnxruntime_backend import OrtRunner

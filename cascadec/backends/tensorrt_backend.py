@@ -1,28 +1,112 @@
-"""TensorRT backend: only the installation check exists so far.
+"""TensorRT backend: build a serialized engine (``.plan``) from an ONNX file.
 
-It exists now so the CLI's ``--trt`` flag and the backend registry can fail with a
-clear message instead of an ImportError traceback on machines without TensorRT.
+Written against the TensorRT 10 Python API:
+
+* networks are always explicit-batch in TensorRT 10, so ``create_network(0)``
+  (``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` is deprecated and ignored there);
+* one optimisation profile covers the batch sizes (min / opt / max);
+* ``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` select reduced precision. INT8 uses implicit
+  quantisation with an ``IInt8EntropyCalibrator2`` over calibration images (deprecated since
+  10.1 in favour of explicit Q/DQ quantisation, still supported in 10.x; both flags and the
+  calibrator are removed in TensorRT 11, where this refuses fp16/int8 with a clear message);
+* ``Builder.platform_has_fast_fp16/int8`` are deprecated since 10.5 ("query CUDA directly"), so
+  fast fp16/int8 support is read from the compute capability (torch.cuda) and only falls back
+  to the builder's properties when they exist;
+* a timing cache (``create_timing_cache`` / ``set_timing_cache`` / ``get_timing_cache``) makes
+  rebuilds fast; it is kept next to the engine (or in ``cache_dir``).
+
+``require_tensorrt()`` is what every entry point calls first, so machines without TensorRT or
+without a CUDA GPU get one line saying what to install.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Sequence
+
+import numpy as np
 
 from cascadec.errors import UserError
 
 INSTALL_HINT = "pip install 'cascadec[gpu]' on a machine with an NVIDIA GPU (TensorRT needs CUDA)"
+WORKSPACE_BYTES = 1 << 30
+# fast fp16 arithmetic from sm_53 (tensor cores from sm_70); fast int8 (dp4a) from sm_61
+FP16_MIN_CAPABILITY = (5, 3)
+INT8_MIN_CAPABILITY = (6, 1)
+CALIBRATION_BATCH = 32
 
 
-def require_tensorrt() -> ModuleType:
-    """Import TensorRT or explain how to get it; returns the module."""
+def cuda_device() -> tuple[str, tuple[int, int]] | None:
+    """(GPU name, compute capability) of CUDA device 0 through torch, or None without a GPU."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
+    except Exception:  # a torch without CUDA support, a broken driver: no usable GPU
+        return None
+
+
+def require_tensorrt(*, gpu: bool = False) -> ModuleType:
+    """Import TensorRT or explain how to get it; with ``gpu``, also insist on a CUDA GPU."""
     try:
         import tensorrt  # type: ignore[import-not-found]
     except ImportError as exc:
         raise UserError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
     except Exception as exc:  # a broken install (missing libnvinfer...) is as unusable as none
         raise UserError(f"TensorRT is installed but fails to import ({exc}): {INSTALL_HINT}") from exc
+    if gpu and cuda_device() is None:
+        raise UserError(f"TensorRT is installed but no CUDA GPU is visible (torch.cuda.is_available() is False): {INSTALL_HINT}")
     return tensorrt
+
+
+def profile_batches(batches: Sequence[int]) -> tuple[int, int, int]:
+    """min / opt / max batch of the optimisation profile: smallest, the middle one, largest."""
+    values = sorted({int(b) for b in batches})
+    if not values or values[0] < 1:
+        raise UserError(f"TensorRT profile batches must be positive integers, got {list(batches)!r}")
+    return values[0], values[len(values) // 2], values[-1]
+
+
+def _make_calibrator(trt: ModuleType, images: np.ndarray, cache_path: Path, batch_size: int):
+    """An IInt8EntropyCalibrator2 over ``images`` (N x C x H x W float32), cached in ``cache_path``.
+
+    Device buffers come from torch.cuda (no pycuda / cuda-python dependency); TensorRT reads
+    the pointer returned by ``get_batch`` while the tensor is alive (kept on ``self``)."""
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.images = np.ascontiguousarray(images, dtype=np.float32)
+            self.batch_size = batch_size
+            self.index = 0
+            self.device_batch = None
+
+        def get_batch_size(self) -> int:
+            return self.batch_size
+
+        def get_batch(self, names):  # noqa: ARG002 - one input
+            if self.index + self.batch_size > len(self.images):
+                return None
+            import torch
+
+            host = self.images[self.index:self.index + self.batch_size]
+            self.index += self.batch_size
+            self.device_batch = torch.from_numpy(host).to("cuda").contiguous()
+            return [int(self.device_batch.data_ptr())]
+
+        def read_calibration_cache(self):
+            return cache_path.read_bytes() if cache_path.is_file() else None
+
+        def write_calibration_cache(self, cache) -> None:
+            cache_path.write_bytes(bytes(cache))
+
+    return EntropyCalibrator()
 
 
 def build_engine(
@@ -32,11 +116,97 @@ def build_engine(
     fp16: bool = False,
     int8: bool = False,
     batches: tuple[int, ...] = (1, 8, 32),
+    calibration_images: np.ndarray | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict:
-    """Build a TensorRT engine from an ONNX file.
+    """Build ``engine_path`` from ``onnx_path``; write ``<engine>.json`` metadata; return it.
 
-    The engine builder lands in a later issue. Until then this only checks that
-    TensorRT is importable and then refuses, rather than pretending to build.
-    """
-    require_tensorrt()
-    raise UserError("--trt is not available yet: the TensorRT engine builder is not implemented in this version")
+    Timing cache: ``<engine stem>.timing.cache`` next to the engine (or in ``cache_dir``);
+    INT8 calibration cache: ``<engine stem>.calib.cache`` in the same place."""
+    trt = require_tensorrt(gpu=True)
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise UserError(f"{onnx_path}: ONNX file not found; run cascadec export first")
+    if int8 and (calibration_images is None or len(calibration_images) == 0):
+        raise UserError("--int8 needs calibration images (a few hundred training images)")
+    for flag, wanted in (("FP16", fp16), ("INT8", int8)):
+        if wanted and not hasattr(trt.BuilderFlag, flag):
+            raise UserError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in TensorRT 11); "
+                            "install tensorrt 10.x or drop --fp16/--int8")
+    bmin, bopt, bmax = profile_batches(batches)
+    cache_root = Path(cache_dir) if cache_dir is not None else engine_path.parent
+    cache_root.mkdir(parents=True, exist_ok=True)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    timing_path = cache_root / f"{engine_path.stem}.timing.cache"
+    calib_path = cache_root / f"{engine_path.stem}.calib.cache"
+    device = cuda_device()
+    gpu_name, capability = device if device else (None, None)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"{onnx_path}: TensorRT cannot parse this ONNX file ({errors or 'no detail'})")
+    if network.num_inputs != 1:
+        raise UserError(f"{onnx_path}: expected one input, found {network.num_inputs}")
+    inp = network.get_input(0)
+    chw = [int(d) for d in tuple(inp.shape)[1:]]
+    if any(d < 1 for d in chw):
+        raise UserError(f"{onnx_path}: only the batch axis may be dynamic, input shape is {list(inp.shape)}")
+    shapes = {"min": [bmin, *chw], "opt": [bopt, *chw], "max": [bmax, *chw]}
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+
+    if fp16:
+        if not _fast(builder, "platform_has_fast_fp16", capability, FP16_MIN_CAPABILITY):
+            warnings.warn(f"{gpu_name or 'this GPU'} has no fast FP16; the FP16 engine may be no faster than FP32", stacklevel=2)
+        config.set_flag(trt.BuilderFlag.FP16)
+    if int8:
+        if not _fast(builder, "platform_has_fast_int8", capability, INT8_MIN_CAPABILITY):
+            warnings.warn(f"{gpu_name or 'this GPU'} has no fast INT8; the INT8 engine may be slow", stacklevel=2)
+        config.set_flag(trt.BuilderFlag.INT8)
+        cal_batch = max(1, min(CALIBRATION_BATCH, bmax, len(calibration_images)))
+        calib_profile = builder.create_optimization_profile()
+        calib_shape = [cal_batch, *chw]
+        calib_profile.set_shape(inp.name, calib_shape, calib_shape, calib_shape)
+        config.set_calibration_profile(calib_profile)
+        config.int8_calibrator = _make_calibrator(trt, calibration_images, calib_path, cal_batch)
+
+    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
+    config.set_timing_cache(timing, False)  # ignore_mismatch=False: a cache from another GPU is rejected
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
+    engine_path.write_bytes(bytes(memoryview(serialized)))
+    timing_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    meta: dict[str, Any] = {
+        "engine": str(engine_path), "onnx": str(onnx_path), "tensorrt": str(trt.__version__),
+        "gpu": gpu_name, "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        "precision": precision, "fp16": bool(fp16), "int8": bool(int8),
+        "input": inp.name, "profile": shapes, "max_batch": bmax,
+        "timing_cache": str(timing_path), "calibration_cache": str(calib_path) if int8 else None,
+        "calibration_images": int(len(calibration_images)) if int8 else 0,
+    }
+    metadata_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def metadata_path(engine_path: str | os.PathLike[str]) -> Path:
+    """``student.plan`` -> ``student.plan.json``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def _fast(builder: Any, attr: str, capability: tuple[int, int] | None, minimum: tuple[int, int]) -> bool:
+    if capability is not None:
+        return tuple(capability) >= minimum
+    return bool(getattr(builder, attr, False))

@@ -1,0 +1,154 @@
+"""PNG plots from report.json dicts (matplotlib, Agg backend: no display needed).
+
+* ``latency_plot(report, path)``: p50 latency vs batch size for teacher and student, one
+  panel per backend, p90 (thick) and p99 (thin) drawn as upward error bars.
+* ``pareto_plot(reports, path)``: student accuracy vs student p50 at batch 1 over several
+  runs, the Pareto front (no other run both faster and more accurate) highlighted.
+* ``write_run_plots(run_dir, report)``: what the report stage calls; never fails the stage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cascadec.progress import log  # noqa: E402
+
+COLORS = {"teacher": "tab:gray", "student": "tab:blue"}
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _series(per_batch: Mapping) -> tuple[list[int], list[float], list[float], list[float]]:
+    rows = []
+    for b, s in per_batch.items():
+        if str(b).isdigit() and isinstance(s, Mapping) and _num(s.get("p50_ms")) is not None:
+            p50 = _num(s["p50_ms"])
+            p90 = _num(s.get("p90_ms")) or p50
+            p99 = _num(s.get("p99_ms")) or p90
+            rows.append((int(b), p50, p90, p99))
+    rows.sort()
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+
+
+def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
+    """Write the latency plot; returns the path, or None when the report has no latency."""
+    latency = report.get("latency") if isinstance(report, Mapping) else None
+    backends = [(name, node) for name, node in (latency or {}).items() if isinstance(node, Mapping)]
+    if not backends:
+        return None
+    fig, axes = plt.subplots(1, len(backends), figsize=(5.5 * len(backends), 4), squeeze=False)
+    for ax, (backend, node) in zip(axes[0], backends):
+        for i, model in enumerate(("teacher", "student")):
+            batches, p50, p90, p99 = _series(node.get(model) or {})
+            if not batches:
+                continue
+            color = COLORS[model]
+            x = [b * (0.96 if i == 0 else 1.04) for b in batches]  # side by side, bars don't overlap
+            ax.errorbar(x, p50, yerr=[[0] * len(p50), [h - m for h, m in zip(p99, p50)]], fmt="none",
+                        ecolor=color, elinewidth=0.8, capsize=3, alpha=0.7)
+            ax.errorbar(x, p50, yerr=[[0] * len(p50), [h - m for h, m in zip(p90, p50)]], fmt="o-",
+                        color=color, elinewidth=2.5, capsize=0, label=f"{model} p50 (bars: p90, p99)")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(b) for m in ("teacher", "student") for b in (node.get(m) or {}) if str(b).isdigit()})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("latency per batch (ms)")
+        ax.set_title(f"latency ({backend})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    run = report.get("run", {}) if isinstance(report.get("run"), Mapping) else {}
+    if run.get("model"):
+        fig.suptitle(f"{run.get('model')} / {run.get('recipe', '')}", fontsize=10)
+    return _save(fig, path)
+
+
+def student_p50(report: Mapping, batch: str = "1") -> float | None:
+    """Student p50 at ``batch`` on the first backend that has it (onnxruntime first)."""
+    latency = report.get("latency") or {}
+    order = sorted(latency, key=lambda k: (k != "onnxruntime", k))
+    for backend in order:
+        node = latency.get(backend) or {}
+        value = _num(((node.get("student") or {}).get(batch) or {}).get("p50_ms"))
+        if value is not None:
+            return value
+    return None
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points (latency, accuracy) that no other point dominates (<= latency and
+    >= accuracy, strictly better in one), sorted by latency."""
+    front = []
+    for i, (lat, acc) in enumerate(points):
+        dominated = any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def pareto_plot(reports: Sequence[Mapping], path: str | os.PathLike[str]) -> Path:
+    """Accuracy vs student p50 (batch 1) across runs; runs without both numbers are listed as skipped."""
+    labels, points, skipped = [], [], []
+    for r in reports:
+        run = r.get("run") or {}
+        label = f"{run.get('model', '?')} / {run.get('recipe', '?')}"
+        acc, lat = _num((r.get("student") or {}).get("accuracy")), student_p50(r)
+        if acc is None or lat is None:
+            skipped.append(label)
+            continue
+        labels.append(label)
+        points.append((lat, acc))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    if points:
+        front = pareto_front(points)
+        others = [i for i in range(len(points)) if i not in front]
+        ax.scatter([points[i][0] for i in others], [100 * points[i][1] for i in others], color="tab:gray", label="run")
+        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "o-", color="tab:red",
+                markersize=8, label="Pareto front")
+        for (lat, acc), label in zip(points, labels):
+            ax.annotate(label, (lat, 100 * acc), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has both accuracy and batch-1 latency", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("student latency p50, batch 1 (ms)")
+    ax.set_ylabel("student accuracy (%)")
+    ax.set_title("accuracy vs latency")
+    ax.grid(True, alpha=0.3)
+    if points:
+        ax.legend(fontsize=8)
+    if skipped:
+        fig.text(0.01, 0.01, "skipped (no accuracy or latency): " + ", ".join(skipped), fontsize=6)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_run_plots(run_dir: str | os.PathLike[str], report: Mapping) -> Path | None:
+    """``latency.png`` in the run directory; a plotting failure is logged, never raised,
+    because a missing picture must not fail a finished run."""
+    try:
+        return latency_plot(report, Path(run_dir) / "latency.png")
+    except Exception as exc:  # noqa: BLE001
+        log(f"[yellow]latency.png not written: {type(exc).__name__}: {exc}[/]")
+        return None

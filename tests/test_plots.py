@@ -1,0 +1,61 @@
+"""PNG plots: latency per batch (run) and accuracy vs latency (several runs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from cascadec.plots import latency_plot, pareto_front, pareto_plot
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def row(p50):
+    return {"p50_ms": p50, "p90_ms": p50 * 1.2, "p99_ms": p50 * 1.6, "throughput": 1000 / p50}
+
+
+def report(model, recipe, acc, p50):
+    lat = {"teacher": {"1": row(2 * p50), "8": row(10 * p50), "32": row(35 * p50)},
+           "student": {"1": row(p50), "8": row(6 * p50), "32": row(20 * p50)}}
+    return {"run": {"model": model, "recipe": recipe}, "student": {"accuracy": acc, "flops": 1e6},
+            "latency": {"onnxruntime": lat}}
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1024
+
+
+def test_latency_plot(tmp_path):
+    path = latency_plot(report("resnet8", "quick", 0.9, 0.2), tmp_path / "latency.png")
+    assert_png(path)
+    assert latency_plot({"run": {}}, tmp_path / "none.png") is None  # no latency yet: nothing to draw
+
+
+def test_pareto_front():
+    # (latency, accuracy): (2, .80) is dominated by (1, .85)
+    assert pareto_front([(1, 0.85), (2, 0.80), (3, 0.90), (0.5, 0.70)]) == [3, 0, 2]
+
+
+def test_pareto_plot(tmp_path):
+    reports = [report("resnet8", f"r{i}", acc, p50) for i, (acc, p50) in enumerate([(0.85, 1), (0.8, 2), (0.9, 3), (0.7, 0.5)])]
+    reports.append({"run": {"model": "x", "recipe": "no-latency"}, "student": {"accuracy": 0.5}})
+    assert_png(pareto_plot(reports, tmp_path / "pareto.png"))
+
+
+def test_cli_report_and_profile_write_plots(cli, copy_run, tmp_path):
+    run_a = copy_run("a")
+    run_b = tmp_path / "b"
+    shutil.copytree(run_a, run_b)
+    rep = json.loads((run_b / "report.json").read_text())
+    rep["student"]["accuracy"] = 0.01
+    (run_b / "report.json").write_text(json.dumps(rep))
+    result = cli("report", run_a, run_b, "--out", tmp_path / "pareto.png")
+    assert result.code == 0, result.err
+    assert "cifar_resnet8" in result.out and "accuracy" in result.out
+    assert_png(tmp_path / "pareto.png")
+    assert cli("report", run_a, "--out", tmp_path / "p.txt").code == 2
+
+    result = cli("profile", run_a, "--batch", "1,2")
+    assert result.code == 0, result.err
+    assert_png(run_a / "latency.png")
