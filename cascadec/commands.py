@@ -121,8 +121,11 @@ def verify_run(run_dir: Path, *, backends: Sequence[str] = ("onnxruntime",), sam
     if not run.file("student.onnx").is_file():
         raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
     recipe = run.recipe()
-    _, student, _ = _load_models(run)
+    _, student, shape = _load_models(run)
     bundle = load_data(recipe)
+    data_shape = [bundle.in_channels, bundle.image_size, bundle.image_size]
+    if data_shape != list(shape):
+        raise UserError(f"{run.file('recipe.yaml')}: data gives {data_shape} inputs but the student takes {list(shape)}")
     result = stage_verify(run, recipe, student, bundle.val, backends=backends, samples=samples)
     write_run_report(run)
     return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -132,7 +132,7 @@ class VerifySection(_Strict):
 
 
 class ProfileSection(_Strict):
-    batches: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
     warmup_s: float = Field(0.2, ge=0)
     duration_s: float = Field(1.0, gt=0)
     min_iters: int = Field(10, ge=1)
@@ -195,11 +195,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read recipe ({exc.__class__.__name__})") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        where = f": line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+        raise UserError(f"{path}{where}: malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
     return data
@@ -215,6 +217,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
+    except RecursionError:
+        raise UserError(f"--set {key.strip()[:60]!r}: value nested too deeply") from None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -242,11 +246,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _printable(part: object) -> str:
+    """Keys come from user files: keep the one-line error one line whatever they contain."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
 def _format_error(source: str, exc: ValidationError) -> str:
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
+    loc = ".".join(_printable(p) for p in first["loc"]) or "(top level)"
+    msg = _printable(first["msg"].removeprefix("Value error, "))
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

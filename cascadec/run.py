@@ -142,6 +142,9 @@ class RunDir:
             raise UserError(f"{manifest_path}: corrupted manifest") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise UserError(f"{manifest_path}: not a cascadec manifest")
+        for key in ("stages", "metrics"):
+            if not isinstance(manifest.get(key), dict):
+                raise UserError(f"{manifest_path}: corrupted manifest ({key!r} missing or not a mapping)")
         return cls(path, manifest)
 
     # ------------------------------------------------------------ contents
@@ -153,8 +156,10 @@ class RunDir:
             data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise UserError(f"{path}: missing") from None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError):
             raise UserError(f"{path}: malformed YAML") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
         return validate_recipe(data if isinstance(data, dict) else {}, str(path))
 
     def file(self, name: str) -> Path:

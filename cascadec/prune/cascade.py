@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -93,7 +93,6 @@ class CascadeState:
     fractions: list[float]
     budgets: list[Budget]
     hard_masks: list[torch.Tensor]
-    history: list[dict] = field(default_factory=list)
 
 
 class CascadeTrainer:
