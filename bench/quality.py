@@ -473,9 +473,8 @@ def write_markdown(path: Path, doc: dict) -> None:
     lines += ["", "Methods: " + "; ".join(f"`{k}` = {v['label']}" for k, v in METHODS.items() if k in cfg["methods"]) + ".", ""]
     lines += ["## Joint-phase cost", "",
               "ratio = `history['joint_seconds']` / joint epochs, divided by the mean seconds of one plain KD fine-tuning "
-              "epoch (`oneshot_kd`, same target and seed). Note: `joint_seconds` also counts the Taylor scoring and "
-              "hierarchy set-up, and a fine-tune epoch's seconds include one validation pass; `loop ratio` uses only "
-              "the joint epochs' own loop time.", "",
+              "epoch (`oneshot_kd`, same target and seed). Both sides time training loops only (`joint_seconds` sums the "
+              "joint epochs' loops; fine-tune epoch seconds exclude validation), so `ratio` and `loop ratio` agree.", "",
               "| method | target | seed | models | joint s/epoch | KD fine-tune s/epoch | ratio | loop ratio | ratio <= models |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in s["cost_ratios"]:

@@ -53,6 +53,7 @@ def inspect_model(model_name: str, *, in_channels: int = 3, image_size: int = 22
     kwargs: dict[str, Any] = {"in_channels": in_channels}
     if num_classes:
         kwargs["num_classes"] = num_classes
+    torch.manual_seed(0)  # random-init widths are reproducible from one dry run to the next
     model = create_model(model_name, weights=weights, **kwargs).eval()
     example = torch.zeros(1, in_channels, image_size, image_size)
     try:
