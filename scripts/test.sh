@@ -2,5 +2,9 @@
 # Installs cascadec with its test dependencies and runs the test suite (README: "Run the tests").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The Fashion-MNIST tests read Debian's dataset-fashion-mnist files; install them where we can.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || echo "note: could not install dataset-fashion-mnist"
+fi
 python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 python -m pytest -q "$@"
