@@ -58,19 +58,40 @@ def compress(
     overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: key.sub=value (repeatable)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show widths and FLOPs/params at the target; no data, no training."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run, skipping finished stages."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run: finished stages are skipped, "
+                                "an interrupted prune stage continues from its last checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (one per GPU with --device cuda) "
+                              "through torch.distributed.run; same as torchrun --nproc-per-node N -m cascadec compress ..."),
 ) -> None:
     """Prune MODEL with a recipe, then export, verify and profile the student."""
     from cascadec import stages
     from cascadec.preflight import dry_run as run_dry
+    from cascadec.train.distributed import launched_by_torchrun, relaunch_with_torchrun
 
     if dry_run:
         resolved = stages.prepare_recipe(model, recipe, data=data, weights=None, overrides=overrides)
         _print_inspect(run_dry(model, resolved))
         return
-    report = stages.compress(model, recipe, data=data, weights=weights, out=out_dir, overrides=overrides, device=device,
-                             resume=resume, command=sys.argv)
-    _print_summary(report)
+    if nproc > 1 and not launched_by_torchrun():
+        stages.prepare_recipe(model, recipe, data=data, weights=weights, overrides=overrides)  # bad input: one line, here
+        args = ["compress", model, "--recipe", recipe, "--device", device]
+        for flag, value in (("--data", data), ("--weights", weights), ("--out", out_dir)):
+            if value is not None:
+                args += [flag, value]
+        for item in overrides:
+            args += ["--set", item]
+        if resume:
+            args.append("--resume")
+        raise typer.Exit(relaunch_with_torchrun(nproc, args))
+    try:
+        report = stages.compress(model, recipe, data=data, weights=weights, out=out_dir, overrides=overrides, device=device,
+                                 resume=resume, command=sys.argv)
+    except KeyboardInterrupt:
+        # Typer turns KeyboardInterrupt into a silent exit 130; say what happened and how to go on
+        err.print("interrupted (continue with --resume)", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if report:  # ranks other than 0 of a distributed run return no report
+        _print_summary(report)
 
 
 @app.command()
@@ -95,13 +116,16 @@ def export(
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Pareto plot PNG (default ./pareto.png)."),
+    backend: Optional[str] = typer.Option(None, "--backend",
+                                          help="Latency of this backend (default: onnxruntime, else the first a run has)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size whose student p50 is plotted."),
 ) -> None:
     """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot."""
     from cascadec.commands import report_runs
     from cascadec.report import fmt_accuracy, fmt_flops, fmt_ms
 
-    result = report_runs(run_dirs, out_path)
-    table = Table("run", "model", "recipe", "accuracy", "FLOPs", "p50 ms (bs=1)", title="runs")
+    result = report_runs(run_dirs, out_path, backend=backend, batch=batch)
+    table = Table("run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})", title="runs")
     for row in result["rows"]:
         table.add_row(Path(row["dir"] or "?").name, str(row["model"]), str(row["recipe"]), fmt_accuracy(row["accuracy"]),
                       fmt_flops(row["flops"]), fmt_ms(row["p50_ms"]))
@@ -112,13 +136,16 @@ def report(
 @app.command()
 def verify(
     run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
-    backend: List[str] = typer.Option(["onnxruntime"], "--backend", help="Backend to check against PyTorch (repeatable)."),
+    backend: List[str] = typer.Option(["onnxruntime"], "--backend",
+                                      help="Backend to check against PyTorch (repeatable): onnxruntime, onnxruntime-cuda, "
+                                           "onnxruntime-trt (TensorRT execution provider), tensorrt (student.plan), torch."),
     samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Validation images to compare (default: recipe)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a recipe key for this check: verify.tolerances.fp16.atol=0.05 (repeatable)."),
 ) -> None:
     """Check backends against the PyTorch student on real validation images (exit 3 on failure)."""
     from cascadec.commands import verify_run
 
-    result = verify_run(run_dir, backends=backend, samples=samples)
+    result = verify_run(run_dir, backends=backend, samples=samples, overrides=overrides)
     _print_parity(result)
     from cascadec.verify import raise_on_failure
 
@@ -127,14 +154,23 @@ def verify(
 
 @app.command()
 def profile(
-    target: Path = typer.Argument(..., help="A run directory (teacher and student) or an .onnx file."),
-    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime (cpu) or onnxruntime-cuda."),
+    target: Path = typer.Argument(..., help="A run directory (teacher and student), an .onnx file or a TensorRT .plan."),
+    backend: str = typer.Option("onnxruntime", "--backend",
+                                help="onnxruntime (CPU), onnxruntime-cuda, onnxruntime-trt, torch, torch-cuda or tensorrt."),
     batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="torch-cuda: replay a captured CUDA graph."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", min=0.0, help="Warm-up seconds (at least 0.2, trtexec's)."),
+    duration: Optional[float] = typer.Option(None, "--duration", min=0.0,
+                                             help="Timed seconds per batch at least (default: recipe; 3 for a file)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Timed runs per batch at least."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU backends: intra-op threads (default: recipe)."),
 ) -> None:
-    """Latency per batch size: warm-up, then p50/p90/p95/p99 and throughput."""
+    """Latency per batch size (trtexec's protocol): warm-up, then p50/p90/p95/p99, mean and throughput;
+    on GPUs host latency and GPU compute time separately."""
     from cascadec.commands import profile_path
 
-    result = profile_path(target, backend=backend, batches=_parse_batches(batch))
+    result = profile_path(target, backend=backend, batches=_parse_batches(batch), cuda_graph=cuda_graph,
+                          warmup_s=warmup, duration_s=duration, min_iters=iterations, threads=threads)
     _print_latency(result)
 
 
@@ -213,24 +249,40 @@ def _print_inspect(r: dict) -> None:
 
 
 def _print_parity(result: dict) -> None:
-    table = Table("backend", "samples", "max |diff|", "top-1 agree", "accuracy", "passed", title="parity vs PyTorch")
+    table = Table("backend", "precision", "samples", "max |diff|", "max rel", "atol / rtol", "top-1 agree", "top-5 agree",
+                  "accuracy", "passed", title="parity vs PyTorch")
+
+    def num(value: object, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for name, r in result["backends"].items():
-        acc = r.get("accuracy")
-        table.add_row(name, str(result["samples"]), f"{r['max_abs_diff']:.2e}", f"{r['top1_agreement']:.4f}",
-                      "-" if acc is None else f"{acc:.4f}", "[green]yes[/]" if r["passed"] else "[red]NO[/]")
+        table.add_row(name, r.get("precision", "fp32"), str(result["samples"]), f"{r['max_abs_diff']:.2e}",
+                      num(r.get("max_rel_diff"), ".2e"), f"{num(r.get('atol'), 'g')} / {num(r.get('rtol'), 'g')}",
+                      f"{r['top1_agreement']:.4f}", num(r.get("top5_agreement"), ".4f"), num(r.get("accuracy"), ".4f"),
+                      "[green]yes[/]" if r["passed"] else "[red]NO[/]")
     out.print(table)
+    if result.get("torch_accuracy") is not None:
+        out.print(f"PyTorch student accuracy on these samples: {result['torch_accuracy']:.4f}", highlight=False)
 
 
 def _print_latency(result: dict) -> None:
-    table = Table("model", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s", title="latency (onnxruntime)")
-    for name, per_batch in result.items():
-        if name == "speedup":
-            continue
+    protocol = result.get("protocol") or {}
+    models = {k: v for k, v in result.items() if k not in ("speedup", "protocol", "note") and isinstance(v, dict)}
+    split = any("compute_p50_ms" in s for per_batch in models.values() for s in per_batch.values())
+    columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (["GPU compute p50 ms"] if split else [])
+    table = Table(*columns, title=f"latency ({protocol.get('backend', 'onnxruntime')})")
+    for name, per_batch in models.items():
         for b, s in per_batch.items():
-            table.add_row(name, str(b), f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['throughput']:.0f}")
+            row = [name, str(b), f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", str(s["iterations"]),
+                   f"{s['throughput']:.0f}"]
+            table.add_row(*row, *([f"{s['compute_p50_ms']:.3f}"] if split else []))
     out.print(table)
     if result.get("speedup"):
         out.print("speed-up (teacher p50 / student p50): " + ", ".join(f"batch {b}: {s:.2f}x" for b, s in result["speedup"].items()))
+    if result.get("note"):
+        out.print(result["note"], highlight=False)
+    if protocol.get("note"):
+        out.print(protocol["note"], highlight=False)
 
 
 def _print_summary(report: dict) -> None:
@@ -251,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             return result
     except CascadecError as exc:
         if isinstance(exc, GateFailed):
-            err.print(f"parity gate failed: {exc}", highlight=False, markup=False, soft_wrap=True)
+            err.print(str(exc), highlight=False, markup=False, soft_wrap=True)
         else:
             err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         return exc.exit_code

@@ -7,10 +7,13 @@ They rebuild the student from its pickle-free artifacts, so they work in a fresh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from cascadec.errors import UserError
 from cascadec.run import RunDir
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _load_models(run: RunDir):
@@ -70,7 +73,7 @@ def export_run(run_dir: Path, *, trt: bool = False, fp16: bool = False, int8: bo
     return lines
 
 
-def calibration_images(recipe, count: int) -> "np.ndarray":
+def calibration_images(recipe, count: int) -> np.ndarray:
     """The first ``count`` training images of the run's data (N x C x H x W float32), for INT8."""
     import numpy as np
 
@@ -83,14 +86,21 @@ def calibration_images(recipe, count: int) -> "np.ndarray":
     return np.stack([np.asarray(train[i][0], dtype=np.float32) for i in range(n)])
 
 
-def report_runs(run_dirs: Sequence[Path], out: Path | None = None) -> dict:
-    """Read each run's report.json; draw the accuracy-vs-latency Pareto plot; return rows + plot path."""
+def report_runs(run_dirs: Sequence[Path], out: Path | None = None, *, backend: str | None = None, batch: int = 1) -> dict:
+    """Read each run's report.json; draw the accuracy-vs-latency Pareto plot (student p50 at
+    ``batch`` on ``backend``, default: onnxruntime where a run has it); return rows + plot path."""
     import json
 
     from cascadec.plots import pareto_plot, student_p50
 
     if not run_dirs:
         raise UserError("cascadec report needs at least one run directory")
+    if backend is not None:
+        from cascadec.profile import resolve_backend
+
+        backend = resolve_backend(backend)
+    if not isinstance(batch, int) or batch < 1:
+        raise UserError(f"--batch {batch}: must be a positive integer")
     reports = []
     for run_dir in run_dirs:
         run = RunDir.open(Path(run_dir))
@@ -104,59 +114,100 @@ def report_runs(run_dirs: Sequence[Path], out: Path | None = None) -> dict:
     out = Path(out) if out is not None else Path("pareto.png")
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the plot is a PNG; give a path ending in .png")
-    pareto_plot(reports, out)
+    pareto_plot(reports, out, backend=backend, batch=str(batch))
     rows = []
     for r in reports:
         run = r.get("run", {})
         rows.append({"dir": run.get("dir"), "model": run.get("model"), "recipe": run.get("recipe"),
                      "accuracy": r.get("student", {}).get("accuracy"), "flops": r.get("student", {}).get("flops"),
-                     "p50_ms": student_p50(r)})
-    return {"rows": rows, "plot": str(out)}
+                     "p50_ms": student_p50(r, str(batch), backend)})
+    return {"rows": rows, "plot": str(out), "backend": backend or "onnxruntime", "batch": batch}
 
 
-def verify_run(run_dir: Path, *, backends: Sequence[str] = ("onnxruntime",), samples: int | None = None) -> dict:
+def verify_run(run_dir: Path, *, backends: Sequence[str] = ("onnxruntime",), samples: int | None = None,
+               overrides: Sequence[str] = ()) -> dict:
+    """Gate ``backends`` against the run's PyTorch student; ``overrides`` (``verify.tolerances.fp16.atol=0.05``)
+    change the run's recipe for this check only (recipe.yaml is not rewritten)."""
+    from cascadec.backends import canonical_name
+    from cascadec.recipe import apply_overrides, validate_recipe
     from cascadec.stages import load_data, stage_verify, write_run_report
 
+    names = [canonical_name(b) for b in backends]  # a typo fails before models and data load
     run = RunDir.open(run_dir)
     if not run.file("student.onnx").is_file():
         raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
     recipe = run.recipe()
+    if overrides:
+        recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
+    for name, device in (("onnxruntime-cuda", "cuda"), ("onnxruntime-trt", "tensorrt")):
+        if name in names:
+            from cascadec.backends.onnxruntime_backend import require_providers
+
+            require_providers(device)
+    if "tensorrt" in names:
+        from cascadec.backends.tensorrt_backend import require_tensorrt
+
+        require_tensorrt(gpu=True)
+        if not run.file("student.plan").is_file():
+            raise UserError(f"{run.file('student.plan')}: missing; build it with 'cascadec export {run_dir} --trt' first")
     _, student, shape = _load_models(run)
     bundle = load_data(recipe)
     data_shape = [bundle.in_channels, bundle.image_size, bundle.image_size]
     if data_shape != list(shape):
         raise UserError(f"{run.file('recipe.yaml')}: data gives {data_shape} inputs but the student takes {list(shape)}")
-    result = stage_verify(run, recipe, student, bundle.val, backends=backends, samples=samples)
+    result = stage_verify(run, recipe, student, bundle.val, backends=names, samples=samples)
     write_run_report(run)
     return result
 
 
-def profile_path(target: Path, *, backend: str = "onnxruntime", batches: Sequence[int] = (1, 8, 32)) -> dict:
-    """A run directory profiles teacher and student; an .onnx file profiles itself."""
-    from cascadec.backends import canonical_name
-    from cascadec.profile import profile_onnx
+def profile_path(target: Path, *, backend: str = "onnxruntime", batches: Sequence[int] = (1, 8, 32),
+                 cuda_graph: bool = False, warmup_s: float | None = None, duration_s: float | None = None,
+                 min_iters: int | None = None, threads: int | None = None) -> dict:
+    """A run directory profiles teacher and student on ``backend`` (recorded in its report);
+    an .onnx file (onnxruntime backends) or a .plan file (tensorrt) profiles itself.
+
+    ``warmup_s``/``duration_s``/``min_iters``/``threads`` override the run's recipe (trtexec's
+    defaults for a single file); ``cuda_graph`` replays a captured CUDA graph (torch-cuda only)."""
+    from cascadec.profile import (DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S, PROFILE_BACKENDS,
+                                  profile_backend, protocol_record, require_backend, resolve_backend)
     from cascadec.stages import _progress, stage_profile, write_run_report
 
-    name = canonical_name(backend)
-    if name not in ("onnxruntime", "onnxruntime-cuda"):
-        raise UserError(f"--backend {backend}: profile supports onnxruntime and onnxruntime-cuda for now")
-    device = "cuda" if name == "onnxruntime-cuda" else "cpu"
+    name = resolve_backend(backend)
+    kind, where = PROFILE_BACKENDS[name]
+    if cuda_graph and name != "torch-cuda":
+        raise UserError(f"--cuda-graph applies to --backend torch-cuda, not {name}")
+    if duration_s is not None and not duration_s > 0:
+        raise UserError(f"--duration {duration_s}: must be > 0 seconds")
     target = Path(target)
-    if target.suffix == ".onnx":
+    if target.suffix in (".onnx", ".plan"):
+        wanted = "onnx" if target.suffix == ".onnx" else "engine"
+        if kind != wanted:
+            usable = [b for b, (k, _) in PROFILE_BACKENDS.items() if k == wanted]
+            raise UserError(f"{target.name}: --backend {name} cannot run a {target.suffix} file; use {' or '.join(usable)}")
         if not target.is_file():
             raise UserError(f"{target}: file not found")
-        prof = profile_onnx(target, None, list(batches), device=device, progress=_progress())
-        return {target.stem: {str(b): v for b, v in prof.items()}}
+        require_backend(name)
+        protocol = {"warmup_s": MIN_WARMUP_S if warmup_s is None else warmup_s,
+                    "min_duration_s": DEFAULT_DURATION_S if duration_s is None else duration_s,
+                    "min_iters": DEFAULT_MIN_ITERS if min_iters is None else min_iters}
+        source = {"onnx_path": target} if wanted == "onnx" else {"engine_path": target}
+        prof = profile_backend(name, **source, input_shape=None, batches=list(batches), progress=_progress(),
+                               cache_dir=target.parent / "ort_trt_cache", threads=threads, **protocol)
+        return {target.stem: {str(b): v for b, v in prof.items()},
+                "protocol": protocol_record(backend=name, device=where, threads=threads if where == "cpu" else None,
+                                            **protocol)}
     run = RunDir.open(target)
-    if device != "cpu":
-        raise UserError("profiling a run directory on CUDA arrives with the deployment issue; profile its .onnx files directly")
+    require_backend(name)  # before reading models or opening the stage: one line on machines without it
     recipe = run.recipe()
     from cascadec.prune.spec import read_spec
 
     shape = read_spec(run.file("student.widths.json"))["input_shape"]
-    result = stage_profile(run, recipe, shape, batches)
-    report = write_run_report(run)
-    from cascadec.plots import write_run_plots
-
-    write_run_plots(run.path, report)
+    models = None
+    if kind == "torch":
+        teacher, student, shape = _load_models(run)
+        models = {"teacher": teacher, "student": student}
+    overrides = {"warmup_s": warmup_s, "duration_s": duration_s, "min_iters": min_iters, "threads": threads,
+                 "cuda_graph": True if cuda_graph else None}
+    result = stage_profile(run, recipe, shape, batches, backend=name, overrides=overrides, models=models)
+    write_run_report(run)  # report.json/report.md and latency.png
     return result

@@ -26,6 +26,7 @@ _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "onnxslim": ("onnxslim",),
     "torch_pruning": ("torch-pruning", "torch_pruning"),
     "numpy": ("numpy",),
+    "polygraphy": ("polygraphy",),
 }
 
 
@@ -71,34 +72,88 @@ def _tensorrt_version() -> str | None:
         return None
 
 
-def _nvidia_driver() -> str | None:
+def _physical_cores() -> int | None:
+    """Distinct (package, core) pairs in /proc/cpuinfo: SMT siblings share a core, and the
+    physical count is what ONNX Runtime's default thread pool sizes itself by."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
+
+
+def _ram_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _usable_cpus() -> int | None:
+    """CPUs this process may run on (cgroup/taskset limits), which can be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
+def _nvidia_smi(fields: tuple[str, ...] = ("name", "driver_version", "memory.total", "compute_cap")) -> dict | None:
+    """First GPU's fields from ``nvidia-smi --query-gpu``; time-bounded, None when unavailable.
+    Older drivers lack ``compute_cap``, so the query is retried without it."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
+    for wanted in (fields, tuple(f for f in fields if f != "compute_cap")):
+        try:
+            out = subprocess.run([exe, f"--query-gpu={','.join(wanted)}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        lines = out.stdout.strip().splitlines()
+        if out.returncode == 0 and lines:
+            values = [v.strip() for v in lines[0].split(",")]
+            if len(values) == len(wanted):
+                return dict(zip(wanted, values))
+    return None
+
+
+def _nvidia_driver() -> str | None:
+    info = _nvidia_smi(("driver_version",))
+    return info.get("driver_version") if info else None
 
 
 def _gpu() -> dict:
-    info: dict = {"gpu": None, "gpu_count": 0, "gpu_driver": None, "cuda": None, "cudnn": None}
+    info: dict = {"gpu": None, "gpu_count": 0, "gpu_driver": None, "cuda": None, "cudnn": None,
+                  "gpu_compute_capability": None, "gpu_memory_gb": None}
     try:
         import torch
 
+        info["cuda"] = torch.version.cuda  # the CUDA runtime torch was built with (None on CPU builds)
         if not torch.cuda.is_available():
             return info
         info["gpu_count"] = torch.cuda.device_count()
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
+        major, minor = torch.cuda.get_device_capability(0)
+        info["gpu_compute_capability"] = f"{major}.{minor}"
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
         cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
         info["cudnn"] = None if cudnn is None else str(cudnn)
-        info["gpu_driver"] = _nvidia_driver()
     except Exception:
         pass
+    smi = _nvidia_smi()
+    if smi:  # nvidia-smi also answers where torch is a CPU build
+        info["gpu_driver"] = smi.get("driver_version")
+        info["gpu"] = info["gpu"] or smi.get("name")
+        info["gpu_compute_capability"] = info["gpu_compute_capability"] or smi.get("compute_cap")
+        if info["gpu_memory_gb"] is None and (smi.get("memory.total") or "").isdigit():
+            info["gpu_memory_gb"] = round(int(smi["memory.total"]) / 1024, 1)  # MiB
     return info
 
 
@@ -118,11 +173,22 @@ def environment() -> dict:
         providers = None
     versions = {name: _version(name) for name in _DISTRIBUTIONS}
     versions["tensorrt"] = _tensorrt_version()
+    try:
+        import onnxruntime
+
+        ort_device: str | None = onnxruntime.get_device()
+    except Exception:
+        ort_device = None
     return {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
+        "physical_cores": _physical_cores(),
+        "usable_cpus": _usable_cpus(),
+        "ram_gb": _ram_gb(),
         "torch_threads": torch_threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         **_gpu(),
+        "onnxruntime_device": ort_device,
         "onnxruntime_providers": providers,
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),

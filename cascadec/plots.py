@@ -1,14 +1,16 @@
 """PNG plots from report.json dicts (matplotlib, Agg backend: no display needed).
 
 * ``latency_plot(report, path)``: p50 latency vs batch size for teacher and student, one
-  panel per backend, p90 (thick) and p99 (thin) drawn as upward error bars.
-* ``pareto_plot(reports, path)``: student accuracy vs student p50 at batch 1 over several
-  runs, the Pareto front (no other run both faster and more accurate) highlighted.
+  panel per backend, p90 (thick) and p99 (thin) drawn as upward error bars; on GPU backends
+  the compute-time p50 (CUDA events) is drawn dashed under the host latency.
+* ``pareto_plot(reports, path, backend=None, batch="1")``: student accuracy vs student p50 over
+  several runs, the Pareto front (no other run both faster and more accurate) highlighted.
 * ``write_run_plots(run_dir, report)``: what the report stage calls; never fails the stage.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,16 +32,36 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _series(per_batch: Mapping) -> tuple[list[int], list[float], list[float], list[float]]:
+def _series(per_batch: Mapping, prefix: str = "") -> tuple[list[int], list[float], list[float], list[float]]:
     rows = []
     for b, s in per_batch.items():
-        if str(b).isdigit() and isinstance(s, Mapping) and _num(s.get("p50_ms")) is not None:
-            p50 = _num(s["p50_ms"])
-            p90 = _num(s.get("p90_ms")) or p50
-            p99 = _num(s.get("p99_ms")) or p90
+        if str(b).isdigit() and isinstance(s, Mapping) and _num(s.get(f"{prefix}p50_ms")) is not None:
+            p50 = _num(s[f"{prefix}p50_ms"])
+            p90 = _num(s.get(f"{prefix}p90_ms")) or p50
+            p99 = _num(s.get(f"{prefix}p99_ms")) or p90
             rows.append((int(b), p50, p90, p99))
     rows.sort()
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+
+
+def _ms_tick(value: float, _pos: int | None = None) -> str:
+    """Log-axis labels at 1, 2 and 5 times a power of ten, as plain numbers (0.2, 5, 50)."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if any(abs(mantissa - m) < 1e-6 for m in (1, 2, 5)) else ""
+
+
+def _protocol_label(node: Mapping) -> str:
+    proto = node.get("protocol") if isinstance(node.get("protocol"), Mapping) else {}
+    parts = [str(proto["device"])] if proto.get("device") else []
+    if _num(proto.get("duration_s")) is not None:
+        parts.append(f">={proto['duration_s']:g} s per batch")
+    if isinstance(proto.get("threads"), int):
+        parts.append(f"{proto['threads']} thread{'s' if proto['threads'] > 1 else ''}")
+    if proto.get("cuda_graph"):
+        parts.append("CUDA graph")
+    return ", ".join(parts)
 
 
 def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
@@ -60,14 +82,22 @@ def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
                         ecolor=color, elinewidth=0.8, capsize=3, alpha=0.7)
             ax.errorbar(x, p50, yerr=[[0] * len(p50), [h - m for h, m in zip(p90, p50)]], fmt="o-",
                         color=color, elinewidth=2.5, capsize=0, label=f"{model} p50 (bars: p90, p99)")
+            cb, c50, _, _ = _series(node.get(model) or {}, "compute_")
+            if cb:
+                ax.plot([b * (0.96 if i == 0 else 1.04) for b in cb], c50, "s--", color=color, markersize=4,
+                        alpha=0.8, label=f"{model} GPU compute p50")
         ax.set_xscale("log", base=2)
         ticks = sorted({int(b) for m in ("teacher", "student") for b in (node.get(m) or {}) if str(b).isdigit()})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
+        # plain numbers (0.2, 5, 60), not 6x10^1: people read milliseconds off this axis
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_ms_tick))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_ms_tick))
         ax.set_xlabel("batch size")
         ax.set_ylabel("latency per batch (ms)")
-        ax.set_title(f"latency ({backend})")
+        detail = _protocol_label(node)
+        ax.set_title(f"latency ({backend}{': ' + detail if detail else ''})", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     run = report.get("run", {}) if isinstance(report.get("run"), Mapping) else {}
@@ -76,16 +106,25 @@ def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
     return _save(fig, path)
 
 
-def student_p50(report: Mapping, batch: str = "1") -> float | None:
-    """Student p50 at ``batch`` on the first backend that has it (onnxruntime first)."""
+def student_p50(report: Mapping, batch: str = "1", backend: str | None = None) -> float | None:
+    """Student p50 at ``batch`` on ``backend``, or on the first backend that has it
+    (onnxruntime first) when ``backend`` is None."""
     latency = report.get("latency") or {}
-    order = sorted(latency, key=lambda k: (k != "onnxruntime", k))
+    order = [backend] if backend else sorted(latency, key=lambda k: (k != "onnxruntime", k))
     for backend in order:
         node = latency.get(backend) or {}
         value = _num(((node.get("student") or {}).get(batch) or {}).get("p50_ms"))
         if value is not None:
             return value
     return None
+
+
+def run_label(report: Mapping) -> str:
+    """What tells runs of a sweep apart: the run directory's name and the target (a sweep
+    usually shares model and recipe), falling back to model / recipe."""
+    run = report.get("run") if isinstance(report.get("run"), Mapping) else {}
+    name = Path(str(run["dir"])).name if run.get("dir") else f"{run.get('model', '?')} / {run.get('recipe', '?')}"
+    return f"{name} ({run['target_description']})" if run.get("target_description") else name
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -99,13 +138,14 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def pareto_plot(reports: Sequence[Mapping], path: str | os.PathLike[str]) -> Path:
-    """Accuracy vs student p50 (batch 1) across runs; runs without both numbers are listed as skipped."""
+def pareto_plot(reports: Sequence[Mapping], path: str | os.PathLike[str], *, backend: str | None = None,
+                batch: str = "1") -> Path:
+    """Accuracy vs student p50 at ``batch`` on ``backend`` across runs; runs without both
+    numbers are listed as skipped."""
     labels, points, skipped = [], [], []
     for r in reports:
-        run = r.get("run") or {}
-        label = f"{run.get('model', '?')} / {run.get('recipe', '?')}"
-        acc, lat = _num((r.get("student") or {}).get("accuracy")), student_p50(r)
+        label = run_label(r)
+        acc, lat = _num((r.get("student") or {}).get("accuracy")), student_p50(r, str(batch), backend)
         if acc is None or lat is None:
             skipped.append(label)
             continue
@@ -118,11 +158,16 @@ def pareto_plot(reports: Sequence[Mapping], path: str | os.PathLike[str]) -> Pat
         ax.scatter([points[i][0] for i in others], [100 * points[i][1] for i in others], color="tab:gray", label="run")
         ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "o-", color="tab:red",
                 markersize=8, label="Pareto front")
+        ax.margins(x=0.12, y=0.12)
+        middle = (min(p[0] for p in points) + max(p[0] for p in points)) / 2
         for (lat, acc), label in zip(points, labels):
-            ax.annotate(label, (lat, 100 * acc), textcoords="offset points", xytext=(5, 5), fontsize=7)
+            right_half = lat > middle  # labels point inwards so none runs off the axes
+            ax.annotate(label, (lat, 100 * acc), textcoords="offset points", xytext=(-5 if right_half else 5, 5),
+                        ha="right" if right_half else "left", fontsize=7)
     else:
-        ax.text(0.5, 0.5, "no run has both accuracy and batch-1 latency", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("student latency p50, batch 1 (ms)")
+        ax.text(0.5, 0.5, f"no run has both accuracy and batch-{batch} latency", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(f"student latency p50, batch {batch}, {backend or 'onnxruntime (else first backend)'} (ms)")
     ax.set_ylabel("student accuracy (%)")
     ax.set_title("accuracy vs latency")
     ax.grid(True, alpha=0.3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,7 +35,9 @@ class DataSection(_Strict):
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training set")
     val_limit: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(128, ge=1)
-    workers: int = Field(0, ge=0)
+    workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        0, description='DataLoader worker processes per training process; "auto" sizes them from the CPU count'
+    )
     download: bool = False
     options: dict[str, Any] = Field(
         default_factory=dict, description="data-set specific: synthetic sizes, augment (checked by the data set)"
@@ -123,20 +125,71 @@ class TrainSection(_Strict):
     weight_decay: float = Field(4e-4, ge=0)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs")
     seed: int = 0
+    checkpoint_every_steps: Optional[int] = Field(
+        None, ge=1, description="also checkpoint every N steps (a checkpoint is always written at each epoch end)"
+    )
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (fp16 uses a GradScaler)")
+    channels_last: bool = Field(False, description="NHWC memory format on CUDA (faster convs with Tensor Cores)")
+
+
+class ToleranceSection(_Strict):
+    """One precision's parity thresholds. Polygraphy's element-wise rule: an element fails when
+    |diff| > atol and |diff|/|reference| > rtol. The task-level keys, when set, replace the
+    verify section's for backends of this precision."""
+
+    atol: Optional[float] = Field(None, ge=0)
+    rtol: Optional[float] = Field(None, ge=0)
+    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
+    min_top5_agreement: Optional[float] = Field(None, ge=0, le=1)
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)
+
+
+Precision = Literal["fp32", "fp16", "int8"]
 
 
 class VerifySection(_Strict):
+    """Parity gates (cascadec.verify). ``tolerances`` are merged key by key onto the defaults,
+    so ``--set verify.tolerances.fp16.atol=0.05`` changes one number and keeps the rest."""
+
     samples: int = Field(512, ge=1)
-    max_abs_diff: float = Field(1e-4, gt=0)
-    min_top1_agreement: float = Field(0.999, ge=0, le=1)
+    tolerances: dict[Precision, ToleranceSection] = Field(default_factory=dict, validate_default=True)
+    min_top1_agreement: Optional[float] = Field(0.999, ge=0, le=1)
+    min_top5_agreement: Optional[float] = Field(None, ge=0, le=1)
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="torch accuracy minus backend accuracy")
+    max_abs_diff: Optional[float] = Field(None, gt=0, description="legacy: hard cap on max |diff| of fp32 backends")
+
+    @field_validator("tolerances", mode="before")
+    @classmethod
+    def _merge_default_tolerances(cls, value: Any) -> Any:
+        from dataclasses import asdict
+
+        from cascadec.verify import DEFAULT_TOLERANCES
+
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            return value  # pydantic reports the wrong type
+        merged: dict[Any, Any] = {p: asdict(t) for p, t in DEFAULT_TOLERANCES.items()}
+        for precision, given in value.items():
+            if isinstance(given, ToleranceSection):
+                given = given.model_dump(exclude_unset=True)
+            if isinstance(given, dict) and precision in merged:
+                merged[precision] = {**merged[precision], **given}
+            else:
+                merged[precision] = given  # unknown precision or wrong type: validation names it
+        return merged
 
 
 class ProfileSection(_Strict):
+    """The latency protocol (trtexec's defaults): warm-up (a value below 0.2 s is raised to
+    0.2 s, and the report says so), then at least ``duration_s`` and ``min_iters`` runs."""
+
     batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
     warmup_s: float = Field(0.2, ge=0)
-    duration_s: float = Field(1.0, gt=0)
+    duration_s: float = Field(3.0, gt=0)
     min_iters: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1)
+    cuda_graph: bool = False  # torch-cuda only: replay a captured CUDA graph
 
 
 class ExportSection(_Strict):

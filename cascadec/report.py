@@ -132,48 +132,108 @@ def _summary_md(report: Mapping) -> list[str]:
         if t.get(key) or s.get(key):
             rows.insert(0, ["Model", t.get(key, MISSING), s.get(key, MISSING), ""])
             break
+    rows += _latency_summary_rows(report)
     return ["## Summary", ""] + _md_table(["", "Teacher", "Student", "Change"], rows)
 
 
 def _parity_md(parity: Mapping) -> list[str]:
-    header = ["Backend", "Samples", "Max abs diff", "Mean abs diff", "Max rel diff", "Top-1 agree",
-              "Top-5 agree", "Accuracy", "Min atol to pass", "Result"]
+    # Tolerances follow Polygraphy: an element fails when |diff| > atol and |diff|/|ref| > rtol;
+    # "min atol/rtol to pass" is what each alone would need (Polygraphy's "Minimum Required Tolerance").
+    header = ["Backend", "Precision", "Samples", "Max abs diff", "Mean abs diff", "Max rel diff", "atol / rtol",
+              "Min atol to pass", "Min rtol to pass", "Top-1 agree", "Top-5 agree", "Accuracy", "Result"]
     rows, failures = [], []
     for name, r in parity.items():
         if not isinstance(r, Mapping):
             continue
         passed = r.get("passed")
-        rows.append([name, r.get("samples", MISSING), fmt_float(r.get("max_abs_diff")),
+        rows.append([name, r.get("precision", MISSING), r.get("samples", MISSING), fmt_float(r.get("max_abs_diff")),
                      fmt_float(r.get("mean_abs_diff")), fmt_float(r.get("max_rel_diff")),
+                     f"{fmt_float(r.get('atol'))} / {fmt_float(r.get('rtol'))}",
+                     fmt_float(r.get("min_atol_to_pass")), fmt_float(r.get("min_rtol_to_pass")),
                      fmt_accuracy(r.get("top1_agreement")), fmt_accuracy(r.get("top5_agreement")),
-                     fmt_accuracy(r.get("accuracy")), fmt_float(r.get("min_atol_to_pass")),
-                     MISSING if passed is None else ("PASS" if passed else "FAIL")])
+                     fmt_accuracy(r.get("accuracy")), MISSING if passed is None else ("PASS" if passed else "FAIL")])
         failures += [f"- **{name}**: {f.get('message', f)}" for f in r.get("failures") or [] if isinstance(f, Mapping)]
+        found = r.get("first_divergence")
+        if isinstance(found, Mapping):
+            if found.get("node"):
+                module = f", PyTorch module `{found['torch_module']}`" if found.get("torch_module") else ""
+                failures.append(f"- **{name}**: first divergent layer: ONNX node `{found['node']}` ({found.get('op_type')}"
+                                f"{module}), max abs diff {fmt_float(found.get('max_abs_diff'))} vs {found.get('reference')}")
+            else:
+                failures.append(f"- **{name}**: first divergent layer not found: {found.get('error', MISSING)}")
     lines = ["## Parity (candidate vs PyTorch)", ""] + _md_table(header, rows)
     return lines + (["Gate failures:", "", *failures, ""] if failures else [])
 
 
+def _models(per_model: Mapping) -> list[str]:
+    """Model rows of one backend's latency node, teacher and student first; protocol/note aren't models."""
+    names = [k for k in per_model if isinstance(per_model.get(k), Mapping) and k not in ("protocol", "speedup")]
+    return sorted(names, key=lambda k: (k != "teacher", k != "student", k))
+
+
+def _protocol_line(protocol: Any) -> str:
+    if not isinstance(protocol, Mapping):
+        return ""
+    threads = protocol.get("threads")
+    parts = [f"device {protocol.get('device', MISSING)}",
+             f"warm-up {fmt_float(protocol.get('warmup_s'), 'g')} s",
+             f"then at least {fmt_float(protocol.get('duration_s'), 'g')} s and {protocol.get('min_iters', MISSING)} runs",
+             f"threads {'library default' if threads is None else threads}",
+             f"timer {protocol.get('timer', MISSING)}"]
+    if protocol.get("cuda_graph"):
+        parts.append("CUDA graph replay")
+    line = "Protocol: " + "; ".join(parts) + "."
+    return line + (f" Note: {protocol['note']}." if protocol.get("note") else "")
+
+
 def _latency_md(latency: Mapping) -> list[str]:
-    header = ["Backend", "Model", "Batch", "p50 ms", "p90 ms", "p99 ms", "Throughput (img/s)", "Speed-up"]
-    rows = []
+    """One table per backend: the spread (p50/p90/p99) and, on GPUs, host latency vs GPU compute."""
+    lines = ["## Latency", "",
+             "Speed-up = teacher p50 / student p50 at the same batch size. Throughput = batch x 1000 / mean (inferences/s).",
+             ""]
     for backend, per_model in latency.items():
         if not isinstance(per_model, Mapping):
             continue
+        models = _models(per_model)
+        split = any(isinstance(_get(per_model.get(m), b), Mapping) and "compute_p50_ms" in _get(per_model.get(m), b)
+                    for m in models for b in _batches(per_model.get(m)))
+        header = ["Model", "Batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "Runs", "Throughput (img/s)"]
+        if split:
+            header += ["GPU compute p50 ms", "GPU compute p99 ms", "Host - compute p50 ms"]
+        header.append("Speed-up")
         teacher = per_model.get("teacher") if isinstance(per_model.get("teacher"), Mapping) else {}
-        for model_name in ("teacher", "student", *[k for k in per_model if k not in ("teacher", "student")]):
+        rows = []
+        for model_name in models:
             table = per_model.get(model_name)
             for batch in _batches(table):
                 row = _get(table, batch) or {}
                 speed = _speedup(_get(teacher, batch), row) if model_name == "student" else None
-                rows.append([backend, model_name, batch, fmt_ms(row.get("p50_ms")), fmt_ms(row.get("p90_ms")),
-                             fmt_ms(row.get("p99_ms")), fmt_float(row.get("throughput"), ".1f"),
-                             MISSING if speed is None else f"{speed:.2f}x"])
-    return ["## Latency", "", "Speed-up = teacher p50 / student p50 at the same batch size.", ""] + _md_table(
-        header, rows)
+                cells = [model_name, batch, fmt_ms(row.get("p50_ms")), fmt_ms(row.get("p90_ms")), fmt_ms(row.get("p95_ms")),
+                         fmt_ms(row.get("p99_ms")), fmt_ms(row.get("mean_ms")), row.get("iterations", MISSING),
+                         fmt_float(row.get("throughput"), ".1f")]
+                if split:
+                    host, compute = _num(row.get("host_p50_ms", row.get("p50_ms"))), _num(row.get("compute_p50_ms"))
+                    cells += [fmt_ms(compute), fmt_ms(row.get("compute_p99_ms")),
+                              MISSING if host is None or compute is None else fmt_ms(host - compute)]
+                rows.append(cells + [MISSING if speed is None else f"{speed:.2f}x"])
+        lines += [f"### {backend}", ""]
+        protocol = _protocol_line(per_model.get("protocol"))
+        if protocol:
+            lines += [protocol, ""]
+        if per_model.get("note"):
+            lines += [f"Note: {per_model['note']}", ""]
+        if split:
+            lines += ["Latency columns are host latency (H2D copy + compute + D2H copy, what a caller waits for, "
+                      "trtexec's \"Latency\"); GPU compute is CUDA-event time around the inference on its stream "
+                      "(trtexec's \"GPU Compute Time\").", ""]
+        lines += _md_table(header, rows)
+    return lines
 
 
 def _environment_md(env: Mapping) -> list[str]:
-    rows = [[k, MISSING if v is None else (", ".join(map(str, v)) if isinstance(v, list) else v)]
+    labels = {"cuda": "cuda (the CUDA runtime torch was built with)", "torch_threads": "torch_threads (intra-op)",
+              "usable_cpus": "usable_cpus (affinity)"}
+    rows = [[labels.get(k, k), MISSING if v is None else (", ".join(map(str, v)) if isinstance(v, list) else v)]
             for k, v in env.items() if not isinstance(v, Mapping)]
     for section, values in env.items():
         if isinstance(values, Mapping):
@@ -238,14 +298,27 @@ def summary_table(report: Mapping) -> Table:
         verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]"}.get(r.get("passed"), MISSING)
         detail = f"max|Δ| {fmt_float(r.get('max_abs_diff'))}, top-1 {fmt_accuracy(r.get('top1_agreement'))}"
         table.add_row(f"Parity ({name})", "", detail, verdict)
-    cpu = _get(report, "latency.onnxruntime") or {}
-    teacher_lat = cpu.get("teacher") if isinstance(cpu.get("teacher"), Mapping) else {}
-    student_lat = cpu.get("student") if isinstance(cpu.get("student"), Mapping) else {}
-    for batch in _batches({**teacher_lat, **student_lat}):
-        speed = _speedup(teacher_lat.get(batch), student_lat.get(batch))
-        table.add_row(f"CPU latency p50 (bs={batch})", _ms_label(teacher_lat.get(batch)),
-                      _ms_label(student_lat.get(batch)), MISSING if speed is None else f"{speed:.2f}x faster")
+    for row in _latency_summary_rows(report):
+        table.add_row(*row)
     return table
+
+
+def _latency_summary_rows(report: Mapping) -> list[list[str]]:
+    """Teacher/student p50 and the speed-up per backend and batch, for both summaries."""
+    rows = []
+    for backend, node in (report.get("latency") or {}).items():
+        if not isinstance(node, Mapping):
+            continue
+        teacher_lat = node.get("teacher") if isinstance(node.get("teacher"), Mapping) else {}
+        student_lat = node.get("student") if isinstance(node.get("student"), Mapping) else {}
+        # "CPU latency" for the compress stage's onnxruntime rows, as the README's demo output shows
+        what = "CPU latency" if backend == "onnxruntime" else f"{backend} latency"
+        for batch in _batches({**teacher_lat, **student_lat}):
+            teacher_row, student_row = _get(teacher_lat, batch), _get(student_lat, batch)
+            speed = _speedup(teacher_row, student_row)
+            rows.append([f"{what} p50 (bs={batch})", _ms_label(teacher_row), _ms_label(student_row),
+                         MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"])
+    return rows
 
 
 def _ms_label(row: Any) -> str:

@@ -8,11 +8,14 @@ Layout (all pickle-free)::
       teacher.safetensors      the teacher's weights (its architecture is the recipe's model)
       student.widths.json      the student's width spec (removed channels per group)
       student.safetensors      the student's weights
+      checkpoints/             while the prune stage runs: joint.safetensors, student.safetensors
+                               (training state for --resume; removed when the stage finishes)
       teacher.onnx, student.onnx
       report.json, report.md
 
 A finished run is never overwritten: a second ``compress`` into the same directory is
-refused unless ``--resume`` (which skips finished stages) is given.
+refused unless ``--resume`` (which skips finished stages and continues an unfinished prune
+stage from its last checkpoint) is given.
 """
 
 from __future__ import annotations
@@ -79,9 +82,12 @@ def recipe_digest(recipe: Recipe) -> str:
 
 
 class RunDir:
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], *, writable: bool = True) -> None:
         self.path = path
         self.manifest = manifest
+        # ranks other than 0 of a distributed run read the run directory but never write it:
+        # their manifest changes stay in memory and stages skip artifact writes
+        self.writable = writable
 
     # ------------------------------------------------------------ open / create
     @classmethod
@@ -112,7 +118,10 @@ class RunDir:
             raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
         if not os.access(path, os.W_OK):
             raise UserError(f"run directory {path} is not writable")
-        (path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        try:
+            (path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        except OSError as exc:  # read-only mount, full disk, quota: os.access cannot tell
+            raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
         manifest = {
             "format": MANIFEST_FORMAT,
             "created": _now(),
@@ -129,7 +138,7 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "RunDir":
+    def open(cls, path: Path, *, writable: bool = True) -> "RunDir":
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not path.is_dir():
@@ -145,7 +154,7 @@ class RunDir:
         for key in ("stages", "metrics"):
             if not isinstance(manifest.get(key), dict):
                 raise UserError(f"{manifest_path}: corrupted manifest ({key!r} missing or not a mapping)")
-        return cls(path, manifest)
+        return cls(path, manifest, writable=writable)
 
     # ------------------------------------------------------------ contents
     def recipe(self) -> Recipe:
@@ -166,7 +175,8 @@ class RunDir:
         return self.path / name
 
     def save(self) -> None:
-        write_json_atomic(self.path / "manifest.json", self.manifest)
+        if self.writable:
+            write_json_atomic(self.path / "manifest.json", self.manifest)
 
     def is_done(self, stage: str) -> bool:
         return self.manifest["stages"].get(stage, {}).get("status") == "done"

@@ -9,9 +9,11 @@ entry points behind ``cascadec export``, ``verify`` and ``profile``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,10 +26,12 @@ from cascadec.data.bundle import DataBundle
 from cascadec.errors import UserError
 from cascadec.models import create_model
 from cascadec.progress import log
-from cascadec.recipe import Recipe, load_recipe, recipe_to_yaml
+from cascadec.recipe import Recipe, load_recipe
 from cascadec.run import RunDir
+from cascadec.train.loop import NonFiniteLoss
 
 TEACHER_WEIGHTS = "teacher.safetensors"
+CHECKPOINTS = "checkpoints"  # training checkpoints of an unfinished prune stage (RUN/checkpoints/*.safetensors)
 
 
 # ---------------------------------------------------------------- helpers
@@ -51,13 +55,37 @@ def load_data(recipe: Recipe) -> DataBundle:
     )
 
 
-def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    common = {"batch_size": recipe.data.batch_size, "num_workers": recipe.data.workers, "pin_memory": device.type == "cuda"}
-    if recipe.data.workers > 0:
+def loader_workers(setting: int | str, processes_per_node: int = 1) -> int:
+    """``data.workers``; "auto" gives each training process an equal share of this machine's
+    CPUs, less one for the process itself, at most 8 (more rarely helps decoding-bound loaders)."""
+    if setting != "auto":
+        return int(setting)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(0, min(8, cpus // max(1, processes_per_node) - 1))
+
+
+def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device, dist=None) -> tuple[DataLoader, DataLoader]:
+    """Training batches come from an EpochBatchSampler: their order is a function of (seed,
+    phase, epoch), so checkpoints can record the position and resume without replaying data,
+    and in a distributed run each rank takes its slice of every global batch. Every rank
+    evaluates the whole validation set (identical models give identical accuracies, so
+    decisions such as teacher promotion agree without communication)."""
+    from cascadec.data.sampler import EpochBatchSampler
+    from cascadec.train.distributed import SINGLE
+
+    dist = dist or SINGLE
+    workers = loader_workers(recipe.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda"}
+    if workers > 0:
         common["persistent_workers"] = True
-    train = DataLoader(bundle.train, shuffle=True, drop_last=len(bundle.train) > recipe.data.batch_size, generator=generator, **common)
-    val = DataLoader(bundle.val, shuffle=False, **common)
+    batch = recipe.data.batch_size
+    sampler = EpochBatchSampler(len(bundle.train), batch, seed=recipe.train.seed, shuffle=True,
+                                drop_last=len(bundle.train) > batch, rank=dist.rank, world_size=dist.world_size)
+    train = DataLoader(bundle.train, batch_sampler=sampler, **common)
+    val = DataLoader(bundle.val, batch_size=batch, shuffle=False, **common)
     return train, val
 
 
@@ -87,8 +115,10 @@ def _teacher_cache_key(recipe: Recipe, kwargs: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def train_teacher(model: nn.Module, recipe: Recipe, train: DataLoader, val: DataLoader, device: torch.device) -> float:
-    """Plain supervised training, for recipes whose model has no pretrained weights."""
+def train_teacher(model: nn.Module, recipe: Recipe, train: DataLoader, val: DataLoader, device: torch.device,
+                  runtime=None) -> float:
+    """Plain supervised training, for recipes whose model has no pretrained weights. It is
+    short and cached, so it is not checkpointed: an interrupted teacher stage starts over."""
     from cascadec.distill.losses import DistillLoss
     from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in, train_epoch
 
@@ -99,12 +129,13 @@ def train_teacher(model: nn.Module, recipe: Recipe, train: DataLoader, val: Data
     ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
     for epoch in range(t.train_epochs):
         stats = train_epoch(model, train, opt, sched, lambda lg, y, _t: ce(lg, y), device=device,
-                            description=f"teacher epoch {epoch}", max_steps=recipe.train.max_steps_per_epoch)
+                            description=f"teacher epoch {epoch}", max_steps=recipe.train.max_steps_per_epoch,
+                            epoch=epoch, runtime=runtime)
         log(f"teacher epoch {epoch}: loss {stats['loss']:.4f}, {stats['images_per_s']:.0f} images/s")
     return evaluate(model, val, device=device, description="evaluate teacher")
 
 
-def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, device: torch.device) -> nn.Module:
+def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, device: torch.device, runtime=None) -> nn.Module:
     from safetensors.torch import load_file, save_file
 
     from cascadec.prune.spec import state_dict_for_safetensors
@@ -128,9 +159,9 @@ def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, devi
                 log(f"teacher: loaded from cache {cached}")
             else:
                 log(f"teacher: no weights given; training {recipe.teacher.train_epochs} epoch(s) on {bundle.name}")
-                train_teacher(model, recipe, *loaders, device)
+                train_teacher(model, recipe, *loaders, device, runtime=runtime)
                 source = f"trained by cascadec ({recipe.teacher.train_epochs} epochs)"
-                if recipe.teacher.cache:
+                if recipe.teacher.cache and run.writable:
                     try:
                         cached.parent.mkdir(parents=True, exist_ok=True)
                         save_file(state_dict_for_safetensors(model), str(cached))
@@ -140,7 +171,8 @@ def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, devi
             log("[yellow]teacher has random weights (no model.weights, teacher.train_epochs 0): accuracy numbers will be meaningless[/]")
         model.eval()
         accuracy = evaluate(model, loaders[1], device=device, description="evaluate teacher")
-        save_file(state_dict_for_safetensors(model), str(path))
+        if run.writable:  # in a distributed run only rank 0 writes
+            save_file(state_dict_for_safetensors(model), str(path))
         info.update(source=source, accuracy=accuracy)
         run.record("teacher.accuracy", accuracy)
         log(f"teacher: accuracy {accuracy:.4f} ({source})")
@@ -150,7 +182,21 @@ def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, devi
 # ---------------------------------------------------------------- prune
 
 
-def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBundle, loaders, device: torch.device) -> nn.Module:
+def training_runtime(run: RunDir, recipe: Recipe, device: torch.device, dist=None):
+    """How the prune stage trains: checkpoints in RUN/checkpoints, precision, layout, ranks."""
+    from cascadec.train.distributed import SINGLE
+    from cascadec.train.runtime import Runtime
+
+    t = recipe.train
+    return Runtime(device=device, dist=dist or SINGLE, amp=t.amp, channels_last=t.channels_last,
+                   checkpoint_dir=run.file(CHECKPOINTS), checkpoint_every_steps=t.checkpoint_every_steps)
+
+
+def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBundle, loaders, device: torch.device,
+                runtime=None) -> nn.Module:
+    """Prune, shrink, evaluate. Resumable mid-training: ``joint``/``student`` checkpoints in
+    RUN/checkpoints (every epoch, every ``train.checkpoint_every_steps``, on Ctrl-C) are
+    picked up by ``--resume``; they are deleted once the student is saved."""
     from cascadec.prune.cost import count_macs, count_params
     from cascadec.prune.methods import prune_model
     from cascadec.prune.shrink import pruned_root_idxs, shrink
@@ -162,13 +208,21 @@ def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBun
         return student.to(device)
     shape = input_shape(bundle)
     example = torch.zeros(1, *shape)
+    runtime = runtime or training_runtime(run, recipe, device)
     with run.stage("prune") as info:
+        info["checkpoints"] = CHECKPOINTS
         torch.manual_seed(recipe.train.seed)
-        result = prune_model(teacher, recipe, loaders[0], loaders[1], example, device)
-        student = shrink(result.student.cpu(), result.analysis.index, result.mask, example)
+        try:
+            result = prune_model(teacher, recipe, loaders[0], loaders[1], example, device, runtime)
+        except NonFiniteLoss as exc:
+            kept = sorted(p.name for p in run.file(CHECKPOINTS).glob("*.safetensors")) if run.file(CHECKPOINTS).is_dir() else []
+            note = f"; last good checkpoint kept: {CHECKPOINTS}/{', '.join(kept)}" if kept else ""
+            raise NonFiniteLoss(f"{exc}{note}") from None
+        student = shrink(result.student.cpu().to(memory_format=torch.contiguous_format), result.analysis.index, result.mask, example)
         removals = pruned_root_idxs(result.analysis.index, result.mask)
-        save_student(student, run.path, model_name=recipe.model.name, model_kwargs=model_kwargs(recipe, bundle),
-                     input_shape=shape, removals=removals, extra={"recipe": recipe.name, "method": recipe.prune.method})
+        if run.writable:
+            save_student(student, run.path, model_name=recipe.model.name, model_kwargs=model_kwargs(recipe, bundle),
+                         input_shape=shape, removals=removals, extra={"recipe": recipe.name, "method": recipe.prune.method})
         student = student.to(device)
         accuracy = evaluate(student, loaders[1], device=device, description="evaluate student")
         metrics = {
@@ -183,7 +237,11 @@ def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBun
             run.record(k, v)
         run.record("prune.history", result.history)
         info.update(method=recipe.prune.method, groups=len(result.analysis.index.groups))
+        info.pop("checkpoints")  # the student is saved: the training checkpoints have served their purpose
         log(f"student: accuracy {accuracy:.4f}, {metrics['student.flops'] / metrics['teacher.flops']:.1%} of the teacher's FLOPs")
+    if run.writable:
+        shutil.rmtree(run.file(CHECKPOINTS), ignore_errors=True)
+    runtime.dist.barrier()
     return student
 
 
@@ -206,27 +264,62 @@ def stage_verify(run: RunDir, recipe: Recipe, student: nn.Module, val_dataset, b
 
     v = recipe.verify
     with run.stage("verify") as info:
-        gate = Gate(max_abs_diff=v.max_abs_diff, min_top1_agreement=v.min_top1_agreement)
+        gate = Gate.from_recipe(v)
         loader = DataLoader(val_dataset, batch_size=64, shuffle=False)
         result = verify_backends(student.cpu().eval(), run.file("student.onnx"), loader, backends=list(backends), gate=gate,
-                                 samples=samples or v.samples, progress=_progress())
+                                 samples=samples or v.samples, progress=_progress(), engine_path=run.file("student.plan"))
         info["passed"] = all(r["passed"] for r in result["backends"].values())
-    run.record("parity", result)
+        info["backends"] = list(result["backends"])
+    # verifying one backend keeps the other backends' last results in the report
+    earlier = (run.metric("parity") or {}).get("backends") or {}
+    run.record("parity", {**result, "backends": {**earlier, **result["backends"]}})
     return result
 
 
-def stage_profile(run: RunDir, recipe: Recipe, shape: list[int], batches: Sequence[int] | None = None) -> dict:
-    from cascadec.profile import compare, profile_onnx
+def stage_profile(run: RunDir, recipe: Recipe, shape: list[int], batches: Sequence[int] | None = None, *,
+                  backend: str = "onnxruntime", overrides: dict[str, Any] | None = None,
+                  models: dict[str, nn.Module] | None = None) -> dict:
+    """Time teacher and student on ``backend``; recorded as ``latency.<backend>`` in the manifest.
 
-    p = recipe.profile
-    with run.stage("profile"):
+    ``overrides`` replace recipe.profile keys (CLI --duration etc.); ``models`` are the PyTorch
+    teacher/student for the torch backends. The tensorrt backend times ``student.plan`` and
+    ``teacher.plan`` when it exists (the student alone otherwise, and the record says so).
+    Availability is checked before the stage opens: a missing GPU must not mark the run failed."""
+    from cascadec.profile import PROFILE_BACKENDS, compare, profile_backend, protocol_record, require_backend, resolve_backend
+
+    backend = resolve_backend(backend)
+    require_backend(backend)
+    kind, where = PROFILE_BACKENDS[backend]
+    p = recipe.profile.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
+    sources: dict[str, dict[str, Any]] = {}
+    for name in ("teacher", "student"):
+        if kind == "onnx":
+            sources[name] = {"onnx_path": run.file(f"{name}.onnx")}
+        elif kind == "torch":
+            if not models or name not in models:
+                raise UserError(f"the {backend} backend needs the PyTorch {name}")
+            sources[name] = {"model": models[name]}
+        elif run.file(f"{name}.plan").is_file():
+            sources[name] = {"engine_path": run.file(f"{name}.plan")}
+    if "student" not in sources:
+        raise UserError(f"{run.file('student.plan')}: missing; build it with cascadec export {run.path} --trt")
+    with run.stage("profile" if backend == "onnxruntime" else f"profile.{backend}"):
         out: dict[str, Any] = {}
-        for name in ("teacher", "student"):
-            prof = profile_onnx(run.file(f"{name}.onnx"), shape, list(batches or p.batches), warmup_s=p.warmup_s,
-                                min_duration_s=p.duration_s, min_iters=p.min_iters, threads=p.threads, progress=_progress())
+        for name, source in sources.items():
+            prof = profile_backend(backend, **source, input_shape=shape, batches=list(batches or p.batches),
+                                   warmup_s=p.warmup_s, min_duration_s=p.duration_s, min_iters=p.min_iters,
+                                   threads=p.threads, cuda_graph=p.cuda_graph and backend == "torch-cuda",
+                                   cache_dir=run.file("ort_trt_cache"), progress=_progress())
             out[name] = {str(b): v for b, v in prof.items()}
-        out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
-    run.record("latency.onnxruntime", out)
+        if "teacher" in out:
+            out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
+        out["protocol"] = protocol_record(backend=backend, device=where, warmup_s=p.warmup_s,
+                                          min_duration_s=p.duration_s, min_iters=p.min_iters,
+                                          threads=p.threads if where == "cpu" else None,
+                                          cuda_graph=p.cuda_graph and backend == "torch-cuda")
+        if "teacher" not in out:
+            out["note"] = "no teacher.plan in the run: student engine only, no speed-up"
+    run.record(f"latency.{backend}", out)
     return out
 
 
@@ -262,10 +355,12 @@ def build_report(run: RunDir) -> dict:
         report["parity"] = {name: r for name, r in parity["backends"].items()}
         report["parity_samples"] = parity.get("samples")
         report["parity_torch_accuracy"] = parity.get("torch_accuracy")
-    latency = m.get("latency.onnxruntime")
-    if latency:
-        report["latency"] = {"onnxruntime": {"teacher": latency["teacher"], "student": latency["student"]}}
-        report["speedup"] = {"onnxruntime": latency.get("speedup", {})}
+    # one node per profiled backend, onnxruntime (the compress stage's) first
+    profiled = sorted((k.split(".", 1)[1] for k, v in m.items() if k.startswith("latency.") and isinstance(v, dict)),
+                      key=lambda b: (b != "onnxruntime", b))
+    if profiled:
+        report["latency"] = {b: {k: v for k, v in m[f"latency.{b}"].items() if k != "speedup"} for b in profiled}
+        report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
     history = m.get("prune.history")
     if history:
         report["prune"] = _history_summary(history)
@@ -324,35 +419,76 @@ def prepare_recipe(model: str, recipe_name: str, *, data: str | None = None, wei
     return recipe
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open_run(dist, path: Path, recipe: Recipe, resume: bool, command: list[str] | None) -> RunDir:
+    """Rank 0 creates (or resumes) the run directory; the other ranks open it read-only. A refusal
+    on rank 0 is sent to every rank, so all of them stop with the same one-line error."""
+    if not dist.active:
+        return RunDir.create(path, recipe, resume=resume, command=command)
+    run, error = None, None
+    if dist.is_main:
+        try:
+            run = RunDir.create(path, recipe, resume=resume, command=command)
+        except UserError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return run if run is not None else RunDir.open(path, writable=False)
+
+
 def compress(model: str, recipe_name: str, *, data: str | None = None, weights: str | None = None, out: str | None = None,
              overrides: Sequence[str] = (), device: str = "cpu", resume: bool = False, command: list[str] | None = None) -> dict:
     """The whole pipeline; returns the report. Raises GateFailed (after writing the report)
-    when a parity gate fails."""
+    when a parity gate fails.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains the teacher and prune stages in data
+    parallel; rank 0 alone writes the run directory and runs export, verify and profile, and
+    the other ranks return an empty dict once the prune stage is done."""
+    from cascadec.train.distributed import init_from_env, shutdown
     from cascadec.verify import raise_on_failure
 
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
-    dev = resolve_device(device)
-    bundle = load_data(recipe)  # fail on missing data before creating anything
-    check_target(recipe, bundle)
-    run = RunDir.create(Path(out) if out else default_out(model, recipe), recipe, resume=resume, command=command)
-    torch.manual_seed(recipe.train.seed)
-    loaders = make_loaders(bundle, recipe, dev)
+    dist, dev = init_from_env(resolve_device(device))
     try:
-        teacher = stage_teacher(run, recipe, bundle, loaders, dev)
-        student = stage_prune(run, recipe, teacher, bundle, loaders, dev)
-        shape = input_shape(bundle)
-        if not run.is_done("export"):
-            stage_export(run, recipe, teacher, student, shape)
-        parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
-        if not run.is_done("profile"):
-            stage_profile(run, recipe, shape)
-        report = write_run_report(run)
-    except KeyboardInterrupt:
-        run.finish("interrupted")
-        raise
-    except BaseException:
-        run.finish("failed")
-        raise
-    run.finish("finished")
+        bundle = load_data(recipe)  # fail on missing data before creating anything
+        check_target(recipe, bundle)
+        run = _open_run(dist, Path(out) if out else default_out(model, recipe), recipe, resume, command)
+        torch.manual_seed(recipe.train.seed)
+        loaders = make_loaders(bundle, recipe, dev, dist)
+        runtime = training_runtime(run, recipe, dev, dist)
+        try:
+            teacher = stage_teacher(run, recipe, bundle, loaders, dev, runtime)
+            student = stage_prune(run, recipe, teacher, bundle, loaders, dev, runtime)
+            if not dist.is_main:
+                return {}
+            shape = input_shape(bundle)
+            if not run.is_done("export"):
+                stage_export(run, recipe, teacher, student, shape)
+            parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
+            if not run.is_done("profile"):
+                stage_profile(run, recipe, shape)
+            report = write_run_report(run)
+        except KeyboardInterrupt:
+            run.finish("interrupted")
+            raise
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                run.finish("failed")
+                raise
+            message = f"cannot write to run directory {run.path}: {exc.strerror or exc}"
+            try:
+                run.finish("failed")
+            except UserError:
+                pass  # the manifest cannot be written either; the first error is the one to report
+            raise UserError(message) from None
+        except BaseException:
+            run.finish("failed")
+            raise
+        run.finish("finished")
+    finally:
+        shutdown(dist)
     raise_on_failure(parity)
     return report

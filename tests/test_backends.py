@@ -248,3 +248,49 @@ def test_ort_cuda_matches_torch(tiny):
     runner = get_runner("onnxruntime-cuda", onnx_path=path)
     assert runner.providers[0] == "CUDAExecutionProvider"
     assert np.abs(runner(x) - TorchRunner(model)(x)).max() <= 1e-3
+
+
+class _RecordingSession:
+    """Stands in for ort.InferenceSession on a machine without GPU providers; records what was asked."""
+
+    asked: list = []
+
+    def __init__(self, model, sess_options=None, providers=None):
+        type(self).asked.append(providers)
+        self._providers = [p if isinstance(p, str) else p[0] for p in providers]
+
+    def get_providers(self):
+        return self._providers
+
+    def get_inputs(self):
+        return [types.SimpleNamespace(name="input", shape=["batch", 1, 28, 28])]
+
+    def get_outputs(self):
+        return [types.SimpleNamespace(name="logits", shape=["batch", 10])]
+
+
+def test_onnxruntime_trt_backend_asks_for_the_tensorrt_provider(tiny, monkeypatch):
+    _, path, _ = tiny
+    assert canonical_name("ort-trt") == "onnxruntime-trt" == canonical_name("onnxruntime-tensorrt")
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="no TensorrtExecutionProvider .* install onnxruntime-gpu and TensorRT 10"):
+        get_runner("onnxruntime-trt", onnx_path=path)
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: providers)
+    monkeypatch.setattr(ortb.ort, "InferenceSession", _RecordingSession)
+    _RecordingSession.asked.clear()
+    runner = get_runner("onnxruntime-trt", onnx_path=path)
+    assert _RecordingSession.asked == [providers] and runner.precision == "fp32"
+    cuda = get_runner("onnxruntime-cuda", onnx_path=path, device="cuda:1")
+    assert _RecordingSession.asked[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert cuda.precision == "fp32"
+
+
+def test_divergence_device(monkeypatch):
+    from cascadec.backends import divergence_device
+
+    assert divergence_device("ort") == "cpu"
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert divergence_device("tensorrt") == "cpu" and divergence_device("onnxruntime-cuda") == "cpu"
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert divergence_device("tensorrt") == "cuda" and divergence_device("onnxruntime-trt") == "cuda"

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cascadec.distill.losses import DistillLoss

@@ -5,20 +5,31 @@ from __future__ import annotations
 import json
 import shutil
 
-from cascadec.plots import latency_plot, pareto_front, pareto_plot
+import pytest
+
+from cascadec.plots import latency_plot, pareto_front, pareto_plot, run_label, student_p50
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def row(p50):
-    return {"p50_ms": p50, "p90_ms": p50 * 1.2, "p99_ms": p50 * 1.6, "throughput": 1000 / p50}
+def row(p50, compute=False):
+    out = {"p50_ms": p50, "p90_ms": p50 * 1.2, "p99_ms": p50 * 1.6, "throughput": 1000 / p50}
+    if compute:  # GPU backends: CUDA-event compute time under the host latency
+        out.update(compute_p50_ms=p50 * 0.7, compute_p90_ms=p50 * 0.8, compute_p99_ms=p50 * 0.9)
+    return out
 
 
-def report(model, recipe, acc, p50):
+def report(model, recipe, acc, p50, gpu_p50=None):
     lat = {"teacher": {"1": row(2 * p50), "8": row(10 * p50), "32": row(35 * p50)},
-           "student": {"1": row(p50), "8": row(6 * p50), "32": row(20 * p50)}}
-    return {"run": {"model": model, "recipe": recipe}, "student": {"accuracy": acc, "flops": 1e6},
-            "latency": {"onnxruntime": lat}}
+           "student": {"1": row(p50), "8": row(6 * p50), "32": row(20 * p50)},
+           "protocol": {"device": "cpu", "duration_s": 3.0}}
+    latency = {"onnxruntime": lat}
+    if gpu_p50 is not None:
+        latency["onnxruntime-cuda"] = {
+            "teacher": {"1": row(2 * gpu_p50, True), "8": row(3 * gpu_p50, True)},
+            "student": {"1": row(gpu_p50, True), "8": row(2 * gpu_p50, True)},
+            "protocol": {"device": "cuda", "duration_s": 3.0}}
+    return {"run": {"model": model, "recipe": recipe}, "student": {"accuracy": acc, "flops": 1e6}, "latency": latency}
 
 
 def assert_png(path):
@@ -29,6 +40,11 @@ def assert_png(path):
 def test_latency_plot(tmp_path):
     path = latency_plot(report("resnet8", "quick", 0.9, 0.2), tmp_path / "latency.png")
     assert_png(path)
+    two = latency_plot(report("resnet8", "quick", 0.9, 0.2, gpu_p50=0.05), tmp_path / "two.png")
+    assert_png(two)  # one panel per backend: the figure is wider than the single-backend one
+    from PIL import Image
+
+    assert Image.open(two).size[0] > 1.5 * Image.open(path).size[0]
     assert latency_plot({"run": {}}, tmp_path / "none.png") is None  # no latency yet: nothing to draw
 
 
@@ -37,10 +53,24 @@ def test_pareto_front():
     assert pareto_front([(1, 0.85), (2, 0.80), (3, 0.90), (0.5, 0.70)]) == [3, 0, 2]
 
 
+def test_student_p50_picks_the_backend():
+    r = report("resnet8", "quick", 0.9, 0.2, gpu_p50=0.05)
+    assert student_p50(r) == pytest.approx(0.2)  # onnxruntime first
+    assert student_p50(r, "8", "onnxruntime-cuda") == pytest.approx(0.1)
+    assert student_p50(r, "32", "onnxruntime-cuda") is None and student_p50(r, "1", "tensorrt") is None
+
+
+def test_run_label_tells_sweep_runs_apart():
+    assert run_label({"run": {"dir": "/x/runs/r60", "model": "m", "recipe": "q", "target_description": "60% fewer FLOPs"}}) \
+        == "r60 (60% fewer FLOPs)"
+    assert run_label({"run": {"model": "m", "recipe": "q"}}) == "m / q"
+
+
 def test_pareto_plot(tmp_path):
     reports = [report("resnet8", f"r{i}", acc, p50) for i, (acc, p50) in enumerate([(0.85, 1), (0.8, 2), (0.9, 3), (0.7, 0.5)])]
     reports.append({"run": {"model": "x", "recipe": "no-latency"}, "student": {"accuracy": 0.5}})
     assert_png(pareto_plot(reports, tmp_path / "pareto.png"))
+    assert_png(pareto_plot(reports, tmp_path / "pareto-bs8.png", backend="onnxruntime", batch="8"))
 
 
 def test_cli_report_and_profile_write_plots(cli, copy_run, tmp_path):
@@ -55,6 +85,10 @@ def test_cli_report_and_profile_write_plots(cli, copy_run, tmp_path):
     assert "cifar_resnet8" in result.out and "accuracy" in result.out
     assert_png(tmp_path / "pareto.png")
     assert cli("report", run_a, "--out", tmp_path / "p.txt").code == 2
+    result = cli("report", run_a, run_b, "--backend", "ort", "--batch", "2", "--out", tmp_path / "p2.png")
+    assert result.code == 0, result.err
+    assert "bs=2, onnxruntime" in result.out.replace("\n", "")
+    assert cli("report", run_a, "--backend", "junk").code == 2
 
     result = cli("profile", run_a, "--batch", "1,2")
     assert result.code == 0, result.err

@@ -1,6 +1,10 @@
-"""The latency protocol returns complete, sane statistics for ONNX Runtime and PyTorch."""
+"""The latency protocol: trtexec's rules (warm-up >= 200 ms, then min runs AND min duration),
+complete statistics, and the GPU host/compute split, checked with a fake clock and a fake
+device runner (the real CUDA paths need a GPU; these fakes implement the same interface)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -9,9 +13,12 @@ from torch import nn
 
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.errors import UserError
-from cascadec.profile import FIELDS, compare, measure, profile_onnx, profile_torch, summarize
+from cascadec.profile import (COMPUTE_FIELDS, FIELDS, HOST_FIELDS, MIN_WARMUP_S, compare, measure, measure_device,
+                              profile_device, profile_onnx, profile_torch, protocol_record, require_backend,
+                              resolve_backend, summarize)
 
 FAST = {"warmup_s": 0.0, "min_duration_s": 0.02, "min_iters": 5, "progress": False}
+NO_GPU = not torch.cuda.is_available()
 
 
 def small_net() -> nn.Module:
@@ -27,13 +34,192 @@ def onnx_path(tmp_path_factory):
     return path
 
 
+# ---------------------------------------------------------------- fakes: a clock, a stream, events, a runner
+
+
+class FakeClock:
+    """Seconds that only move when the fakes say so: every duration below is exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+class FakeStream:
+    """A GPU queue: enqueued work starts when the queue is free and the host has enqueued it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.free_at = 0.0
+
+    def enqueue(self, seconds: float) -> None:
+        self.free_at = max(self.free_at, self.clock.now) + seconds
+
+    def synchronize(self) -> None:
+        self.clock.now = max(self.clock.now, self.free_at)
+
+
+class FakeEvent:
+    """Like torch.cuda.Event: fires when the stream reaches it; elapsed_time in ms."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def record(self, stream: FakeStream) -> None:
+        self.at = max(stream.free_at, stream.clock.now)
+
+    def synchronize(self) -> None:
+        assert self.at is not None
+
+    def elapsed_time(self, end: "FakeEvent") -> float:
+        return (end.at - self.at) * 1e3
+
+
+class FakeRunner:
+    """stage/compute/fetch with fixed host costs and a per-call GPU time (cycling ``kernel_ms``)."""
+
+    def __init__(self, clock: FakeClock, batch: int, *, h2d_ms=1.0, launch_ms=0.5, kernel_ms=(4.0,), d2h_ms=0.5):
+        self.clock, self.batch = clock, batch
+        self.stream = FakeStream(clock)
+        self.h2d, self.launch, self.d2h = h2d_ms / 1e3, launch_ms / 1e3, d2h_ms / 1e3
+        self.kernel = [k / 1e3 for k in kernel_ms]
+        self.calls = {"stage": 0, "compute": 0, "fetch": 0}
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def stage(self, x: np.ndarray) -> None:
+        self.shapes.add(x.shape)
+        self.calls["stage"] += 1
+        self.clock.now += self.h2d
+
+    def compute(self) -> None:
+        self.clock.now += self.launch  # host-side enqueue cost, then the kernel queues on the stream
+        self.stream.enqueue(self.kernel[self.calls["compute"] % len(self.kernel)])
+        self.calls["compute"] += 1
+
+    def fetch(self) -> np.ndarray:
+        self.stream.synchronize()
+        self.clock.now += self.d2h
+        self.calls["fetch"] += 1
+        return np.zeros((self.batch, 10), dtype=np.float32)
+
+
+# ---------------------------------------------------------------- the protocol's loop
+
+
+def test_measure_warms_up_200ms_then_meets_duration_and_min_iters():
+    clock = FakeClock()
+    calls = []
+
+    def call():
+        calls.append(clock.now)
+        clock.now += 0.002  # 2 ms per call
+
+    times = measure(call, warmup_s=0.0, min_duration_s=0.049, min_iters=3, clock=clock)
+    assert np.allclose(times, 2.0)
+    assert times.size == 25  # 2 ms runs until 49 ms have passed: duration dominates min_iters
+    first_timed = calls[-times.size]
+    assert first_timed >= MIN_WARMUP_S  # the 0 s warm-up request was raised to trtexec's 200 ms
+    times = measure(call, warmup_s=0.3, min_duration_s=0.0, min_iters=7, clock=clock)
+    assert times.size == 7  # min_iters dominates a zero duration
+    assert measure(call, warmup_s=0.2, min_duration_s=10.0, min_iters=1, max_iters=4, clock=clock).size == 4
+
+
+def test_measure_device_splits_host_latency_and_gpu_compute():
+    clock = FakeClock()
+    runner = FakeRunner(clock, batch=4)
+    x = np.zeros((4, 3, 8, 8), dtype=np.float32)
+    host, compute = measure_device(runner, x, warmup_s=0.2, min_duration_s=0.1, min_iters=5, clock=clock,
+                                   new_event=FakeEvent)
+    # host: 1 ms H2D + 0.5 ms launch + 4 ms kernel + 0.5 ms D2H; compute: launch + kernel between the events
+    assert np.allclose(host, 6.0) and np.allclose(compute, 4.5)
+    assert host.size == compute.size == 17  # first run at or past 100 ms of timed runs: ceil(100 / 6)
+    warmup_runs = runner.calls["compute"] - host.size
+    assert warmup_runs >= 1 + int(0.2 / 0.006)  # one untimed first call, then >= 200 ms of warm-up
+    assert runner.calls["stage"] == runner.calls["compute"] == runner.calls["fetch"]
+    assert runner.shapes == {(4, 3, 8, 8)}
+
+
+def test_profile_device_reports_every_field_per_batch():
+    clock = FakeClock()
+    made: list[int] = []
+
+    def make_runner(batch: int) -> FakeRunner:
+        made.append(batch)
+        return FakeRunner(clock, batch, kernel_ms=(4.0, 4.0, 4.0, 4.0, 14.0))
+
+    prof = profile_device(make_runner, (3, 8, 8), batches=(1, 8), warmup_s=0.2, min_duration_s=0.5, min_iters=10,
+                          progress=False, clock=clock, new_event=FakeEvent)
+    assert made == [1, 8] and list(prof) == [1, 8]
+    for batch, stats in prof.items():
+        assert set(FIELDS) | set(HOST_FIELDS) | set(COMPUTE_FIELDS) == set(stats)
+        assert stats["compute_p50_ms"] == pytest.approx(4.5) and stats["compute_max_ms"] == pytest.approx(14.5)
+        assert stats["p50_ms"] == stats["host_p50_ms"] == pytest.approx(6.0)
+        assert stats["p99_ms"] == pytest.approx(16.0)  # one slow kernel in five: the tail shows it, p50 doesn't
+        assert stats["throughput"] == pytest.approx(batch * 1e3 / stats["mean_ms"])
+        assert stats["iterations"] >= 10
+
+
+def test_profile_tensorrt_times_one_runner_over_every_batch(monkeypatch, tmp_path):
+    import cascadec.backends.tensorrt_backend as trtb
+    from cascadec.profile import profile_tensorrt
+
+    clock, opened = FakeClock(), []
+
+    class FakeTrtRunner(FakeRunner):
+        input_shape = (1, 28, 28)  # TrtRunner's shape excludes the batch axis
+
+        def __init__(self, engine_path, device="cuda:0"):
+            super().__init__(clock, batch=1)
+            opened.append((engine_path, device))
+
+    monkeypatch.setattr(trtb, "require_tensorrt", lambda gpu=False: None)
+    monkeypatch.setattr(trtb, "TrtRunner", FakeTrtRunner)
+    plan = tmp_path / "student.plan"
+    with pytest.raises(UserError, match="export RUN --trt"):
+        profile_tensorrt(plan, batches=(1,), progress=False)
+    plan.write_bytes(b"PLAN")
+    prof = profile_tensorrt(plan, batches=(1, 8), warmup_s=0.2, min_duration_s=0.057, min_iters=3, progress=False,
+                            clock=clock, new_event=FakeEvent)
+    assert opened == [(plan, "cuda")]  # one engine, one execution context for every batch size
+    assert prof[8]["compute_p50_ms"] == pytest.approx(4.5) and prof[8]["host_p50_ms"] == pytest.approx(6.0)
+    assert prof[1]["iterations"] == prof[8]["iterations"] == 10
+
+
+def test_summarize_known_values():
+    times = np.arange(1, 101, dtype=np.float64)
+    stats = summarize(times, batch=8)
+    assert tuple(stats) == FIELDS
+    assert stats["p50_ms"] == 50.5 and stats["p90_ms"] == pytest.approx(90.1) and stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["mean_ms"] == 50.5 and stats["min_ms"] == 1.0 and stats["max_ms"] == 100.0 and stats["iterations"] == 100
+    assert stats["throughput"] == pytest.approx(8 * 1000 / 50.5)
+    split = summarize(times, batch=1, compute_ms=times / 2)
+    assert split["host_p50_ms"] == 50.5 and split["compute_p50_ms"] == 25.25 and split["compute_max_ms"] == 50.0
+
+
+def test_protocol_record_says_when_warmup_was_raised():
+    record = protocol_record(backend="onnxruntime", device="cpu", warmup_s=0.01, min_duration_s=3.0, min_iters=10,
+                             threads=2)
+    assert record["warmup_s"] == MIN_WARMUP_S and record["warmup_requested_s"] == 0.01 and "0.2 s" in record["note"]
+    assert {"duration_s", "min_iters", "threads", "device", "cuda_graph", "timer"} <= set(record)
+    gpu = protocol_record(backend="torch-cuda", device="cuda", warmup_s=0.5, min_duration_s=3.0, min_iters=10,
+                          cuda_graph=True)
+    assert gpu["warmup_s"] == 0.5 and "note" not in gpu and gpu["cuda_graph"] is True and "CUDA events" in gpu["timer"]
+    json.dumps(gpu)
+
+
+# ---------------------------------------------------------------- real CPU backends
+
+
 def check_stats(stats: dict, min_iters: int) -> None:
     assert tuple(stats) == FIELDS
     assert stats["iterations"] >= min_iters
     for key in FIELDS:
         if key != "std_ms":
             assert stats[key] > 0, key
-    assert stats["std_ms"] >= 0
     assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"]
 
 
@@ -59,22 +245,6 @@ def test_profile_torch_fields():
         check_stats(stats, 5)
 
 
-def test_min_iters_and_duration_respected():
-    calls = []
-    times = measure(lambda: calls.append(1), warmup_s=0.0, min_duration_s=0.0, min_iters=7)
-    assert times.size == 7 and len(calls) == 8  # one warm-up call
-    times = measure(lambda: None, warmup_s=0.0, min_duration_s=0.05, min_iters=1)
-    assert times.size > 1
-    assert measure(lambda: None, warmup_s=0.0, min_duration_s=10.0, min_iters=1, max_iters=3).size == 3
-
-
-def test_summarize_known_values():
-    stats = summarize(np.array([1.0, 2.0, 3.0, 4.0]), batch=8)
-    assert stats["p50_ms"] == 2.5 and stats["mean_ms"] == 2.5 and stats["min_ms"] == 1.0 and stats["max_ms"] == 4.0
-    assert stats["throughput"] == pytest.approx(8 * 1000 / 2.5)
-    assert stats["iterations"] == 4
-
-
 def test_compare_speedup():
     teacher = {1: {"p50_ms": 4.0}, 8: {"p50_ms": 20.0}, 32: {"p50_ms": 60.0}}
     student = {"1": {"p50_ms": 2.0}, "8": {"p50_ms": 5.0}}  # as read back from report.json
@@ -84,7 +254,7 @@ def test_compare_speedup():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"batches": (0,)}, "batch"), ({"batches": ()}, "batch"), ({"min_iters": 0}, "min_iters"),
-     ({"warmup_s": -1}, "warmup_s")],
+     ({"warmup_s": -1}, "warmup_s"), ({"min_duration_s": -1}, "min_duration_s")],
 )
 def test_protocol_argument_errors(onnx_path, kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -98,3 +268,74 @@ def test_profile_input_errors(onnx_path, tmp_path):
         profile_onnx(tmp_path / "missing.onnx", (3, 16, 16), **FAST)
     with pytest.raises(UserError, match="input shape"):
         profile_torch(small_net(), (), **FAST)
+    with pytest.raises(UserError, match="CUDA"):
+        profile_torch(small_net(), (3, 16, 16), cuda_graph=True, **FAST)
+
+
+# ---------------------------------------------------------------- backend names and availability
+
+
+def test_backend_names():
+    assert resolve_backend("ort") == "onnxruntime" and resolve_backend("TRT") == "tensorrt"
+    assert resolve_backend("torch-cuda") == "torch-cuda" and resolve_backend("onnxruntime-trt") == "onnxruntime-trt"
+    with pytest.raises(UserError, match="torch-cuda"):
+        resolve_backend("junk")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the refusal on machines without a GPU")
+@pytest.mark.parametrize(("backend", "match"), [("onnxruntime-cuda", "CUDAExecutionProvider"),
+                                                ("onnxruntime-trt", "TensorrtExecutionProvider"),
+                                                ("torch-cuda", "CUDA"), ("tensorrt", "TensorRT")])
+def test_gpu_backends_refused_without_gpu(backend, match, onnx_path):
+    with pytest.raises(UserError, match=match):
+        require_backend(backend)
+    if backend.startswith("onnxruntime"):
+        from cascadec.device_runners import OrtDeviceRunner
+
+        with pytest.raises(UserError, match=match):
+            OrtDeviceRunner(onnx_path, (3, 16, 16), provider="tensorrt" if backend.endswith("trt") else "cuda")
+    if backend == "torch-cuda":
+        from cascadec.device_runners import TorchCudaRunner
+
+        with pytest.raises(UserError, match=match):
+            TorchCudaRunner(small_net(), (1, 3, 16, 16), device="cuda")
+
+
+# ---------------------------------------------------------------- the command on a run directory
+
+
+def test_cli_profile_gpu_backend_without_gpu_exits_2_and_leaves_the_run_alone(cli, copy_run):
+    if not NO_GPU:
+        pytest.skip("this machine has a GPU")
+    run = copy_run()
+    before = (run / "manifest.json").read_text()
+    result = cli("profile", run, "--backend", "onnxruntime-cuda", "--batch", "1")
+    assert result.code == 2 and len(result.err_lines) == 1 and "Traceback" not in result.err, result.err
+    assert "CUDAExecutionProvider" in result.err
+    assert (run / "manifest.json").read_text() == before  # no stage marked failed
+    assert cli("profile", run, "--backend", "onnxruntime", "--cuda-graph").code == 2  # torch-cuda only
+    for backend, says in (("tensorrt", "TensorRT"), ("torch-cuda", "CUDA"), ("onnxruntime-trt", "TensorrtExecutionProvider")):
+        result = cli("profile", run, "--backend", backend, "--batch", "1")
+        assert result.code == 2 and len(result.err_lines) == 1 and says in result.err, (backend, result.err)
+    result = cli("profile", run / "student.onnx", "--backend", "torch")
+    assert result.code == 2 and "cannot run a .onnx file" in result.err
+    assert (run / "manifest.json").read_text() == before
+
+
+def test_cli_profile_torch_backend_records_latency_per_backend(cli, copy_run):
+    run = copy_run()
+    result = cli("profile", run, "--backend", "torch", "--batch", "1,2", "--duration", "0.02", "--iterations", "3",
+                 "--threads", "1")
+    assert result.code == 0, result.err
+    assert "latency (torch)" in result.out and "speed-up" in result.out
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["latency"]) == {"onnxruntime", "torch"}  # the compress stage's numbers are kept
+    torch_node = report["latency"]["torch"]
+    assert torch_node["student"]["2"]["iterations"] >= 3 and torch_node["student"]["2"]["p50_ms"] > 0
+    assert torch_node["protocol"]["duration_s"] == 0.02 and torch_node["protocol"]["warmup_s"] >= MIN_WARMUP_S
+    assert torch_node["protocol"]["threads"] == 1 and torch_node["protocol"]["device"] == "cpu"
+    assert set(report["speedup"]) == {"onnxruntime", "torch"} and set(report["speedup"]["torch"]) == {"1", "2"}
+    md = (run / "report.md").read_text()
+    assert "### onnxruntime" in md and "### torch" in md and "Protocol: device cpu" in md
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["profile.torch"]["status"] == "done" and manifest["stages"]["profile"]["status"] == "done"

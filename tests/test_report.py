@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cascadec.envinfo import environment
-from cascadec.profile import summarize
+from cascadec.profile import protocol_record, summarize
 from cascadec.report import fmt_accuracy, fmt_flops, fmt_params, render_markdown, summary_table, write_report
 from cascadec.verify import Gate, compare_outputs
 
@@ -17,6 +17,15 @@ from cascadec.verify import Gate, compare_outputs
 def latency(p50: float) -> dict:
     # int batch keys, as profile_onnx returns them; the writer must turn them into strings
     return {b: summarize(np.array([p50 * b, p50 * b * 1.1, p50 * b * 1.3]), b) for b in (1, 8, 32)}
+
+
+def gpu_latency(p50: float) -> dict:
+    """Host latency = compute + 0.25 ms of copies, as measure_device would report it."""
+    out = {}
+    for b in (1, 8):
+        compute = np.array([p50 * b, p50 * b * 1.1, p50 * b * 1.3])
+        out[b] = summarize(compute + 0.25, b, compute_ms=compute)
+    return out
 
 
 def full_report() -> dict:
@@ -59,10 +68,15 @@ def test_markdown_tables(tmp_path):
         assert heading in md
     assert "| Accuracy | 69.76% | 69.12% | -0.64 pp |" in md
     assert "1.82 GMac" in md and "910.00 MMac" in md and "11.69 M" in md
-    assert "| onnxruntime | 20 |" in md and "PASS" in md
-    assert "| onnxruntime | student | 1 |" in md and "2.00x" in md
-    lines = [ln for ln in md.splitlines() if ln.startswith("| onnxruntime | student")]
-    assert [ln.split("|")[3].strip() for ln in lines] == ["1", "8", "32"]  # numeric batch order
+    parity_md = md.split("## Parity", 1)[1].split("## Latency", 1)[0]
+    parity_rows = [ln for ln in parity_md.splitlines() if ln.startswith("| onnxruntime |")]
+    assert len(parity_rows) == 1 and "| 20 |" in parity_rows[0] and "PASS" in parity_rows[0]
+    latency_md = md.split("### onnxruntime", 1)[1].split("##", 1)[0]
+    lines = [ln for ln in latency_md.splitlines() if ln.startswith("| student |")]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["1", "8", "32"]  # numeric batch order
+    assert all(ln.rstrip().endswith("| 2.00x |") for ln in lines)
+    assert "| student | 1 | 2.200 | 2.520 | 2.560 | 2.592 | 2.267 | 3 | 441.2 | 2.00x |" in md  # p50..p99, mean, runs
+    assert "| CPU latency p50 (bs=1) | 4.40 ms | 2.20 ms | 2.00x faster |" in md  # speed-up in the summary too
     assert "| torch |" in md  # environment versions table
     assert all(ln.count("|") == lines[0].count("|") for ln in lines)
 
@@ -76,6 +90,26 @@ def test_markdown_tolerates_missing_sections(tmp_path):
     assert render_markdown({}).startswith("# cascadec report")
     partial = {"latency": {"onnxruntime": {"student": latency(1.0)}}}  # no teacher: no speed-up
     assert "## Latency" in render_markdown(partial)
+
+
+def test_gpu_backend_table_splits_host_and_compute():
+    report = full_report()
+    report["latency"]["onnxruntime-cuda"] = {
+        "teacher": gpu_latency(1.0), "student": gpu_latency(0.5),
+        "protocol": protocol_record(backend="onnxruntime-cuda", device="cuda", warmup_s=0.2, min_duration_s=3.0,
+                                    min_iters=10)}
+    md = render_markdown(report)
+    cuda_md = md.split("### onnxruntime-cuda", 1)[1]
+    assert "Protocol: device cuda; warm-up 0.2 s; then at least 3 s and 10 runs" in cuda_md
+    assert "GPU compute p50 ms" in cuda_md and "host latency" in cuda_md.lower()
+    # student bs=1: compute p50 0.55 ms, host p50 0.80 ms (0.25 ms of copies); speed-up (1.10 + .25) / 0.80 host
+    row = next(ln for ln in cuda_md.splitlines() if ln.startswith("| student | 1 |"))
+    assert "| 0.800 |" in row and "| 0.550 |" in row and "| 0.250 |" in row and row.rstrip().endswith("| 1.69x |")
+    assert "GPU compute" not in md.split("### onnxruntime-cuda", 1)[0]  # the CPU table has no split
+    console = Console(record=True, width=140)
+    console.print(summary_table(report))
+    text = console.export_text()
+    assert "CPU latency p50 (bs=1)" in text and "onnxruntime-cuda latency p50 (bs=8)" in text and "1.69x faster" in text
 
 
 def test_failed_parity_lists_failures(tmp_path):
@@ -96,6 +130,9 @@ def test_summary_table():
     for needle in ("Accuracy", "69.76%", "FLOPs", "Params", "Parity (onnxruntime)", "PASS",
                    "CPU latency p50 (bs=1)", "2.00x faster"):
         assert needle in text
+    slower = full_report()
+    slower["latency"]["onnxruntime"]["student"] = latency(8.0)  # a student slower than its teacher says so
+    assert "| CPU latency p50 (bs=1) | 4.40 ms | 8.80 ms | 2.00x slower |" in render_markdown(slower)
     empty = Console(record=True, width=140)
     empty.print(summary_table({}))
     assert "Accuracy" in empty.export_text()
@@ -113,5 +150,8 @@ def test_environment_fields():
     assert {"torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "torch_pruning", "tensorrt"} <= set(
         env["versions"])
     assert env["versions"]["torch"] and env["python"] and env["platform"]
-    assert {"gpu", "gpu_driver", "cuda"} <= set(env)
+    assert {"gpu", "gpu_driver", "cuda", "cudnn", "gpu_compute_capability", "gpu_memory_gb"} <= set(env)
+    assert env["physical_cores"] is None or 1 <= env["physical_cores"] <= env["logical_cores"]
+    assert env["ram_gb"] > 0 and env["usable_cpus"] >= 1
+    assert "CPUExecutionProvider" in env["onnxruntime_providers"]
     json.dumps(env)

@@ -51,7 +51,7 @@ def fake_tensorrt(calls: list):
             for n in names:
                 setattr(self, n, n)
 
-    trt.BuilderFlag = Enum("FP16", "INT8")
+    trt.BuilderFlag = Enum("FP16", "INT8", "TF32")
     trt.MemoryPoolType = Enum("WORKSPACE")
 
     class Logger:
@@ -87,6 +87,7 @@ def fake_tensorrt(calls: list):
         set_memory_pool_limit = rec("set_memory_pool_limit")
         add_optimization_profile = rec("add_optimization_profile")
         set_flag = rec("set_flag")
+        clear_flag = rec("clear_flag")
         create_timing_cache = rec("create_timing_cache", Cache())
         set_timing_cache = rec("set_timing_cache")
         get_timing_cache = rec("get_timing_cache", Cache())
@@ -133,6 +134,17 @@ def test_build_engine_calls_the_api_in_order_and_writes_metadata(monkeypatch, tm
     assert written["profile"] == {"min": [1, 1, 28, 28], "opt": [8, 1, 28, 28], "max": [32, 1, 28, 28]}
 
 
+def test_fp32_engine_turns_tf32_off(monkeypatch, tmp_path):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 0)))
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(b"onnx-bytes")
+    meta = trtb.build_engine(onnx, tmp_path / "student.plan")
+    assert ("clear_flag", ("TF32",)) in calls and not any(c[0] == "set_flag" for c in calls)
+    assert meta["precision"] == "fp32"
+
+
 def test_int8_needs_calibration_images(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([]))
     monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 0)))
@@ -153,3 +165,209 @@ def test_fp16_on_tensorrt_without_the_flag_is_refused(monkeypatch, tmp_path):
     onnx.write_bytes(b"x")
     with pytest.raises(UserError, match="BuilderFlag.FP16"):
         trtb.build_engine(onnx, tmp_path / "m.plan", fp16=True)
+
+
+# ---------------------------------------------------------------- TrtRunner against a fake runtime
+
+
+def fake_runtime(calls: list, registry: dict):
+    """The TensorRT 10 runtime surface TrtRunner uses. ``registry`` maps a device pointer to the
+    (CPU) tensor behind it, so the fake engine reads and writes through the addresses it is given."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99.0"
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")
+    trt.nptype = lambda t: {"FLOAT": np.float32, "HALF": np.float16}[t]
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, level):
+            calls.append(("Logger", (level,)))
+
+    class Context:
+        def __init__(self):
+            self.addresses, self.shape = {}, None
+
+        def set_input_shape(self, name, shape):
+            calls.append(("set_input_shape", (name, tuple(shape))))
+            self.shape = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.shape[0], 10) if name == "logits" else self.shape
+
+        def set_tensor_address(self, name, ptr):
+            calls.append(("set_tensor_address", (name,)))
+            self.addresses[name] = ptr
+
+        def execute_async_v3(self, stream_handle):
+            calls.append(("execute_async_v3", (stream_handle,)))
+            x, out = registry[self.addresses["input"]], registry[self.addresses["logits"]]
+            out.copy_(x.flatten(1)[:, :10] * 2 + 1)  # a known function of the input
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ("input", "logits")[i]
+
+        def get_tensor_mode(self, name):
+            return "INPUT" if name == "input" else "OUTPUT"
+
+        def get_tensor_shape(self, name):
+            return (-1, 1, 28, 28) if name == "input" else (-1, 10)
+
+        def get_tensor_dtype(self, name):
+            return "FLOAT"
+
+        def get_tensor_profile_shape(self, name, profile_index):
+            assert (name, profile_index) == ("input", 0)
+            return [(1, 1, 28, 28), (8, 1, 28, 28), (32, 1, 28, 28)]
+
+        def create_execution_context(self):
+            calls.append(("create_execution_context", ()))
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            calls.append(("Runtime", ()))
+
+        def deserialize_cuda_engine(self, data):
+            calls.append(("deserialize_cuda_engine", (bytes(data),)))
+            return Engine() if data == b"PLAN" else None  # TensorRT returns None for a bad plan
+
+    trt.Logger, trt.Runtime = Logger, Runtime
+    return trt
+
+
+class FakeStream:
+    cuda_stream = 1234
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def synchronize(self):
+        self.calls.append(("synchronize", ()))
+
+
+@pytest.fixture
+def runtime(monkeypatch, tmp_path):
+    import torch
+
+    calls: list = []
+    registry: dict = {}
+
+    def device_empty(shape, dtype, device):
+        t = torch.empty(tuple(shape), dtype=dtype)  # CPU stands in for the GPU
+        registry[t.data_ptr()] = t
+        return t
+
+    def h2d(buffer, host, stream):
+        calls.append(("h2d", (tuple(host.shape),)))
+        buffer.copy_(host)
+        stream.synchronize()
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime(calls, registry))
+    monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 0)))
+    monkeypatch.setattr(trtb, "_cuda_stream", lambda device: FakeStream(calls))
+    monkeypatch.setattr(trtb, "_device_empty", device_empty)
+    monkeypatch.setattr(trtb, "_h2d", h2d)
+    plan = tmp_path / "student.plan"
+    plan.write_bytes(b"PLAN")
+    (tmp_path / "student.plan.json").write_text(json.dumps({"tensorrt": "10.99.1", "precision": "fp16"}))
+    return types.SimpleNamespace(calls=calls, plan=plan, dir=tmp_path)
+
+
+def expected(x):
+    return x.reshape(len(x), -1)[:, :10] * 2 + 1
+
+
+def test_trt_runner_interface_and_call_order(runtime):
+    runner = trtb.TrtRunner(runtime.plan)
+    assert (runner.input_name, runner.output_name, runner.precision) == ("input", "logits", "fp16")
+    assert runner.input_shape == (1, 28, 28) and runner.batch_range == (1, 32)
+    assert runner.stream.cuda_stream == 1234
+    assert [c[0] for c in runtime.calls] == ["Logger", "Runtime", "deserialize_cuda_engine", "create_execution_context"]
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
+    runtime.calls.clear()
+    runner.stage(x)
+    assert [c[0] for c in runtime.calls] == ["set_input_shape", "set_tensor_address", "set_tensor_address", "h2d",
+                                             "synchronize"]
+    assert runtime.calls[0][1] == ("input", (4, 1, 28, 28))
+    runtime.calls.clear()
+    runner.compute()
+    assert runtime.calls == [("execute_async_v3", (1234,))]  # enqueue only: no copy, no synchronise
+    runtime.calls.clear()
+    out = runner.fetch()
+    assert runtime.calls == [("synchronize", ())]
+    np.testing.assert_allclose(out, expected(x), rtol=0, atol=1e-6)
+    assert out.dtype == np.float32 and out.shape == (4, 10)
+
+
+def test_trt_runner_reuses_buffers_until_the_batch_changes(runtime):
+    runner = trtb.TrtRunner(runtime.plan)
+    rng = np.random.default_rng(1)
+    a, b, c = (rng.standard_normal((n, 1, 28, 28), dtype=np.float32) for n in (2, 2, 5))
+    runtime.calls.clear()
+    np.testing.assert_allclose(runner(a), expected(a), atol=1e-6)
+    np.testing.assert_allclose(runner(b), expected(b), atol=1e-6)
+    np.testing.assert_allclose(runner(c), expected(c), atol=1e-6)
+    assert [c[1] for c in runtime.calls if c[0] == "set_input_shape"] == [("input", (2, 1, 28, 28)), ("input", (5, 1, 28, 28))]
+
+
+def test_trt_runner_input_errors(runtime):
+    runner = trtb.TrtRunner(runtime.plan)
+    with pytest.raises(RuntimeError, match="before stage"):
+        runner.compute()
+    with pytest.raises(UserError, match=r"does not match student.plan input \(N, 1, 28, 28\)"):
+        runner(np.zeros((1, 3, 28, 28), np.float32))
+    with pytest.raises(UserError, match=r"batch 33 is outside .* \(1\.\.32\)"):
+        runner(np.zeros((33, 1, 28, 28), np.float32))
+
+
+def test_trt_runner_refuses_bad_engines(runtime):
+    with pytest.raises(UserError, match="TensorRT engine not found"):
+        trtb.TrtRunner(runtime.dir / "nope.plan")
+    with pytest.raises(UserError, match="runs on a CUDA device"):
+        trtb.TrtRunner(runtime.plan, device="cpu")
+    corrupt = runtime.dir / "corrupt.plan"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="cannot deserialize this engine") as info:
+        trtb.TrtRunner(corrupt)
+    assert "\n" not in str(info.value)
+    (runtime.dir / "student.plan.json").write_text(json.dumps({"tensorrt": "10.3.0", "precision": "fp32"}))
+    with pytest.raises(UserError, match=r"built with TensorRT 10\.3\.0, this is TensorRT 10\.99\.0"):
+        trtb.TrtRunner(runtime.plan)
+    (runtime.dir / "student.plan.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable engine metadata"):
+        trtb.TrtRunner(runtime.plan)
+
+
+def test_trt_runner_without_metadata_assumes_fp32(runtime):
+    (runtime.dir / "student.plan.json").unlink()
+    with pytest.warns(UserWarning, match="assuming an fp32 engine"):
+        runner = trtb.TrtRunner(runtime.plan)
+    assert runner.precision == "fp32"
+
+
+def test_tensorrt_backend_name_runs_the_runs_engine(runtime):
+    from cascadec.backends import get_runner
+
+    runner = get_runner("trt", onnx_path=runtime.dir / "student.onnx")
+    assert isinstance(runner, trtb.TrtRunner) and runner.path == runtime.plan and runner.precision == "fp16"
+    assert str(runner.device) == "cuda:0"
+    x = np.ones((3, 1, 28, 28), np.float32)
+    np.testing.assert_allclose(runner(x), expected(x), atol=1e-6)
+
+
+def test_tensorrt_backend_without_tensorrt_is_one_line(monkeypatch, tmp_path):
+    from cascadec.backends import get_runner
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(UserError, match=r"TensorRT is not installed: pip install 'cascadec\[gpu\]'"):
+        trtb.TrtRunner(tmp_path / "student.plan")
+    with pytest.raises(UserError, match="TensorRT is not installed"):
+        get_runner("tensorrt", onnx_path=tmp_path / "student.onnx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import cascadec.verify as verify_mod
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.errors import GateFailed, UserError
-from cascadec.verify import Gate, compare_outputs, raise_on_failure, verify_backends, verify_run
+from cascadec.verify import DEFAULT_TOLERANCES, Gate, Tolerance, compare_outputs, raise_on_failure, verify_backends, verify_run
 
 REF = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
 
@@ -36,7 +37,7 @@ def test_compare_numbers_by_hand():
     assert r["max_abs_diff"] == pytest.approx(2.0)
     assert r["mean_abs_diff"] == pytest.approx(2.75 / 18)
     assert r["min_atol_to_pass"] == pytest.approx(2.0)
-    assert r["max_rel_diff"] == pytest.approx(0.25 / 1e-12)
+    assert r["max_rel_diff"] == pytest.approx(0.25 / np.finfo(np.float64).eps)  # Polygraphy's epsilon for zeros
     assert r["top1_agreement"] == pytest.approx(2 / 3)
     # row 0 top-5 {1..5}, row 1 top-5 {0..4} in both; row 2: cand adds class 0 but ties among zeros
     assert 0.0 <= r["top5_agreement"] <= 1.0
@@ -64,7 +65,9 @@ def test_nonfinite_never_passes():
     r = compare_outputs(REF, cand)
     assert r["nonfinite"] == 1 and math.isinf(r["max_abs_diff"])
     metrics = {f["metric"] for f in Gate().check(r)}
-    assert {"nonfinite", "max_abs_diff"} <= metrics
+    assert {"nonfinite", "tolerance"} <= metrics
+    loose = Tolerance(atol=1e9, rtol=1e9)
+    assert compare_outputs(REF, cand, tolerance=loose)["mismatched_elements"] == 1  # NaN fails any tolerance
 
 
 @pytest.mark.parametrize(
@@ -81,13 +84,14 @@ def test_gate_pass_and_fail():
     assert Gate().check(ok) == []
     bad = compare_outputs(REF, REF[:, ::-1].copy())
     failures = Gate().check(bad)
-    assert {f["metric"] for f in failures} == {"max_abs_diff", "top1_agreement"}
-    f = next(f for f in failures if f["metric"] == "max_abs_diff")
-    assert f["value"] == pytest.approx(5.0) and f["threshold"] == 1e-4 and f["op"] == "<="
-    assert "max_abs_diff" in f["message"]
-    loose = Gate(max_abs_diff=None, min_top1_agreement=0.0)
+    assert {f["metric"] for f in failures} == {"tolerance", "top1_agreement"}
+    f = next(f for f in failures if f["metric"] == "tolerance")
+    assert f["value"] == pytest.approx(5.0) and f["threshold"] == 1e-4 and f["precision"] == "fp32"
+    assert "atol 0.0001" in f["required"] and "rtol 0.001" in f["required"]
+    no_tensor_check = {"fp32": Tolerance(atol=None, rtol=None)}
+    loose = Gate(tolerances=no_tensor_check, min_top1_agreement=0.0)
     assert loose.check(bad) == []
-    drop = Gate(max_abs_diff=None, min_top1_agreement=None, max_accuracy_drop=0.1)
+    drop = Gate(tolerances=no_tensor_check, min_top1_agreement=None, max_accuracy_drop=0.1)
     assert [f["metric"] for f in drop.check(compare_outputs(REF, REF[:, ::-1].copy(), np.array([5, 0, 1])))] == [
         "accuracy_drop"
     ]
@@ -105,7 +109,8 @@ def test_raise_on_failure():
     assert len(info.value.failures) == 2
     message = str(info.value)
     assert message.startswith("parity gate failed for onnxruntime")
-    assert "backend" in message and "max_abs_diff" in message and "<= 0.0001" in message
+    assert "backend" in message and "precision" in message and "required" in message
+    assert "tolerance" in message and "atol 0.0001" in message and "fp32" in message
     raise_on_failure({"backends": {"torch": results["backends"]["torch"]}})  # passing: no raise
 
 
@@ -143,7 +148,11 @@ def test_verify_backends_arrays(exported):
         expected = (model(torch.from_numpy(x[:40])).argmax(1).numpy() == y[:40]).mean()
     assert out["torch_accuracy"] == pytest.approx(expected)
     assert ort["accuracy"] == pytest.approx(expected)
-    assert out["gate"]["max_abs_diff"] == 1e-4
+    assert ort["precision"] == "fp32" and ort["atol"] == 1e-4 and ort["rtol"] == 1e-3
+    assert ort["mismatched_elements"] == 0 and ort["min_atol_to_pass"] == ort["max_abs_diff"]
+    assert ort["thresholds"]["min_top1_agreement"] == 0.999
+    assert out["gate"]["tolerances"]["fp16"]["atol"] == 1e-2
+    assert "first_divergence" not in ort
     raise_on_failure(out)
 
 
@@ -169,9 +178,13 @@ def test_verify_backends_detects_divergence(exported, monkeypatch):
     out = verify_backends(model, path, (x, y), samples=50, progress=False)
     result = out["backends"]["onnxruntime"]
     assert result["passed"] is False
-    assert "max_abs_diff" in {f["metric"] for f in result["failures"]}
-    with pytest.raises(GateFailed, match="onnxruntime"):
+    assert "tolerance" in {f["metric"] for f in result["failures"]}
+    # the skew is added after the graph: every node agrees, and the search says so
+    assert result["first_divergence"]["node"] is None
+    assert "no ONNX node exceeded" in result["first_divergence"]["error"]
+    with pytest.raises(GateFailed, match="onnxruntime") as info:
         raise_on_failure(out)
+    assert "first divergent layer (onnxruntime): not found" in str(info.value)
 
 
 def test_verify_backends_errors(exported):
@@ -184,3 +197,214 @@ def test_verify_backends_errors(exported):
         verify_backends(model, path, x[:0], progress=False)
     with pytest.raises(UserError, match="cannot read samples"):
         verify_backends(model, path, 42, progress=False)
+
+
+def test_polygraphy_elementwise_semantics():
+    """An element passes when atol OR rtol covers it (Polygraphy's elemwise check)."""
+    ref = np.array([[100.0, 1.0, 0.0, -2.0, 5.0]])
+    cand = ref + np.array([[0.5, 0.05, 0.0, 0.0, 0.0]])  # 0.5 on 100 is 0.5 % rel; 0.05 on 1 is 5 % rel
+    tol = Tolerance(atol=0.1, rtol=0.01)
+    r = compare_outputs(ref, cand, tolerance=tol)
+    assert r["mismatched_elements"] == 0  # 0.5 > atol but rel 0.005 <= rtol; 0.05 <= atol though rel 0.05 > rtol
+    assert Gate(tolerances={"fp32": tol}).check(r) == []
+    assert r["min_atol_to_pass"] == pytest.approx(0.5) and r["min_rtol_to_pass"] == pytest.approx(0.05)
+    # with rtol 0.01 kept, only the 0.05-on-1 element needs atol; with atol 0.1 kept, only the 0.5-on-100 one needs rtol
+    assert r["min_atol_at_rtol"] == pytest.approx(0.05) and r["min_rtol_at_atol"] == pytest.approx(0.005)
+    strict = Tolerance(atol=0.01, rtol=0.001)
+    r2 = compare_outputs(ref, cand, tolerance=strict)
+    assert r2["mismatched_elements"] == 2 and r2["total_elements"] == 5
+    failures = Gate(tolerances={"fp32": strict}).check(r2)
+    assert [f["metric"] for f in failures] == ["tolerance"] and "2 of 5 elements" in failures[0]["shown"]
+    only_rtol = Tolerance(atol=None, rtol=0.01)  # atol None counts as 0
+    assert compare_outputs(ref, cand, tolerance=only_rtol)["mismatched_elements"] == 1
+
+
+def test_tolerances_depend_on_precision():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((64, 10)) * 5
+    cand = ref + rng.uniform(-4e-3, 4e-3, ref.shape)  # fp16-sized error
+    gate = Gate()
+    for precision, passes in (("fp32", False), ("fp16", True), ("int8", True)):
+        r = compare_outputs(ref, cand, tolerance=gate.tolerance(precision))
+        assert (gate.check(r, precision) == []) is passes, precision
+    assert gate.thresholds("fp16")["min_top1_agreement"] == 0.99  # fp16's own, not the gate's 0.999
+    assert gate.thresholds("fp32")["min_top1_agreement"] == 0.999
+    with pytest.raises(UserError, match="no parity tolerances for precision 'bf16'"):
+        gate.check(compare_outputs(ref, cand), "bf16")
+
+
+def test_int8_is_judged_by_decisions():
+    ref = np.tile(np.arange(10.0), (100, 1))
+    labels = np.full(100, 9)
+    cand = ref + np.random.default_rng(1).uniform(-0.3, 0.3, ref.shape)  # quantisation noise, top-1 kept
+    gate = Gate()
+    ok = compare_outputs(ref, cand, labels, tolerance=gate.tolerance("int8"))
+    assert gate.check(ok, "int8") == []
+    flipped = cand.copy()
+    flipped[:5, 0] = 20.0  # 5 % of the decisions change: accuracy drops 5 points, agreement 0.95
+    bad = compare_outputs(ref, flipped, labels, tolerance=gate.tolerance("int8"))
+    metrics = {f["metric"] for f in gate.check(bad, "int8")}
+    assert {"top1_agreement", "accuracy_drop"} <= metrics
+
+
+def test_legacy_max_abs_diff_caps_fp32_only():
+    r = compare_outputs(REF, REF + 1e-3)
+    gate = Gate(tolerances={**DEFAULT_TOLERANCES, "fp32": Tolerance(atol=1.0, rtol=1.0)}, max_abs_diff=1e-4)
+    assert [f["metric"] for f in gate.check(r, "fp32")] == ["max_abs_diff"]
+    assert gate.check(r, "fp16") == []
+
+
+def test_gate_from_recipe_merges_overrides_onto_defaults():
+    from cascadec.recipe import load_recipe
+
+    recipe = load_recipe("fmnist_quick", ["verify.tolerances.fp16.atol=0.05", "verify.max_accuracy_drop=0.02",
+                                          "verify.min_top5_agreement=0.99"])
+    gate = Gate.from_recipe(recipe.verify)
+    assert gate.tolerance("fp16") == Tolerance(atol=0.05, rtol=1e-2, min_top1_agreement=0.99)
+    assert gate.tolerance("fp32") == DEFAULT_TOLERANCES["fp32"] and gate.tolerance("int8") == DEFAULT_TOLERANCES["int8"]
+    assert gate.thresholds("fp32")["max_accuracy_drop"] == 0.02
+    assert gate.thresholds("int8")["max_accuracy_drop"] == 0.01  # int8's own wins
+    assert gate.thresholds("fp32")["min_top5_agreement"] == 0.99
+    assert Gate.from_recipe(load_recipe("fmnist_quick").verify).tolerances == DEFAULT_TOLERANCES
+    with pytest.raises(UserError, match="verify.tolerances.bf16"):
+        load_recipe("fmnist_quick", ["verify.tolerances.bf16.atol=1"])
+
+
+class _Fp16Runner:
+    """Stands in for a TensorRT fp16 engine: the ONNX output with fp16 rounding."""
+
+    precision = "fp16"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, x):
+        return self.inner(x).astype(np.float16).astype(np.float32)
+
+
+def test_verify_backends_uses_the_runner_precision(exported, monkeypatch):
+    model, path, x, y = exported
+    real = verify_mod.get_runner
+    monkeypatch.setattr(verify_mod, "get_runner", lambda name, **kw: _Fp16Runner(real("onnxruntime", **kw)))
+    out = verify_backends(model, path, (x, y), samples=50, progress=False)
+    result = out["backends"]["onnxruntime"]
+    assert result["precision"] == "fp16" and result["atol"] == 1e-2 and result["passed"] is True
+    # fp16 rounding is <= 2**-11 relative, inside even fp32's rtol 1e-3: only a tighter rtol catches it
+    strict = Gate(tolerances={**DEFAULT_TOLERANCES, "fp16": Tolerance(atol=1e-6, rtol=1e-5)})
+    failed = verify_backends(model, path, (x, y), samples=50, progress=False, gate=strict)["backends"]["onnxruntime"]
+    assert failed["passed"] is False and failed["failures"][0]["precision"] == "fp16"
+
+
+def test_a_corrupted_graph_names_its_first_divergent_layer(exported, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    model, path, x, y = exported
+    proto = onnx.load(str(path))
+    conv_weight = next(i for i in proto.graph.initializer if i.name == "body.0.weight")
+    conv_weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(conv_weight) * 1.1, conv_weight.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    out = verify_backends(model, bad, (x, y), samples=20, progress=False)
+    found = out["backends"]["onnxruntime"]["first_divergence"]
+    assert found["op_type"] == "Conv" and found["torch_module"] in ("body.0", "body.1")
+    assert found["node"] == next(n.name for n in proto.graph.node if "body.0.weight" in n.input)
+    with pytest.raises(GateFailed) as info:
+        raise_on_failure(out)
+    text = str(info.value)
+    assert "first divergent layer (onnxruntime): ONNX node" in text and found["node"] in text
+    assert text.splitlines()[1].split() == ["backend", "precision", "metric", "value", "required"]
+
+
+# ---------------------------------------------------------------- the verify command on a finished run
+
+
+def test_cli_verify_prints_precision_and_tolerances(cli, copy_run):
+    run = copy_run()
+    result = cli("verify", run)
+    assert result.code == 0, result.err
+    assert "fp32" in result.out and "0.0001 / 0.001" in result.out
+    parity = json.loads((run / "report.json").read_text())["parity"]["onnxruntime"]
+    assert parity["precision"] == "fp32" and parity["atol"] == 1e-4 and parity["rtol"] == 1e-3
+    assert parity["min_atol_to_pass"] == parity["max_abs_diff"] and "min_rtol_to_pass" in parity
+    assert parity["mismatched_elements"] == 0 and "first_divergence" not in parity
+
+
+def test_cli_forced_tolerance_failure_exits_3_with_table_and_first_layer(cli, copy_run):
+    run = copy_run()
+    result = cli("verify", run, "--set", "verify.tolerances.fp32.atol=1e-12", "--set", "verify.tolerances.fp32.rtol=1e-12")
+    assert result.code == 3, result.err
+    assert "Traceback" not in result.err
+    lines = result.err.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["backend", "precision", "metric", "value", "required"])
+    assert lines[header + 1].split()[:3] == ["onnxruntime", "fp32", "tolerance"]
+    assert "atol 1e-12 or rel <= rtol 1e-12" in result.err
+    assert "first divergent layer (onnxruntime): ONNX node" in result.err
+    report = json.loads((run / "report.json").read_text())
+    parity = report["parity"]["onnxruntime"]
+    assert parity["passed"] is False and parity["atol"] == 1e-12
+    assert parity["first_divergence"]["node"] and parity["first_divergence"]["tolerance"] == {"atol": 1e-12, "rtol": 1e-12}
+    md = (run / "report.md").read_text()
+    assert "first divergent layer: ONNX node" in md and "| onnxruntime | fp32 |" in md
+    assert (run / "recipe.yaml").read_text().count("1e-12") == 0  # --set changes this check, not the run
+
+
+def test_cli_corrupted_student_names_the_corrupted_conv(cli, copy_run):
+    import onnx
+    from onnx import numpy_helper
+
+    run = copy_run()
+    proto = onnx.load(str(run / "student.onnx"))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    target = convs[len(convs) // 2]
+    weight = next(i for i in proto.graph.initializer if i.name == target.input[1])
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(proto, str(run / "student.onnx"))
+    result = cli("verify", run)
+    assert result.code == 3, result.err
+    found = json.loads((run / "report.json").read_text())["parity"]["onnxruntime"]["first_divergence"]
+    assert found["node"] == target.name and found["op_type"] == "Conv" and found["reference"] == "torch"
+    assert found["torch_module"] is not None
+    assert f"ONNX node {target.name!r}" in result.err
+
+
+@pytest.mark.parametrize(("backend", "needs"), [("tensorrt", "TensorRT is not installed"),
+                                                ("onnxruntime-cuda", "CUDAExecutionProvider"),
+                                                ("onnxruntime-trt", "TensorrtExecutionProvider")])
+def test_cli_missing_gpu_backend_is_exit_2_one_line(cli, copy_run, monkeypatch, backend, needs):
+    import sys
+
+    import cascadec.backends.onnxruntime_backend as ortb
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    run = copy_run()
+    result = cli("verify", run, "--backend", backend)
+    assert result.code == 2
+    assert len(result.err_lines) == 1 and needs in result.err and "install" in result.err
+    assert "Traceback" not in result.err
+
+
+class _ProfiledRunner:
+    """An engine whose optimisation profile takes batches 4..8 only (what TrtRunner enforces)."""
+
+    precision = "fp32"
+    batch_range = (4, 8)
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __call__(self, x):
+        assert 4 <= len(x) <= 8, len(x)
+        self.batches.append(len(x))
+        return self.inner(x)
+
+
+def test_batches_are_cut_to_the_engine_profile(exported, monkeypatch):
+    model, path, x, y = exported
+    real = verify_mod.get_runner
+    made = []
+    monkeypatch.setattr(verify_mod, "get_runner", lambda name, **kw: made.append(_ProfiledRunner(real("onnxruntime", **kw))) or made[-1])
+    out = verify_backends(model, path, (x, y), samples=22, progress=False, batch_size=11)
+    assert out["backends"]["onnxruntime"]["passed"] and out["samples"] == 22
+    assert made[0].batches == [8, 4, 8, 4]  # 11 = 8 + 3 padded to 4, twice

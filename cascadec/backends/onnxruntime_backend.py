@@ -40,12 +40,18 @@ def _providers(device: str) -> list[str | tuple[str, dict]]:
     wanted = _PROVIDERS[kind][0]
     available = ort.get_available_providers()
     if wanted not in available:
+        extra = " and TensorRT 10 (pip install 'cascadec[gpu]')" if kind == "tensorrt" else ""
         raise UserError(
             f"onnxruntime has no {wanted} (available: {', '.join(available)}); "
-            "install onnxruntime-gpu on a machine with an NVIDIA GPU"
+            f"install onnxruntime-gpu{extra} on a machine with an NVIDIA GPU"
         )
     options = {"device_id": int(index)} if index else {}
     return [(name, options) if name != "CPUExecutionProvider" and options else name for name in _PROVIDERS[kind]]
+
+
+def require_providers(device: str) -> None:
+    """Fail with one line now, not minutes later, when ``device``'s execution provider is missing."""
+    _providers(device)
 
 
 def _session_options(threads: int | None) -> ort.SessionOptions:
@@ -91,6 +97,9 @@ class OrtRunner:
         self.input_name: str = inputs[0].name
         self.output_name: str = outputs[0].name
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
+        # every provider here computes in float32: the TensorRT provider's fp16/int8 modes are
+        # opt-in (trt_fp16_enable / trt_int8_enable) and cascadec does not turn them on
+        self.precision: str = "fp32"
 
     @property
     def providers(self) -> list[str]:

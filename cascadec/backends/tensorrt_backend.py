@@ -12,8 +12,16 @@ Written against the TensorRT 10 Python API:
 * ``Builder.platform_has_fast_fp16/int8`` are deprecated since 10.5 ("query CUDA directly"), so
   fast fp16/int8 support is read from the compute capability (torch.cuda) and only falls back
   to the builder's properties when they exist;
+* fp32 engines clear ``BuilderFlag.TF32`` (on by default since TensorRT 7.1 on Ampere+), so
+  "fp32" in the metadata means fp32 arithmetic and the fp32 parity tolerances apply;
 * a timing cache (``create_timing_cache`` / ``set_timing_cache`` / ``get_timing_cache``) makes
   rebuilds fast; it is kept next to the engine (or in ``cache_dir``).
+
+Running an engine (:class:`TrtRunner`) uses the TensorRT 10 tensor-address API:
+``Runtime.deserialize_cuda_engine``, ``engine.create_execution_context``,
+``num_io_tensors``/``get_tensor_name``/``get_tensor_mode``, ``context.set_input_shape``,
+``context.set_tensor_address`` and ``context.execute_async_v3(stream_handle)``; device buffers
+and the stream are torch.cuda objects (no pycuda / cuda-python dependency).
 
 ``require_tensorrt()`` is what every entry point calls first, so machines without TensorRT or
 without a CUDA GPU get one line saying what to install.
@@ -163,6 +171,10 @@ def build_engine(
     profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
 
+    if not fp16 and not int8 and hasattr(trt.BuilderFlag, "TF32"):
+        # TensorRT enables TF32 (10-bit mantissa) by default on Ampere and later; an engine
+        # recorded as fp32 must compute in fp32, or it fails the fp32 parity tolerances
+        config.clear_flag(trt.BuilderFlag.TF32)
     if fp16:
         if not _fast(builder, "platform_has_fast_fp16", capability, FP16_MIN_CAPABILITY):
             warnings.warn(f"{gpu_name or 'this GPU'} has no fast FP16; the FP16 engine may be no faster than FP32", stacklevel=2)
@@ -210,3 +222,177 @@ def _fast(builder: Any, attr: str, capability: tuple[int, int] | None, minimum: 
     if capability is not None:
         return tuple(capability) >= minimum
     return bool(getattr(builder, attr, False))
+
+
+# ---------------------------------------------------------------- running an engine
+
+
+def read_metadata(engine_path: str | os.PathLike[str]) -> dict | None:
+    """The ``<engine>.json`` build_engine wrote, or None for an engine built elsewhere."""
+    path = metadata_path(engine_path)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable engine metadata ({type(exc).__name__}); "
+                        "rebuild with 'cascadec export RUN --trt'") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: engine metadata is not a JSON object; rebuild with 'cascadec export RUN --trt'")
+    return meta
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(str(version).split(".")[:2])
+
+
+def _cuda_stream(device: Any) -> Any:
+    """A dedicated stream, so compute() never serialises behind unrelated work on the default one."""
+    import torch
+
+    return torch.cuda.Stream(device=device)
+
+
+def _device_empty(shape: Sequence[int], dtype: Any, device: Any) -> Any:
+    import torch
+
+    return torch.empty(tuple(int(d) for d in shape), dtype=dtype, device=device)
+
+
+def _h2d(buffer: Any, host: Any, stream: Any) -> None:
+    """Host -> device copy ordered on ``stream``, finished before returning."""
+    import torch
+
+    with torch.cuda.stream(stream):
+        buffer.copy_(host)
+    stream.synchronize()
+
+
+def _torch_dtype(trt: ModuleType, trt_dtype: Any) -> Any:
+    """TensorRT DataType -> torch dtype via numpy (``trt.nptype``)."""
+    import torch
+
+    try:
+        return torch.from_numpy(np.empty(0, dtype=trt.nptype(trt_dtype))).dtype
+    except Exception as exc:  # bf16/fp8 engine I/O has no numpy type: not an engine cascadec builds
+        raise UserError(f"TensorRT engine I/O type {trt_dtype} is not supported by cascadec's runner") from exc
+
+
+class TrtRunner:
+    """Run a serialized TensorRT engine: numpy in, numpy out, like every other runner.
+
+    ``stage`` / ``compute`` / ``fetch`` split one call so latency code can time the engine
+    alone (``compute`` enqueues on :attr:`stream` without host copies or synchronisation)
+    apart from the host<->device copies. Device buffers are torch.cuda tensors, kept and
+    reused while the batch size stays the same.
+    """
+
+    def __init__(self, engine_path: str | os.PathLike[str], device: str = "cuda:0") -> None:
+        trt = require_tensorrt(gpu=True)
+        import torch
+
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: TensorRT engine not found; build it with 'cascadec export RUN --trt'")
+        if not str(device).startswith("cuda"):
+            raise UserError(f"TensorRT runs on a CUDA device, not {device!r}")
+        self.meta = read_metadata(self.path)
+        built_with = (self.meta or {}).get("tensorrt")
+        if built_with and _major_minor(built_with) != _major_minor(trt.__version__):
+            # engines are not portable across TensorRT versions; deserialising one only logs an error
+            raise UserError(f"{self.path}: built with TensorRT {built_with}, this is TensorRT {trt.__version__}; "
+                            "rebuild it with 'cascadec export RUN --trt'")
+        self.precision: str = str((self.meta or {}).get("precision") or "fp32")
+        self._trt = trt
+        self.device = torch.device(device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        try:
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        except Exception as exc:  # some versions raise instead of returning None
+            raise UserError(f"{self.path}: TensorRT cannot deserialize this engine ({exc}); it is corrupt or was built "
+                            "with another TensorRT version or GPU; rebuild with 'cascadec export RUN --trt'") from None
+        if self.engine is None:
+            raise UserError(f"{self.path}: TensorRT cannot deserialize this engine (corrupt, or built with another "
+                            "TensorRT version or GPU); rebuild with 'cascadec export RUN --trt'")
+        if self.meta is None:  # an engine built by trtexec or elsewhere: its precision is not recorded
+            warnings.warn(f"{self.path}: no {metadata_path(self.path).name}; assuming an fp32 engine for the "
+                          "parity tolerances", stacklevel=2)
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise UserError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not outputs:
+            raise UserError(f"{self.path}: expected one input and at least one output, found inputs {inputs}, outputs {outputs}")
+        self.input_name: str = inputs[0]
+        self.output_name: str = outputs[0]
+        self.output_names: list[str] = outputs
+        self.input_shape: tuple[int, ...] = tuple(int(d) for d in tuple(self.engine.get_tensor_shape(self.input_name))[1:])
+        self.batch_range: tuple[int, int] = self._batch_range()
+        self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+        self.stream = _cuda_stream(self.device)
+        self._buffers: dict[str, Any] = {}
+        self._batch: int | None = None
+        self._staged = False
+
+    def _batch_range(self) -> tuple[int, int]:
+        """Smallest and largest batch of optimisation profile 0, from the engine or its metadata."""
+        try:
+            shapes = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            return int(tuple(shapes[0])[0]), int(tuple(shapes[2])[0])
+        except Exception:  # an engine without profiles (static shapes) or an older binding
+            profile = (self.meta or {}).get("profile") or {}
+            if profile.get("min") and profile.get("max"):
+                return int(profile["min"][0]), int(profile["max"][0])
+            return 1, 1 << 30
+
+    def _check(self, x: np.ndarray) -> None:
+        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            dims = ", ".join(map(str, self.input_shape))
+            raise UserError(f"input shape {tuple(x.shape)} does not match {self.path.name} input (N, {dims})")
+        low, high = self.batch_range
+        if not low <= x.shape[0] <= high:
+            raise UserError(f"batch {x.shape[0]} is outside {self.path.name}'s optimisation profile ({low}..{high}); "
+                            "rebuild the engine with that batch size in --batch / profile.batches")
+
+    def _bind(self, shape: tuple[int, ...]) -> None:
+        """(Re)allocate device buffers for a new batch size and hand their addresses to TensorRT."""
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise UserError(f"TensorRT rejected input shape {shape} for {self.path.name}")
+        self._buffers = {self.input_name: _device_empty(shape, self._dtypes[self.input_name], self.device)}
+        for name in self.output_names:
+            out_shape = tuple(int(d) for d in tuple(self.context.get_tensor_shape(name)))
+            self._buffers[name] = _device_empty(out_shape, self._dtypes[name], self.device)
+        for name, buffer in self._buffers.items():
+            self.context.set_tensor_address(name, int(buffer.data_ptr()))
+        self._batch = shape[0]
+
+    def stage(self, x: np.ndarray) -> None:
+        """Copy ``x`` into the device input buffer (synchronously); set shapes and addresses."""
+        import torch
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self._check(x)
+        if self._batch != x.shape[0]:
+            self._bind(tuple(int(d) for d in x.shape))
+        _h2d(self._buffers[self.input_name], torch.from_numpy(x).to(self._dtypes[self.input_name]), self.stream)
+        self._staged = True
+
+    def compute(self) -> None:
+        """Enqueue one inference on :attr:`stream`; no host copies, no synchronisation."""
+        if not self._staged:
+            raise RuntimeError("TrtRunner.compute() before stage(): no input on the device")
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise UserError(f"TensorRT failed to enqueue {self.path.name} (see the TensorRT log above)")
+
+    def fetch(self) -> np.ndarray:
+        """Wait for the stream, then copy the first output to the host as float32."""
+        self.stream.synchronize()
+        return self._buffers[self.output_name].float().cpu().numpy()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.stage(x)
+        self.compute()
+        return self.fetch()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -30,8 +32,11 @@ from cascadec.errors import UserError
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
 from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.data.sampler import position
 from cascadec.progress import Status, log
+from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import check_finite, cosine_schedule, evaluate, make_optimizer, steps_in
+from cascadec.train.runtime import Runtime, check_step
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -155,45 +160,94 @@ class CascadeTrainer:
                     weights.append(p)
         return weights, [s for s in self.scores if s is not None]
 
+    def joint_loss(self, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime | None = None) -> tuple[list[float], torch.Tensor]:
+        """Forward every model, top first (each model's teacher is the one above); the summed loss."""
+        autocast = runtime.autocast() if runtime is not None else nullcontext()
+        with autocast:
+            with torch.no_grad():
+                upper_logits = self.teacher(images)
+            losses, total = [], 0.0
+            for j in reversed(range(len(self.models))):
+                self.masks[j].set(self._mask_vector(j))
+                logits = self.models[j](images)
+                loss_j = self.loss(logits.float(), labels, upper_logits.float())
+                total = total + loss_j
+                losses.append(loss_j.item())
+                upper_logits = logits.detach()
+        return list(reversed(losses)), total
+
     def joint_step(self, images: torch.Tensor, labels: torch.Tensor) -> list[float]:
-        with torch.no_grad():
-            upper_logits = self.teacher(images)
-        losses, total = [], 0.0
-        for j in reversed(range(len(self.models))):  # top first: each model's teacher is the one above
-            self.masks[j].set(self._mask_vector(j))
-            logits = self.models[j](images)
-            loss_j = self.loss(logits, labels, upper_logits)
-            total = total + loss_j
-            losses.append(loss_j.item())
-            upper_logits = logits.detach()
+        """One forward + backward (no optimiser step): what the tests and a single process use."""
+        losses, total = self.joint_loss(images, labels)
         check_finite(total, "joint phase")
         total.backward()
-        return list(reversed(losses))
+        return losses
 
-    def joint_epoch(self, loader: DataLoader, weight_opt, score_opt, scheduler, *, max_steps: int | None, epoch: int) -> dict:
+    # ---------------------------------------------------------------- checkpoint state
+    def checkpoint_state(self) -> dict:
+        """The hierarchy's trainable state: unique shared+own weights, each model's buffers
+        (BatchNorm statistics), the scores. Masks are not stored: they are solved from scores."""
+        weights, _ = self.parameters()
+        return {"weights": list(weights), "buffers": [dict(m.named_buffers()) for m in self.models],
+                "scores": [s for s in self.scores]}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> None:
+        weights, _ = self.parameters()
+        if len(state["weights"]) != len(weights) or len(state["buffers"]) != len(self.models):
+            raise UserError("checkpoint does not match this model/recipe (different hierarchy); delete RUN/checkpoints to restart")
+        for param, saved in zip(weights, state["weights"]):
+            param.copy_(saved)
+        for model, saved in zip(self.models, state["buffers"]):
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+        for score, saved in zip(self.scores, state["scores"]):
+            if score is not None:
+                score.copy_(saved)
+        self.refresh_masks()
+
+    def joint_epoch(self, loader: DataLoader, weight_opt, score_opt, scheduler, *, max_steps: int | None, epoch: int,
+                    runtime: Runtime | None = None, start_step: int = 0, partial: dict | None = None,
+                    save: Callable[[int, int, dict], None] | None = None) -> dict:
+        """One joint epoch from ``start_step`` (a resumed run), ``partial`` carrying the sums of
+        the steps already done. ``save(epoch, next_step, partial)`` writes a mid-epoch
+        checkpoint when one is due and when a stop (Ctrl-C) was requested."""
+        runtime = runtime or Runtime(self.device)
         for m in self.models:
             m.train()
         steps = steps_in(loader, max_steps)
-        start, sums, seen = time.perf_counter(), None, 0
+        first = position(loader, epoch, "joint", start_step)
+        partial = partial or {}
+        sums, seen, images_seen = partial.get("sums"), partial.get("steps", 0), partial.get("images", 0)
+        prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
+        weights, score_params = self.parameters()
         with Status(f"joint epoch {epoch}", steps) as status:
-            for step, (images, labels) in enumerate(loader):
+            for step, (images, labels) in enumerate(loader, start=first):
                 if step >= steps:
                     break
-                images, labels = images.to(self.device), labels.to(self.device)
+                images, labels = runtime.batch(images, labels)
                 weight_opt.zero_grad(set_to_none=True)
                 if score_opt is not None:
                     score_opt.zero_grad(set_to_none=True)
-                losses = self.joint_step(images, labels)
-                weight_opt.step()
-                if score_opt is not None:
-                    score_opt.step()
+                losses, total = self.joint_loss(images, labels, runtime)
+                stop = check_step(runtime, total, "joint phase")
+                runtime.backward_step(total, [weight_opt, score_opt], [*weights, *score_params])
                 scheduler.step()
                 self.refresh_masks()
                 sums = losses if sums is None else [a + b for a, b in zip(sums, losses)]
                 seen += 1
+                images_seen += images.size(0) * runtime.dist.world_size
                 status.advance("loss " + " ".join(f"{x / seen:.3f}" for x in sums))
-        elapsed = time.perf_counter() - start
-        return {"epoch": epoch, "losses": [x / max(seen, 1) for x in (sums or [])], "seconds": elapsed, "steps": seen}
+                if save is not None and (stop or runtime.due(step + 1, steps)):
+                    save(epoch, step + 1, {"sums": sums, "steps": seen, "images": images_seen,
+                                           "seconds": prior_seconds + time.perf_counter() - start})
+                if stop:
+                    raise KeyboardInterrupt
+        runtime.dist.sync_state(self.models, [s for s in self.scores if s is not None])
+        self.refresh_masks()
+        elapsed = prior_seconds + time.perf_counter() - start
+        return {"epoch": epoch, "losses": [x / max(seen, 1) for x in (sums or [])], "seconds": elapsed, "steps": seen,
+                "images": images_seen, "images_per_s": images_seen / max(elapsed, 1e-9)}
 
     # ---------------------------------------------------------------- student phase
     def release(self) -> None:
@@ -233,51 +287,94 @@ def student_phase(
     device: torch.device,
     promote: bool,
     max_steps: int | None,
+    runtime: Runtime | None = None,
+    resume: dict | None = None,
 ) -> list[dict]:
     """Fine-tune the masked student; ``teachers`` runs from the nearest TA up to the pretrained
     teacher, and the student moves one level up whenever its validation accuracy beats its
-    current teacher's (METHOD.md, Schedule step 2)."""
+    current teacher's (METHOD.md, Schedule step 2).
+
+    With a checkpointing ``runtime`` the phase saves ``student`` checkpoints (every epoch, every
+    N steps, on Ctrl-C) that include the mask; ``resume`` is such a checkpoint, from which the
+    phase continues at the saved epoch and batch."""
+    runtime = runtime or Runtime(device)
     hooks = ChannelMasks(student, index).install()
     hooks.set(mask.to(device))
-    teacher_acc = [
-        evaluate(t, val_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0 for name, t in teachers
-    ]
-    level = 0
     opt = make_optimizer(student.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    sched = cosine_schedule(opt, epochs * steps_in(loader, max_steps))
-    history = []
-    for epoch in range(epochs):
+    steps = steps_in(loader, max_steps)
+    sched = cosine_schedule(opt, epochs * steps)
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        runtime.restore_scaler(resume)
+        teacher_acc, level, history = list(resume["teacher_accuracy"]), resume["level"], list(resume["history"])
+        first_epoch, first_step, partial = resume["epoch"], resume["step"], resume["partial"]
+        set_rng_state(resume["rng"])
+        log(f"student phase: resuming at epoch {first_epoch}, step {first_step}")
+    else:
+        teacher_acc = [
+            evaluate(t, val_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0 for name, t in teachers
+        ]
+        level, history, first_epoch, first_step, partial = 0, [], 0, 0, {}
+
+    def save(epoch: int, step: int, partial: dict) -> None:
+        if runtime.checkpoint_dir is None:
+            return
+        runtime.save("student", {
+            "phase": "student", "epoch": epoch, "step": step, "partial": partial,
+            "mask": mask, "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "level": level, "teacher_accuracy": teacher_acc, "history": history, "rng": rng_state(),
+        })
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    for epoch in range(first_epoch, epochs):
         name, teacher = teachers[level]
         student.train()
-        steps = steps_in(loader, max_steps)
-        start, total, seen = time.perf_counter(), 0.0, 0
+        first = position(loader, epoch, "student", first_step if epoch == first_epoch else 0)
+        if epoch != first_epoch:
+            partial = {}
+        total, seen, images_seen = partial.get("loss_sum", 0.0), partial.get("steps", 0), partial.get("images", 0)
+        prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
         with Status(f"student epoch {epoch} (teacher {name})", steps) as status:
-            for step, (images, labels) in enumerate(loader):
+            for step, (images, labels) in enumerate(loader, start=first):
                 if step >= steps:
                     break
-                images, labels = images.to(device), labels.to(device)
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(images)
-                value = loss(student(images), labels, t_logits)
-                check_finite(value, "student phase")
+                images, labels = runtime.batch(images, labels)
+                with runtime.autocast():
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(images).float()
+                    value = loss(student(images).float(), labels, t_logits)
+                stop = check_step(runtime, value, "student phase")
                 opt.zero_grad(set_to_none=True)
-                value.backward()
-                opt.step()
+                runtime.backward_step(value, [opt], params)
                 sched.step()
                 total += value.item()
                 seen += 1
+                images_seen += images.size(0) * runtime.dist.world_size
                 status.advance(f"loss {total / seen:.3f}")
-        train_seconds = time.perf_counter() - start  # training only, validation excluded
+                if stop or runtime.due(step + 1, steps):
+                    save(epoch, step + 1, {"loss_sum": total, "steps": seen, "images": images_seen,
+                                           "seconds": prior_seconds + time.perf_counter() - start})
+                if stop:
+                    raise KeyboardInterrupt
+        train_seconds = prior_seconds + time.perf_counter() - start  # training only, validation excluded
+        runtime.dist.sync_state([student])
         acc = evaluate(student, val_loader, device=device, description="evaluate student")
+        rate = images_seen / max(train_seconds, 1e-9)
         record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
-                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds}
+                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds,
+                  "images": images_seen, "images_per_s": rate}
         history.append(record)
         against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
-        log(f"student epoch {epoch}: accuracy {acc:.4f}{against}")
+        log(f"student epoch {epoch}: accuracy {acc:.4f}{against}, {rate:.0f} images/s")
         if promote and acc > teacher_acc[level] and level + 1 < len(teachers):
             level += 1
             log(f"student beats {name}; its teacher is now {teachers[level][0]}")
+        save(epoch + 1, 0, {})
+        if runtime.dist.agree(torch.zeros((), device=device), runtime.stop.requested)[1]:  # Ctrl-C during validation
+            raise KeyboardInterrupt
     hooks.remove()
     return history

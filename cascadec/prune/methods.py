@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from cascadec.distill.losses import DistillLoss
 from cascadec.prune.cascade import CascadeTrainer, student_phase
@@ -27,7 +26,11 @@ from cascadec.prune.importance import l1_importance, taylor_importance
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.errors import UserError
 from cascadec.recipe import Recipe
+from cascadec.data.sampler import position
+from cascadec.progress import log
+from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import cosine_schedule, make_optimizer, steps_in
+from cascadec.train.runtime import Runtime
 
 
 @dataclass
@@ -67,32 +70,44 @@ def distill_loss(recipe: Recipe) -> DistillLoss:
     return DistillLoss(ce_weight=d.ce_weight, kd_weight=d.kd_weight if d.kd else 0.0, temperature=d.temperature)
 
 
-def initial_importance(model, analysis, recipe, loader, device) -> torch.Tensor:
+def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime | None = None) -> torch.Tensor:
+    """Unit importance on the pretrained network; in a distributed run each rank scores its own
+    slices of the batches and the ranks average, so every rank starts from the same scores."""
     if recipe.prune.importance == "l1":
         return l1_importance(model, analysis.index)
     ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
-    return taylor_importance(
+    position(loader, 0, "importance")
+    importance = taylor_importance(
         model, analysis.index, loader, lambda logits, y: ce(logits, y), device=device, batches=recipe.prune.importance_batches
     )
+    if runtime is not None and runtime.dist.active:
+        importance = runtime.dist.all_reduce_mean(importance.to(runtime.device)).cpu()
+    return importance
 
 
-def _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote):
+def _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote,
+               runtime: Runtime | None = None, resume: dict | None = None):
     t = recipe.train
     return student_phase(
         student, mask, analysis.index, teachers, loader, val_loader, distill_loss(recipe),
         epochs=epochs, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
-        device=device, promote=promote, max_steps=t.max_steps_per_epoch,
+        device=device, promote=promote, max_steps=t.max_steps_per_epoch, runtime=runtime, resume=resume,
     )
 
 
-def run_oneshot(teacher, analysis, recipe, loader, val_loader, device) -> PruneResult:
+def run_oneshot(teacher, analysis, recipe, loader, val_loader, device, runtime: Runtime | None = None) -> PruneResult:
     start = time.perf_counter()
-    scores = initial_importance(teacher, analysis, recipe, loader, device)
-    mask = analysis.solver.solve(scores, analysis.budget)
+    resume = runtime.load("student") if runtime is not None else None
+    if resume is not None:
+        mask = resume["mask"].to(device)  # the importance ranking is not recomputed on resume
+    else:
+        scores = initial_importance(teacher, analysis, recipe, loader, device, runtime)
+        mask = analysis.solver.solve(scores, analysis.budget)
     student = copy.deepcopy(teacher).to(device)
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
     epochs = recipe.train.joint_epochs + recipe.train.student_epochs
-    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote=False)
+    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote=False,
+                         runtime=runtime, resume=resume)
     return PruneResult(student, mask, analysis, {"fine_tune": history, "seconds": time.perf_counter() - start})
 
 
@@ -104,11 +119,21 @@ def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
     return importance / c, c
 
 
-def run_cascade(teacher, analysis, recipe, loader, val_loader, device) -> PruneResult:
+def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: Runtime | None = None) -> PruneResult:
+    """The paper's schedule. With a checkpointing ``runtime`` the joint phase saves a ``joint``
+    checkpoint (after scoring, every epoch, every N steps, on Ctrl-C) and the student phase a
+    ``student`` one; a resumed run continues from whichever is furthest along."""
+    runtime = runtime or Runtime(device)
     start = time.perf_counter()
-    c = recipe.cascade
-    importance = initial_importance(teacher, analysis, recipe, loader, device)
-    scores, scale = _scale_free_scores(importance)
+    c, t = recipe.cascade, recipe.train
+    joint_state, student_state = runtime.load("joint"), runtime.load("student")
+    if student_state is not None and joint_state is None:
+        raise UserError(f"{runtime.checkpoint_dir}: a student checkpoint without its joint checkpoint; delete the directory to restart")
+    if joint_state is None:
+        importance = initial_importance(teacher, analysis, recipe, loader, device, runtime)
+        scores, scale = _scale_free_scores(importance)
+    else:
+        scores, scale = torch.zeros(analysis.index.num_units), float(joint_state["score_scale"])
     base = copy.deepcopy(teacher)
     trainer = CascadeTrainer(
         base, teacher, analysis.index, analysis.solver, analysis.budget, scores,
@@ -118,17 +143,49 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device) -> PruneR
     weights, score_params = trainer.parameters()
     for s in score_params:
         s.register_hook(lambda g, scale=scale: g / scale)
-    t = recipe.train
     weight_opt = make_optimizer(weights, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     if c.score_optimizer == "rmsprop":
         score_opt = torch.optim.RMSprop(score_params, lr=c.score_lr) if score_params else None
     else:
         score_opt = torch.optim.SGD(score_params, lr=c.score_lr, momentum=0.9) if score_params else None
     sched = cosine_schedule(weight_opt, t.joint_epochs * steps_in(loader, t.max_steps_per_epoch))
-    initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()
-    joint = []
-    for epoch in range(t.joint_epochs):
-        joint.append(trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch))
+    if joint_state is not None:
+        trainer.load_checkpoint_state(joint_state["trainer"])
+        weight_opt.load_state_dict(joint_state["weight_optimizer"])
+        if score_opt is not None:
+            score_opt.load_state_dict(joint_state["score_optimizer"])
+        sched.load_state_dict(joint_state["scheduler"])
+        runtime.restore_scaler(joint_state)
+        initial_mask = joint_state["initial_mask"]
+        joint = list(joint_state["history"])
+        first_epoch, first_step, partial = joint_state["epoch"], joint_state["step"], joint_state["partial"]
+        if student_state is None:
+            set_rng_state(joint_state["rng"])
+            log(f"joint phase: resuming at epoch {first_epoch}, step {first_step}")
+    else:
+        initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()
+        joint, first_epoch, first_step, partial = [], 0, 0, {}
+
+    def save_joint(epoch: int, step: int, partial: dict) -> None:
+        if runtime.checkpoint_dir is None:
+            return
+        runtime.save("joint", {
+            "phase": "joint", "epoch": epoch, "step": step, "partial": partial, "score_scale": scale,
+            "initial_mask": initial_mask, "trainer": trainer.checkpoint_state(), "weight_optimizer": weight_opt.state_dict(),
+            "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
+            "scheduler": sched.state_dict(), "history": joint, "rng": rng_state(),
+        })
+
+    if joint_state is None:
+        save_joint(0, 0, {})  # a resumed run need not score the units again
+    for epoch in range(first_epoch, t.joint_epochs):
+        resumed_here = epoch == first_epoch
+        record = trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch,
+                                     runtime=runtime, start_step=first_step if resumed_here else 0,
+                                     partial=partial if resumed_here else None, save=save_joint)
+        joint.append(record)
+        log(f"joint epoch {epoch}: loss {' '.join(f'{x:.3f}' for x in record['losses'])}, {record['images_per_s']:.0f} images/s")
+        save_joint(epoch + 1, 0, {})
     joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
     teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]
     teachers.append(("teacher", teacher))
@@ -141,15 +198,22 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device) -> PruneR
         "mask_changed_units": int((final_mask != initial_mask).sum()),
     }
     history["student"] = _fine_tune(
-        student, mask, analysis, teachers, recipe, loader, val_loader, device, t.student_epochs, promote=c.promote_teacher
+        student, mask, analysis, teachers, recipe, loader, val_loader, device, t.student_epochs, promote=c.promote_teacher,
+        runtime=runtime, resume=student_state,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneResult(student, final_mask, analysis, history)
 
 
-def prune_model(teacher, recipe, loader, val_loader, example_input, device) -> PruneResult:
-    """Entry point of the prune stage: analyse, then run the recipe's method."""
-    teacher = teacher.to(device).eval()
+def prune_model(teacher, recipe, loader, val_loader, example_input, device, runtime: Runtime | None = None) -> PruneResult:
+    """Entry point of the prune stage: analyse, then run the recipe's method. A ``runtime``
+    with a checkpoint directory makes the stage resumable and turns Ctrl-C into
+    "finish the step, write a checkpoint, stop"."""
+    runtime = runtime or Runtime(device)
+    teacher = runtime.prepare_model(teacher).eval()
     analysis = analyse(teacher, recipe, example_input.to(device))
     runner = run_cascade if recipe.prune.method == "cascade" else run_oneshot
-    return runner(teacher, analysis, recipe, loader, val_loader, device)
+    if runtime.checkpoint_dir is None:
+        return runner(teacher, analysis, recipe, loader, val_loader, device, runtime)
+    with runtime.stop.installed():
+        return runner(teacher, analysis, recipe, loader, val_loader, device, runtime)

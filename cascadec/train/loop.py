@@ -29,9 +29,13 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf: training cannot go on, but the last checkpoint is still good."""
+
+
 def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
-        raise UserError(f"{where}: loss became {loss.item()} (NaN/inf); lower the learning rate (train.lr) and retry")
+        raise NonFiniteLoss(f"{where}: loss became {loss.item()} (NaN/inf); lower the learning rate (train.lr) and retry")
 
 
 def steps_in(loader: DataLoader, max_steps: int | None) -> int:
@@ -49,32 +53,43 @@ def train_epoch(
     teacher: nn.Module | None = None,
     description: str = "train",
     max_steps: int | None = None,
+    epoch: int = 0,
+    runtime=None,
 ) -> dict[str, float]:
-    """One epoch; ``loss_fn(logits, labels, teacher_logits_or_None)``."""
+    """One epoch; ``loss_fn(logits, labels, teacher_logits_or_None)``. A ``runtime``
+    (cascadec.train.runtime) adds mixed precision and gradient averaging across ranks."""
+    from cascadec.data.sampler import position
+    from cascadec.train.runtime import Runtime, check_step
+
+    runtime = runtime or Runtime(device)
     model.train()
     total_loss, seen, start = 0.0, 0, time.perf_counter()
     steps = steps_in(loader, max_steps)
+    first = position(loader, epoch, "teacher")
+    params = [p for p in model.parameters() if p.requires_grad]
     with Status(description, steps) as status:
-        for step, (images, labels) in enumerate(loader):
+        for step, (images, labels) in enumerate(loader, start=first):
             if step >= steps:
                 break
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(images)
-            loss = loss_fn(model(images), labels, teacher_logits)
-            check_finite(loss, description)
+            images, labels = runtime.batch(images, labels)
+            with runtime.autocast():
+                teacher_logits = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images).float()
+                loss = loss_fn(model(images).float(), labels, teacher_logits)
+            check_step(runtime, loss, description)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            runtime.backward_step(loss, [optimizer], params)
             if scheduler is not None:
                 scheduler.step()
             total_loss += loss.item() * images.size(0)
             seen += images.size(0)
             status.advance(f"loss {total_loss / seen:.3f}")
+    runtime.dist.sync_state([model])
     elapsed = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "images": seen, "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9)}
+    images = seen * runtime.dist.world_size
+    return {"loss": total_loss / max(seen, 1), "images": images, "seconds": elapsed, "images_per_s": images / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()

@@ -98,3 +98,68 @@ def test_int8_engine_builds_with_calibration(tiny_onnx, tmp_path):
     meta = build_engine(tiny_onnx, tmp_path / "tiny.plan", int8=True, batches=(1, 8), calibration_images=images)
     assert meta["precision"] == "int8" and (tmp_path / "tiny.calib.cache").is_file()
     assert run_engine(tmp_path / "tiny.plan", images[:8]).shape == (8, 10)
+
+
+def test_trt_runner_matches_onnxruntime_and_splits_the_call(tiny_onnx, tmp_path):
+    """TrtRunner on a real engine: __call__ and stage/compute/fetch agree with ONNX Runtime."""
+    from cascadec.backends.onnxruntime_backend import OrtRunner
+    from cascadec.backends.tensorrt_backend import TrtRunner, build_engine
+
+    plan = tmp_path / "tiny.plan"
+    build_engine(tiny_onnx, plan, batches=(1, 4, 8))
+    runner = TrtRunner(plan)
+    assert (runner.input_name, runner.output_name, runner.precision) == ("input", "logits", "fp32")
+    assert runner.input_shape == (1, 28, 28) and isinstance(runner.stream, torch.cuda.Stream)
+    ort = OrtRunner(tiny_onnx)
+    x = np.random.default_rng(2).standard_normal((8, 1, 28, 28), dtype=np.float32)
+    for batch in (1, 3, 8, 3):  # re-binding buffers when the batch changes, and back
+        np.testing.assert_allclose(runner(x[:batch]), ort(x[:batch]), atol=1e-3, rtol=1e-3)
+    runner.stage(x[:4])
+    for _ in range(3):
+        runner.compute()  # enqueued back to back on runner.stream, no host sync in between
+    np.testing.assert_allclose(runner.fetch(), ort(x[:4]), atol=1e-3, rtol=1e-3)
+
+
+def test_trt_runner_refuses_a_truncated_engine(tiny_onnx, tmp_path):
+    from cascadec.backends.tensorrt_backend import TrtRunner, build_engine
+    from cascadec.errors import UserError
+
+    plan = tmp_path / "tiny.plan"
+    build_engine(tiny_onnx, plan, batches=(1, 8))
+    plan.write_bytes(plan.read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot deserialize"):
+        TrtRunner(plan)
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_verify_gates_a_real_engine_by_its_precision(tiny_onnx, tmp_path, fp16):
+    """verify_backends with the tensorrt backend: the engine's precision picks the tolerances."""
+    import shutil
+
+    from cascadec.backends.tensorrt_backend import build_engine
+    from cascadec.verify import DEFAULT_TOLERANCES, Gate, Tolerance, verify_backends
+
+    torch.manual_seed(0)
+    model = Tiny().eval()  # same seed as tiny_onnx's model
+    onnx_path = tmp_path / "student.onnx"
+    shutil.copy(tiny_onnx, onnx_path)
+    build_engine(onnx_path, tmp_path / "student.plan", fp16=fp16, batches=(1, 16, 32))
+    x = np.random.default_rng(3).standard_normal((64, 1, 28, 28), dtype=np.float32)
+    # random inputs give near-tied logits, where fp16 may flip a few top-1s: the tensor tolerances are the point here
+    gate = Gate(tolerances={**DEFAULT_TOLERANCES, "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1_agreement=0.9)})
+    out = verify_backends(model, onnx_path, x, backends=["tensorrt"], samples=64, progress=False, gate=gate)
+    result = out["backends"]["tensorrt"]
+    assert result["precision"] == ("fp16" if fp16 else "fp32")
+    assert result["passed"], result["failures"]
+
+
+@pytest.mark.skipif(REASON is not None or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu")
+def test_first_divergence_on_cuda(tiny_onnx, tmp_path):
+    """The search runs the graph on the CUDA provider; a faithful graph has no divergent node."""
+    from cascadec.divergence import find_first_divergence
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = np.random.default_rng(4).standard_normal((4, 1, 28, 28), dtype=np.float32)
+    assert find_first_divergence(model, tiny_onnx, x, device="cuda") is None

@@ -1,0 +1,186 @@
+"""First divergent layer: where an ONNX graph stops computing what the PyTorch model computes.
+
+A failed parity gate says *that* a backend diverges; this module says *where*. Every node
+output of the ONNX graph is promoted to a graph output and computed by ONNX Runtime on the
+failing backend's device (``onnxruntime_backend.intermediate_outputs``); PyTorch activations
+are captured with forward hooks on every module. Nodes are then checked in graph order and
+the first whose output exceeds the tolerance is reported.
+
+Mapping an ONNX value to a PyTorch module is the hard part, because the exporter renames
+values (``getitem_3``) and onnxslim/onnxscript fold BatchNorm into the preceding conv. In
+order of trust:
+
+1. ``pkg.torch.onnx.name_scopes`` metadata (dynamo exporter, kept when the graph is not
+   slimmed): the deepest scope that is a leaf module, e.g. ``layer1.0.bn1`` for a conv with
+   its BatchNorm folded in;
+2. parameter names: a node reading the initializer ``layer1.0.conv1.weight`` computes module
+   ``layer1.0.conv1`` or, after folding, one of the leaf modules run right after it
+   (``layer1.0.bn1``); of those with the right shape the closest activation is taken;
+3. no mapping (functional ``F.relu``, ``torch.add``, reshapes): the node is compared with the
+   same graph on ONNX Runtime's CPU provider in fp32, which catches device-specific kernels;
+   on the CPU itself such nodes cannot be checked and are skipped.
+
+TensorRT fuses layers and keeps no per-node tensors, so a TensorRT failure is searched with
+ONNX Runtime on CUDA (or the CPU): a precision-only divergence of an fp16/int8 engine may
+then find no node, which is reported as such.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from cascadec.backends.onnxruntime_backend import _load, intermediate_outputs
+from cascadec.verify import Tolerance, mismatches, tensor_errors
+
+FOLD_WINDOW = 2  # leaf modules after a parameterised one that a fused node may stand for (conv -> bn)
+
+
+def torch_activations(model: nn.Module, x: np.ndarray) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Outputs of every leaf module (and every module owning parameters) on ``x``, and the
+    order leaf modules finished in.
+
+    Modules called more than once keep their first output (the one the graph order meets first).
+    """
+    acts: dict[str, np.ndarray] = {}
+    order: list[str] = []
+    leaves = {name for name, m in model.named_modules() if name and not any(True for _ in m.children())}
+    # containers are never mapped to a node (only leaves and parameter owners are): not keeping
+    # their outputs halves the memory a ResNet-50 search needs
+    owners = {name for name, m in model.named_modules() if name and any(True for _ in m.parameters(recurse=False))}
+    handles = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: object, output: object) -> None:
+            if isinstance(output, torch.Tensor) and name not in acts:
+                acts[name] = output.detach().to("cpu", torch.float32).numpy().copy()
+                if name in leaves:
+                    order.append(name)
+        return record
+
+    for name, module in model.named_modules():
+        if name in leaves or name in owners:
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.inference_mode():
+            model.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return acts, order
+
+
+def _scope_module(node: onnx.NodeProto, leaves: set[str]) -> str | None:
+    """The deepest leaf module named in the dynamo exporter's name_scopes metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            for scope in reversed(list(scopes)):
+                if scope in leaves:
+                    return scope
+    return None
+
+
+def _param_modules(node: onnx.NodeProto, initializers: set[str], modules: set[str], order: list[str]) -> list[str]:
+    """Modules whose parameters the node reads, each followed by the leaves that may be folded into it."""
+    found: list[str] = []
+    for name in node.input:
+        if name not in initializers or "." not in name:
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if owner in modules and owner not in found:
+            found.append(owner)
+            if owner in order:
+                i = order.index(owner)
+                found += [m for m in order[i + 1:i + 1 + FOLD_WINDOW] if m not in found]
+    return found
+
+
+def _exceeds(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> tuple[bool, float, float]:
+    absdiff, reldiff = tensor_errors(reference, candidate)
+    bad = bool(np.any(mismatches(absdiff, reldiff, tolerance))) or not np.all(np.isfinite(candidate))
+    max_abs = float(np.nanmax(absdiff)) if absdiff.size else 0.0
+    max_rel = float(np.nanmax(reldiff)) if reldiff.size else 0.0
+    return bad, max_abs, max_rel
+
+
+def find_first_divergence(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    x: np.ndarray,
+    *,
+    device: str = "cpu",
+    tolerance: Tolerance = Tolerance(atol=1e-4, rtol=1e-3),
+) -> dict | None:
+    """The first ONNX node (graph order) whose output leaves PyTorch (or CPU fp32 ORT) by more
+    than ``tolerance`` on the samples ``x``; None when every checked node agrees.
+
+    Returns ``{"node", "op_type", "output", "torch_module", "reference", "device",
+    "max_abs_diff", "max_rel_diff", "tolerance", "samples", "checked_nodes", "mapped_nodes"}``
+    where ``reference`` is ``"torch"`` (compared with ``torch_module``'s activation) or
+    ``"onnxruntime-cpu"`` (no module maps to the node).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    graph = _load(onnx_path).graph
+    nodes = [n for n in graph.node if any(o for o in n.output)]
+    values = [next(o for o in n.output if o) for n in nodes]
+    candidate = intermediate_outputs(onnx_path, x, values, device=device)
+    cpu_reference = intermediate_outputs(onnx_path, x, values, device="cpu") if device != "cpu" else None
+    acts, order = torch_activations(model, x)
+    modules = set(acts)
+    leaves = set(order)
+    initializers = {i.name for i in graph.initializer}
+    tol = {"atol": tolerance.atol, "rtol": tolerance.rtol}
+    checked = mapped = 0
+    for node, value in zip(nodes, values, strict=True):
+        got = np.asarray(candidate[value])
+        if not np.issubdtype(got.dtype, np.floating):
+            continue  # shapes, indices: not activations
+        options: list[str] = []
+        scoped = _scope_module(node, leaves)
+        if scoped:
+            options.append(scoped)
+        options += [m for m in _param_modules(node, initializers, modules, order) if m not in options]
+        options = [m for m in options if acts[m].shape == got.shape]
+        if options:
+            mapped += 1
+            checked += 1
+            # folded nodes: the activation they stand for is the closest one of their candidates
+            results = [(_exceeds(acts[m], got, tolerance), m) for m in options]
+            (bad, max_abs, max_rel), module = min(results, key=lambda r: (r[0][0], r[0][1]))
+            reference = "torch"
+        elif cpu_reference is not None:
+            checked += 1
+            bad, max_abs, max_rel = _exceeds(np.asarray(cpu_reference[value]), got, tolerance)
+            module, reference = None, "onnxruntime-cpu"
+        else:
+            continue
+        if bad:
+            return {"node": node.name or value, "op_type": node.op_type, "output": value, "torch_module": module,
+                    "reference": reference, "device": device, "max_abs_diff": max_abs, "max_rel_diff": max_rel,
+                    "tolerance": tol, "samples": int(x.shape[0]), "checked_nodes": checked, "mapped_nodes": mapped}
+    return None
+
+
+def mapped_modules(model: nn.Module, onnx_path: str | os.PathLike[str], x: np.ndarray) -> dict[str, Sequence[str]]:
+    """ONNX node name -> candidate PyTorch modules, for inspecting how a graph was mapped."""
+    graph = _load(onnx_path).graph
+    acts, order = torch_activations(model, x)
+    initializers = {i.name for i in graph.initializer}
+    out: dict[str, Sequence[str]] = {}
+    for node in graph.node:
+        options = [m for m in [_scope_module(node, set(order))] if m]
+        options += [m for m in _param_modules(node, initializers, set(acts), order) if m not in options]
+        if options:
+            out[node.name] = options
+    return out
