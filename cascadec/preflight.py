@@ -59,8 +59,8 @@ def inspect_model(model_name: str, *, in_channels: int = 3, image_size: int = 22
     try:
         with torch.no_grad():
             model(example)
-    except RuntimeError as exc:
-        raise UserError(f"{model_name} does not accept a {in_channels}x{image_size}x{image_size} input: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:  # ViT/MaxViT assert their size
+        raise UserError(f"{model_name} does not accept a {in_channels}x{image_size}x{image_size} input: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
     index = build_groups(model, example)
     cost = CostModel.build(model, index, example)
     out: dict[str, Any] = {

@@ -14,6 +14,7 @@ means nothing is downloaded unless the user named torchvision weights.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -216,7 +217,27 @@ def _build_torchvision(
         kwargs["image_size"] = enum.meta["min_size"][0]  # SWAG weights are 384/518 px
     elif entry.family == "maxvit" and enum is not None:
         kwargs["input_size"] = enum.meta["min_size"]
-    return entry.builder(**kwargs)
+    model = entry.builder(**kwargs)
+    if entry.family == "mnasnet":
+        model.__class__ = _versioned_mnasnet()  # same module, same weights: only loading differs
+    return model
+
+
+@functools.cache
+def _versioned_mnasnet() -> type:
+    from torchvision.models.mnasnet import MNASNet
+
+    class VersionedMNASNet(MNASNet):
+        """torchvision's MNASNet refuses any state dict without its ``_metadata`` version
+        (ValueError "version should be set to 1 or 2"); safetensors files and plain dicts
+        carry none, so the student and teacher files of a run could not be reloaded. The
+        builders always build the current layout, so a missing version means this one."""
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):  # type: ignore[override]
+            local_metadata = {"version": self._version, **local_metadata}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    return VersionedMNASNet
 
 
 def _entry(name: str) -> ModelEntry:

@@ -9,7 +9,20 @@ which channels of which module belong to which group channel ("unit").
 Groups whose channels cannot be masked exactly are *frozen* (never pruned) with a reason
 that ``cascadec inspect`` shows: the first conv's outputs (the paper never masks it), the
 classifier's outputs, channel-mixing normalisation (LayerNorm/GroupNorm: removing a
-channel changes every other channel's statistics), and non-depthwise grouped convolutions.
+channel changes every other channel's statistics), non-depthwise grouped convolutions, and
+channels that a reshape moves into another axis.
+
+That last case is where Torch-Pruning itself breaks, so analysis is guarded around it:
+
+* ShuffleNetV2's channel shuffle (``view(b, 2, c/2, h, w)``, transpose, ``view`` back) makes
+  ``update_reshape_index_mapping`` divide by an inferred channel count of 0
+  (ZeroDivisionError). We catch that per reshape node, leave its mapping as identity and
+  freeze every group that passes through the node, so the wrong mapping is never used.
+* Swin's window partition and MaxViT's block/grid partition reshape the channel axis
+  repeatedly; each pass through a ``_FlattenIndexMapping`` multiplies the index list by its
+  stride, and around the residual loops the lists grow geometrically until memory runs
+  out. We build the groups root by root with a cap on the indices one mapping may
+  produce, and freeze a root whose group exceeds it.
 """
 
 from __future__ import annotations
@@ -27,6 +40,12 @@ from cascadec.errors import UserError
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
+EXPLODING_REASON = "its channels are reshaped into windows/heads wider than any layer; Torch-Pruning cannot follow them"
+OPAQUE_RESHAPE_REASON = "passes a reshape Torch-Pruning cannot map (a channel shuffle or a head/window split)"
+
+
+class _IndexExplosion(Exception):
+    """Raised inside Torch-Pruning's index mapping when a group would outgrow the cap."""
 
 
 @dataclass
@@ -96,6 +115,11 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
     try:
         with torch.no_grad():
             model(example_input)
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        # e.g. ViT/MaxViT assert their fixed 224 px input; a too-small image fails in a pool
+        shape = "x".join(map(str, example_input.shape[1:]))
+        name = getattr(model, "cascadec_model_name", type(model).__name__)
+        raise UserError(f"{name} does not accept a {shape} input: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
         for h in hooks:
             h.remove()
@@ -123,20 +147,77 @@ def _time_limit(seconds: float | None, what: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+def _widest_layer(model: nn.Module) -> int:
+    """The most channels/features any layer or parameter of ``model`` has along one axis."""
+    widest = 1
+    for module in model.modules():
+        for attr in ("in_channels", "out_channels", "in_features", "out_features", "num_features", "embed_dim"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int):
+                widest = max(widest, value)
+    for p in model.parameters():
+        widest = max(widest, *p.shape) if p.dim() else widest
+    return widest
+
+
+@contextmanager
+def _guarded_index_mapping(opaque_reshapes: set, max_indices: int):
+    """Patch Torch-Pruning's index mapping for the duration of one analysis: reshapes whose
+    mapping cannot be inferred are recorded in ``opaque_reshapes`` (their groups get frozen)
+    instead of aborting the trace, and a flatten mapping that would emit more than
+    ``max_indices`` indices raises _IndexExplosion instead of exhausting memory.
+
+    A valid mapping emits distinct channel indices of one layer, so it can never be wider
+    than the widest layer (a flatten into the classifier: C*H*W = in_features). Window and
+    head reshapes around residual loops blow past that within a hop or two."""
+    from torch_pruning.dependency import index_mapping
+
+    original_reshape = index_mapping.update_reshape_index_mapping
+    original_call = index_mapping._FlattenIndexMapping.__call__
+
+    def reshape_mapping(graph, node):
+        try:
+            original_reshape(graph, node)
+        except (ZeroDivisionError, ValueError, TypeError):
+            opaque_reshapes.add(node)
+
+    def bounded_call(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > max_indices:
+            raise _IndexExplosion
+        return original_call(self, idxs)
+
+    index_mapping.update_reshape_index_mapping = reshape_mapping
+    index_mapping._FlattenIndexMapping.__call__ = bounded_call
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original_reshape
+        index_mapping._FlattenIndexMapping.__call__ = original_call
+
+
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, timeout_s: float | None = 300):
-    """Trace ``model`` with Torch-Pruning; errors in tracing become one-line UserErrors."""
+    """Trace ``model`` with Torch-Pruning; errors in tracing become one-line UserErrors.
+
+    The graph gets an ``opaque_reshapes`` attribute: the reshape nodes whose channel
+    mapping Torch-Pruning could not infer (see the module docstring); its
+    ``get_pruning_group`` runs under the same guard.
+    """
     import torch_pruning as tp
 
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
+    opaque: set = set()
+    widest = _widest_layer(model)
     try:
         for p in frozen:  # Torch-Pruning traces the autograd graph: every weight must be in it
             p.requires_grad_(True)
-        with _time_limit(timeout_s, "dependency analysis"), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        with _time_limit(timeout_s, "dependency analysis"), torch.enable_grad(), _guarded_index_mapping(opaque, widest):
+            dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except UserError:
         raise
+    except MemoryError:
+        raise UserError(f"dependency analysis of {type(model).__name__} ran out of memory; this model is not supported") from None
     except Exception as exc:  # Torch-Pruning raises arbitrary errors on graphs it cannot trace
         raise UserError(
             f"dependency analysis failed for {type(model).__name__}: {type(exc).__name__}: {exc}".splitlines()[0]
@@ -145,6 +226,76 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
         for p in frozen:
             p.requires_grad_(False)
         model.train(was_training)
+    dg.opaque_reshapes = opaque
+    # Torch-Pruning re-runs the index mapping in every get_pruning_group call (shrink uses it
+    # too), so the guard must wrap each call, not only the trace.
+    unguarded = dg.get_pruning_group
+
+    def get_pruning_group(*args, **kwargs):
+        with _guarded_index_mapping(opaque, widest):
+            return unguarded(*args, **kwargs)
+
+    dg.get_pruning_group = get_pruning_group
+    return dg
+
+
+def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[FrozenGroup]]:
+    """Torch-Pruning's ``get_all_groups`` (conv/linear roots, every output channel), root by
+    root, so that one root whose group explodes is frozen instead of failing the model."""
+    from torch_pruning import ops
+    from torch_pruning.dependency import index_mapping
+
+    groups, frozen, visited = [], [], set()
+    # get_pruning_group recomputes every index mapping of the graph on each call (needed
+    # after a prune changes widths); nothing is pruned here, so the mappings computed
+    # by the trace stay valid. Recomputing them per root made analysis quadratic: swin_t
+    # and the shufflenets spent most of their analysis time there.
+    remap = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda graph: None
+    try:
+        with _time_limit(timeout_s, "dependency grouping"):
+            for module in list(dg.module2node):
+                if not isinstance(module, (ops.TORCH_CONV, ops.TORCH_LINEAR)) or id(module) in visited:
+                    continue
+                pruner = dg.get_pruner_of_module(module)
+                channels = pruner.get_out_channels(module) if pruner is not None else None
+                if channels is None:
+                    continue
+                root = name_of.get(module, str(module))
+                try:
+                    group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+                except _IndexExplosion:
+                    visited.add(id(module))
+                    frozen.append(FrozenGroup(root, channels, EXPLODING_REASON))
+                    continue
+                except MemoryError:
+                    raise UserError("dependency grouping ran out of memory; this model is not supported") from None
+                except (IndexError, KeyError, ValueError, ZeroDivisionError) as exc:
+                    # Follows a mapping we left as identity (an opaque reshape) out of range:
+                    # the channels are coupled in a way we cannot express, so never prune them.
+                    visited.add(id(module))
+                    frozen.append(FrozenGroup(root, channels, f"Torch-Pruning cannot follow its channels ({type(exc).__name__})"))
+                    continue
+                for item in group:
+                    if dg.is_out_channel_pruning_fn(item.dep.handler):
+                        visited.add(id(item.dep.target.module))
+                groups.append(group)
+    finally:
+        index_mapping.update_index_mapping = remap
+    return groups, frozen
+
+
+def _graph_freeze_reason(dg, tp_group, param_names: dict) -> str | None:
+    """Reasons visible only in the traced graph: opaque reshapes and loose parameters."""
+    for item in tp_group:
+        node = item.dep.target
+        if node in dg.opaque_reshapes:
+            return OPAQUE_RESHAPE_REASON
+        if isinstance(node.module, nn.Parameter):
+            # e.g. Swin's relative-position tables, MaxViT's: pruned along a guessed axis
+            name = param_names.get(node.module, "a parameter")
+            return f"includes '{name}', a parameter used outside any layer (pruning axis unknown)"
+    return None
 
 
 def _freeze_reason(group_members: list[tuple[nn.Module, Member]], first_conv: str | None, classifier: str | None) -> str | None:
@@ -166,7 +317,7 @@ def _freeze_reason(group_members: list[tuple[nn.Module, Member]], first_conv: st
 
 def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Member]:
     """Where the mask multiplies a channel: every BatchNorm in the group, plus every conv/linear
-    producer whose output does not go straight into one of the group's BatchNorms.
+    producer whose output does not go only into the group's BatchNorms.
 
     Masking after BN (not after the conv) is what makes masked == shrunk: a filter zeroed
     before BN would still emit BN's bias.
@@ -180,8 +331,10 @@ def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Memb
             points.append(member)
         elif isinstance(module, (*_CONV, nn.Linear)):
             node = dg.module2node[module]
-            fed_bn = any(isinstance(o.module, _BN) and id(o.module) in in_group for o in node.outputs)
-            if not fed_bn:
+            # Only a producer whose *every* consumer is one of the group's BatchNorms is covered
+            # by their masks: MaxViT's stem conv also feeds the block's shortcut directly.
+            only_bn = bool(node.outputs) and all(isinstance(o.module, _BN) and id(o.module) in in_group for o in node.outputs)
+            if not only_bn:
                 points.append(member)
     return points
 
@@ -194,13 +347,10 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
     dg = build_dependency_graph(model, example_input, timeout_s=timeout_s)
     name_of = {m: n for n, m in model.named_modules()}
 
-    groups: list[ChannelGroup] = []
-    frozen: list[FrozenGroup] = []
-    try:
-        all_groups = list(dg.get_all_groups(ignored_layers=[]))
-    except Exception as exc:
-        raise UserError(f"dependency analysis failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    param_names = {p: n for n, p in model.named_parameters()}
 
+    groups: list[ChannelGroup] = []
+    all_groups, frozen = _all_groups(dg, name_of, timeout_s)
     for tp_group in all_groups:
         root_module = tp_group[0].dep.target.module
         root = name_of.get(root_module, str(root_module))
@@ -212,7 +362,7 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
             role = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
             members.append((module, Member(name_of[module], role, list(map(int, item.idxs)), list(map(int, item.root_idxs)))))
         size = len(tp_group[0].idxs)
-        reason = _freeze_reason(members, first_conv, classifier)
+        reason = _freeze_reason(members, first_conv, classifier) or _graph_freeze_reason(dg, tp_group, param_names)
         if reason is not None:
             frozen.append(FrozenGroup(root, size, reason))
             continue

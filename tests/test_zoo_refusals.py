@@ -1,0 +1,161 @@
+"""The architectures Torch-Pruning cannot follow end in bounded time, with the right channels
+frozen, or with a clean one-line refusal -- never a hang, a traceback or an OOM.
+
+* ShuffleNetV2: its channel shuffle made Torch-Pruning divide by zero; now the groups that
+  pass the shuffle are frozen and the branches' inner channels stay prunable.
+* Swin: window partition reshapes made the group index lists grow geometrically until
+  memory ran out; now those roots are frozen and the MLP hidden channels stay prunable.
+For both, what is still pruned must be exact: the masked network equals the shrunk one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cascadec.errors import UserError
+from cascadec.models import create_model
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import EXPLODING_REASON, OPAQUE_RESHAPE_REASON, build_groups
+from cascadec.prune.masks import masked
+from cascadec.prune.shrink import shrink
+from cascadec.prune.targets import Budget, MaskSolver
+
+REPO = Path(__file__).resolve().parent.parent
+ANALYSIS_BUDGET_S = 60.0  # took 82 s then MemoryError (swin_t, 224 px) / raised (shufflenet) before
+
+
+def _masked_equals_shrunk(name: str, size: int) -> tuple[object, float]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    with torch.no_grad():  # non-trivial BN statistics: a mask placed before BN would show
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    x = torch.randn(2, 3, size, size, generator=gen)
+    start = time.perf_counter()
+    index = build_groups(model, x[:1])
+    seconds = time.perf_counter() - start
+    cost = CostModel.build(model, index, x[:1])
+    keep = MaskSolver(index, cost).solve(torch.rand(index.num_units, generator=gen),
+                                         Budget.from_target(cost, flops_reduction=0.2))
+    assert int(keep.sum()) < keep.numel(), "the mask must remove channels for the check to mean anything"
+    student = shrink(model, index, keep, x[:1]).eval()
+    with torch.no_grad():
+        with masked(model, index, keep):
+            y_masked = model(x)
+        y_shrunk = student(x)
+    assert torch.allclose(y_masked, y_shrunk, atol=1e-4, rtol=1e-4), float((y_masked - y_shrunk).abs().max())
+    return index, seconds
+
+
+def test_shufflenet_shuffle_groups_frozen_branches_pruned_exactly() -> None:
+    index, seconds = _masked_equals_shrunk("shufflenet_v2_x0_5", 32)
+    assert seconds < ANALYSIS_BUDGET_S
+    reasons = {f.reason for f in index.frozen}
+    assert any(r == OPAQUE_RESHAPE_REASON or r.startswith("Torch-Pruning cannot follow") for r in reasons), reasons
+    # the inner channels of every branch2 (1x1 conv -> BN -> depthwise 3x3 -> BN) stay prunable
+    inner = [g for g in index.groups if "stage" in g.root]
+    assert len(inner) == 16 and all({"branch2.0", "branch2.5"} <= {n.split(".", 2)[2] for n in g.layers} for g in inner)
+
+
+def test_swin_analysis_bounded_and_mlp_pruned_exactly() -> None:
+    index, seconds = _masked_equals_shrunk("swin_t", 32)
+    assert seconds < ANALYSIS_BUDGET_S
+    assert index.groups and all(".mlp." in g.root for g in index.groups)
+    assert any(f.reason == EXPLODING_REASON for f in index.frozen)
+
+
+class _StemFeedsBNAndShortcut(nn.Module):
+    """MaxViT's pattern: a conv whose output goes into a BatchNorm *and*, untouched, into a
+    pooled 1x1 shortcut. A mask after the BN alone would leave the shortcut's channels on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.pre_norm = nn.BatchNorm2d(16)
+        self.body = nn.Conv2d(16, 24, 3, padding=1, stride=2)
+        self.body_bn = nn.BatchNorm2d(24)
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(16, 24, 1))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = self.body_bn(self.body(torch.relu(self.pre_norm(y)))) + self.shortcut(y)
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_producer_with_a_second_consumer_is_masked_exactly() -> None:
+    torch.manual_seed(0)
+    # a 1x1 conv in front: the first conv's outputs are never pruned, the stem's must be
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), _StemFeedsBNAndShortcut()).eval()
+    with torch.no_grad():
+        net[1].pre_norm.running_mean.uniform_(-0.5, 0.5)
+        net[1].pre_norm.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16, 16)
+    index = build_groups(net, x[:1])
+    roots = [g.root for g in index.groups]
+    group = index.groups[roots.index("1.stem")]
+    assert {m.module for m in group.mask_points} >= {"1.stem", "1.pre_norm"}
+    keep = torch.ones(index.num_units)
+    offset = index.offsets()[roots.index("1.stem")]
+    keep[offset:offset + 8] = 0
+    student = shrink(net, index, keep, x[:1]).eval()
+    with torch.no_grad():
+        with masked(net, index, keep):
+            y_masked = net(x)
+        assert torch.allclose(y_masked, student(x), atol=1e-5)
+
+
+class _HeadSplit(nn.Module):
+    """A stem conv whose channels are reshaped into (heads, dim) and reduced over the heads:
+    no layer can be pruned along that layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mix(self.stem(x))
+        b, c, h, w = y.shape
+        y = y.reshape(b, 2, c // 2, h, w).mean(dim=(1, 3, 4))
+        return self.head(y)
+
+
+def test_unmappable_reshape_is_frozen_not_crashed() -> None:
+    model = _HeadSplit().eval()
+    index = build_groups(model, torch.zeros(1, 3, 8, 8))
+    assert all(g.root != "mix" for g in index.groups)
+    assert any(f.root == "mix" for f in index.frozen)
+
+
+def test_time_limit_refuses_with_user_error() -> None:
+    from cascadec.prune.groups import build_dependency_graph
+
+    model = create_model("resnet18", num_classes=10).eval()
+    with pytest.raises(UserError, match="longer than"):
+        build_dependency_graph(model, torch.zeros(1, 3, 32, 32), timeout_s=1e-4)
+
+
+@pytest.mark.parametrize("args", [
+    # an input the model cannot take: refused at analysis, before any data or training
+    ["inspect", "maxvit_t", "--image-size", "64"],
+    ["compress", "vit_b_16", "--recipe", "zoo_smoke", "--set", "data.image_size=64", "--dry-run"],
+])
+def test_cli_refusals_are_one_line_exit_2(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cascadec", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert args[1] in lines[0] or "input" in lines[0]
