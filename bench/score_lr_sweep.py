@@ -6,12 +6,12 @@ TEACHER: cifar_resnet8 weights (.safetensors). The recorded run used the teacher
 trained at the time (3 epochs on its 12k subset, 78.85 %), before the recipe switched to builtin:cifar_resnet8_fmnist.
 Results of the run that set the default are in bench/results/score-lr-sweep.md.
 """
-import torch, glob, sys, time
+import torch, sys, time
 from safetensors.torch import load_file
 from cascadec.data import build_data
 from cascadec.models import create_model
 from cascadec.recipe import Recipe
-from cascadec.prune.methods import analyse, run_cascade, run_oneshot
+from cascadec.prune.methods import analyse, run_cascade
 from torch.utils.data import DataLoader
 torch.manual_seed(0)
 b = build_data('fashion_mnist', train_limit=12000, val_limit=2000)

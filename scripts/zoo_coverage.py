@@ -245,6 +245,9 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
 # ---------------------------------------------------------------- parent: the sweep
 
 
+MEMORY_SIGNS = ("memory allocation of", "can't allocate memory", "MemoryError", "std::bad_alloc")
+
+
 def _limit_memory(limit_bytes: int):
     def preexec() -> None:
         os.setsid()  # its own process group: a timeout kills the child and anything it spawned
@@ -289,9 +292,10 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     elif proc.returncode != 0 and not row.get("error"):
         row.update(error=f"exit {proc.returncode}", reason=f"child died during {row.get('stage', '?')}")
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-    if proc.returncode != 0 and not timed_out and ("memory allocation of" in log_text or "can't allocate memory" in log_text):
-        # a native library (safetensors, onnx, ORT) aborting on a failed allocation: the
-        # RLIMIT_AS bound was hit (it counts address space, which exceeds the resident peak)
+    if proc.returncode != 0 and not timed_out and any(sign in log_text for sign in MEMORY_SIGNS):
+        # a native library (safetensors, onnx, ORT) aborting on a failed allocation, or a
+        # MemoryError raised again while the child was recording the first one: the RLIMIT_AS
+        # bound was hit (it counts address space, which exceeds the resident peak)
         row.update(error="MemoryBound", reason=f"exceeded the {args.memory_gb:.0f} GiB address-space bound during {row.get('stage', '?')}")
     if proc.returncode in (-9, 137) and not timed_out:
         row.update(error="Killed", reason=f"killed (SIGKILL, likely out of memory) during {row.get('stage', '?')}")

@@ -150,7 +150,7 @@ def no_training(monkeypatch):
 @example(doc={"model": {"name": "cifar_resnet8"}, "prune": {"target": {}}})
 @example(doc={"model": None})
 @example(doc=[1, 2])
-@example(doc={1: 2, True: None})
+@example(doc={1: 2, None: True})
 def test_random_yaml_documents_load_or_fail_in_one_line(tmp_path, doc):
     _check_load(_fresh_file(tmp_path, _dump(doc)))
 

@@ -184,7 +184,9 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: 
                                      runtime=runtime, start_step=first_step if resumed_here else 0,
                                      partial=partial if resumed_here else None, save=save_joint)
         joint.append(record)
-        log(f"joint epoch {epoch}: loss {' '.join(f'{x:.3f}' for x in record['losses'])}, {record['images_per_s']:.0f} images/s")
+        names = ["student", *(f"TA{j}" for j in range(1, len(record["losses"])))]  # losses run student first
+        shown = ", ".join(f"{n} {x:.3f}" for n, x in zip(names, record["losses"]))
+        log(f"joint epoch {epoch}: loss {shown}, {record['images_per_s']:.0f} images/s")
         save_joint(epoch + 1, 0, {})
     joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
     teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]

@@ -21,7 +21,7 @@ def _why_skip() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU visible to PyTorch"
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module("tensorrt")
     except Exception as exc:  # noqa: BLE001
         return f"tensorrt fails to import: {exc}"
     return None
