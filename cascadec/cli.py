@@ -267,7 +267,8 @@ def _print_parity(result: dict) -> None:
 
 def _print_latency(result: dict) -> None:
     protocol = result.get("protocol") or {}
-    models = {k: v for k, v in result.items() if k not in ("speedup", "protocol", "note") and isinstance(v, dict)}
+    models = {k: v for k, v in result.items()
+              if k not in ("speedup", "speedup_rounds", "protocol", "note") and isinstance(v, dict)}
     split = any("compute_p50_ms" in s for per_batch in models.values() for s in per_batch.values())
     columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (["GPU compute p50 ms"] if split else [])
     table = Table(*columns, title=f"latency ({protocol.get('backend', 'onnxruntime')})")
@@ -278,7 +279,11 @@ def _print_latency(result: dict) -> None:
             table.add_row(*row, *([f"{s['compute_p50_ms']:.3f}"] if split else []))
     out.print(table)
     if result.get("speedup"):
-        out.print("speed-up (teacher p50 / student p50): " + ", ".join(f"batch {b}: {s:.2f}x" for b, s in result["speedup"].items()))
+        from cascadec.report import speedup_range
+
+        rounds = result.get("speedup_rounds") or {}
+        shown = [f"batch {b}: {s:.2f}x {speedup_range(rounds.get(b))}".strip() for b, s in result["speedup"].items()]
+        out.print("speed-up (teacher p50 / student p50): " + ", ".join(shown), highlight=False)
     if result.get("note"):
         out.print(result["note"], highlight=False)
     if protocol.get("note"):

@@ -61,6 +61,8 @@ def _protocol_label(node: Mapping) -> str:
         parts.append(f"{proto['threads']} thread{'s' if proto['threads'] > 1 else ''}")
     if proto.get("cuda_graph"):
         parts.append("CUDA graph")
+    if isinstance(proto.get("rounds"), int) and proto["rounds"] > 1:
+        parts.append(f"{proto['rounds']} alternating rounds")
     return ", ".join(parts)
 
 

@@ -194,7 +194,8 @@ def _stats(times_ms: np.ndarray, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{key}": float(v) for key, v in zip(STATS, values)}
 
 
-def summarize(times_ms: np.ndarray, batch: int, compute_ms: np.ndarray | None = None) -> dict:
+def summarize(times_ms: np.ndarray, batch: int, compute_ms: np.ndarray | None = None, *,
+              keep_samples: bool = False) -> dict:
     """Per-batch statistics in the report's format.
 
     ``p50_ms`` ... ``std_ms`` are the latency a caller sees (host latency on a GPU);
@@ -209,6 +210,10 @@ def summarize(times_ms: np.ndarray, batch: int, compute_ms: np.ndarray | None = 
     if compute_ms is not None:
         stats.update(_stats(times_ms, "host_"))
         stats.update(_stats(np.asarray(compute_ms, dtype=np.float64), "compute_"))
+    if keep_samples:  # raw runs, for pooling rounds (see profile_interleaved); never written to reports
+        stats["samples_ms"] = times_ms.tolist()
+        if compute_ms is not None:
+            stats["compute_samples_ms"] = np.asarray(compute_ms, dtype=np.float64).tolist()
     return stats
 
 
@@ -222,6 +227,7 @@ def protocol_record(
     max_iters: int | None = None,
     threads: int | None = None,
     cuda_graph: bool = False,
+    rounds: int = 1,
 ) -> dict:
     """How the numbers were taken, stored next to them (report.json ``latency.<backend>.protocol``)."""
     used = effective_warmup(warmup_s)
@@ -237,6 +243,7 @@ def protocol_record(
         "cuda_graph": bool(cuda_graph),
         "timer": "perf_counter (host latency) + CUDA events (compute)" if gpu else "perf_counter",
         "inputs": "random normal float32, prepared before timing",
+        "rounds": int(rounds),
     }
     if used != warmup_s:
         record["warmup_requested_s"] = float(warmup_s)
@@ -268,6 +275,7 @@ def profile_device(
     min_iters: int = DEFAULT_MIN_ITERS,
     max_iters: int | None = None,
     progress: bool = True,
+    keep_samples: bool = False,
     seed: int = 0,
     clock: Clock = time.perf_counter,
     new_event: Callable[[], Any] = _cuda_event,
@@ -282,7 +290,7 @@ def profile_device(
         x = rng.standard_normal((b, *shape), dtype=np.float32)
         host, compute = measure_device(make_runner(b), x, warmup_s=warmup_s, min_duration_s=min_duration_s,
                                        min_iters=min_iters, max_iters=max_iters, clock=clock, new_event=new_event)
-        return summarize(host, b, compute)
+        return summarize(host, b, compute, keep_samples=keep_samples)
 
     return _run_protocol(label, per_batch, batches, progress)
 
@@ -299,6 +307,7 @@ def profile_onnx(
     max_iters: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    keep_samples: bool = False,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[int, dict]:
@@ -322,7 +331,8 @@ def profile_onnx(
             input_shape = OrtRunner(path).static_input_shape()  # CPU session: only to read the graph
         shape = _check_shape(input_shape)
         runner = OrtDeviceRunner(path, shape, provider=device, threads=threads, cache_dir=cache_dir)
-        return profile_device(runner.bind, shape, batches, label=label, progress=progress, seed=seed, **common)
+        return profile_device(runner.bind, shape, batches, label=label, progress=progress, seed=seed,
+                              keep_samples=keep_samples, **common)
     if device != "cpu":
         raise UserError(f"onnxruntime profile device {device!r}: use cpu, cuda or tensorrt")
     runner = OrtRunner(path, device="cpu", threads=threads)
@@ -333,7 +343,7 @@ def profile_onnx(
         x = rng.standard_normal((b, *shape), dtype=np.float32)
         runner.check_input(x.shape)
         session, feed, outputs = runner.session, {runner.input_name: x}, [runner.output_name]
-        return summarize(measure(lambda: session.run(outputs, feed), **common), b)
+        return summarize(measure(lambda: session.run(outputs, feed), **common), b, keep_samples=keep_samples)
 
     return _run_protocol(label, per_batch, batches, progress)
 
@@ -351,6 +361,7 @@ def profile_torch(
     max_iters: int | None = None,
     threads: int | None = None,
     progress: bool = True,
+    keep_samples: bool = False,
     seed: int = 0,
 ) -> dict[int, dict]:
     """Latency of PyTorch, same protocol and output as :func:`profile_onnx`.
@@ -373,7 +384,8 @@ def profile_torch(
         def make_runner(b: int) -> DeviceRunner:
             return TorchCudaRunner(model, (b, *shape), device=dev, cuda_graph=cuda_graph)
 
-        return profile_device(make_runner, shape, batches, label=label, progress=progress, seed=seed, **common)
+        return profile_device(make_runner, shape, batches, label=label, progress=progress, seed=seed,
+                              keep_samples=keep_samples, **common)
     model = model.to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
 
@@ -384,7 +396,7 @@ def profile_torch(
             with torch.inference_mode():
                 return model(x)
 
-        return summarize(measure(call, **common), b)
+        return summarize(measure(call, **common), b, keep_samples=keep_samples)
 
     previous = torch.get_num_threads()
     if threads is not None:
@@ -406,6 +418,7 @@ def profile_tensorrt(
     min_iters: int = DEFAULT_MIN_ITERS,
     max_iters: int | None = None,
     progress: bool = True,
+    keep_samples: bool = False,
     seed: int = 0,
     clock: Clock = time.perf_counter,
     new_event: Callable[[], Any] = _cuda_event,
@@ -425,7 +438,7 @@ def profile_tensorrt(
         input_shape = tuple(int(d) for d in runner.input_shape)  # TrtRunner's shape excludes the batch axis
     return profile_device(lambda b: runner, input_shape, batches, label=os.path.basename(os.fspath(engine_path)),
                           warmup_s=warmup_s, min_duration_s=min_duration_s, min_iters=min_iters, max_iters=max_iters,
-                          progress=progress, seed=seed, clock=clock, new_event=new_event)
+                          progress=progress, seed=seed, clock=clock, new_event=new_event, keep_samples=keep_samples)
 
 
 def profile_backend(
@@ -443,13 +456,15 @@ def profile_backend(
     cuda_graph: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    keep_samples: bool = False,
 ) -> dict[int, dict]:
     """One model on one profile backend; the backend says which of onnx_path/model/engine_path it reads."""
     backend = resolve_backend(backend)
     kind, where = PROFILE_BACKENDS[backend]
     if cuda_graph and backend != "torch-cuda":
         raise UserError(f"CUDA graphs apply to the torch-cuda backend, not {backend}")
-    common = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "progress": progress}
+    common = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "progress": progress,
+              "keep_samples": keep_samples}
     if kind == "onnx":
         if onnx_path is None:
             raise UserError(f"the {backend} backend needs an ONNX file")
@@ -478,3 +493,50 @@ def compare(teacher_prof: Mapping, student_prof: Mapping) -> dict[int, float]:
         if t is not None and s:
             speedups[b] = float(t) / float(s)
     return speedups
+
+
+def profile_interleaved(
+    profile_one: Callable[[str, float, int], Mapping[int, dict]],
+    names: Sequence[str],
+    *,
+    rounds: int,
+    min_duration_s: float,
+    min_iters: int,
+) -> tuple[dict[str, dict[int, dict]], dict[str, dict[int, list[float]]]]:
+    """Time several models in alternation so that drift hits them alike.
+
+    A shared or virtual CPU drifts over seconds (frequency, neighbours): timing the teacher
+    for 3 s and then the student for 3 s can swing a small network's speed-up from 0.9x to
+    1.5x between two identical runs. Here each model is timed ``rounds`` times, in turn, for
+    ``min_duration_s / rounds`` seconds and ``ceil(min_iters / rounds)`` runs each time;
+    ``profile_one(name, duration_s, min_iters)`` must return per-batch stats made with
+    ``keep_samples=True``. The statistics pool every round's runs (so ``p50_ms`` is the median
+    of all timed runs, ``iterations`` their count); the per-round speed-ups of every other model
+    over the first (``ratios[name][batch]``, first p50 / its p50, one value per round) show how
+    far a speed-up moves between rounds.
+    """
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise UserError(f"profile.rounds must be a positive integer, got {rounds!r}")
+    per_round_duration = float(min_duration_s) / rounds
+    per_round_iters = max(1, -(-int(min_iters) // rounds))
+    samples: dict[str, dict[int, dict[str, list[float]]]] = {name: {} for name in names}
+    ratios: dict[str, dict[int, list[float]]] = {name: {} for name in names[1:]}
+    for _ in range(rounds):
+        this_round: dict[str, Mapping[int, dict]] = {}
+        for name in names:
+            this_round[name] = profile_one(name, per_round_duration, per_round_iters)
+            for b, stats in this_round[name].items():
+                if "samples_ms" not in stats:
+                    raise ValueError("profile_interleaved needs per-batch stats made with keep_samples=True")
+                pooled = samples[name].setdefault(int(b), {"host": [], "compute": []})
+                pooled["host"] += stats["samples_ms"]
+                pooled["compute"] += stats.get("compute_samples_ms", [])
+        for name in names[1:]:
+            for b, s in compare(this_round[names[0]], this_round[name]).items():
+                ratios[name].setdefault(b, []).append(s)
+    result = {
+        name: {b: summarize(np.asarray(p["host"]), b, np.asarray(p["compute"]) if p["compute"] else None)
+               for b, p in sorted(per_batch.items())}
+        for name, per_batch in samples.items()
+    }
+    return result, ratios

@@ -182,7 +182,9 @@ class VerifySection(_Strict):
 
 class ProfileSection(_Strict):
     """The latency protocol (trtexec's defaults): warm-up (a value below 0.2 s is raised to
-    0.2 s, and the report says so), then at least ``duration_s`` and ``min_iters`` runs."""
+    0.2 s, and the report says so), then at least ``duration_s`` and ``min_iters`` runs.
+    Teacher and student take turns ``rounds`` times (each round a share of the duration and
+    runs, after its own warm-up) so that machine drift cannot masquerade as a speed-up."""
 
     batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
     warmup_s: float = Field(0.2, ge=0)
@@ -190,6 +192,7 @@ class ProfileSection(_Strict):
     min_iters: int = Field(10, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     cuda_graph: bool = False  # torch-cuda only: replay a captured CUDA graph
+    rounds: int = Field(3, ge=1)
 
 
 class ExportSection(_Strict):

@@ -102,6 +102,14 @@ def _speedup(teacher_row: Any, student_row: Any) -> float | None:
     return t / s if t is not None and s else None
 
 
+def speedup_range(rounds: Any) -> str:
+    """``(1.05-1.20x over 3 rounds)``: how far the per-round speed-up moved; empty for one round."""
+    values = [v for v in (_num(r) for r in rounds) if v is not None] if isinstance(rounds, (list, tuple)) else []
+    if len(values) < 2:
+        return ""
+    return f"({min(values):.2f}-{max(values):.2f}x over {len(values)} rounds)"
+
+
 def _batches(node: Any) -> list[str]:
     if not isinstance(node, Mapping):
         return []
@@ -182,14 +190,17 @@ def _protocol_line(protocol: Any) -> str:
              f"timer {protocol.get('timer', MISSING)}"]
     if protocol.get("cuda_graph"):
         parts.append("CUDA graph replay")
+    if (protocol.get("rounds") or 1) > 1:
+        parts.append(f"teacher and student alternated in {protocol['rounds']} rounds, statistics over all rounds' runs")
     line = "Protocol: " + "; ".join(parts) + "."
     return line + (f" Note: {protocol['note']}." if protocol.get("note") else "")
 
 
-def _latency_md(latency: Mapping) -> list[str]:
+def _latency_md(latency: Mapping, rounds: Mapping | None = None) -> list[str]:
     """One table per backend: the spread (p50/p90/p99) and, on GPUs, host latency vs GPU compute."""
     lines = ["## Latency", "",
-             "Speed-up = teacher p50 / student p50 at the same batch size. Throughput = batch x 1000 / mean (inferences/s).",
+             "Speed-up = teacher p50 / student p50 at the same batch size (in brackets: the lowest and highest "
+             "speed-up of the single rounds). Throughput = batch x 1000 / mean (inferences/s).",
              ""]
     for backend, per_model in latency.items():
         if not isinstance(per_model, Mapping):
@@ -202,6 +213,7 @@ def _latency_md(latency: Mapping) -> list[str]:
             header += ["GPU compute p50 ms", "GPU compute p99 ms", "Host - compute p50 ms"]
         header.append("Speed-up")
         teacher = per_model.get("teacher") if isinstance(per_model.get("teacher"), Mapping) else {}
+        backend_rounds = (rounds or {}).get(backend) if isinstance((rounds or {}).get(backend), Mapping) else {}
         rows = []
         for model_name in models:
             table = per_model.get(model_name)
@@ -215,7 +227,8 @@ def _latency_md(latency: Mapping) -> list[str]:
                     host, compute = _num(row.get("host_p50_ms", row.get("p50_ms"))), _num(row.get("compute_p50_ms"))
                     cells += [fmt_ms(compute), fmt_ms(row.get("compute_p99_ms")),
                               MISSING if host is None or compute is None else fmt_ms(host - compute)]
-                rows.append(cells + [MISSING if speed is None else f"{speed:.2f}x"])
+                spread = speedup_range(_get(backend_rounds, batch)) if speed is not None else ""
+                rows.append(cells + [MISSING if speed is None else f"{speed:.2f}x {spread}".strip()])
         lines += [f"### {backend}", ""]
         protocol = _protocol_line(per_model.get("protocol"))
         if protocol:
@@ -255,7 +268,7 @@ def render_markdown(report: Mapping) -> str:
     if isinstance(report.get("parity"), Mapping) and report["parity"]:
         lines += _parity_md(report["parity"])
     if isinstance(report.get("latency"), Mapping) and report["latency"]:
-        lines += _latency_md(report["latency"])
+        lines += _latency_md(report["latency"], report.get("speedup_rounds"))
     if isinstance(report.get("environment"), Mapping) and report["environment"]:
         lines += _environment_md(report["environment"])
     return "\n".join(lines).rstrip() + "\n"
@@ -313,11 +326,15 @@ def _latency_summary_rows(report: Mapping) -> list[list[str]]:
         student_lat = node.get("student") if isinstance(node.get("student"), Mapping) else {}
         # "CPU latency" for the compress stage's onnxruntime rows, as the README's demo output shows
         what = "CPU latency" if backend == "onnxruntime" else f"{backend} latency"
+        rounds = (report.get("speedup_rounds") or {}).get(backend)
+        rounds = rounds if isinstance(rounds, Mapping) else {}
         for batch in _batches({**teacher_lat, **student_lat}):
             teacher_row, student_row = _get(teacher_lat, batch), _get(student_lat, batch)
             speed = _speedup(teacher_row, student_row)
+            change = MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
+            spread = speedup_range(_get(rounds, batch)) if speed is not None else ""
             rows.append([f"{what} p50 (bs={batch})", _ms_label(teacher_row), _ms_label(student_row),
-                         MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"])
+                         f"{change} {spread}".strip()])
     return rows
 
 

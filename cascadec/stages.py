@@ -285,7 +285,8 @@ def stage_profile(run: RunDir, recipe: Recipe, shape: list[int], batches: Sequen
     teacher/student for the torch backends. The tensorrt backend times ``student.plan`` and
     ``teacher.plan`` when it exists (the student alone otherwise, and the record says so).
     Availability is checked before the stage opens: a missing GPU must not mark the run failed."""
-    from cascadec.profile import PROFILE_BACKENDS, compare, profile_backend, protocol_record, require_backend, resolve_backend
+    from cascadec.profile import (PROFILE_BACKENDS, compare, profile_backend, profile_interleaved, protocol_record,
+                                  require_backend, resolve_backend)
 
     backend = resolve_backend(backend)
     require_backend(backend)
@@ -304,19 +305,23 @@ def stage_profile(run: RunDir, recipe: Recipe, shape: list[int], batches: Sequen
     if "student" not in sources:
         raise UserError(f"{run.file('student.plan')}: missing; build it with cascadec export {run.path} --trt")
     with run.stage("profile" if backend == "onnxruntime" else f"profile.{backend}"):
-        out: dict[str, Any] = {}
-        for name, source in sources.items():
-            prof = profile_backend(backend, **source, input_shape=shape, batches=list(batches or p.batches),
-                                   warmup_s=p.warmup_s, min_duration_s=p.duration_s, min_iters=p.min_iters,
+        def profile_one(name: str, duration_s: float, min_iters: int) -> dict[int, dict]:
+            return profile_backend(backend, **sources[name], input_shape=shape, batches=list(batches or p.batches),
+                                   warmup_s=p.warmup_s, min_duration_s=duration_s, min_iters=min_iters,
                                    threads=p.threads, cuda_graph=p.cuda_graph and backend == "torch-cuda",
-                                   cache_dir=run.file("ort_trt_cache"), progress=_progress())
-            out[name] = {str(b): v for b, v in prof.items()}
+                                   cache_dir=run.file("ort_trt_cache"), progress=_progress(), keep_samples=True)
+
+        names = [n for n in ("teacher", "student") if n in sources]  # the teacher first: ratios are teacher / student
+        pooled, ratios = profile_interleaved(profile_one, names, rounds=p.rounds, min_duration_s=p.duration_s,
+                                             min_iters=p.min_iters)
+        out: dict[str, Any] = {name: {str(b): v for b, v in pooled[name].items()} for name in names}
         if "teacher" in out:
             out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
+            out["speedup_rounds"] = {str(b): r for b, r in ratios["student"].items()}
         out["protocol"] = protocol_record(backend=backend, device=where, warmup_s=p.warmup_s,
                                           min_duration_s=p.duration_s, min_iters=p.min_iters,
                                           threads=p.threads if where == "cpu" else None,
-                                          cuda_graph=p.cuda_graph and backend == "torch-cuda")
+                                          cuda_graph=p.cuda_graph and backend == "torch-cuda", rounds=p.rounds)
         if "teacher" not in out:
             out["note"] = "no teacher.plan in the run: student engine only, no speed-up"
     run.record(f"latency.{backend}", out)
@@ -359,8 +364,10 @@ def build_report(run: RunDir) -> dict:
     profiled = sorted((k.split(".", 1)[1] for k, v in m.items() if k.startswith("latency.") and isinstance(v, dict)),
                       key=lambda b: (b != "onnxruntime", b))
     if profiled:
-        report["latency"] = {b: {k: v for k, v in m[f"latency.{b}"].items() if k != "speedup"} for b in profiled}
+        report["latency"] = {b: {k: v for k, v in m[f"latency.{b}"].items() if k not in ("speedup", "speedup_rounds")}
+                             for b in profiled}
         report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
+        report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
     history = m.get("prune.history")
     if history:
         report["prune"] = _history_summary(history)

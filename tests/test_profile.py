@@ -14,7 +14,7 @@ from torch import nn
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.errors import UserError
 from cascadec.profile import (COMPUTE_FIELDS, FIELDS, HOST_FIELDS, MIN_WARMUP_S, compare, measure, measure_device,
-                              profile_device, profile_onnx, profile_torch, protocol_record, require_backend,
+                              profile_device, profile_interleaved, profile_onnx, profile_torch, protocol_record, require_backend,
                               resolve_backend, summarize)
 
 FAST = {"warmup_s": 0.0, "min_duration_s": 0.02, "min_iters": 5, "progress": False}
@@ -251,6 +251,41 @@ def test_compare_speedup():
     assert compare(teacher, student) == {1: 2.0, 8: 4.0}
 
 
+def test_interleaved_rounds_alternate_and_pool_every_run():
+    calls = []
+
+    def profile_one(name, duration_s, min_iters):
+        calls.append((name, duration_s, min_iters))
+        round_no = sum(1 for c in calls if c[0] == name)
+        # drift: the whole machine is twice as slow in round 2; the teacher always costs 2x the student
+        scale = (2.0 if name == "teacher" else 1.0) * (2.0 if round_no == 2 else 1.0)
+        return {1: summarize(np.full(4, scale), 1, keep_samples=True)}
+
+    pooled, ratios = profile_interleaved(profile_one, ["teacher", "student"], rounds=3, min_duration_s=3.0, min_iters=10)
+    assert [c[0] for c in calls] == ["teacher", "student"] * 3  # turns, not one model after the other
+    assert all(c[1] == pytest.approx(1.0) and c[2] == 4 for c in calls)  # a share of the duration, runs rounded up
+    assert pooled["teacher"][1]["iterations"] == 12 and "samples_ms" not in pooled["teacher"][1]
+    assert pooled["teacher"][1]["p50_ms"] == 2.0 and pooled["student"][1]["max_ms"] == 2.0
+    assert ratios == {"student": {1: [2.0, 2.0, 2.0]}}  # drift moved both latencies, never the ratio
+    assert compare(pooled["teacher"], pooled["student"]) == {1: 2.0}
+
+
+def test_interleaved_rounds_errors():
+    def without_samples(name, duration_s, min_iters):
+        return {1: summarize(np.ones(3), 1)}
+
+    with pytest.raises(ValueError, match="keep_samples"):
+        profile_interleaved(without_samples, ["a"], rounds=1, min_duration_s=1.0, min_iters=1)
+    with pytest.raises(UserError, match="rounds"):
+        profile_interleaved(without_samples, ["a"], rounds=0, min_duration_s=1.0, min_iters=1)
+
+
+def test_keep_samples_gives_raw_runs(onnx_path):
+    prof = profile_onnx(onnx_path, (3, 16, 16), batches=(2,), keep_samples=True, **FAST)
+    assert len(prof[2]["samples_ms"]) == prof[2]["iterations"] and min(prof[2]["samples_ms"]) == prof[2]["min_ms"]
+    assert "samples_ms" not in profile_onnx(onnx_path, (3, 16, 16), batches=(2,), **FAST)[2]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"batches": (0,)}, "batch"), ({"batches": ()}, "batch"), ({"min_iters": 0}, "min_iters"),
@@ -335,7 +370,12 @@ def test_cli_profile_torch_backend_records_latency_per_backend(cli, copy_run):
     assert torch_node["protocol"]["duration_s"] == 0.02 and torch_node["protocol"]["warmup_s"] >= MIN_WARMUP_S
     assert torch_node["protocol"]["threads"] == 1 and torch_node["protocol"]["device"] == "cpu"
     assert set(report["speedup"]) == {"onnxruntime", "torch"} and set(report["speedup"]["torch"]) == {"1", "2"}
+    assert torch_node["protocol"]["rounds"] == 3  # the recipe default: teacher and student take turns
+    assert [len(report["speedup_rounds"]["torch"][b]) for b in ("1", "2")] == [3, 3]
+    assert "speedup_rounds" not in torch_node and "samples_ms" not in torch_node["student"]["1"]
     md = (run / "report.md").read_text()
     assert "### onnxruntime" in md and "### torch" in md and "Protocol: device cpu" in md
+    assert "alternated in 3 rounds" in md and "x over 3 rounds)" in md
+    assert "x over 3 rounds)" in result.out
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["profile.torch"]["status"] == "done" and manifest["stages"]["profile"]["status"] == "done"
