@@ -169,6 +169,11 @@ def _parity_md(parity: Mapping) -> list[str]:
                                 f"{module}), max abs diff {fmt_float(found.get('max_abs_diff'))} vs {found.get('reference')}")
             else:
                 failures.append(f"- **{name}**: first divergent layer not found: {found.get('error', MISSING)}")
+        from cascadec.verify import describe_conditioning
+
+        line = describe_conditioning(name, r.get("conditioning"))
+        if line:
+            failures.append(f"- **{name}**: conditioning: {line.split(': ', 1)[1]}")
     lines = ["## Parity (candidate vs PyTorch)", ""] + _md_table(header, rows)
     return lines + (["Gate failures:", "", *failures, ""] if failures else [])
 

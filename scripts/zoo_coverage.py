@@ -141,6 +141,15 @@ def _masked_vs_shrunk(name: str, size: int) -> float:
     return float((y_masked - y_shrunk).abs().max() / y_shrunk.abs().max().clamp_min(1e-12))
 
 
+def _gate_reason(exc: Exception) -> str:
+    """The failure's headline plus the failed metrics and the conditioning verdict, on one line."""
+    lines = str(exc).splitlines()
+    metrics = [ln.split()[2] for ln in lines[2:] if len(ln.split()) > 2 and not ln.startswith(("first", "conditioning"))]
+    keep = [lines[0].rstrip(":") + (f" ({', '.join(dict.fromkeys(metrics))})" if metrics else "")]
+    keep += [ln for ln in lines if ln.startswith("conditioning")]
+    return "; ".join(keep)[:400]
+
+
 def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_params: int) -> int:
     """One model through size probe -> inspect -> compress -> verify; the result is a JSON file."""
     import torch
@@ -202,7 +211,7 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
         try:
             report = timed("compress", lambda: compress(name, str(recipe), out=str(run_dir), overrides=overrides))
         except GateFailed as exc:
-            result.update(status="failed", error="GateFailed", reason=str(exc).splitlines()[0])
+            result.update(status="failed", error="GateFailed", reason=_gate_reason(exc))
             return 0
         except UserError as exc:
             if not run_dir.exists():  # refused by compress's own analysis, before any training
@@ -216,7 +225,7 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
         try:
             verified = timed("verify", lambda: verify_run(run_dir))
         except (GateFailed, UserError) as exc:
-            result.update(status="failed", error=type(exc).__name__, reason=str(exc).splitlines()[0])
+            result.update(status="failed", error=type(exc).__name__, reason=_gate_reason(exc))
             return 0
         ort = verified["backends"]["onnxruntime"]
         result["max_abs_diff"] = ort.get("max_abs_diff")
@@ -302,6 +311,13 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     return row
 
 
+def _commit() -> str | None:
+    """The code a run measured (with +dirty for uncommitted changes), so rows can be traced."""
+    from cascadec.run import git_commit
+
+    return git_commit()
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -363,7 +379,7 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         "",
     ]
     for run in data.get("runs", []):
-        lines.append(f"    {run['command']}    # {run['date']}")
+        lines.append(f"    {run['command']}    # {run['date']}" + (f", commit {run['commit']}" if run.get("commit") else ""))
     machines = sorted({run["machine"] for run in data.get("runs", [])})
     lines += ["", "Machine: " + "; ".join(machines) + " (shared with other jobs while it ran: the seconds",
               "are wall-clock and only indicative)", ""]
@@ -386,6 +402,11 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         "refused at analysis, before any training, with a one-line error; *failed* = anything else",
         "(error class given); *not run* = over the parameter limit, never started.",
         "",
+        "## Not passing",
+        "",
+        *[f"- `{name}` ({r.get('status')}): {(r.get('error') + ': ') if r.get('error') else ''}{r.get('reason', '')}"
+          for name in all_models if (r := results.get(name)) is not None and r.get("status") != "pass"],
+        "",
         "## Per model",
         "",
         "Columns: *px* the input size used (the smallest of 64, 96, 128, 160, 224, 299 px the model",
@@ -407,7 +428,7 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         note = r.get("reason", "") or ""
         if r.get("error"):
             note = f"{r['error']}: {note}"
-        note = note.replace("|", "\\|").replace("\n", " ")[:220]
+        note = note.replace("|", "\\|").replace("\n", " ")[:400]
         lines.append(
             f"| {name} | {r.get('status')} | {_fmt(r.get('image_size'), 'd')} | {_fmt(r.get('flops_reduction'), '.1%')} | "
             f"{_fmt(r.get('masked_vs_shrunk'), '.0e')} | {_fmt(r.get('max_abs_diff'), '.1e')} | {_fmt(r.get('max_rel_diff'), '.0e')} | "
@@ -457,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     argv_shown = sys.argv[1:] if argv is None else argv
-    data["runs"].append({"command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    data["runs"].append({"command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown), "commit": _commit(),
+                         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          "machine": _machine(), "versions": _versions(), "models": models,
                          "timeout_s": args.timeout, "memory_gb": args.memory_gb, "max_params_m": args.max_params})
     print(f"{len(models)} models; run directories and logs in {workdir}", flush=True)

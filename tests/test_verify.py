@@ -185,6 +185,49 @@ def test_verify_backends_detects_divergence(exported, monkeypatch):
     with pytest.raises(GateFailed, match="onnxruntime") as info:
         raise_on_failure(out)
     assert "first divergent layer (onnxruntime): not found" in str(info.value)
+    # PyTorch float32 is ~1e-7 from float64 here; the skewed backend is ~1 away: the backend, not the network
+    cond = result["conditioning"]
+    assert cond["ill_conditioned"] is False and cond["candidate_vs_fp64"] > 0.5 > 1e-3 > cond["torch_fp32_vs_fp64"]
+    assert "onnxruntime itself departs from the exact result" in str(info.value)
+
+
+class _Amplifier(nn.Module):
+    """Logits of ~1e6: float32 rounding alone moves them by far more than atol 1e-4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.fc.weight.mul_(1e6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_conditioning_tells_an_ill_conditioned_network_from_a_wrong_backend():
+    model, x = _Amplifier().eval(), np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    tol = Tolerance(atol=1e-4, rtol=1e-3)
+    same = verify_mod.conditioning(model, x, ref, ref.copy(), tol)  # a backend exactly as good as PyTorch float32
+    assert same["torch_fp32_vs_fp64"] > 1e-4 and same["ill_conditioned"] is True and same["samples"] == 4
+    assert "ill-conditioned" in verify_mod.describe_conditioning("onnxruntime", same)
+    off = verify_mod.conditioning(model, x, ref, ref + 1e3, tol)  # far beyond float32 rounding
+    assert off["ill_conditioned"] is False and off["candidate_vs_fp64"] > 999
+    assert next(model.parameters()).dtype == torch.float32  # the float64 copy left the model alone
+
+
+def test_conditioning_never_raises():
+    class Float32Only(nn.Module):
+        def forward(self, x):
+            assert x.dtype == torch.float32, "float32 only"
+            return x
+
+    x = np.ones((2, 3), dtype=np.float32)
+    found = verify_mod.conditioning(Float32Only(), x, x, x, Tolerance(atol=1e-4, rtol=1e-3))
+    assert "float64 reference failed: AssertionError: float32 only" in found["error"]
+    assert "not checked" in verify_mod.describe_conditioning("onnxruntime", found)
 
 
 def test_verify_backends_errors(exported):

@@ -5,6 +5,7 @@ frozen, or with a clean one-line refusal -- never a hang, a traceback or an OOM.
   pass the shuffle are frozen and the branches' inner channels stay prunable.
 * Swin: window partition reshapes made the group index lists grow geometrically until
   memory ran out; now those roots are frozen and the MLP hidden channels stay prunable.
+  Swin-S/B also ran out of Torch-Pruning's shape-inference step budget (TypeError at a concat).
 For both, what is still pruned must be exact: the masked network equals the shrunk one.
 """
 
@@ -31,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 ANALYSIS_BUDGET_S = 60.0  # took 82 s then MemoryError (swin_t, 224 px) / raised (shufflenet) before
 
 
-def _masked_equals_shrunk(name: str, size: int) -> tuple[object, float]:
+def _masked_equals_shrunk(name: str | nn.Module, size: int) -> tuple[object, float]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = create_model(name, num_classes=10).eval()
+    model = create_model(name, num_classes=10).eval() if isinstance(name, str) else name.eval()
     with torch.no_grad():  # non-trivial BN statistics: a mask placed before BN would show
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -72,6 +73,64 @@ def test_swin_analysis_bounded_and_mlp_pruned_exactly() -> None:
     assert seconds < ANALYSIS_BUDGET_S
     assert index.groups and all(".mlp." in g.root for g in index.groups)
     assert any(f.reason == EXPLODING_REASON for f in index.frozen)
+
+
+def test_deep_swin_within_the_shape_walk_budget_pruned_exactly() -> None:
+    # swin_s/swin_b: 18 blocks in stage 3 used up Torch-Pruning's 500-step shape walk, and
+    # PatchMerging's concat then failed on a None width (TypeError: int + NoneType). Depth is
+    # what matters, so this is swin_s's block layout at a tenth of its width.
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2, 18, 2], num_heads=[1, 2, 4, 8],
+                            window_size=[7, 7], stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    start = time.perf_counter()
+    index = build_groups(model, x[:1])
+    assert time.perf_counter() - start < ANALYSIS_BUDGET_S
+    assert len(index.groups) == 24 and all(".mlp." in g.root for g in index.groups)  # one per block's MLP
+    # shrinking re-walks the graph once per pruned group (slow at the larger budget), so prune
+    # three groups, one per side of each PatchMerging concat that used to fail
+    keep = torch.ones(index.num_units)
+    offsets = [0]
+    for g in index.groups:
+        offsets.append(offsets[-1] + g.size)
+    for i in (0, 12, 23):
+        keep[offsets[i] : offsets[i] + index.groups[i].size // 2] = 0
+    student = shrink(model, index, keep, x[:1]).eval()
+    with torch.no_grad():
+        with masked(model, index, keep):
+            y_masked = model(x)
+        y_shrunk = student(x)
+    assert torch.allclose(y_masked, y_shrunk, atol=1e-4, rtol=1e-4), float((y_masked - y_shrunk).abs().max())
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+class _TwoBranchConcat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)  # the first conv is never pruned: keep it out of the concat
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 1)
+        self.head = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_concat_mapping_failure_freezes_instead_of_raising(monkeypatch) -> None:
+    from torch_pruning.dependency import index_mapping
+
+    def no_widths(graph, node):  # what Torch-Pruning does when a width was inferred as None
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(index_mapping, "update_concat_index_mapping", no_widths)
+    index = build_groups(_TwoBranchConcat().eval(), torch.zeros(1, 3, 8, 8))
+    frozen = {f.root: f.reason for f in index.frozen}
+    assert frozen.get("a") == OPAQUE_RESHAPE_REASON, frozen
+    # nothing that feeds the concat stays prunable (b's channels went with a's frozen group)
+    assert not [m.module for g in index.groups for m in g.members if m.module in ("a", "b", "head")]
+    assert index_mapping.update_concat_index_mapping is no_widths  # the guard put back what it found
 
 
 class _StemFeedsBNAndShortcut(nn.Module):

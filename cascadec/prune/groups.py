@@ -23,12 +23,16 @@ That last case is where Torch-Pruning itself breaks, so analysis is guarded arou
   stride, and around the residual loops the lists grow geometrically until memory runs
   out. We build the groups root by root with a cap on the indices one mapping may
   produce, and freeze a root whose group exceeds it.
+* Swin-S/B are deep enough to exhaust Torch-Pruning's shape-inference step budget, which then
+  returns None widths into a concat (TypeError). Such a model is traced again with a larger
+  budget (SHAPE_WALK_BUDGET); a concat that still fails is treated like an opaque reshape.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -41,7 +45,13 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
 EXPLODING_REASON = "its channels are reshaped into windows/heads wider than any layer; Torch-Pruning cannot follow them"
-OPAQUE_RESHAPE_REASON = "passes a reshape Torch-Pruning cannot map (a channel shuffle or a head/window split)"
+OPAQUE_RESHAPE_REASON = ("passes a reshape or concat Torch-Pruning cannot map (a channel shuffle, a head/window split, "
+                         "a concat of unknown widths)")
+# Torch-Pruning's shape inference counts every step of a walk against MAX_RECURSION_DEPTH (500)
+# and answers None past it; a deep chain of same-width blocks (swin_s/swin_b: 18 blocks in one
+# stage) exhausts that before it reaches PatchMerging's concat, whose mapping then fails on
+# None. The budget bounds work, not Python stack depth, and the analysis has its own timeout.
+SHAPE_WALK_BUDGET = 2000
 
 
 class _IndexExplosion(Exception):
@@ -161,7 +171,8 @@ def _widest_layer(model: nn.Module) -> int:
 
 
 @contextmanager
-def _guarded_index_mapping(opaque_reshapes: set, max_indices: int):
+def _guarded_index_mapping(opaque_reshapes: set, max_indices: int, walk_budget: int | None = None,
+                           failed_concats: set | None = None):
     """Patch Torch-Pruning's index mapping for the duration of one analysis: reshapes whose
     mapping cannot be inferred are recorded in ``opaque_reshapes`` (their groups get frozen)
     instead of aborting the trace, and a flatten mapping that would emit more than
@@ -169,11 +180,16 @@ def _guarded_index_mapping(opaque_reshapes: set, max_indices: int):
 
     A valid mapping emits distinct channel indices of one layer, so it can never be wider
     than the widest layer (a flatten into the classifier: C*H*W = in_features). Window and
-    head reshapes around residual loops blow past that within a hop or two."""
-    from torch_pruning.dependency import index_mapping
+    head reshapes around residual loops blow past that within a hop or two.
+
+    ``walk_budget`` replaces Torch-Pruning's shape-walk step budget for the duration;
+    concats that fail on a None width are also added to ``failed_concats``."""
+    from torch_pruning.dependency import constants, index_mapping
 
     original_reshape = index_mapping.update_reshape_index_mapping
+    original_concat = index_mapping.update_concat_index_mapping
     original_call = index_mapping._FlattenIndexMapping.__call__
+    original_budget = constants.MAX_RECURSION_DEPTH
 
     def reshape_mapping(graph, node):
         try:
@@ -181,18 +197,34 @@ def _guarded_index_mapping(opaque_reshapes: set, max_indices: int):
         except (ZeroDivisionError, ValueError, TypeError):
             opaque_reshapes.add(node)
 
+    def concat_mapping(graph, node):
+        try:
+            original_concat(graph, node)
+        except TypeError:  # an input width inferred as None: the slices cannot be placed
+            opaque_reshapes.add(node)
+            if failed_concats is not None:
+                failed_concats.add(node)
+
     def bounded_call(self, idxs):
         if not self.reverse and len(idxs) * self._stride > max_indices:
             raise _IndexExplosion
         return original_call(self, idxs)
 
     index_mapping.update_reshape_index_mapping = reshape_mapping
+    index_mapping.update_concat_index_mapping = concat_mapping
     index_mapping._FlattenIndexMapping.__call__ = bounded_call
+    constants.MAX_RECURSION_DEPTH = original_budget if walk_budget is None else walk_budget
     try:
-        yield
+        with warnings.catch_warnings():
+            # the walk's own "Maximum recursive depth reached!": its None answers are handled
+            # above (opaque nodes, frozen groups), so the warning tells a user nothing
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
+            yield
     finally:
         index_mapping.update_reshape_index_mapping = original_reshape
+        index_mapping.update_concat_index_mapping = original_concat
         index_mapping._FlattenIndexMapping.__call__ = original_call
+        constants.MAX_RECURSION_DEPTH = original_budget
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, timeout_s: float | None = 300):
@@ -207,13 +239,23 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
-    opaque: set = set()
+    from torch_pruning.dependency import constants
+
     widest = _widest_layer(model)
+    # the library's budget first (most models, and shrink then pays no more per group); a
+    # concat that ran out of it gets one retrace with SHAPE_WALK_BUDGET
+    budgets = list(dict.fromkeys([constants.MAX_RECURSION_DEPTH, max(constants.MAX_RECURSION_DEPTH, SHAPE_WALK_BUDGET)]))
     try:
         for p in frozen:  # Torch-Pruning traces the autograd graph: every weight must be in it
             p.requires_grad_(True)
-        with _time_limit(timeout_s, "dependency analysis"), torch.enable_grad(), _guarded_index_mapping(opaque, widest):
-            dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        with _time_limit(timeout_s, "dependency analysis"), torch.enable_grad():
+            for budget in budgets:
+                opaque: set = set()
+                failed_concats: set = set()
+                with _guarded_index_mapping(opaque, widest, budget, failed_concats):
+                    dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+                if not failed_concats:
+                    break
     except UserError:
         raise
     except MemoryError:
@@ -232,7 +274,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     unguarded = dg.get_pruning_group
 
     def get_pruning_group(*args, **kwargs):
-        with _guarded_index_mapping(opaque, widest):
+        with _guarded_index_mapping(opaque, widest, budget):
             return unguarded(*args, **kwargs)
 
     dg.get_pruning_group = get_pruning_group
