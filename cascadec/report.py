@@ -145,6 +145,8 @@ def _summary_md(report: Mapping) -> list[str]:
 
 
 def _parity_md(parity: Mapping) -> list[str]:
+    from cascadec.verify import conditioning_verdict  # verify imports torch; keep report light to import
+
     # Tolerances follow Polygraphy: an element fails when |diff| > atol and |diff|/|ref| > rtol;
     # "min atol/rtol to pass" is what each alone would need (Polygraphy's "Minimum Required Tolerance").
     header = ["Backend", "Precision", "Samples", "Max abs diff", "Mean abs diff", "Max rel diff", "atol / rtol",
@@ -169,11 +171,9 @@ def _parity_md(parity: Mapping) -> list[str]:
                                 f"{module}), max abs diff {fmt_float(found.get('max_abs_diff'))} vs {found.get('reference')}")
             else:
                 failures.append(f"- **{name}**: first divergent layer not found: {found.get('error', MISSING)}")
-        from cascadec.verify import describe_conditioning
-
-        line = describe_conditioning(name, r.get("conditioning"))
-        if line:
-            failures.append(f"- **{name}**: conditioning: {line.split(': ', 1)[1]}")
+        verdict = conditioning_verdict(name, r.get("conditioning"))
+        if verdict:
+            failures.append(f"- **{name}**: conditioning: {verdict}")
     lines = ["## Parity (candidate vs PyTorch)", ""] + _md_table(header, rows)
     return lines + (["Gate failures:", "", *failures, ""] if failures else [])
 

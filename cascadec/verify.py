@@ -455,18 +455,24 @@ def conditioning(model: nn.Module, x: np.ndarray, reference: np.ndarray, candida
             "ill_conditioned": ill}
 
 
-def describe_conditioning(backend: str, found: Mapping | None) -> str | None:
-    """One line saying whether the failure is the network's float32 arithmetic or the backend."""
+def conditioning_verdict(backend: str, found: Mapping | None) -> str | None:
+    """Whether the failure is the network's float32 arithmetic or the backend, in words."""
     if not isinstance(found, Mapping):
         return None
     if found.get("error"):
-        return f"conditioning ({backend}): not checked: {found['error']}"
+        return f"not checked: {found['error']}"
     torch_error, candidate_error = found.get("torch_fp32_vs_fp64"), found.get("candidate_vs_fp64")
-    head = (f"conditioning ({backend}): on {found.get('samples')} samples PyTorch float32 is {torch_error:.3g} from "
+    head = (f"on {found.get('samples')} samples PyTorch float32 is {torch_error:.3g} from "
             f"PyTorch float64 and {backend} is {candidate_error:.3g}")
     if found.get("ill_conditioned"):
         return head + ": the network amplifies float32 rounding beyond the tolerance (ill-conditioned), the backend is not the cause"
     return head + f": {backend} itself departs from the exact result"
+
+
+def describe_conditioning(backend: str, found: Mapping | None) -> str | None:
+    """The verdict as a line under the failure table."""
+    verdict = conditioning_verdict(backend, found)
+    return None if verdict is None else f"conditioning ({backend}): {verdict}"
 
 
 def _first_divergence(model: nn.Module, onnx_path: str | os.PathLike[str], x: np.ndarray, backend: str,

@@ -144,7 +144,7 @@ def _masked_vs_shrunk(name: str, size: int) -> float:
 def _gate_reason(exc: Exception) -> str:
     """The failure's headline plus the failed metrics and the conditioning verdict, on one line."""
     lines = str(exc).splitlines()
-    metrics = [ln.split()[2] for ln in lines[2:] if len(ln.split()) > 2 and not ln.startswith(("first", "conditioning"))]
+    metrics = [f["metric"] for f in getattr(exc, "failures", [])]
     keep = [lines[0].rstrip(":") + (f" ({', '.join(dict.fromkeys(metrics))})" if metrics else "")]
     keep += [ln for ln in lines if ln.startswith("conditioning")]
     return "; ".join(keep)[:400]
@@ -311,13 +311,6 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     return row
 
 
-def _commit() -> str | None:
-    """The code a run measured (with +dirty for uncommitted changes), so rows can be traced."""
-    from cascadec.run import git_commit
-
-    return git_commit()
-
-
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -462,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torchvision.models as tvm
 
+    from cascadec.run import git_commit
+
     all_models = tvm.list_models(module=tvm)
     data = _load(args.json)
     if args.markdown_only:
@@ -478,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     argv_shown = sys.argv[1:] if argv is None else argv
-    data["runs"].append({"command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown), "commit": _commit(),
+    data["runs"].append({"command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown), "commit": git_commit(),  # the code the rows measured
                          "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                          "machine": _machine(), "versions": _versions(), "models": models,
                          "timeout_s": args.timeout, "memory_gb": args.memory_gb, "max_params_m": args.max_params})

@@ -32,10 +32,21 @@ REPO = Path(__file__).resolve().parent.parent
 ANALYSIS_BUDGET_S = 60.0  # took 82 s then MemoryError (swin_t, 224 px) / raised (shufflenet) before
 
 
-def _masked_equals_shrunk(name: str | nn.Module, size: int) -> tuple[object, float]:
+def _shrunk_matching_masked(model: nn.Module, index, keep: torch.Tensor, x: torch.Tensor) -> nn.Module:
+    """Shrink ``model`` to ``keep`` and check it computes what the masked original does."""
+    student = shrink(model, index, keep, x[:1]).eval()
+    with torch.no_grad():
+        with masked(model, index, keep):
+            y_masked = model(x)
+        y_shrunk = student(x)
+    assert torch.allclose(y_masked, y_shrunk, atol=1e-4, rtol=1e-4), float((y_masked - y_shrunk).abs().max())
+    return student
+
+
+def _masked_equals_shrunk(name: str, size: int) -> tuple[object, float]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = create_model(name, num_classes=10).eval() if isinstance(name, str) else name.eval()
+    model = create_model(name, num_classes=10).eval()
     with torch.no_grad():  # non-trivial BN statistics: a mask placed before BN would show
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -49,12 +60,7 @@ def _masked_equals_shrunk(name: str | nn.Module, size: int) -> tuple[object, flo
     keep = MaskSolver(index, cost).solve(torch.rand(index.num_units, generator=gen),
                                          Budget.from_target(cost, flops_reduction=0.2))
     assert int(keep.sum()) < keep.numel(), "the mask must remove channels for the check to mean anything"
-    student = shrink(model, index, keep, x[:1]).eval()
-    with torch.no_grad():
-        with masked(model, index, keep):
-            y_masked = model(x)
-        y_shrunk = student(x)
-    assert torch.allclose(y_masked, y_shrunk, atol=1e-4, rtol=1e-4), float((y_masked - y_shrunk).abs().max())
+    _shrunk_matching_masked(model, index, keep, x)
     return index, seconds
 
 
@@ -97,12 +103,7 @@ def test_deep_swin_within_the_shape_walk_budget_pruned_exactly() -> None:
         offsets.append(offsets[-1] + g.size)
     for i in (0, 12, 23):
         keep[offsets[i] : offsets[i] + index.groups[i].size // 2] = 0
-    student = shrink(model, index, keep, x[:1]).eval()
-    with torch.no_grad():
-        with masked(model, index, keep):
-            y_masked = model(x)
-        y_shrunk = student(x)
-    assert torch.allclose(y_masked, y_shrunk, atol=1e-4, rtol=1e-4), float((y_masked - y_shrunk).abs().max())
+    student = _shrunk_matching_masked(model, index, keep, x)
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in model.parameters())
 
 

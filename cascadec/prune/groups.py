@@ -235,12 +235,11 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     ``get_pruning_group`` runs under the same guard.
     """
     import torch_pruning as tp
+    from torch_pruning.dependency import constants
 
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
-    from torch_pruning.dependency import constants
-
     widest = _widest_layer(model)
     # the library's budget first (most models, and shrink then pays no more per group); a
     # concat that ran out of it gets one retrace with SHAPE_WALK_BUDGET
