@@ -33,7 +33,10 @@ class DataSection(_Strict):
     root: Optional[str] = None
     image_size: Optional[int] = Field(None, ge=8)
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training set")
-    val_limit: Optional[int] = Field(None, ge=1)
+    val_limit: Optional[int] = Field(None, ge=1, description="evaluate on a seeded subset of the val/test split (fast tests only)")
+    selection_size: Optional[int] = Field(
+        None, ge=1, description="training images held out for decisions (promotion, best epoch); default 10 %, at most 5000"
+    )
     batch_size: int = Field(128, ge=1)
     workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
         0, description='DataLoader worker processes per training process; "auto" sizes them from the CPU count'
@@ -86,8 +89,19 @@ class CascadeSection(_Strict):
     ta_ratios: Optional[list[float]] = Field(None, description="keep fractions of the TAs, ascending, last 1.0")
     cascade_update: bool = Field(True, description="Eq. 5: a model's scores learn from its teacher's Taylor term")
     score_optimizer: Literal["sgd", "rmsprop"] = "sgd"
-    score_lr: float = Field(0.01, gt=0, description="alpha of Eq. 5, relative to the initial Taylor scale")
+    score_lr: float = Field(0.01, gt=0, description="alpha of Eq. 5, relative to the initial Taylor scale (taylor_magnitude: "
+                            "the weight of each step in the running average, at most 1)")
+    score_signal: Literal["taylor", "taylor_magnitude"] = Field(
+        "taylor_magnitude", description="taylor: the paper's signed Eq. 5 step; taylor_magnitude: running average of |Taylor term|"
+    )
+    freeze_fraction: float = Field(
+        0.25, ge=0, lt=1, description="last fraction of the joint phase trained on fixed masks (score step annealed to 0 before)"
+    )
     promote_teacher: bool = True
+    ladder_check: Literal["warn", "stop", "off"] = Field(
+        "warn", description="a TA less accurate than the model below it at the end of the joint phase: warn, stop the run, or nothing"
+    )
+    track_accuracy: bool = Field(True, description="evaluate every model on the selection split after each joint epoch")
 
     @model_validator(mode="after")
     def _ratios_match(self) -> "CascadeSection":
@@ -125,6 +139,10 @@ class TrainSection(_Strict):
     weight_decay: float = Field(4e-4, ge=0)
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap for smoke runs")
     seed: int = 0
+    bn_recalibration_batches: int = Field(
+        20, ge=0, description="training batches that re-estimate BatchNorm statistics when masks freeze (0: off)"
+    )
+    select_best: bool = Field(True, description="ship the student phase's best epoch on the selection split")
     checkpoint_every_steps: Optional[int] = Field(
         None, ge=1, description="also checkpoint every N steps (a checkpoint is always written at each epoch end)"
     )

@@ -260,6 +260,33 @@ def _environment_md(env: Mapping) -> list[str]:
     return ["## Environment", ""] + _md_table(["Key", "Value"], rows)
 
 
+def _training_md(prune: Mapping) -> list[str]:
+    """How the student was trained: the TA ladder (loud when broken), each model's accuracy per
+    joint epoch and the student epochs, all on the selection split (held-out training images)."""
+    lines = ["## Training (selection split: held-out training images)", ""]
+    ladder = prune.get("ladder")
+    if isinstance(ladder, Mapping) and ladder.get("rungs"):
+        if ladder.get("broken"):
+            lines += [f"**WARNING: the TA ladder is broken** ({'; '.join(ladder['broken'])}): a TA less accurate than "
+                      "the model below it cannot teach it.", ""]
+        rows = [[r.get("model"), fmt_float(r.get("keep"), ".2f"), fmt_accuracy(r.get("accuracy"))] for r in ladder["rungs"]]
+        lines += ["TA ladder at the end of the joint phase:", ""] + _md_table(["Model", "Keep (of target metric)", "Accuracy"], rows)
+    joint = prune.get("joint_epochs")
+    if joint:
+        names = [r.get("model") for r in (ladder or {}).get("rungs", [])] or [f"model {i}" for i in range(len(joint[0].get("accuracies") or []))]
+        rows = [[e.get("epoch"), *(fmt_accuracy(a) for a in (e.get("accuracies") or [])), "yes" if e.get("frozen") else "no",
+                 ", ".join(str(c) for c in e.get("mask_changes") or [])] for e in joint]
+        lines += ["Joint phase:", ""] + _md_table(["Epoch", *names, "Masks frozen", "Units changed per model"], rows)
+    for phase in ("student_epochs", "fine_tune_epochs"):
+        epochs = prune.get(phase)
+        if epochs:
+            rows = [["start" if e.get("epoch") == -1 else e.get("epoch"), e.get("teacher") or "", fmt_accuracy(e.get("student_accuracy")),
+                     "yes" if e.get("kept") else ""] for e in epochs]
+            title = "Student phase" if phase == "student_epochs" else "Fine-tuning"
+            lines += [f"{title} (the epoch marked *kept* ships):", ""] + _md_table(["Epoch", "Teacher", "Accuracy", "Kept"], rows)
+    return lines if len(lines) > 2 else []
+
+
 def render_markdown(report: Mapping) -> str:
     """The human-readable report; any section that is absent is simply left out."""
     lines = [f"# cascadec report{': ' + str(report['name']) if report.get('name') else ''}", ""]
@@ -270,6 +297,8 @@ def render_markdown(report: Mapping) -> str:
         lines.append("")
     if isinstance(report.get("teacher"), Mapping) or isinstance(report.get("student"), Mapping):
         lines += _summary_md(report)
+    if isinstance(report.get("prune"), Mapping) and report["prune"]:
+        lines += _training_md(report["prune"])
     if isinstance(report.get("parity"), Mapping) and report["parity"]:
         lines += _parity_md(report["parity"])
     if isinstance(report.get("latency"), Mapping) and report["latency"]:

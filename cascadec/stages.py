@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -51,6 +51,7 @@ def load_data(recipe: Recipe) -> DataBundle:
     d = recipe.data
     return build_data(
         d.name, d.root, image_size=d.image_size, train_limit=d.train_limit, val_limit=d.val_limit,
+        selection_size=d.selection_size,
         seed=recipe.train.seed, download=d.download, **d.options,
     )
 
@@ -67,7 +68,16 @@ def loader_workers(setting: int | str, processes_per_node: int = 1) -> int:
     return max(0, min(8, cpus // max(1, processes_per_node) - 1))
 
 
-def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device, dist=None) -> tuple[DataLoader, DataLoader]:
+class Loaders(NamedTuple):
+    """``train`` to learn from, ``selection`` (held-out training images) for every decision,
+    ``val`` (the test split) for the reported accuracy only."""
+
+    train: DataLoader
+    val: DataLoader
+    selection: DataLoader
+
+
+def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device, dist=None) -> Loaders:
     """Training batches come from an EpochBatchSampler: their order is a function of (seed,
     phase, epoch), so checkpoints can record the position and resume without replaying data,
     and in a distributed run each rank takes its slice of every global batch. Every rank
@@ -86,7 +96,8 @@ def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device, dist=
                                 drop_last=len(bundle.train) > batch, rank=dist.rank, world_size=dist.world_size)
     train = DataLoader(bundle.train, batch_sampler=sampler, **common)
     val = DataLoader(bundle.val, batch_size=batch, shuffle=False, **common)
-    return train, val
+    selection = DataLoader(bundle.selection if bundle.selection is not None else bundle.val, batch_size=batch, shuffle=False, **common)
+    return Loaders(train, val, selection)
 
 
 def model_kwargs(recipe: Recipe, bundle_or_shape) -> dict[str, int]:
@@ -159,7 +170,7 @@ def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, devi
                 log(f"teacher: loaded from cache {cached}")
             else:
                 log(f"teacher: no weights given; training {recipe.teacher.train_epochs} epoch(s) on {bundle.name}")
-                train_teacher(model, recipe, *loaders, device, runtime=runtime)
+                train_teacher(model, recipe, loaders.train, loaders.val, device, runtime=runtime)
                 source = f"trained by cascadec ({recipe.teacher.train_epochs} epochs)"
                 if recipe.teacher.cache and run.writable:
                     try:
@@ -170,7 +181,7 @@ def stage_teacher(run: RunDir, recipe: Recipe, bundle: DataBundle, loaders, devi
         elif not recipe.model.weights:
             log("[yellow]teacher has random weights (no model.weights, teacher.train_epochs 0): accuracy numbers will be meaningless[/]")
         model.eval()
-        accuracy = evaluate(model, loaders[1], device=device, description="evaluate teacher")
+        accuracy = evaluate(model, loaders.val, device=device, description="evaluate teacher")
         if run.writable:  # in a distributed run only rank 0 writes
             save_file(state_dict_for_safetensors(model), str(path))
         info.update(source=source, accuracy=accuracy)
@@ -213,7 +224,7 @@ def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBun
         info["checkpoints"] = CHECKPOINTS
         torch.manual_seed(recipe.train.seed)
         try:
-            result = prune_model(teacher, recipe, loaders[0], loaders[1], example, device, runtime)
+            result = prune_model(teacher, recipe, loaders.train, loaders.selection, example, device, runtime)
         except NonFiniteLoss as exc:
             kept = sorted(p.name for p in run.file(CHECKPOINTS).glob("*.safetensors")) if run.file(CHECKPOINTS).is_dir() else []
             note = f"; last good checkpoint kept: {CHECKPOINTS}/{', '.join(kept)}" if kept else ""
@@ -224,7 +235,7 @@ def stage_prune(run: RunDir, recipe: Recipe, teacher: nn.Module, bundle: DataBun
             save_student(student, run.path, model_name=recipe.model.name, model_kwargs=model_kwargs(recipe, bundle),
                          input_shape=shape, removals=removals, extra={"recipe": recipe.name, "method": recipe.prune.method})
         student = student.to(device)
-        accuracy = evaluate(student, loaders[1], device=device, description="evaluate student")
+        accuracy = evaluate(student, loaders.val, device=device, description="evaluate student")
         metrics = {
             "teacher.flops": count_macs(teacher.cpu(), example), "teacher.params": count_params(teacher),
             "student.flops": count_macs(student.cpu(), example), "student.params": count_params(student),
@@ -375,10 +386,14 @@ def build_report(run: RunDir) -> dict:
 
 
 def _history_summary(history: dict) -> dict:
-    out = {k: history[k] for k in ("fractions", "joint_seconds", "mask_changed_units", "seconds") if k in history}
+    out = {k: history[k] for k in ("fractions", "joint_seconds", "mask_changed_units", "seconds", "ladder", "freeze_step",
+                                   "joint_steps") if k in history}
+    if history.get("joint"):
+        out["joint_epochs"] = [{k: e.get(k) for k in ("epoch", "accuracies", "mask_changes", "frozen", "seconds")} for e in history["joint"]]
     for phase in ("student", "fine_tune"):
         if history.get(phase):
-            out[f"{phase}_epochs"] = [{k: e[k] for k in ("epoch", "teacher", "student_accuracy", "seconds") if k in e} for e in history[phase]]
+            out[f"{phase}_epochs"] = [{k: e[k] for k in ("epoch", "teacher", "student_accuracy", "seconds", "kept") if k in e}
+                                      for e in history[phase]]
     return out
 
 

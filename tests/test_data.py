@@ -84,15 +84,17 @@ def test_list_and_unknown() -> None:
 def test_fashion_mnist_debian_path() -> None:
     bundle = build_data("fashion_mnist")
     assert isinstance(bundle, DataBundle) and str(DEBIAN) in bundle.description
-    assert (len(bundle.train), len(bundle.val)) == (60000, 10000)
+    # the official 60k training set less the 5k selection split held out for decisions
+    assert (len(bundle.train), len(bundle.selection), len(bundle.val)) == (55000, 5000, 10000)
     assert (bundle.num_classes, bundle.in_channels, bundle.image_size) == (10, 1, 28)
     assert bundle.mean == (0.2860,) and bundle.std == (0.3530,)
     x, y = bundle.train[0]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and isinstance(y, int)
-    assert set(bundle.train.targets.tolist()) == set(range(10))  # type: ignore[attr-defined]
-    sample = torch.stack([bundle.train[i][0] for i in range(0, 60000, 97)])
+    full = bundle.train.dataset  # type: ignore[attr-defined]
+    assert set(full.targets.tolist()) == set(range(10))
+    sample = torch.stack([bundle.train[i][0] for i in range(0, 55000, 97)])
     assert abs(sample.mean().item()) < 0.05 and abs(sample.std().item() - 1) < 0.05
-    raw = bundle.train.images[0].float() / 255  # type: ignore[attr-defined]
+    raw = full.images[bundle.train_indices[0]].float() / 255
     torch.testing.assert_close(x, (raw - 0.2860) / 0.3530)
 
 
@@ -119,11 +121,11 @@ def test_fashion_mnist_copy_resized_and_limited(tmp_path: Path) -> None:
 def test_fashion_mnist_fabricated_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = _fake_fmnist(tmp_path / "fm")
     bundle = build_data("fashion_mnist", folder)
-    assert (len(bundle.train), len(bundle.val)) == (30, 10)
+    assert (len(bundle.train), len(bundle.selection), len(bundle.val)) == (27, 3, 10)  # 10 % held out for selection
     assert [bundle.val[i][1] for i in range(10)] == list(range(10))
     monkeypatch.setenv("CASCADEC_DATA", str(tmp_path / "envdata"))
     _fake_fmnist(tmp_path / "envdata" / "fashion_mnist", n_train=12)
-    assert len(build_data("fashion_mnist").train) == 12
+    assert len(build_data("fashion_mnist").train) == 11
     plain = tmp_path / "plain"  # uncompressed files are fine too
     plain.mkdir()
     for prefix, n in (("train", 4), ("t10k", 2)):
@@ -188,7 +190,7 @@ def test_fashion_mnist_corrupt_files(tmp_path: Path) -> None:
 
 def test_digits() -> None:
     bundle = build_data("digits")
-    assert (len(bundle.train), len(bundle.val)) == (1437, 360)
+    assert (len(bundle.train), len(bundle.selection), len(bundle.val)) == (1293, 144, 360)
     assert bundle.train[0][0].shape == (1, 16, 16) and bundle.in_channels == 1
     assert sorted(collections.Counter(bundle.val.targets.tolist()).values())[0] >= 35  # type: ignore[attr-defined]
     again = build_data("digits", image_size=8, seed=5)
@@ -203,13 +205,15 @@ def test_synthetic_deterministic_and_learnable() -> None:
     b = build_data("synthetic", seed=7, in_channels=2, image_size=12, num_classes=4, train_size=200)
     c = build_data("synthetic", seed=8, in_channels=2, image_size=12, num_classes=4, train_size=200)
     assert a.train[0][0].shape == (2, 12, 12) and a.num_classes == 4
-    torch.testing.assert_close(a.train.images, b.train.images)  # type: ignore[attr-defined]
-    assert not torch.equal(a.train.images, c.train.images)  # type: ignore[attr-defined]
-    assert not torch.equal(a.train.images[:50], a.val.images[:50])  # type: ignore[attr-defined]
-    assert collections.Counter(a.train.targets.tolist()) == {k: 50 for k in range(4)}  # type: ignore[attr-defined]
+    full_a, full_b, full_c = a.train.dataset, b.train.dataset, c.train.dataset  # type: ignore[attr-defined]
+    torch.testing.assert_close(full_a.images, full_b.images)
+    assert not torch.equal(full_a.images, full_c.images)
+    assert not torch.equal(full_a.images[:50], a.val.images[:50])  # type: ignore[attr-defined]
+    assert collections.Counter(full_a.targets.tolist()) == {k: 50 for k in range(4)}
+    assert (len(a.train), len(a.selection)) == (180, 20)
     torch.manual_seed(0)
-    x = torch.stack([a.train[i][0] for i in range(200)]).flatten(1)
-    y = torch.tensor([a.train[i][1] for i in range(200)])
+    x = torch.stack([a.train[i][0] for i in range(180)]).flatten(1)
+    y = torch.tensor([a.train[i][1] for i in range(180)])
     clf = torch.nn.Linear(x.shape[1], 4)
     opt = torch.optim.SGD(clf.parameters(), lr=0.1)
     for _ in range(30):
@@ -248,9 +252,11 @@ def test_imagefolder(tmp_path: Path) -> None:
     _png_tree(tmp_path / "tree", {"train": ["cat", "dog"], "val": ["cat", "dog"]})
     bundle = build_data("imagefolder", tmp_path / "tree", image_size=32)
     assert bundle.num_classes == 2 and bundle.in_channels == 3
-    assert (len(bundle.train), len(bundle.val)) == (6, 6)
+    assert (len(bundle.train), len(bundle.selection), len(bundle.val)) == (5, 1, 6)
     x, y = bundle.train[0]
-    assert x.shape == (3, 32, 32) and y == 0 and bundle.val[5][1] == 1
+    assert x.shape == (3, 32, 32) and bundle.val[5][1] == 1
+    # selection images go through the evaluation transform: no random crop, so always the same
+    torch.testing.assert_close(bundle.selection[0][0], bundle.selection[0][0])
     assert bundle.mean == (0.485, 0.456, 0.406)
     no_aug = build_data("imagefolder", tmp_path / "tree", image_size=32, augment=False)
     torch.testing.assert_close(
@@ -298,7 +304,7 @@ def _fake_cifar10(root: Path, n: int = 4) -> Path:
 def test_cifar10_layout(tmp_path: Path) -> None:
     folder = _fake_cifar10(tmp_path / "data")
     bundle = build_data("cifar10", tmp_path / "data")
-    assert (len(bundle.train), len(bundle.val), bundle.num_classes) == (20, 4, 10)
+    assert (len(bundle.train), len(bundle.selection), len(bundle.val), bundle.num_classes) == (18, 2, 4, 10)
     x, y = bundle.val[1]
     assert x.shape == (3, 32, 32) and y == 1
     raw = bundle.val.images[1].float() / 255  # type: ignore[attr-defined]

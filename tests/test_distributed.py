@@ -72,7 +72,7 @@ def test_two_ranks_match_a_single_process_run_within_tolerance(runs) -> None:
     assert agreement >= 0.8, agreement
     for a, b in zip(hs["joint"], h2["joint"]):
         assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) < 0.05
-    assert all(e["images_per_s"] > 0 for e in h2["joint"] + h2["student"])
+    assert all(e["images_per_s"] > 0 for e in h2["joint"] + [e for e in h2["student"] if e["epoch"] >= 0])
 
 
 def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> None:

@@ -38,7 +38,7 @@ def _history(run: Path) -> dict:
 
 
 def _steps(history: dict) -> tuple[list[int], int]:
-    return [e["steps"] for e in history["joint"]], len(history["student"])
+    return [e["steps"] for e in history["joint"]], len([e for e in history["student"] if e["epoch"] >= 0])
 
 
 def _kill_when_training(cmd: list[str], env: dict, checkpoint: Path, *, sig: int, min_step: int = 1) -> subprocess.Popen:
@@ -131,7 +131,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(method, stop_after, tmp_p
     cpu = torch.device("cpu")
 
     def run(directory, stop: int | None = None):
-        train, val = make_loaders(bundle, recipe, cpu)
+        train, _, val = make_loaders(bundle, recipe, cpu)  # val: the selection split
         runtime = Runtime(device=cpu, checkpoint_dir=directory)
         if stop is not None:
             _StopAfter(runtime, stop)

@@ -62,7 +62,7 @@ def test_loaders_use_the_resumable_sampler_and_workers(monkeypatch) -> None:
 
     bundle = build(None, image_size=8, download=False, seed=0, train_size=40, val_size=8)
     recipe = load_recipe("fmnist_quick", ["data.batch_size=8", "data.workers=1"])
-    train, val = make_loaders(bundle, recipe, torch.device("cpu"))
+    train, val, _ = make_loaders(bundle, recipe, torch.device("cpu"))
     assert isinstance(train.batch_sampler, EpochBatchSampler) and len(train) == 5
     assert train.num_workers == 1 and train.persistent_workers and not train.pin_memory
     images, labels = next(iter(train))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
@@ -16,6 +17,13 @@ class DataBundle:
     ``train`` and ``val`` yield ``(float tensor C x H x W, already normalised, int label)``.
     ``mean``/``std`` are the per-channel constants used for that normalisation (0-1 pixel
     scale), recorded so that deployment preprocessing can reproduce it exactly.
+
+    ``selection`` is carved out of the training data by ``build_data`` (seeded,
+    class-balanced, disjoint from ``train``): every decision a run makes (teacher
+    promotion, best epoch, the TA ladder check) is taken on it, so that ``val`` (the
+    official test split where one exists) is only ever used for the reported figures.
+    ``train_indices`` / ``selection_indices`` are positions in the original training set,
+    kept so that tests and reports can show the splits are disjoint.
     """
 
     name: str
@@ -27,3 +35,7 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     description: str
+    selection: Dataset | None = None
+    eval_transform: Callable | None = None  # what ``val`` uses, for datasets whose ``train`` augments
+    train_indices: list[int] | None = None
+    selection_indices: list[int] | None = None

@@ -85,6 +85,7 @@ def build(
         image_size=size,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        eval_transform=val_transform(size),
         description=(
             f"ImageFolder {root}: {len(train)} train / {len(val)} val images, "
             f"{len(train.classes)} classes, 3x{size}x{size}, ImageNet normalisation"

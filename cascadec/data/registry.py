@@ -17,11 +17,14 @@ from typing import Any
 
 from cascadec.data import cifar, digits, fashion_mnist, imagefolder, synthetic
 from cascadec.data.bundle import DataBundle
-from cascadec.data.tensors import limit_dataset
+from torch.utils.data import Subset
+
+from cascadec.data.tensors import eval_view, limit_dataset, split_off
 from cascadec.errors import UserError
 
 __all__ = ["build_data", "list_datasets"]
 
+SELECTION_SEED = 0
 _COMMON = {"root", "image_size", "download", "seed"}
 _DATASETS: dict[str, Callable[..., DataBundle]] = {
     "fashion_mnist": fashion_mnist.build,
@@ -31,6 +34,12 @@ _DATASETS: dict[str, Callable[..., DataBundle]] = {
     "imagefolder": imagefolder.build,
     "synthetic": synthetic.build,
 }
+
+
+def default_selection_size(train_size: int) -> int:
+    """10 % of the training set, at most 5,000 images: enough that one image moves a decision
+    by at most 0.02 points on large sets, small enough to cost little training data."""
+    return max(1, min(5000, round(0.1 * train_size)))
 
 
 def list_datasets() -> list[str]:
@@ -45,11 +54,17 @@ def build_data(
     image_size: int | None = None,
     train_limit: int | None = None,
     val_limit: int | None = None,
+    selection_size: int | None = None,
     seed: int = 0,
     download: bool = False,
     **options: Any,
 ) -> DataBundle:
-    """Build dataset ``name``; ``*_limit`` keep a seeded class-balanced subset of each split."""
+    """Build dataset ``name``; ``*_limit`` keep a seeded class-balanced subset of each split.
+
+    A selection split of ``selection_size`` training images (default: 10 % of the training
+    set, at most 5,000) is held out first, class-balanced and seeded, and ``train_limit``
+    then subsets what remains: decisions are taken on held-out training images, never on
+    ``val`` (the official test split), which is kept for the reported accuracy."""
     if name not in _DATASETS:
         close = get_close_matches(str(name), list(_DATASETS), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -70,6 +85,19 @@ def build_data(
         )
     path = Path(root).expanduser() if root is not None and str(root).strip() else None
     bundle = builder(path, image_size=image_size, download=bool(download), seed=seed, **options)
-    bundle.train = limit_dataset(bundle.train, train_limit, seed, key="train_limit")
+    full_train = bundle.train
+    n = len(full_train)  # type: ignore[arg-type]
+    if n < 2:
+        raise UserError(f"dataset '{name}': {n} training image(s); at least 2 are needed (one to train on, one to select with)")
+    size = selection_size if selection_size is not None else default_selection_size(n)
+    # the split does not move with train.seed: like the official test split it is a property
+    # of the data, so teachers trained on the rest never see it, whatever seed a run uses
+    select_idx, rest_idx = split_off(full_train, size, SELECTION_SEED)
+    remaining = Subset(full_train, rest_idx)
+    limited = limit_dataset(remaining, train_limit, seed, key="train_limit")
+    train_idx = rest_idx if limited is remaining else [rest_idx[i] for i in limited.indices]  # type: ignore[attr-defined]
+    bundle.train = Subset(full_train, train_idx)
+    bundle.selection = Subset(eval_view(full_train, bundle.eval_transform), select_idx)
+    bundle.train_indices, bundle.selection_indices = train_idx, select_idx
     bundle.val = limit_dataset(bundle.val, val_limit, seed, key="val_limit")
     return bundle

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from cascadec.errors import UserError
 
-__all__ = ["RandomCropFlip", "TensorImageDataset", "limit_dataset"]
+__all__ = ["RandomCropFlip", "TensorImageDataset", "balanced_order", "eval_view", "limit_dataset", "split_off"]
 
 
 class TensorImageDataset(Dataset):
@@ -82,13 +82,44 @@ class RandomCropFlip:
         return x
 
 
-def limit_dataset(dataset: Dataset, limit: int | None, seed: int, *, key: str) -> Dataset:
-    """A seeded, class-balanced subset of ``limit`` items (the whole set when it is smaller).
+def balanced_order(dataset: Dataset, seed: int) -> torch.Tensor:
+    """All item positions in a seeded order in which classes take turns: any prefix of it is
+    a class-balanced sample (1000 items of a 10-class set hold 100 per class whenever the
+    classes have that many), and the same seed always gives the same order."""
+    n = len(dataset)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    targets = _targets_of(dataset)
+    if targets is None:
+        return perm
+    labels = targets[perm]
+    order = torch.sort(labels, stable=True).indices  # perm positions grouped by class
+    grouped = labels[order]
+    starts = torch.searchsorted(grouped, grouped, side="left")
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n) - starts  # how many earlier items of the same class
+    return perm[torch.argsort(rank * n + torch.arange(n))]
 
-    Classes are taken round-robin in a seeded random order, so 1000 items of a 10-class
-    set hold 100 per class whenever the classes have that many; fast recipes then still
-    see every class, and the same seed always gives the same items.
-    """
+
+def eval_view(dataset: Dataset, eval_transform: Callable | None = None) -> Dataset:
+    """The same items without training augmentation, for selection (decisions should not
+    depend on random crops). ``eval_transform`` replaces a torchvision dataset's transform."""
+    import copy
+
+    if isinstance(dataset, TensorImageDataset) and dataset.augment is not None:
+        view = copy.copy(dataset)
+        view.augment = None
+        return view
+    if eval_transform is not None and hasattr(dataset, "transform"):
+        view = copy.copy(dataset)
+        view.transform = eval_transform
+        return view
+    return dataset
+
+
+def limit_dataset(dataset: Dataset, limit: int | None, seed: int, *, key: str) -> Dataset:
+    """A seeded, class-balanced subset of ``limit`` items (the whole set when it is smaller),
+    so fast recipes still see every class."""
     if limit is None:
         return dataset
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
@@ -96,20 +127,19 @@ def limit_dataset(dataset: Dataset, limit: int | None, seed: int, *, key: str) -
     n = len(dataset)  # type: ignore[arg-type]
     if limit >= n:
         return dataset
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen)
-    targets = _targets_of(dataset)
-    if targets is None:
-        chosen = perm[:limit]
-    else:
-        labels = targets[perm]
-        order = torch.sort(labels, stable=True).indices  # perm positions grouped by class
-        grouped = labels[order]
-        starts = torch.searchsorted(grouped, grouped, side="left")
-        rank = torch.empty(n, dtype=torch.long)
-        rank[order] = torch.arange(n) - starts  # how many earlier items of the same class
-        chosen = perm[torch.argsort(rank * n + torch.arange(n))[:limit]]
+    chosen = balanced_order(dataset, seed)[:limit]
     return Subset(dataset, sorted(chosen.tolist()))
+
+
+def split_off(dataset: Dataset, size: int, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of a seeded, class-balanced split of ``size`` items and of the rest (disjoint,
+    each sorted). ``train_limit`` subsets what remains, so it never changes which images
+    are held out for selection."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if not 0 < size < n:
+        raise UserError(f"data.selection_size {size} must be between 1 and {n - 1} (the training set has {n} images)")
+    order = balanced_order(dataset, seed + 7919)
+    return sorted(order[:size].tolist()), sorted(order[size:].tolist())
 
 
 def _targets_of(dataset: Dataset) -> Tensor | None:

@@ -35,6 +35,7 @@ from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.data.sampler import position
 from cascadec.progress import Status, log
 from cascadec.train.checkpoint import rng_state, set_rng_state
+from cascadec.train.bn import recalibrate_batchnorm
 from cascadec.train.loop import check_finite, cosine_schedule, evaluate, make_optimizer, steps_in
 from cascadec.train.runtime import Runtime, check_step
 
@@ -131,6 +132,11 @@ class CascadeTrainer:
         ]
         self.budgets = budgets
         self.state = CascadeState(fractions, budgets, [self._solve(i) for i in range(len(fractions))])
+        # masks stop moving at joint step ``freeze_at`` (None: never); ``on_freeze`` then runs once
+        # (the method recalibrates BatchNorm there), and after it the scores get no gradient at all
+        self.freeze_at: int | None = None
+        self.on_freeze: Callable[[], None] | None = None
+        self.frozen = False
 
     # ---------------------------------------------------------------- masks
     def _solve(self, i: int) -> torch.Tensor:
@@ -144,11 +150,42 @@ class CascadeTrainer:
     def _mask_vector(self, j: int) -> torch.Tensor:
         """What model j's hooks multiply by, and therefore which scores its loss trains."""
         hard = self.state.hard_masks[j]
+        if self.frozen:
+            return hard
         if self.cascade_update:
             learner = self.scores[j - 1] if j > 0 else None  # Eq. 5: T_j's pass trains T_{j-1}'s scores
         else:
             learner = self.scores[j]  # plain straight-through on the model's own loss
         return hard if learner is None else hard + learner - learner.detach()
+
+    def freeze_due(self, steps_done: int) -> bool:
+        return self.freeze_at is not None and steps_done >= self.freeze_at
+
+    def freeze(self, *, callback: bool = True) -> None:
+        """Fix every model's mask from now on (``callback=False``: a resumed run whose BatchNorm
+        statistics were already recalibrated before the checkpoint)."""
+        if self.frozen:
+            return
+        self.refresh_masks()
+        self.frozen = True
+        if callback and self.on_freeze is not None:
+            self.on_freeze()
+
+    def use_hard_masks(self) -> None:
+        for j, masks in enumerate(self.masks):
+            masks.set(self.state.hard_masks[j])
+
+    def recalibrate(self, loader: DataLoader, batches: int) -> None:
+        """BatchNorm statistics of every model, re-estimated under its current hard mask."""
+        self.use_hard_masks()
+        for model in self.models:
+            recalibrate_batchnorm(model, loader, device=self.device, limit=batches)
+
+    def evaluate_models(self, loader: DataLoader) -> list[float]:
+        """Accuracy of every model (student first) under its current hard mask."""
+        self.use_hard_masks()
+        names = ["student", *(f"TA{j}" for j in range(1, len(self.models)))]
+        return [evaluate(m, loader, device=self.device, description=f"evaluate {n}") for n, m in zip(names, self.models)]
 
     # ---------------------------------------------------------------- joint phase
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -208,10 +245,11 @@ class CascadeTrainer:
 
     def joint_epoch(self, loader: DataLoader, weight_opt, score_opt, scheduler, *, max_steps: int | None, epoch: int,
                     runtime: Runtime | None = None, start_step: int = 0, partial: dict | None = None,
-                    save: Callable[[int, int, dict], None] | None = None) -> dict:
+                    save: Callable[[int, int, dict], None] | None = None, score_scheduler=None) -> dict:
         """One joint epoch from ``start_step`` (a resumed run), ``partial`` carrying the sums of
         the steps already done. ``save(epoch, next_step, partial)`` writes a mid-epoch
-        checkpoint when one is due and when a stop (Ctrl-C) was requested."""
+        checkpoint when one is due and when a stop (Ctrl-C) was requested. The weights'
+        ``scheduler`` counts the joint steps done, which decides when the masks freeze."""
         runtime = runtime or Runtime(self.device)
         for m in self.models:
             m.train()
@@ -226,14 +264,21 @@ class CascadeTrainer:
                 if step >= steps:
                     break
                 images, labels = runtime.batch(images, labels)
+                moving = not self.frozen
                 weight_opt.zero_grad(set_to_none=True)
                 if score_opt is not None:
                     score_opt.zero_grad(set_to_none=True)
                 losses, total = self.joint_loss(images, labels, runtime)
                 stop = check_step(runtime, total, "joint phase")
-                runtime.backward_step(total, [weight_opt, score_opt], [*weights, *score_params])
+                runtime.backward_step(total, [weight_opt, score_opt if moving else None],
+                                      [*weights, *(score_params if moving else [])])
                 scheduler.step()
-                self.refresh_masks()
+                if moving:
+                    if score_scheduler is not None:
+                        score_scheduler.step()
+                    self.refresh_masks()
+                    if self.freeze_due(scheduler.last_epoch):
+                        self.freeze()
                 sums = losses if sums is None else [a + b for a, b in zip(sums, losses)]
                 seen += 1
                 images_seen += images.size(0) * runtime.dist.world_size
@@ -244,7 +289,8 @@ class CascadeTrainer:
                 if stop:
                     raise KeyboardInterrupt
         runtime.dist.sync_state(self.models, [s for s in self.scores if s is not None])
-        self.refresh_masks()
+        if not self.frozen:
+            self.refresh_masks()
         elapsed = prior_seconds + time.perf_counter() - start
         return {"epoch": epoch, "losses": [x / max(seen, 1) for x in (sums or [])], "seconds": elapsed, "steps": seen,
                 "images": images_seen, "images_per_s": images_seen / max(elapsed, 1e-9)}
@@ -268,113 +314,3 @@ class CascadeTrainer:
         """The student with its own copy of the weights and its final (frozen) mask."""
         self.release()
         return copy.deepcopy(self.models[0]), self.state.hard_masks[0].detach().clone()
-
-
-def student_phase(
-    student: nn.Module,
-    mask: torch.Tensor,
-    index: GroupIndex,
-    teachers: list[tuple[str, nn.Module | None]],
-    loader: DataLoader,
-    val_loader: DataLoader,
-    loss: DistillLoss,
-    *,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
-    device: torch.device,
-    promote: bool,
-    max_steps: int | None,
-    runtime: Runtime | None = None,
-    resume: dict | None = None,
-) -> list[dict]:
-    """Fine-tune the masked student; ``teachers`` runs from the nearest TA up to the pretrained
-    teacher, and the student moves one level up whenever its validation accuracy beats its
-    current teacher's (METHOD.md, Schedule step 2).
-
-    With a checkpointing ``runtime`` the phase saves ``student`` checkpoints (every epoch, every
-    N steps, on Ctrl-C) that include the mask; ``resume`` is such a checkpoint, from which the
-    phase continues at the saved epoch and batch."""
-    runtime = runtime or Runtime(device)
-    hooks = ChannelMasks(student, index).install()
-    hooks.set(mask.to(device))
-    opt = make_optimizer(student.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    steps = steps_in(loader, max_steps)
-    sched = cosine_schedule(opt, epochs * steps)
-    if resume is not None:
-        student.load_state_dict(resume["student"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        runtime.restore_scaler(resume)
-        teacher_acc, level, history = list(resume["teacher_accuracy"]), resume["level"], list(resume["history"])
-        first_epoch, first_step, partial = resume["epoch"], resume["step"], resume["partial"]
-        set_rng_state(resume["rng"])
-        log(f"student phase: resuming at epoch {first_epoch}, step {first_step}")
-    else:
-        teacher_acc = [
-            evaluate(t, val_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0 for name, t in teachers
-        ]
-        level, history, first_epoch, first_step, partial = 0, [], 0, 0, {}
-
-    def save(epoch: int, step: int, partial: dict) -> None:
-        if runtime.checkpoint_dir is None:
-            return
-        runtime.save("student", {
-            "phase": "student", "epoch": epoch, "step": step, "partial": partial,
-            "mask": mask, "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "level": level, "teacher_accuracy": teacher_acc, "history": history, "rng": rng_state(),
-        })
-
-    params = [p for p in student.parameters() if p.requires_grad]
-    for epoch in range(first_epoch, epochs):
-        name, teacher = teachers[level]
-        student.train()
-        first = position(loader, epoch, "student", first_step if epoch == first_epoch else 0)
-        if epoch != first_epoch:
-            partial = {}
-        total, seen, images_seen = partial.get("loss_sum", 0.0), partial.get("steps", 0), partial.get("images", 0)
-        prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
-        with Status(f"student epoch {epoch} (teacher {name})", steps) as status:
-            for step, (images, labels) in enumerate(loader, start=first):
-                if step >= steps:
-                    break
-                images, labels = runtime.batch(images, labels)
-                with runtime.autocast():
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(images).float()
-                    value = loss(student(images).float(), labels, t_logits)
-                stop = check_step(runtime, value, "student phase")
-                opt.zero_grad(set_to_none=True)
-                runtime.backward_step(value, [opt], params)
-                sched.step()
-                total += value.item()
-                seen += 1
-                images_seen += images.size(0) * runtime.dist.world_size
-                status.advance(f"loss {total / seen:.3f}")
-                if stop or runtime.due(step + 1, steps):
-                    save(epoch, step + 1, {"loss_sum": total, "steps": seen, "images": images_seen,
-                                           "seconds": prior_seconds + time.perf_counter() - start})
-                if stop:
-                    raise KeyboardInterrupt
-        train_seconds = prior_seconds + time.perf_counter() - start  # training only, validation excluded
-        runtime.dist.sync_state([student])
-        acc = evaluate(student, val_loader, device=device, description="evaluate student")
-        rate = images_seen / max(train_seconds, 1e-9)
-        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
-                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds,
-                  "images": images_seen, "images_per_s": rate}
-        history.append(record)
-        against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
-        log(f"student epoch {epoch}: accuracy {acc:.4f}{against}, {rate:.0f} images/s")
-        if promote and acc > teacher_acc[level] and level + 1 < len(teachers):
-            level += 1
-            log(f"student beats {name}; its teacher is now {teachers[level][0]}")
-        save(epoch + 1, 0, {})
-        if runtime.dist.agree(torch.zeros((), device=device), runtime.stop.requested)[1]:  # Ctrl-C during validation
-            raise KeyboardInterrupt
-    hooks.remove()
-    return history

@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from cascadec.distill.losses import DistillLoss
-from cascadec.prune.cascade import CascadeTrainer, student_phase
+from cascadec.prune.cascade import CascadeTrainer
+from cascadec.prune.finetune import student_phase
+from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex, build_groups
 from cascadec.prune.importance import l1_importance, taylor_importance
@@ -28,8 +30,9 @@ from cascadec.errors import UserError
 from cascadec.recipe import Recipe
 from cascadec.data.sampler import position
 from cascadec.progress import log
+from cascadec.train.bn import recalibration_loader
 from cascadec.train.checkpoint import rng_state, set_rng_state
-from cascadec.train.loop import cosine_schedule, make_optimizer, steps_in
+from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
 from cascadec.train.runtime import Runtime
 
 
@@ -85,17 +88,27 @@ def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime
     return importance
 
 
-def _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote,
-               runtime: Runtime | None = None, resume: dict | None = None):
+def _recalibration(recipe: Recipe, loader) -> tuple[object, int]:
+    """The fixed training batches BatchNorm statistics are re-estimated on."""
+    batches = recipe.train.bn_recalibration_batches
+    if batches <= 0:
+        return None, 0
+    return recalibration_loader(loader.dataset, recipe.data.batch_size, batches=batches, seed=recipe.train.seed), batches
+
+
+def _fine_tune(student, mask, analysis, teachers, recipe, loader, select_loader, device, epochs, promote,
+               runtime: Runtime | None = None, resume: dict | None = None, teacher_accuracy: list[float] | None = None):
     t = recipe.train
+    recal, batches = _recalibration(recipe, loader)
     return student_phase(
-        student, mask, analysis.index, teachers, loader, val_loader, distill_loss(recipe),
+        student, mask, analysis.index, teachers, loader, select_loader, distill_loss(recipe),
         epochs=epochs, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
         device=device, promote=promote, max_steps=t.max_steps_per_epoch, runtime=runtime, resume=resume,
+        teacher_accuracy=teacher_accuracy, recalibration=recal, recalibration_batches=batches, select_best=t.select_best,
     )
 
 
-def run_oneshot(teacher, analysis, recipe, loader, val_loader, device, runtime: Runtime | None = None) -> PruneResult:
+def run_oneshot(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
     start = time.perf_counter()
     resume = runtime.load("student") if runtime is not None else None
     if resume is not None:
@@ -106,7 +119,7 @@ def run_oneshot(teacher, analysis, recipe, loader, val_loader, device, runtime: 
     student = copy.deepcopy(teacher).to(device)
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
     epochs = recipe.train.joint_epochs + recipe.train.student_epochs
-    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, val_loader, device, epochs, promote=False,
+    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, select_loader, device, epochs, promote=False,
                          runtime=runtime, resume=resume)
     return PruneResult(student, mask, analysis, {"fine_tune": history, "seconds": time.perf_counter() - start})
 
@@ -119,10 +132,15 @@ def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
     return importance / c, c
 
 
-def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: Runtime | None = None) -> PruneResult:
-    """The paper's schedule. With a checkpointing ``runtime`` the joint phase saves a ``joint``
-    checkpoint (after scoring, every epoch, every N steps, on Ctrl-C) and the student phase a
-    ``student`` one; a resumed run continues from whichever is furthest along."""
+def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+    """The paper's schedule, with masks that settle: the scores' step anneals to zero and the
+    last ``cascade.freeze_fraction`` of the joint phase trains on fixed masks, after every
+    model's BatchNorm statistics are recalibrated. At the end of the joint phase each model is
+    evaluated on the selection split (the TA ladder) before the student phase starts.
+
+    With a checkpointing ``runtime`` the joint phase saves a ``joint`` checkpoint (after
+    scoring, every epoch, every N steps, on Ctrl-C) and the student phase a ``student`` one;
+    a resumed run continues from whichever is furthest along."""
     runtime = runtime or Runtime(device)
     start = time.perf_counter()
     c, t = recipe.cascade, recipe.train
@@ -144,17 +162,30 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: 
     for s in score_params:
         s.register_hook(lambda g, scale=scale: g / scale)
     weight_opt = make_optimizer(weights, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-    if c.score_optimizer == "rmsprop":
-        score_opt = torch.optim.RMSprop(score_params, lr=c.score_lr) if score_params else None
-    else:
-        score_opt = torch.optim.SGD(score_params, lr=c.score_lr, momentum=0.9) if score_params else None
-    sched = cosine_schedule(weight_opt, t.joint_epochs * steps_in(loader, t.max_steps_per_epoch))
+    score_opt = make_score_optimizer(score_params, signal=c.score_signal, optimizer=c.score_optimizer, lr=c.score_lr)
+    joint_steps = t.joint_epochs * steps_in(loader, t.max_steps_per_epoch)
+    sched = cosine_schedule(weight_opt, joint_steps)
+    trainer.freeze_at = freeze_step(joint_steps, c.freeze_fraction)
+    score_sched = score_schedule(score_opt, trainer.freeze_at) if score_opt is not None else None
+    recal, recal_batches = _recalibration(recipe, loader)
+
+    def on_freeze() -> None:
+        if recal is not None:
+            trainer.recalibrate(recal, recal_batches)
+        log(f"joint phase: masks fixed from step {trainer.freeze_at} of {joint_steps}"
+            + (", BatchNorm statistics recalibrated" if recal is not None else ""))
+
+    trainer.on_freeze = on_freeze
     if joint_state is not None:
         trainer.load_checkpoint_state(joint_state["trainer"])
         weight_opt.load_state_dict(joint_state["weight_optimizer"])
         if score_opt is not None:
             score_opt.load_state_dict(joint_state["score_optimizer"])
         sched.load_state_dict(joint_state["scheduler"])
+        if score_sched is not None and joint_state.get("score_scheduler") is not None:
+            score_sched.load_state_dict(joint_state["score_scheduler"])
+        if trainer.freeze_due(sched.last_epoch):
+            trainer.freeze(callback=False)  # the checkpoint holds the recalibrated statistics
         runtime.restore_scaler(joint_state)
         initial_mask = joint_state["initial_mask"]
         joint = list(joint_state["history"])
@@ -173,24 +204,40 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: 
             "phase": "joint", "epoch": epoch, "step": step, "partial": partial, "score_scale": scale,
             "initial_mask": initial_mask, "trainer": trainer.checkpoint_state(), "weight_optimizer": weight_opt.state_dict(),
             "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
-            "scheduler": sched.state_dict(), "history": joint, "rng": rng_state(),
+            "score_scheduler": score_sched.state_dict() if score_sched is not None else None,
+            "scheduler": sched.state_dict(), "history": joint, "rng": rng_state(), "ladder": ladder_acc,
         })
 
+    ladder_acc: list[float] = list(joint_state.get("ladder") or []) if joint_state is not None else []
     if joint_state is None:
+        if trainer.freeze_due(0):
+            trainer.freeze()  # a joint phase too short to move the masks at all
         save_joint(0, 0, {})  # a resumed run need not score the units again
+    names = ["student", *(f"TA{j}" for j in range(1, len(trainer.models)))]
     for epoch in range(first_epoch, t.joint_epochs):
         resumed_here = epoch == first_epoch
+        before = [m.detach().cpu().clone() for m in trainer.state.hard_masks]
         record = trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch,
                                      runtime=runtime, start_step=first_step if resumed_here else 0,
-                                     partial=partial if resumed_here else None, save=save_joint)
+                                     partial=partial if resumed_here else None, save=save_joint, score_scheduler=score_sched)
+        record["mask_changes"] = [int((b != a.cpu()).sum()) for b, a in zip(before, trainer.state.hard_masks)]
+        record["frozen"] = trainer.frozen
+        record["accuracies"] = trainer.evaluate_models(select_loader) if c.track_accuracy else None
         joint.append(record)
-        names = ["student", *(f"TA{j}" for j in range(1, len(record["losses"])))]  # losses run student first
-        shown = ", ".join(f"{n} {x:.3f}" for n, x in zip(names, record["losses"]))
-        log(f"joint epoch {epoch}: loss {shown}, {record['images_per_s']:.0f} images/s")
+        shown = ", ".join(f"{n} {x:.3f}" for n, x in zip(names, record["losses"]))  # losses run student first
+        accs = "; selection accuracy " + ", ".join(f"{n} {a:.4f}" for n, a in zip(names, record["accuracies"])) if record["accuracies"] else ""
+        log(f"joint epoch {epoch}: loss {shown}{accs}, {record['images_per_s']:.0f} images/s")
         save_joint(epoch + 1, 0, {})
     joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
+    if not ladder_acc:  # (a resumed run whose joint phase had finished kept these in its checkpoint)
+        if recal is not None:
+            trainer.recalibrate(recal, recal_batches)  # the statistics of the weights the models end with
+        ladder_acc = trainer.evaluate_models(select_loader)
+        save_joint(t.joint_epochs, 0, {})
+    ladder = check_ladder(names, trainer.state.fractions, ladder_acc, c.ladder_check)
     teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]
     teachers.append(("teacher", teacher))
+    teacher_accuracy = [*ladder_acc[1:], evaluate(teacher, select_loader, device=device, description="evaluate teacher")]
     student, mask = trainer.extract_student()
     final_mask = mask.cpu()
     history = {
@@ -198,24 +245,46 @@ def run_cascade(teacher, analysis, recipe, loader, val_loader, device, runtime: 
         "joint": joint,
         "joint_seconds": joint_seconds,
         "mask_changed_units": int((final_mask != initial_mask).sum()),
+        "ladder": ladder,
+        "freeze_step": trainer.freeze_at,
+        "joint_steps": joint_steps,
     }
     history["student"] = _fine_tune(
-        student, mask, analysis, teachers, recipe, loader, val_loader, device, t.student_epochs, promote=c.promote_teacher,
-        runtime=runtime, resume=student_state,
+        student, mask, analysis, teachers, recipe, loader, select_loader, device, t.student_epochs, promote=c.promote_teacher,
+        runtime=runtime, resume=student_state, teacher_accuracy=teacher_accuracy,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneResult(student, final_mask, analysis, history)
 
 
-def prune_model(teacher, recipe, loader, val_loader, example_input, device, runtime: Runtime | None = None) -> PruneResult:
-    """Entry point of the prune stage: analyse, then run the recipe's method. A ``runtime``
-    with a checkpoint directory makes the stage resumable and turns Ctrl-C into
+def check_ladder(names: list[str], fractions: list[float], accuracies: list[float], policy: str) -> dict:
+    """The TA ladder at the end of the joint phase: each model should be at least as accurate
+    (on the selection split) as the one below it, or it cannot teach it. A broken ladder is
+    logged loudly, recorded in the manifest and the report, and stops the run with
+    ``cascade.ladder_check: stop``."""
+    rungs = [{"model": n, "keep": f, "accuracy": a} for n, f, a in zip(names, fractions, accuracies)]
+    broken = [f"{names[j]} {accuracies[j]:.4f} < {names[j - 1]} {accuracies[j - 1]:.4f}"
+              for j in range(1, len(accuracies)) if accuracies[j] < accuracies[j - 1]]
+    if len(names) > 1:
+        log("TA ladder (selection split): " + " <= ".join(f"{n} {a:.4f}" for n, a in zip(names, accuracies)))
+    if broken and policy != "off":
+        message = "TA ladder broken at the end of the joint phase: " + "; ".join(broken)
+        if policy == "stop":
+            raise UserError(f"{message} (cascade.ladder_check: stop)")
+        log(f"WARNING: {message}")
+    return {"rungs": rungs, "broken": broken, "healthy": not broken}
+
+
+def prune_model(teacher, recipe, loader, select_loader, example_input, device, runtime: Runtime | None = None) -> PruneResult:
+    """Entry point of the prune stage: analyse, then run the recipe's method. ``select_loader``
+    (held-out training images) drives every decision; the caller reports on the test split.
+    A ``runtime`` with a checkpoint directory makes the stage resumable and turns Ctrl-C into
     "finish the step, write a checkpoint, stop"."""
     runtime = runtime or Runtime(device)
     teacher = runtime.prepare_model(teacher).eval()
     analysis = analyse(teacher, recipe, example_input.to(device))
     runner = run_cascade if recipe.prune.method == "cascade" else run_oneshot
     if runtime.checkpoint_dir is None:
-        return runner(teacher, analysis, recipe, loader, val_loader, device, runtime)
+        return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)
     with runtime.stop.installed():
-        return runner(teacher, analysis, recipe, loader, val_loader, device, runtime)
+        return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)

@@ -59,7 +59,7 @@ def main(out: Path) -> None:
                         seed=0, download=False)
     torch.manual_seed(0)  # the same "pretrained" teacher on every rank
     teacher = create_model("cifar_resnet8", num_classes=10, in_channels=3).eval()
-    train, val = make_loaders(bundle, recipe, device, dist)
+    train, _, val = make_loaders(bundle, recipe, device, dist)  # val: the selection split
     runtime = Runtime(device=device, dist=dist)
     torch.manual_seed(0)
     result = prune_model(teacher, recipe, train, val, torch.zeros(1, 3, 16, 16), device, runtime)

@@ -1,0 +1,185 @@
+"""The student phase: the masked student fine-tunes alone, with KD from a ladder of teachers.
+
+Shared by the cascade (teachers: the frozen TAs, then the pretrained network) and one-shot
+pruning (teacher: the pretrained network, or none). Every decision is taken on the selection
+split (held-out training images), never on the test split the run reports:
+
+* **Which teacher.** A student never distils from a model that is no better than itself: it
+  starts at the lowest teacher that beats it, and moves up whenever it catches its teacher
+  (METHOD.md, Schedule step 2), up to the pretrained network at the top.
+* **Which epoch.** The student that ships is the best epoch on the selection split, the
+  unfine-tuned start included, with its BatchNorm statistics recalibrated on training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from cascadec.data.sampler import position
+from cascadec.distill.losses import DistillLoss
+from cascadec.prune.groups import GroupIndex
+from cascadec.prune.masks import ChannelMasks
+from cascadec.progress import Status, log
+from cascadec.train.bn import recalibrate_batchnorm
+from cascadec.train.checkpoint import rng_state, set_rng_state
+from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
+from cascadec.train.runtime import Runtime, check_step
+
+Teachers = list[tuple[str, nn.Module | None]]
+
+
+def first_better(teacher_accuracy: list[float], student_accuracy: float, start: int = 0) -> int:
+    """The lowest level at or above ``start`` whose teacher beats the student; the top level when
+    none does (the pretrained network is still the best signal there is)."""
+    for level in range(start, len(teacher_accuracy)):
+        if teacher_accuracy[level] > student_accuracy:
+            return level
+    return len(teacher_accuracy) - 1
+
+
+def student_phase(
+    student: nn.Module,
+    mask: torch.Tensor,
+    index: GroupIndex,
+    teachers: Teachers,
+    loader: DataLoader,
+    select_loader: DataLoader,
+    loss: DistillLoss,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    device: torch.device,
+    promote: bool,
+    max_steps: int | None,
+    runtime: Runtime | None = None,
+    resume: dict | None = None,
+    teacher_accuracy: list[float] | None = None,
+    recalibration: DataLoader | None = None,
+    recalibration_batches: int = 0,
+    select_best: bool = True,
+) -> list[dict]:
+    """Fine-tune the masked student in place; returns one record per epoch (plus the start).
+
+    ``teachers`` runs from the nearest TA up to the pretrained teacher; ``teacher_accuracy``
+    (on ``select_loader``) is measured here when not given. With ``promote`` off the student
+    keeps the first teacher that beats it. With a checkpointing ``runtime`` the phase saves
+    ``student`` checkpoints (every epoch, every N steps, on Ctrl-C) that include the mask and
+    the best epoch so far; ``resume`` is such a checkpoint."""
+    runtime = runtime or Runtime(device)
+    hooks = ChannelMasks(student, index).install()
+    hooks.set(mask.to(device))
+    opt = make_optimizer(student.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    steps = steps_in(loader, max_steps)
+    sched = cosine_schedule(opt, epochs * steps)
+
+    def recalibrate() -> None:
+        if recalibration is not None and recalibration_batches > 0:
+            recalibrate_batchnorm(student, recalibration, device=device, limit=recalibration_batches)
+
+    if resume is not None:
+        student.load_state_dict(resume["student"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        runtime.restore_scaler(resume)
+        teacher_acc, level, history = list(resume["teacher_accuracy"]), resume["level"], list(resume["history"])
+        best = {"accuracy": resume["best_accuracy"], "epoch": resume["best_epoch"], "state": resume["best_state"]}
+        first_epoch, first_step, partial = resume["epoch"], resume["step"], resume["partial"]
+        set_rng_state(resume["rng"])
+        log(f"student phase: resuming at epoch {first_epoch}, step {first_step}")
+    else:
+        teacher_acc = list(teacher_accuracy) if teacher_accuracy is not None else [
+            evaluate(t, select_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0
+            for name, t in teachers
+        ]
+        recalibrate()  # a one-shot mask was just applied to the teacher's statistics
+        start_acc = evaluate(student, select_loader, device=device, description="evaluate student")
+        level = first_better(teacher_acc, start_acc)
+        history = [{"epoch": -1, "teacher": None, "teacher_accuracy": None, "student_accuracy": start_acc,
+                    "loss": None, "seconds": 0.0, "images": 0, "images_per_s": None}]
+        best = {"accuracy": start_acc, "epoch": -1, "state": _snapshot(student)}
+        first_epoch, first_step, partial = 0, 0, {}
+        if teachers[level][1] is not None:
+            log(f"student phase: start {start_acc:.4f} on the selection split; first teacher {teachers[level][0]} "
+                f"({teacher_acc[level]:.4f})")
+
+    def save(epoch: int, step: int, partial: dict) -> None:
+        if runtime.checkpoint_dir is None:
+            return
+        runtime.save("student", {
+            "phase": "student", "epoch": epoch, "step": step, "partial": partial,
+            "mask": mask, "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "level": level, "teacher_accuracy": teacher_acc, "history": history, "rng": rng_state(),
+            "best_accuracy": best["accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
+        })
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    for epoch in range(first_epoch, epochs):
+        name, teacher = teachers[level]
+        student.train()
+        first = position(loader, epoch, "student", first_step if epoch == first_epoch else 0)
+        if epoch != first_epoch:
+            partial = {}
+        total, seen, images_seen = partial.get("loss_sum", 0.0), partial.get("steps", 0), partial.get("images", 0)
+        prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
+        with Status(f"student epoch {epoch} (teacher {name})", steps) as status:
+            for step, (images, labels) in enumerate(loader, start=first):
+                if step >= steps:
+                    break
+                images, labels = runtime.batch(images, labels)
+                with runtime.autocast():
+                    t_logits = None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(images).float()
+                    value = loss(student(images).float(), labels, t_logits)
+                stop = check_step(runtime, value, "student phase")
+                opt.zero_grad(set_to_none=True)
+                runtime.backward_step(value, [opt], params)
+                sched.step()
+                total += value.item()
+                seen += 1
+                images_seen += images.size(0) * runtime.dist.world_size
+                status.advance(f"loss {total / seen:.3f}")
+                if stop or runtime.due(step + 1, steps):
+                    save(epoch, step + 1, {"loss_sum": total, "steps": seen, "images": images_seen,
+                                           "seconds": prior_seconds + time.perf_counter() - start})
+                if stop:
+                    raise KeyboardInterrupt
+        train_seconds = prior_seconds + time.perf_counter() - start  # training only, validation excluded
+        runtime.dist.sync_state([student])
+        acc = evaluate(student, select_loader, device=device, description="evaluate student")
+        rate = images_seen / max(train_seconds, 1e-9)
+        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
+                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds,
+                  "images": images_seen, "images_per_s": rate}
+        history.append(record)
+        against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
+        log(f"student epoch {epoch}: selection accuracy {acc:.4f}{against}, {rate:.0f} images/s")
+        if acc > best["accuracy"] or not select_best:
+            best = {"accuracy": acc, "epoch": epoch, "state": _snapshot(student)}
+        if promote and teacher is not None and acc >= teacher_acc[level] and level + 1 < len(teachers):
+            level = first_better(teacher_acc, acc, level + 1)
+            log(f"student catches {name}; its teacher is now {teachers[level][0]}")
+        save(epoch + 1, 0, {})
+        if runtime.dist.agree(torch.zeros((), device=device), runtime.stop.requested)[1]:  # Ctrl-C during validation
+            raise KeyboardInterrupt
+    if best["epoch"] != history[-1]["epoch"]:
+        student.load_state_dict(best["state"])
+        log(f"student phase: keeping epoch {best['epoch']} (best on the selection split, {best['accuracy']:.4f})")
+    recalibrate()
+    for record in history:
+        record["kept"] = record["epoch"] == best["epoch"]
+    hooks.remove()
+    return history
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
