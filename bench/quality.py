@@ -7,6 +7,8 @@ methods that share the same data, epochs and optimiser (cascadec.prune.methods.p
 
     oneshot_ft   (a) one-shot Taylor pruning, fine-tuned without KD
     oneshot_kd   (b) one-shot Taylor pruning, fine-tuned with KD from the teacher
+    oneshot_kd_uniform (d) the same with uniform per-group widths: the allocation Torch-Pruning
+                     uses by default (a user's likeliest alternative to cascadec)
     learned_0ta  (c) learned scores (cascade, 0 TAs), distilled straight from the teacher
     cascade_1ta      the cascade with 1 teaching assistant (the unpruned shared model)
     cascade_2ta      the cascade with 2 teaching assistants
@@ -93,6 +95,8 @@ _PAPER_TRAIN = {"bn_recalibration_batches": 0, "select_best": False}
 METHODS: dict[str, dict[str, Any]] = {
     "oneshot_ft": {"label": "(a) one-shot Taylor + FT", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": False}},
     "oneshot_kd": {"label": "(b) one-shot Taylor + KD", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": True}},
+    "oneshot_kd_uniform": {"label": "(d) one-shot Taylor, uniform widths (Torch-Pruning's default local allocation) + KD",
+                           "prune": {"method": "oneshot", "importance": "taylor", "allocation": "uniform"}, "distill": {"kd": True}},
     "learned_0ta": {"label": "(c) learned scores, 0 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 0}},
     "cascade_1ta": {"label": "cascade, 1 TA", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 1}},
     "cascade_2ta": {"label": "cascade, 2 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 2}},
@@ -110,7 +114,7 @@ DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "ca
 MASKED_TOLERANCE = 0.001
 CASCADE_METHODS = tuple(m for m, spec in METHODS.items() if spec["prune"]["method"] == "cascade")
 TA_METHODS = tuple(m for m in CASCADE_METHODS if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed")))
-BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta")
+BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 
 
 def stem_for(profile: str) -> str:
@@ -496,6 +500,10 @@ def write_markdown(path: Path, doc: dict) -> None:
                   "script runs end to end; they say nothing about the methods.", ""]
     lines += [f"Generated {doc['updated']} by `{doc['command']}` "
               f"({doc['status']}: {len(doc['runs'])} of {doc['planned_runs']} runs)." , ""]
+    for merged in doc.get("merged_from", []):
+        lines += [f"- {merged['runs']} finished run(s) taken from `{merged['file']}`, written by `{merged['command']}`."]
+    if doc.get("merged_from"):
+        lines.append("")
     env = doc["environment"]
     lines += [f"Machine: {env.get('cpu')}, {env.get('logical_cores')} logical cores, torch threads {doc['torch_threads']}, "
               f"GPU {env.get('gpu') or 'none'}, device `{doc['device']}`; torch {env.get('versions', {}).get('torch')}, "
@@ -688,6 +696,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0; batches are the same either way)")
     p.add_argument("--teacher", help="teacher weights instead of training one (e.g. builtin:cifar_resnet8_fmnist)")
     p.add_argument("--resume", action="store_true", help="keep finished runs of an existing result file with the same config")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="also keep the finished runs of these result files (same config and teacher), e.g. a second "
+                        "process that ran other methods at the same time")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (use --threads 1 with 2 on 2 cores)")
     return p.parse_args(argv)
 
@@ -748,13 +759,18 @@ def main(argv=None) -> int:
         "teacher": tinfo, "step_costs": timing, "planned_runs": len(plan), "runs": [],
     }
     done: dict[tuple, dict] = {}
-    if args.resume and (out / f"{stem}.json").is_file():
-        old = json.loads((out / f"{stem}.json").read_text())
+    sources = ([out / f"{stem}.json"] if args.resume else []) + [Path(p) for p in args.merge]
+    for source in sources:
+        if not source.is_file():
+            continue
+        old = json.loads(source.read_text())
         if old.get("config_hash") == doc["config_hash"]:
-            done = {(r["method"], r["target"], r["seed"]): r for r in old.get("runs", []) if "error" not in r}
-            print(f"resume: {len(done)} finished run(s) kept from {out / (stem + '.json')}", flush=True)
+            kept = {(r["method"], r["target"], r["seed"]): r for r in old.get("runs", []) if "error" not in r}
+            done.update(kept)
+            doc.setdefault("merged_from", []).append({"file": str(source), "command": old.get("command"), "runs": len(kept)})
+            print(f"resume: {len(kept)} finished run(s) kept from {source}", flush=True)
         else:
-            print("resume: existing results have another config; starting afresh", flush=True)
+            print(f"resume: {source} has another config; its runs are not used", flush=True)
     steps_per_epoch = len(loaders0[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders0[0]), cfg["max_steps_per_epoch"])
 
     def flush_outputs(status: str) -> None:

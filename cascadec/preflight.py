@@ -74,7 +74,7 @@ def inspect_model(model_name: str, *, in_channels: int = 3, image_size: int = 22
     }
     if recipe is not None and index.groups:
         p = recipe.prune
-        solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to)
+        solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to, allocation=p.allocation)
         budget = Budget.from_target(cost, flops_reduction=p.target.flops_reduction, params_reduction=p.target.params_reduction,
                                     keep_ratio=p.target.keep_ratio)
         keep = solver.solve(l1_importance(model, index), budget)

@@ -82,6 +82,9 @@ class PruneSection(_Strict):
     importance_batches: int = Field(8, ge=1)
     round_to: Optional[int] = Field(None, ge=1, description="round kept widths up to a multiple (8/16/32)")
     min_channels: int = Field(1, ge=1)
+    allocation: Literal["global", "uniform"] = Field(
+        "global", description="global: one threshold over all layers (the paper); uniform: the same kept fraction per group"
+    )
 
 
 class CascadeSection(_Strict):

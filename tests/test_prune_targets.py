@@ -205,3 +205,27 @@ def test_budget_scaled_for_tas(r8) -> None:
     assert budgets[-1].value == pytest.approx(r8.cost.base_macs)
     full = MaskSolver(r8.index, r8.cost).solve(_scores(r8, 0), budgets[-1])
     assert full.sum() == r8.index.num_units
+
+
+@pytest.mark.parametrize("value", [0.5, 0.75])
+def test_uniform_allocation_keeps_the_same_fraction_of_every_group(r18, value) -> None:
+    """Torch-Pruning's default local allocation: one kept fraction for all groups, the best units
+    of each group by score, the cost within the budget."""
+    solver = MaskSolver(r18.index, r18.cost, allocation="uniform")
+    budget = Budget.from_target(r18.cost, flops_reduction=value)
+    scores = _scores(r18, 3)
+    mask = solver.solve(scores, budget)
+    achieved = _achieved(r18, "flops", mask)
+    assert budget.keep_fraction - TOL <= achieved <= budget.keep_fraction + 1e-9  # the same target as global
+    fractions = [float(part.mean()) for part in split_units(r18.index, mask)]
+    # one shared fraction, give or take the channels that spend the rest of the budget
+    assert max(fractions) - min(fractions) <= 0.1, fractions
+    for part, group_scores in zip(split_units(r18.index, mask), split_units(r18.index, scores)):
+        kept, dropped = group_scores[part > 0.5], group_scores[part < 0.5]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()  # within a group, the best units stay
+
+
+def test_unknown_allocation_is_a_user_error(r8) -> None:
+    with pytest.raises(UserError, match="allocation"):
+        MaskSolver(r8.index, r8.cost, allocation="layerwise")

@@ -155,3 +155,23 @@ def test_environment_fields():
     assert env["ram_gb"] > 0 and env["usable_cpus"] >= 1
     assert "CPUExecutionProvider" in env["onnxruntime_providers"]
     json.dumps(env)
+
+
+def test_training_section_shows_the_ladder_and_warns_when_it_is_broken():
+    prune = {
+        "ladder": {"rungs": [{"model": "student", "keep": 0.5, "accuracy": 0.80},
+                             {"model": "TA1", "keep": 0.75, "accuracy": 0.33},
+                             {"model": "TA2", "keep": 1.0, "accuracy": 0.90}],
+                   "broken": ["TA1 0.3300 < student 0.8000"], "healthy": False},
+        "joint_epochs": [{"epoch": 0, "accuracies": [0.7, 0.3, 0.9], "mask_changes": [12, 30, 0], "frozen": False},
+                         {"epoch": 1, "accuracies": [0.8, 0.33, 0.9], "mask_changes": [0, 0, 0], "frozen": True}],
+        "student_epochs": [{"epoch": -1, "teacher": None, "student_accuracy": 0.8, "kept": False},
+                           {"epoch": 0, "teacher": "TA2 (keep 1.00)", "student_accuracy": 0.85, "kept": True}],
+    }
+    md = render_markdown({"teacher": {"accuracy": 0.92}, "student": {"accuracy": 0.85}, "prune": prune})
+    assert "**WARNING: the TA ladder is broken** (TA1 0.3300 < student 0.8000)" in md
+    assert "| TA1 | 0.75 | 33.00% |" in md
+    assert "| 1 | 80.00% | 33.00% | 90.00% | yes | 0, 0, 0 |" in md
+    assert "| start |  | 80.00% |  |" in md and "| 0 | TA2 (keep 1.00) | 85.00% | yes |" in md
+    healthy = {**prune, "ladder": {**prune["ladder"], "broken": [], "healthy": True}}
+    assert "WARNING" not in render_markdown({"prune": healthy})

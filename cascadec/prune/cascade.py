@@ -11,8 +11,11 @@ docs/method.md maps each equation to the code below. In short:
   mask vector fed to T_{i+1}'s hooks is ``hard_{i+1} + s_i - s_i.detach()``, so
   dL_{i+1}/ds_i = sum_{h,w} dL_{i+1}/dY_{i+1} * Y_{i+1}, the teacher's Taylor term. A unit
   masked out of T_i but alive in T_{i+1} therefore still learns and can come back.
-* ``CascadeTrainer.student_phase``: masks frozen, the student alone fine-tunes with KD;
-  its teacher moves one level up whenever the student's validation accuracy beats it.
+* Masks settle before the joint phase ends: from ``freeze_at`` the hard masks are fixed, the
+  scores get no gradient, and ``on_freeze`` (BatchNorm recalibration) runs once
+  (prune/scores.py has the score update and its schedule).
+* The student phase (masks frozen, the student alone fine-tunes with KD from the TA ladder)
+  lives in prune/finetune.py, shared with one-shot pruning.
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.data.sampler import position
-from cascadec.progress import Status, log
-from cascadec.train.checkpoint import rng_state, set_rng_state
+from cascadec.progress import Status
 from cascadec.train.bn import recalibrate_batchnorm
-from cascadec.train.loop import check_finite, cosine_schedule, evaluate, make_optimizer, steps_in
+from cascadec.train.loop import check_finite, evaluate, steps_in
 from cascadec.train.runtime import Runtime, check_step
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

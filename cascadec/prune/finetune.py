@@ -13,7 +13,6 @@ split (held-out training images), never on the test split the run reports:
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch

@@ -60,7 +60,8 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
         reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
         raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
     cost = CostModel.build(model, index, example_input)
-    solver = MaskSolver(index, cost, min_channels=recipe.prune.min_channels, round_to=recipe.prune.round_to)
+    solver = MaskSolver(index, cost, min_channels=recipe.prune.min_channels, round_to=recipe.prune.round_to,
+                        allocation=recipe.prune.allocation)
     target = recipe.prune.target
     budget = Budget.from_target(
         cost, flops_reduction=target.flops_reduction, params_reduction=target.params_reduction, keep_ratio=target.keep_ratio

@@ -18,6 +18,10 @@ from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex
 
 METRICS = ("flops", "params", "units")
+# global: one threshold over all units (the paper); uniform: every group keeps the same fraction of
+# its channels, ranked within the group (Torch-Pruning's default local pruning), the fraction found
+# by bisection so the cost meets the budget, then widened channel by channel up to the budget
+ALLOCATIONS = ("global", "uniform")
 
 
 @dataclass
@@ -46,9 +50,13 @@ class Budget:
 class MaskSolver:
     """Precomputes group membership of units so each candidate mask is a few tensor ops."""
 
-    def __init__(self, index: GroupIndex, cost: CostModel, *, min_channels: int = 1, round_to: int | None = None) -> None:
+    def __init__(self, index: GroupIndex, cost: CostModel, *, min_channels: int = 1, round_to: int | None = None,
+                 allocation: str = "global") -> None:
+        if allocation not in ALLOCATIONS:
+            raise UserError(f"prune.allocation {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
         self.index = index
         self.cost = cost
+        self.allocation = allocation
         self.min_channels = min_channels
         self.round_to = round_to if round_to and round_to > 1 else None
         sizes = torch.tensor([g.size for g in index.groups])
@@ -91,12 +99,31 @@ class MaskSolver:
                 f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
             )
 
+    def mask_for_fraction(self, ranks: torch.Tensor, fraction: float) -> torch.Tensor:
+        """Every group keeps ``fraction`` of its channels (its best-ranked ones), before floors and rounding."""
+        kept = self.widths(torch.round(self.sizes.float() * fraction).long())
+        return (ranks < kept[self.group_of_unit]).float()
+
+    def _solve_uniform(self, scores: torch.Tensor, ranks: torch.Tensor, budget: Budget) -> torch.Tensor:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # bisection on the shared fraction; 40 halvings is below any channel step
+            mid = (lo + hi) / 2
+            if self.cost.metric(budget.metric, self.mask_for_fraction(ranks, mid)) <= budget.value:
+                lo = mid
+            else:
+                hi = mid
+        return self.mask_for_fraction(ranks, lo)
+
     def solve(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
-        """The largest global top-k mask whose cost is within the budget."""
+        """The largest mask whose cost is within the budget: global top-k, or one fraction per group."""
         scores = scores.detach().float().cpu()
         order = torch.argsort(scores, descending=True, stable=True)
         ranks = self._ranks_within_group(scores)
         self.check_feasible(budget)
+        if self.allocation == "uniform":
+            # the shared fraction moves in whole channels of the smallest group: spend what it
+            # left of the budget as the global mask does, so both meet the same target
+            return self._fill(scores, self._solve_uniform(scores, ranks, budget), ranks, budget)
         lo, hi = 0, len(scores)
         while lo < hi:  # largest k with cost(k) <= budget
             mid = (lo + hi + 1) // 2
