@@ -2,8 +2,9 @@
 
 During the cascade's joint phase every model's mask moves, and the shared weights move under
 all of them, so each model's running mean/variance is an exponential average over networks
-that no longer exist. Evaluated with those statistics a model can look far worse than it is
-(this is what made middle TAs "collapse" to 10-34 % in the old benchmark). Recalibrating means
+that no longer exist, and a one-shot mask leaves the teacher's statistics on a network that
+no longer exists either. (The middle-TA collapse of the old benchmark had another cause, the
+signed Eq. 5 step: prune/scores.py.) Recalibrating means
 re-estimating the statistics with the final weights and masks on a few training batches, with
 a cumulative (not exponential) average: BatchNorm's ``momentum=None`` mode.
 """
