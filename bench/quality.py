@@ -164,7 +164,7 @@ def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str |
         if str(weights).startswith("builtin:") and card.is_file():  # the model card written by scripts/train_fmnist_teacher.py
             meta = json.loads(card.read_text())
             info.update(train_epochs=meta.get("epochs"), train_limit=None, lr=0.05, train_seconds=meta.get("train_seconds"),
-                        optimizer="SGD nesterov 0.9, cosine, wd 0.0004", command=meta.get("command"))
+                        optimizer="SGD nesterov 0.9, cosine, wd 0.0004", command=meta.get("command"), data=meta.get("data"))
         return model, info
 
     recipe = build_recipe(cfg, method=None, target=None, seed=DATA_SEED, teacher=True)
@@ -518,8 +518,9 @@ def write_markdown(path: Path, doc: dict) -> None:
               + (f", max {cfg['max_steps_per_epoch']} steps/epoch" if cfg["max_steps_per_epoch"] else "")
               + f". Seeds {cfg['seeds']} (train.seed and torch.manual_seed).", ""]
     ts = t.get("train_seconds")
+    trained_on = t.get("data") or f"{t.get('train_limit') or 'all 55k'} images"
     lines += [f"Teacher: `{t['model']}` trained {t.get('train_epochs', '?')} epoch(s) on "
-              f"{t.get('train_limit') or 'all 60k'} images, lr {t.get('lr', '?')} ({t.get('optimizer', '?')}), "
+              f"{trained_on}, lr {t.get('lr', '?')} ({t.get('optimizer', '?')}), "
               f"{t['source']}" + (f", training took {ts:.0f} s" if ts else "")
               + f"; accuracy **{100 * t['accuracy']:.2f}%**, {t['flops'] / 1e6:.2f} M MACs, {t['params'] / 1e3:.1f} k params.", ""]
     lines += ["## Accuracy (mean ± std over seeds)", "",
@@ -699,6 +700,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="also keep the finished runs of these result files (same config and teacher), e.g. a second "
                         "process that ran other methods at the same time")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rewrite the report from the runs kept by --resume / --merge (status 'partial' when some are missing)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (use --threads 1 with 2 on 2 cores)")
     return p.parse_args(argv)
 
@@ -780,7 +783,7 @@ def main(argv=None) -> int:
         write_outputs(out, stem, doc)
 
     order = {key: i for i, key in enumerate(plan)}
-    todo = [key for key in plan if key not in done]
+    todo = [] if args.report_only else [key for key in plan if key not in done]
     doc["runs"] = [done[key] for key in plan if key in done]
     context = {"cfg": cfg, "teacher": teacher, "teacher_fp": teacher_fp, "teacher_flops": tinfo["flops"],
                "teacher_params": tinfo["params"], "teacher_accuracy": teacher_acc, "bundle": bundle, "device": device,
@@ -824,7 +827,9 @@ def main(argv=None) -> int:
             est = estimate_profile_seconds(doc["runs"], timing, cfg, PROFILES[name], cfg["methods"])
             if est:
                 doc["estimates"][name] = est
-    flush_outputs("finished")
+    missing = [key for key in plan if key not in done and not any(
+        (r["method"], r["target"], r["seed"]) == key for r in doc["runs"])]
+    flush_outputs("finished" if not missing else f"partial: {len(missing)} planned run(s) not run")
     total = time.perf_counter() - t_start
     print(f"done in {total:.0f} s; results in {out / stem}.{{json,md,png}}", flush=True)
     for g in doc["summary"]["goals"]:
