@@ -8,6 +8,7 @@ depends on how many DataLoader workers there are.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -104,8 +105,6 @@ def balanced_order(dataset: Dataset, seed: int) -> torch.Tensor:
 def eval_view(dataset: Dataset, eval_transform: Callable | None = None) -> Dataset:
     """The same items without training augmentation, for selection (decisions should not
     depend on random crops). ``eval_transform`` replaces a torchvision dataset's transform."""
-    import copy
-
     if isinstance(dataset, TensorImageDataset) and dataset.augment is not None:
         view = copy.copy(dataset)
         view.augment = None

@@ -183,11 +183,15 @@ class CascadeTrainer:
         for model in self.models:
             recalibrate_batchnorm(model, loader, device=self.device, limit=batches)
 
+    @property
+    def names(self) -> list[str]:
+        """How logs, the manifest and the report name the models: student, TA1, TA2, ..."""
+        return ["student", *(f"TA{j}" for j in range(1, len(self.models)))]
+
     def evaluate_models(self, loader: DataLoader) -> list[float]:
         """Accuracy of every model (student first) under its current hard mask."""
         self.use_hard_masks()
-        names = ["student", *(f"TA{j}" for j in range(1, len(self.models)))]
-        return [evaluate(m, loader, device=self.device, description=f"evaluate {n}") for n, m in zip(names, self.models)]
+        return [evaluate(m, loader, device=self.device, description=f"evaluate {n}") for n, m in zip(self.names, self.models)]
 
     # ---------------------------------------------------------------- joint phase
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -214,7 +214,7 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
         if trainer.freeze_due(0):
             trainer.freeze()  # a joint phase too short to move the masks at all
         save_joint(0, 0, {})  # a resumed run need not score the units again
-    names = ["student", *(f"TA{j}" for j in range(1, len(trainer.models)))]
+    names = trainer.names
     for epoch in range(first_epoch, t.joint_epochs):
         resumed_here = epoch == first_epoch
         before = [m.detach().cpu().clone() for m in trainer.state.hard_masks]
