@@ -21,18 +21,20 @@ from pathlib import Path
 import torch
 
 from cascadec.data import build_data
+from cascadec.data.loaders import make_loaders
 from cascadec.models import create_model
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import shrink
 from cascadec.recipe import Recipe, parse_override
-from cascadec.stages import make_loaders
 from cascadec.train.loop import evaluate
 
 BASE = {
-    "name": "ablation", "model": {"name": "cifar_resnet8", "weights": "builtin:cifar_resnet8_fmnist"},
+    "name": "ablation",
+    "model": {"name": "cifar_resnet8", "weights": "builtin:cifar_resnet8_fmnist"},
     "data": {"name": "fashion_mnist", "train_limit": 12000, "batch_size": 128},
     "prune": {"method": "cascade", "round_to": 8, "target": {"flops_reduction": 0.5}},
-    "cascade": {"num_tas": 1}, "train": {"joint_epochs": 2, "student_epochs": 3, "lr": 0.01},
+    "cascade": {"num_tas": 1},
+    "train": {"joint_epochs": 2, "student_epochs": 3, "lr": 0.01},
 }
 
 
@@ -42,7 +44,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides, key.sub=value")
     parser.add_argument("--tag", required=True)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cascade-ablation.jsonl")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "cascade-ablation.jsonl"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = json.loads(json.dumps(BASE))
@@ -69,11 +73,21 @@ def main() -> None:
     accuracy = evaluate(student, loaders.val, device=cpu)
     h = result.history
     record = {
-        "tag": args.tag, "set": args.set, "teacher": args.teacher, "teacher_test": teacher_acc, "student_test": accuracy,
-        "delta": 100 * (accuracy - teacher_acc), "seconds": seconds, "ladder": h.get("ladder"),
-        "joint": [{k: e.get(k) for k in ("accuracies", "mask_changes", "losses", "frozen")} for e in h.get("joint", [])],
-        "student": [{k: e.get(k) for k in ("epoch", "teacher", "student_accuracy", "kept")}
-                    for e in (h.get("student") or h.get("fine_tune") or [])],
+        "tag": args.tag,
+        "set": args.set,
+        "teacher": args.teacher,
+        "teacher_test": teacher_acc,
+        "student_test": accuracy,
+        "delta": 100 * (accuracy - teacher_acc),
+        "seconds": seconds,
+        "ladder": h.get("ladder"),
+        "joint": [
+            {k: e.get(k) for k in ("accuracies", "mask_changes", "losses", "frozen")} for e in h.get("joint", [])
+        ],
+        "student": [
+            {k: e.get(k) for k in ("epoch", "teacher", "student_accuracy", "kept")}
+            for e in (h.get("student") or h.get("fine_tune") or [])
+        ],
     }
     print(json.dumps(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ import torch
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.envinfo import environment
 from cascadec.models import create_model
-from cascadec.profile import profile_interleaved, profile_onnx
+from cascadec.profile.engines import profile_onnx
+from cascadec.profile.protocol import profile_interleaved
 from cascadec.prune.cost import CostModel, count_macs, count_params
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
@@ -60,11 +61,21 @@ def main() -> None:
         students[rt] = student
 
     def profile_one(name: str, duration_s: float, min_iters: int) -> dict:
-        return profile_onnx(work / f"{name}.onnx", [3, 224, 224], args.batches, warmup_s=0.2, min_duration_s=duration_s,
-                            min_iters=min_iters, progress=False, keep_samples=True)
+        return profile_onnx(
+            work / f"{name}.onnx",
+            [3, 224, 224],
+            args.batches,
+            warmup_s=0.2,
+            min_duration_s=duration_s,
+            min_iters=min_iters,
+            progress=False,
+            keep_samples=True,
+        )
 
     names = ["teacher", *(f"student-{rt}" for rt in args.round_to)]
-    prof, ratios = profile_interleaved(profile_one, names, rounds=args.rounds, min_duration_s=args.duration, min_iters=10)
+    prof, ratios = profile_interleaved(
+        profile_one, names, rounds=args.rounds, min_duration_s=args.duration, min_iters=10
+    )
     teacher = prof["teacher"]
     rows = []
     for rt, student in students.items():
@@ -73,34 +84,54 @@ def main() -> None:
             this = prof[f"student-{rt}"]
             speedup = teacher[b]["p50_ms"] / this[b]["p50_ms"]
             per_round = ratios[f"student-{rt}"][b]
-            rows.append({
-                "round_to": rt, "batch": b, "flops_ratio": flops_ratio, "params": count_params(student),
-                "teacher": {k: teacher[b][k] for k in ("p50_ms", "p90_ms", "p99_ms", "iterations")},
-                "student": {k: this[b][k] for k in ("p50_ms", "p90_ms", "p99_ms", "iterations")},
-                "speedup_p50": speedup, "speedup_over_flops_ratio": speedup / flops_ratio,
-                "speedup_rounds": per_round,
-            })
-            print(f"round_to {rt:>4} batch {b:>3}: FLOPs ratio {flops_ratio:.2f}x, speed-up {speedup:.2f}x "
-                  f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x; {speedup / flops_ratio:.2f} of the FLOPs ratio)",
-                  flush=True)
-    doc = {"command": " ".join(["python", *sys.argv]), "commit": git_commit(), "environment": environment(),
-           "teacher_flops": count_macs(model, example), "teacher_params": count_params(model), "rows": rows,
-           "protocol": {"warmup_s": 0.2, "min_duration_s": args.duration, "min_iters": 10, "rounds": args.rounds}}
+            rows.append(
+                {
+                    "round_to": rt,
+                    "batch": b,
+                    "flops_ratio": flops_ratio,
+                    "params": count_params(student),
+                    "teacher": {k: teacher[b][k] for k in ("p50_ms", "p90_ms", "p99_ms", "iterations")},
+                    "student": {k: this[b][k] for k in ("p50_ms", "p90_ms", "p99_ms", "iterations")},
+                    "speedup_p50": speedup,
+                    "speedup_over_flops_ratio": speedup / flops_ratio,
+                    "speedup_rounds": per_round,
+                }
+            )
+            print(
+                f"round_to {rt:>4} batch {b:>3}: FLOPs ratio {flops_ratio:.2f}x, speed-up {speedup:.2f}x "
+                f"(rounds {min(per_round):.2f}-{max(per_round):.2f}x; {speedup / flops_ratio:.2f} of the FLOPs ratio)",
+                flush=True,
+            )
+    doc = {
+        "command": " ".join(["python", *sys.argv]),
+        "commit": git_commit(),
+        "environment": environment(),
+        "teacher_flops": count_macs(model, example),
+        "teacher_params": count_params(model),
+        "rows": rows,
+        "protocol": {"warmup_s": 0.2, "min_duration_s": args.duration, "min_iters": 10, "rounds": args.rounds},
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latency-resnet50-cpu.json").write_text(json.dumps(doc, indent=2))
-    lines = ["# ResNet-50, 50 % fewer FLOPs: ONNX Runtime CPU latency", "",
-             f"Command: `{doc['command']}` (commit {doc['commit']}); CPU: {doc['environment'].get('cpu')}, "
-             f"{doc['environment'].get('logical_cores')} logical cores, onnxruntime {doc['environment']['versions'].get('onnxruntime')}.",
-             "Random weights, widths from L1 importance; 0.2 s warm-up, then >= "
-             f"{args.duration:g} s and >= 10 iterations per model and batch size, in {args.rounds} alternating rounds "
-             "(statistics pool every round's runs; the per-round column is the lowest-highest speed-up of single rounds).", "",
-             "| round_to | batch | FLOPs ratio | teacher p50 (p90/p99) ms | student p50 (p90/p99) ms | speed-up (p50) | per round | speed-up / FLOPs ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# ResNet-50, 50 % fewer FLOPs: ONNX Runtime CPU latency",
+        "",
+        f"Command: `{doc['command']}` (commit {doc['commit']}); CPU: {doc['environment'].get('cpu')}, "
+        f"{doc['environment'].get('logical_cores')} logical cores, onnxruntime {doc['environment']['versions'].get('onnxruntime')}.",
+        "Random weights, widths from L1 importance; 0.2 s warm-up, then >= "
+        f"{args.duration:g} s and >= 10 iterations per model and batch size, in {args.rounds} alternating rounds "
+        "(statistics pool every round's runs; the per-round column is the lowest-highest speed-up of single rounds).",
+        "",
+        "| round_to | batch | FLOPs ratio | teacher p50 (p90/p99) ms | student p50 (p90/p99) ms | speed-up (p50) | per round | speed-up / FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t, s = r["teacher"], r["student"]
-        lines.append(f"| {r['round_to']} | {r['batch']} | {r['flops_ratio']:.2f}x | {t['p50_ms']:.1f} ({t['p90_ms']:.1f}/{t['p99_ms']:.1f}) | "
-                     f"{s['p50_ms']:.1f} ({s['p90_ms']:.1f}/{s['p99_ms']:.1f}) | {r['speedup_p50']:.2f}x | "
-                     f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}x | {r['speedup_over_flops_ratio']:.2f} |")
+        lines.append(
+            f"| {r['round_to']} | {r['batch']} | {r['flops_ratio']:.2f}x | {t['p50_ms']:.1f} ({t['p90_ms']:.1f}/{t['p99_ms']:.1f}) | "
+            f"{s['p50_ms']:.1f} ({s['p90_ms']:.1f}/{s['p99_ms']:.1f}) | {r['speedup_p50']:.2f}x | "
+            f"{min(r['speedup_rounds']):.2f}-{max(r['speedup_rounds']):.2f}x | {r['speedup_over_flops_ratio']:.2f} |"
+        )
     (RESULTS / "latency-resnet50-cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -45,7 +45,9 @@ from typing import Any
 
 import torch
 
+from cascadec.backends.torch_backend import resolve_device
 from cascadec.data import build_data
+from cascadec.data.loaders import make_loaders
 from cascadec.envinfo import environment
 from cascadec.models import create_model
 from cascadec.prune.cost import count_macs, count_params
@@ -53,7 +55,7 @@ from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import shrink
 from cascadec.prune.spec import state_dict_for_safetensors
 from cascadec.recipe import Recipe
-from cascadec.stages import make_loaders, resolve_device, train_teacher
+from cascadec.teacher import train_teacher
 from cascadec.train.loop import evaluate
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -65,9 +67,16 @@ DATA_SEED = 0  # the subset of the data is the same for every method and seed
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "model": "cifar_resnet8", "train_limit": 512, "val_limit": 256, "batch_size": 128,
-        "joint_epochs": 1, "student_epochs": 1, "lr": 0.02, "max_steps_per_epoch": 3,
-        "targets": [0.5], "seeds": [0],
+        "model": "cifar_resnet8",
+        "train_limit": 512,
+        "val_limit": 256,
+        "batch_size": 128,
+        "joint_epochs": 1,
+        "student_epochs": 1,
+        "lr": 0.02,
+        "max_steps_per_epoch": 3,
+        "targets": [0.5],
+        "seeds": [0],
         "teacher": {"train_limit": 512, "epochs": 1, "lr": 0.05},
     },
     # The CPU benchmark of issue 10 (<= 150 min with --jobs 2 on this 2-core machine): 12,000
@@ -75,17 +84,31 @@ PROFILES: dict[str, dict[str, Any]] = {
     # full 10k test split for every reported figure, 3 joint + 3 student epochs (learning curves
     # recorded per epoch, so whether the methods stopped climbing can be read off the results).
     "converge": {
-        "model": "cifar_resnet8", "train_limit": 12000, "val_limit": None, "batch_size": 128,
-        "joint_epochs": 3, "student_epochs": 3, "lr": 0.01, "max_steps_per_epoch": None,
-        "targets": [0.5, 0.75, 0.9], "seeds": [0, 1, 2],
+        "model": "cifar_resnet8",
+        "train_limit": 12000,
+        "val_limit": None,
+        "batch_size": 128,
+        "joint_epochs": 3,
+        "student_epochs": 3,
+        "lr": 0.01,
+        "max_steps_per_epoch": None,
+        "targets": [0.5, 0.75, 0.9],
+        "seeds": [0, 1, 2],
         "methods": ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_2ta", "cascade_3ta", "cascade_1ta"],
         "last_methods": ["cascade_1ta"],
         "teacher": {"train_limit": None, "epochs": 30, "lr": 0.05},
     },
     "full": {
-        "model": "cifar_resnet20", "train_limit": None, "val_limit": None, "batch_size": 128,
-        "joint_epochs": 30, "student_epochs": 30, "lr": 0.008, "max_steps_per_epoch": None,
-        "targets": [0.5, 0.75, 0.9], "seeds": [0, 1, 2],
+        "model": "cifar_resnet20",
+        "train_limit": None,
+        "val_limit": None,
+        "batch_size": 128,
+        "joint_epochs": 30,
+        "student_epochs": 30,
+        "lr": 0.008,
+        "max_steps_per_epoch": None,
+        "targets": [0.5, 0.75, 0.9],
+        "seeds": [0, 1, 2],
         "teacher": {"train_limit": None, "epochs": 30, "lr": 0.05},
     },
 }
@@ -93,27 +116,74 @@ PROFILES: dict[str, dict[str, Any]] = {
 _PAPER = {"score_signal": "taylor", "freeze_fraction": 0.0}  # with train overrides below: issue 10's "before"
 _PAPER_TRAIN = {"bn_recalibration_batches": 0, "select_best": False}
 METHODS: dict[str, dict[str, Any]] = {
-    "oneshot_ft": {"label": "(a) one-shot Taylor + FT", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": False}},
-    "oneshot_kd": {"label": "(b) one-shot Taylor + KD", "prune": {"method": "oneshot", "importance": "taylor"}, "distill": {"kd": True}},
-    "oneshot_kd_uniform": {"label": "(d) one-shot Taylor, uniform widths (Torch-Pruning's default local allocation) + KD",
-                           "prune": {"method": "oneshot", "importance": "taylor", "allocation": "uniform"}, "distill": {"kd": True}},
-    "learned_0ta": {"label": "(c) learned scores, 0 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 0}},
-    "cascade_1ta": {"label": "cascade, 1 TA", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 1}},
-    "cascade_2ta": {"label": "cascade, 2 TAs", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 2}},
-    "cascade_3ta": {"label": "cascade, 3 TAs (paper ladder)", "prune": {"method": "cascade", "importance": "taylor"}, "distill": {"kd": True}, "cascade": {"num_tas": 3}},
-    "cascade_1ta_paper": {"label": "cascade, 1 TA, paper Eq. 5 as before", "prune": {"method": "cascade", "importance": "taylor"},
-                          "distill": {"kd": True}, "cascade": {"num_tas": 1, **_PAPER}, "train": _PAPER_TRAIN},
-    "cascade_2ta_paper": {"label": "cascade, 2 TAs, paper Eq. 5 as before", "prune": {"method": "cascade", "importance": "taylor"},
-                          "distill": {"kd": True}, "cascade": {"num_tas": 2, **_PAPER}, "train": _PAPER_TRAIN},
-    "cascade_2ta_signed": {"label": "cascade, 2 TAs, signed Eq. 5 with the new schedule", "prune": {"method": "cascade", "importance": "taylor"},
-                           "distill": {"kd": True}, "cascade": {"num_tas": 2, "score_signal": "taylor"}},
+    "oneshot_ft": {
+        "label": "(a) one-shot Taylor + FT",
+        "prune": {"method": "oneshot", "importance": "taylor"},
+        "distill": {"kd": False},
+    },
+    "oneshot_kd": {
+        "label": "(b) one-shot Taylor + KD",
+        "prune": {"method": "oneshot", "importance": "taylor"},
+        "distill": {"kd": True},
+    },
+    "oneshot_kd_uniform": {
+        "label": "(d) one-shot Taylor, uniform widths (Torch-Pruning's default local allocation) + KD",
+        "prune": {"method": "oneshot", "importance": "taylor", "allocation": "uniform"},
+        "distill": {"kd": True},
+    },
+    "learned_0ta": {
+        "label": "(c) learned scores, 0 TAs",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 0},
+    },
+    "cascade_1ta": {
+        "label": "cascade, 1 TA",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 1},
+    },
+    "cascade_2ta": {
+        "label": "cascade, 2 TAs",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+    },
+    "cascade_3ta": {
+        "label": "cascade, 3 TAs (paper ladder)",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 3},
+    },
+    "cascade_1ta_paper": {
+        "label": "cascade, 1 TA, paper Eq. 5 as before",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 1, **_PAPER},
+        "train": _PAPER_TRAIN,
+    },
+    "cascade_2ta_paper": {
+        "label": "cascade, 2 TAs, paper Eq. 5 as before",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2, **_PAPER},
+        "train": _PAPER_TRAIN,
+    },
+    "cascade_2ta_signed": {
+        "label": "cascade, 2 TAs, signed Eq. 5 with the new schedule",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2, "score_signal": "taylor"},
+    },
 }
 DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "cascade_2ta", "cascade_3ta"]
 # masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
 # shapes pick different kernels and an image or two near the decision boundary may flip
 MASKED_TOLERANCE = 0.001
 CASCADE_METHODS = tuple(m for m, spec in METHODS.items() if spec["prune"]["method"] == "cascade")
-TA_METHODS = tuple(m for m in CASCADE_METHODS if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed")))
+TA_METHODS = tuple(
+    m for m in CASCADE_METHODS if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed"))
+)
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 
 
@@ -122,10 +192,20 @@ def stem_for(profile: str) -> str:
 
 
 def build_recipe(cfg: dict, *, method: str | None, target: float | None, seed: int, teacher: bool = False) -> Recipe:
-    data = {"name": DATASET, "train_limit": cfg["teacher"]["train_limit"] if teacher else cfg["train_limit"],
-            "val_limit": cfg["val_limit"], "batch_size": cfg["batch_size"], "workers": cfg.get("workers", 0)}
-    train = {"joint_epochs": cfg["joint_epochs"], "student_epochs": cfg["student_epochs"], "lr": cfg["lr"],
-             "max_steps_per_epoch": cfg["max_steps_per_epoch"], "seed": seed}
+    data = {
+        "name": DATASET,
+        "train_limit": cfg["teacher"]["train_limit"] if teacher else cfg["train_limit"],
+        "val_limit": cfg["val_limit"],
+        "batch_size": cfg["batch_size"],
+        "workers": cfg.get("workers", 0),
+    }
+    train = {
+        "joint_epochs": cfg["joint_epochs"],
+        "student_epochs": cfg["student_epochs"],
+        "lr": cfg["lr"],
+        "max_steps_per_epoch": cfg["max_steps_per_epoch"],
+        "seed": seed,
+    }
     spec: dict[str, Any] = {
         "name": f"bench-quality-{method or 'teacher'}",
         "model": {"name": cfg["model"]},
@@ -150,8 +230,10 @@ def config_hash(obj: Any) -> str:
 # ---------------------------------------------------------------- teacher
 
 
-def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Train the teacher once per profile (plain SGD, cascadec.stages.train_teacher); cache it.
+def get_teacher(
+    cfg: dict, profile: str, bundle, device, example, weights: str | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """Train the teacher once per profile (plain SGD, cascadec.teacher.train_teacher); cache it.
     ``weights`` (``--teacher``) uses given weights instead, e.g. ``builtin:cifar_resnet8_fmnist``."""
     from safetensors.torch import load_file, save_file
 
@@ -160,23 +242,48 @@ def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str |
         model = create_model(cfg["model"], weights=weights, **kwargs).to(device).eval()
         print(f"teacher: loaded {weights}", flush=True)
         info = {"model": cfg["model"], "source": f"--teacher {weights}", "weights": weights}
-        card = Path(str(weights).replace("builtin:", str(BENCH_DIR.parent / "cascadec/models/pretrained") + "/") + ".json")
-        if str(weights).startswith("builtin:") and card.is_file():  # the model card written by scripts/train_fmnist_teacher.py
+        card = Path(
+            str(weights).replace("builtin:", str(BENCH_DIR.parent / "cascadec/models/pretrained") + "/") + ".json"
+        )
+        if (
+            str(weights).startswith("builtin:") and card.is_file()
+        ):  # the model card written by scripts/train_fmnist_teacher.py
             meta = json.loads(card.read_text())
-            info.update(train_epochs=meta.get("epochs"), train_limit=None, lr=0.05, train_seconds=meta.get("train_seconds"),
-                        optimizer="SGD nesterov 0.9, cosine, wd 0.0004", command=meta.get("command"), data=meta.get("data"))
+            info.update(
+                train_epochs=meta.get("epochs"),
+                train_limit=None,
+                lr=0.05,
+                train_seconds=meta.get("train_seconds"),
+                optimizer="SGD nesterov 0.9, cosine, wd 0.0004",
+                command=meta.get("command"),
+                data=meta.get("data"),
+            )
         return model, info
 
     recipe = build_recipe(cfg, method=None, target=None, seed=DATA_SEED, teacher=True)
     kwargs = {"num_classes": int(bundle.num_classes), "in_channels": int(bundle.in_channels)}
-    key = config_hash({"model": cfg["model"], "kwargs": kwargs, "teacher": cfg["teacher"], "batch": cfg["batch_size"],
-                       "max_steps": cfg["max_steps_per_epoch"], "data_seed": DATA_SEED, "wd": recipe.train.weight_decay})
+    key = config_hash(
+        {
+            "model": cfg["model"],
+            "kwargs": kwargs,
+            "teacher": cfg["teacher"],
+            "batch": cfg["batch_size"],
+            "max_steps": cfg["max_steps_per_epoch"],
+            "data_seed": DATA_SEED,
+            "wd": recipe.train.weight_decay,
+        }
+    )
     path = WORK_DIR / f"teacher-{profile}-{cfg['model']}-{key}.safetensors"
     meta_path = path.with_suffix(".json")
     model = create_model(cfg["model"], **kwargs)
-    info: dict[str, Any] = {"model": cfg["model"], "train_epochs": cfg["teacher"]["epochs"], "lr": cfg["teacher"]["lr"],
-                            "train_limit": cfg["teacher"]["train_limit"], "optimizer": "SGD nesterov 0.9, cosine, wd "
-                            f"{recipe.train.weight_decay}", "weights": str(path.relative_to(BENCH_DIR.parent))}
+    info: dict[str, Any] = {
+        "model": cfg["model"],
+        "train_epochs": cfg["teacher"]["epochs"],
+        "lr": cfg["teacher"]["lr"],
+        "train_limit": cfg["teacher"]["train_limit"],
+        "optimizer": f"SGD nesterov 0.9, cosine, wd {recipe.train.weight_decay}",
+        "weights": str(path.relative_to(BENCH_DIR.parent)),
+    }
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         info["source"] = "cache"
@@ -184,20 +291,27 @@ def get_teacher(cfg: dict, profile: str, bundle, device, example, weights: str |
             info["train_seconds"] = json.loads(meta_path.read_text()).get("train_seconds")
         print(f"teacher: loaded {path}", flush=True)
     else:
-        data = build_data(DATASET, train_limit=cfg["teacher"]["train_limit"], val_limit=cfg["val_limit"], seed=DATA_SEED)
+        data = build_data(
+            DATASET, train_limit=cfg["teacher"]["train_limit"], val_limit=cfg["val_limit"], seed=DATA_SEED
+        )
         torch.manual_seed(DATA_SEED)
         loaders = make_loaders(data, recipe, device)
         n = len(loaders[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders[0]), cfg["max_steps_per_epoch"])
-        print(f"teacher: training {cfg['model']} for {cfg['teacher']['epochs']} epoch(s) x {n} steps on "
-              f"{len(data.train)} images (lr {cfg['teacher']['lr']})", flush=True)
+        print(
+            f"teacher: training {cfg['model']} for {cfg['teacher']['epochs']} epoch(s) x {n} steps on "
+            f"{len(data.train)} images (lr {cfg['teacher']['lr']})",
+            flush=True,
+        )
         model.to(device)
         start = time.perf_counter()
-        train_teacher(model, recipe, loaders[0], loaders[1], device)
+        train_teacher(model, recipe, loaders[0], device)
         info["train_seconds"] = time.perf_counter() - start
         info["source"] = "trained now"
         WORK_DIR.mkdir(parents=True, exist_ok=True)
         save_file(state_dict_for_safetensors(model), str(path))
-        meta_path.write_text(json.dumps({"train_seconds": info["train_seconds"], "steps_per_epoch": n, **cfg["teacher"]}, indent=1))
+        meta_path.write_text(
+            json.dumps({"train_seconds": info["train_seconds"], "steps_per_epoch": n, **cfg["teacher"]}, indent=1)
+        )
         print(f"teacher: trained in {info['train_seconds']:.0f} s, cached at {path}", flush=True)
     model = model.to(device).eval()
     return model, info
@@ -214,8 +328,21 @@ def _state_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def run_one(method: str, target: float, seed: int, *, cfg, teacher, teacher_fp, teacher_flops, teacher_params,
-            teacher_accuracy, bundle, device, example) -> dict:
+def run_one(
+    method: str,
+    target: float,
+    seed: int,
+    *,
+    cfg,
+    teacher,
+    teacher_fp,
+    teacher_flops,
+    teacher_params,
+    teacher_accuracy,
+    bundle,
+    device,
+    example,
+) -> dict:
     recipe = build_recipe(cfg, method=method, target=target, seed=seed)
     torch.manual_seed(seed)
     loaders = make_loaders(bundle, recipe, device)  # fresh generator: same batch order for every method
@@ -226,16 +353,25 @@ def run_one(method: str, target: float, seed: int, *, cfg, teacher, teacher_fp, 
     student = shrink(result.student.cpu(), result.analysis.index, result.mask, example.cpu())
     flops, params = count_macs(student.cpu(), example.cpu()), count_params(student)
     accuracy = evaluate(student.to(device), loaders.val, device=device, description="evaluate shrunk student")
-    selection_accuracy = evaluate(student.to(device), loaders.selection, device=device, description="evaluate on selection")
+    selection_accuracy = evaluate(
+        student.to(device), loaders.selection, device=device, description="evaluate on selection"
+    )
     wall = time.perf_counter() - start
     h = result.history
     rec: dict[str, Any] = {
-        "method": method, "target": target, "seed": seed,
-        "teacher_accuracy": teacher_accuracy, "student_accuracy": accuracy, "student_selection_accuracy": selection_accuracy,
+        "method": method,
+        "target": target,
+        "seed": seed,
+        "teacher_accuracy": teacher_accuracy,
+        "student_accuracy": accuracy,
+        "student_selection_accuracy": selection_accuracy,
         "delta": 100.0 * (accuracy - teacher_accuracy),
-        "flops": flops, "params": params,
-        "flops_fraction": flops / teacher_flops, "params_fraction": params / teacher_params,
-        "wall_seconds": wall, "prune_seconds": prune_seconds,
+        "flops": flops,
+        "params": params,
+        "flops_fraction": flops / teacher_flops,
+        "params_fraction": params / teacher_params,
+        "wall_seconds": wall,
+        "prune_seconds": prune_seconds,
         "budget_keep_fraction": result.analysis.budget.keep_fraction,
     }
     epochs = h.get("student") or h.get("fine_tune") or []
@@ -246,25 +382,37 @@ def run_one(method: str, target: float, seed: int, *, cfg, teacher, teacher_fp, 
         rec["kept_epoch"] = kept[-1]["epoch"]
     curve_keys = ("epoch", "teacher", "teacher_accuracy", "student_accuracy", "seconds", "images", "kept")
     trained = [e for e in epochs if e["epoch"] >= 0]
-    steps = max(1, len(loaders.train) if not cfg["max_steps_per_epoch"] else min(len(loaders.train), cfg["max_steps_per_epoch"]))
+    steps = max(
+        1, len(loaders.train) if not cfg["max_steps_per_epoch"] else min(len(loaders.train), cfg["max_steps_per_epoch"])
+    )
     if method in CASCADE_METHODS:
         joint = h.get("joint", [])
-        rec.update({
-            "joint_seconds": h["joint_seconds"],
-            "joint_epochs": len(joint),
-            "joint_epoch_seconds": [e["seconds"] for e in joint],
-            "joint_steps": sum(e.get("steps", 0) for e in joint),
-            "joint_seconds_per_step": h["joint_seconds"] / max(1, sum(e.get("steps", 0) for e in joint)),
-            "joint_curves": [{"epoch": e["epoch"], "accuracies": e.get("accuracies"), "mask_changes": e.get("mask_changes"),
-                              "losses": e.get("losses"), "frozen": e.get("frozen")} for e in joint],
-            "num_models": len(h["fractions"]),
-            "fractions": list(h["fractions"]),
-            "mask_changed_units": h["mask_changed_units"],
-            "ladder": h.get("ladder"),
-            "freeze_step": h.get("freeze_step"),
-            "student_epochs": [{k: e.get(k) for k in curve_keys} for e in epochs],
-            "student_seconds_per_step": sum(e["seconds"] for e in trained) / max(1, steps * len(trained)),
-        })
+        rec.update(
+            {
+                "joint_seconds": h["joint_seconds"],
+                "joint_epochs": len(joint),
+                "joint_epoch_seconds": [e["seconds"] for e in joint],
+                "joint_steps": sum(e.get("steps", 0) for e in joint),
+                "joint_seconds_per_step": h["joint_seconds"] / max(1, sum(e.get("steps", 0) for e in joint)),
+                "joint_curves": [
+                    {
+                        "epoch": e["epoch"],
+                        "accuracies": e.get("accuracies"),
+                        "mask_changes": e.get("mask_changes"),
+                        "losses": e.get("losses"),
+                        "frozen": e.get("frozen"),
+                    }
+                    for e in joint
+                ],
+                "num_models": len(h["fractions"]),
+                "fractions": list(h["fractions"]),
+                "mask_changed_units": h["mask_changed_units"],
+                "ladder": h.get("ladder"),
+                "freeze_step": h.get("freeze_step"),
+                "student_epochs": [{k: e.get(k) for k in curve_keys} for e in epochs],
+                "student_seconds_per_step": sum(e["seconds"] for e in trained) / max(1, steps * len(trained)),
+            }
+        )
     else:
         rec["fine_tune_epoch_seconds"] = [e["seconds"] for e in trained]
         rec["fine_tune_epochs"] = [{k: e.get(k) for k in curve_keys} for e in epochs]
@@ -297,16 +445,26 @@ def cost_ratios(runs: list[dict], steps_per_epoch: int) -> list[dict]:
         kd_epoch = statistics.fmean(ref["fine_tune_epoch_seconds"])
         per_epoch = r["joint_seconds"] / r["joint_epochs"]
         loop_epoch = statistics.fmean(r["joint_epoch_seconds"])
-        out.append({
-            "method": r["method"], "target": r["target"], "seed": r["seed"], "num_models": r["num_models"],
-            "joint_seconds_per_epoch": per_epoch, "joint_loop_seconds_per_epoch": loop_epoch,
-            "kd_epoch_seconds": kd_epoch, "ratio": per_epoch / kd_epoch, "loop_ratio": loop_epoch / kd_epoch,
-            "within": per_epoch / kd_epoch <= r["num_models"],
-        })
+        out.append(
+            {
+                "method": r["method"],
+                "target": r["target"],
+                "seed": r["seed"],
+                "num_models": r["num_models"],
+                "joint_seconds_per_epoch": per_epoch,
+                "joint_loop_seconds_per_epoch": loop_epoch,
+                "kd_epoch_seconds": kd_epoch,
+                "ratio": per_epoch / kd_epoch,
+                "loop_ratio": loop_epoch / kd_epoch,
+                "within": per_epoch / kd_epoch <= r["num_models"],
+            }
+        )
     return out
 
 
-def summarise(runs: list[dict], targets: list[float], methods: list[str], teacher_acc: float, steps_per_epoch: int) -> dict:
+def summarise(
+    runs: list[dict], targets: list[float], methods: list[str], teacher_acc: float, steps_per_epoch: int
+) -> dict:
     ok = [r for r in runs if "error" not in r]
     table = []
     for m in methods:
@@ -317,18 +475,31 @@ def summarise(runs: list[dict], targets: list[float], methods: list[str], teache
             accs = [100 * r["student_accuracy"] for r in rs]
             acc_m, acc_s = _mean_std(accs)
             d_m, d_s = _mean_std([r["delta"] for r in rs])
-            table.append({
-                "method": m, "target": t, "n": len(rs), "seeds": [r["seed"] for r in rs],
-                "accuracy_mean": acc_m, "accuracy_std": acc_s, "accuracy_min": min(accs), "accuracy_max": max(accs),
-                "delta_mean": d_m, "delta_std": d_s,
-                "flops_fraction": _mean_std([r["flops_fraction"] for r in rs])[0],
-                "params_fraction": _mean_std([r["params_fraction"] for r in rs])[0],
-                "wall_seconds": _mean_std([r["wall_seconds"] for r in rs])[0],
-            })
+            table.append(
+                {
+                    "method": m,
+                    "target": t,
+                    "n": len(rs),
+                    "seeds": [r["seed"] for r in rs],
+                    "accuracy_mean": acc_m,
+                    "accuracy_std": acc_s,
+                    "accuracy_min": min(accs),
+                    "accuracy_max": max(accs),
+                    "delta_mean": d_m,
+                    "delta_std": d_s,
+                    "flops_fraction": _mean_std([r["flops_fraction"] for r in rs])[0],
+                    "params_fraction": _mean_std([r["params_fraction"] for r in rs])[0],
+                    "wall_seconds": _mean_std([r["wall_seconds"] for r in rs])[0],
+                }
+            )
     ratios = cost_ratios(runs, steps_per_epoch)
     goals = evaluate_goals(table, ratios, teacher_acc, runs)
-    return {"table": table, "cost_ratios": ratios, "goals": goals,
-            "errors": [{k: r[k] for k in ("method", "target", "seed", "error")} for r in runs if "error" in r]}
+    return {
+        "table": table,
+        "cost_ratios": ratios,
+        "goals": goals,
+        "errors": [{k: r[k] for k in ("method", "target", "seed", "error")} for r in runs if "error" in r],
+    }
 
 
 def _cell(table, method, target):
@@ -344,22 +515,32 @@ def _best_cascade(table: list[dict], target: float) -> tuple[str, dict] | None:
     return max(rows, key=lambda mr: mr[1]["delta_mean"]) if rows else None
 
 
-def evaluate_goals(table: list[dict], ratios: list[dict], teacher_acc: float, runs: list[dict] | None = None) -> list[dict]:
+def evaluate_goals(
+    table: list[dict], ratios: list[dict], teacher_acc: float, runs: list[dict] | None = None
+) -> list[dict]:
     """Issue 10's goals, each met / missed / not evaluated with the numbers behind it."""
     goals = []
     for gid, target, within in ((1, 0.5, 0.3), (2, 0.75, 1.0)):
-        g = {"id": gid, "goal": f"at {target:.0%} fewer FLOPs the best cascade student is within {within} points of the teacher "
-                                f"(mean over seeds, full test split)"}
+        g = {
+            "id": gid,
+            "goal": f"at {target:.0%} fewer FLOPs the best cascade student is within {within} points of the teacher "
+            f"(mean over seeds, full test split)",
+        }
         best = _best_cascade(table, target)
         if best is None:
             g.update(status="not evaluated", detail=f"no cascade run at target {target}")
         else:
             m, r = best
-            g.update(status="met" if r["delta_mean"] >= -within else "missed",
-                     detail=f"teacher {100 * teacher_acc:.2f}%; best {m} {r['delta_mean']:+.2f} points (n={r['n']})")
+            g.update(
+                status="met" if r["delta_mean"] >= -within else "missed",
+                detail=f"teacher {100 * teacher_acc:.2f}%; best {m} {r['delta_mean']:+.2f} points (n={r['n']})",
+            )
         goals.append(g)
-    g = {"id": 3, "goal": "at 90% fewer FLOPs the best cascade beats the best of (a), (b), (c) by >= 2 points, "
-                          "seed ranges not overlapping"}
+    g = {
+        "id": 3,
+        "goal": "at 90% fewer FLOPs the best cascade beats the best of (a), (b), (c) by >= 2 points, "
+        "seed ranges not overlapping",
+    }
     base = [(m, _cell(table, m, 0.9)) for m in BASELINES]
     base = [(m, r) for m, r in base if r]
     best = _best_cascade(table, 0.9)
@@ -370,19 +551,28 @@ def evaluate_goals(table: list[dict], ratios: list[dict], teacher_acc: float, ru
         m, r = best
         margin = r["accuracy_mean"] - b["accuracy_mean"]
         separate = r["accuracy_min"] > b["accuracy_max"]
-        g.update(status="met" if margin >= 2.0 and separate else "missed",
-                 detail=f"best baseline {bm} {b['accuracy_mean']:.2f}% (range {b['accuracy_min']:.2f}-{b['accuracy_max']:.2f}), "
-                        f"{m} {r['accuracy_mean']:.2f}% (range {r['accuracy_min']:.2f}-{r['accuracy_max']:.2f}): "
-                        f"{margin:+.2f} points, ranges {'apart' if separate else 'overlap'}")
+        g.update(
+            status="met" if margin >= 2.0 and separate else "missed",
+            detail=f"best baseline {bm} {b['accuracy_mean']:.2f}% (range {b['accuracy_min']:.2f}-{b['accuracy_max']:.2f}), "
+            f"{m} {r['accuracy_mean']:.2f}% (range {r['accuracy_min']:.2f}-{r['accuracy_max']:.2f}): "
+            f"{margin:+.2f} points, ranges {'apart' if separate else 'overlap'}",
+        )
     goals.append(g)
     g = {"id": 4, "goal": "every TA at or above its student at the end of the joint phase, in every run"}
     ladders = [r for r in (runs or []) if "error" not in r and r.get("ladder") and len(r["ladder"]["rungs"]) > 1]
     if not ladders:
         g.update(status="not evaluated", detail="no cascade run with TAs")
     else:
-        broken = [f"{r['method']} {r['target']} seed {r['seed']}: {'; '.join(r['ladder']['broken'])}" for r in ladders if r["ladder"]["broken"]]
-        g.update(status="met" if not broken else "missed",
-                 detail=f"{len(ladders) - len(broken)} of {len(ladders)} ladders healthy" + (f"; broken: {' | '.join(broken)}" if broken else ""))
+        broken = [
+            f"{r['method']} {r['target']} seed {r['seed']}: {'; '.join(r['ladder']['broken'])}"
+            for r in ladders
+            if r["ladder"]["broken"]
+        ]
+        g.update(
+            status="met" if not broken else "missed",
+            detail=f"{len(ladders) - len(broken)} of {len(ladders)} ladders healthy"
+            + (f"; broken: {' | '.join(broken)}" if broken else ""),
+        )
     goals.append(g)
     g = {"id": 5, "goal": "joint-phase seconds per epoch <= (number of models) x a plain KD fine-tuning epoch"}
     if not ratios:
@@ -393,10 +583,15 @@ def evaluate_goals(table: list[dict], ratios: list[dict], teacher_acc: float, ru
             rs = [r for r in ratios if r["method"] == m]
             if rs:
                 worst = max(r["ratio"] for r in rs)
-                parts.append(f"{m}: mean {statistics.fmean(r['ratio'] for r in rs):.2f}, worst {worst:.2f} vs {rs[0]['num_models']} model(s)")
+                parts.append(
+                    f"{m}: mean {statistics.fmean(r['ratio'] for r in rs):.2f}, worst {worst:.2f} vs {rs[0]['num_models']} model(s)"
+                )
         bad = [r for r in ratios if not r["within"]]
-        g.update(status="met" if not bad else "missed",
-                 detail="; ".join(parts) + (f"; {len(bad)} of {len(ratios)} runs over" if bad else f"; all {len(ratios)} runs within"))
+        g.update(
+            status="met" if not bad else "missed",
+            detail="; ".join(parts)
+            + (f"; {len(bad)} of {len(ratios)} runs over" if bad else f"; all {len(ratios)} runs within"),
+        )
     goals.append(g)
     return goals
 
@@ -426,7 +621,9 @@ def _modelled_seconds(cfg: dict, method: str, num_models: int, tr: float, ev: fl
     return importance + epochs * s * (tr + (ev if kd else 0.0)) + (int(kd) + epochs + 1) * v * ev
 
 
-def estimate_profile_seconds(runs: list[dict], timing: dict, cfg_from: dict, cfg_to: dict, methods: list[str]) -> dict | None:
+def estimate_profile_seconds(
+    runs: list[dict], timing: dict, cfg_from: dict, cfg_to: dict, methods: list[str]
+) -> dict | None:
     """Extrapolate this profile's runs to profile ``cfg_to`` (same model and batch size):
     estimate = measured wall of the run here + modelled(cfg_to) - modelled(cfg_from), the
     model using the full-width training step and evaluation batch timed in this process
@@ -442,17 +639,26 @@ def estimate_profile_seconds(runs: list[dict], timing: dict, cfg_from: dict, cfg
             continue
         n_models = rs[0].get("num_models", 1)
         wall = statistics.fmean(r["wall_seconds"] for r in rs)
-        per_method[m] = wall + _modelled_seconds(cfg_to, m, n_models, tr, ev) - _modelled_seconds(cfg_from, m, n_models, tr, ev)
+        per_method[m] = (
+            wall + _modelled_seconds(cfg_to, m, n_models, tr, ev) - _modelled_seconds(cfg_from, m, n_models, tr, ev)
+        )
     n_runs = len(cfg_to["targets"]) * len(cfg_to["seeds"])
     runs_total = sum(per_method.values()) * n_runs
     teacher_steps = (cfg_to["teacher"]["train_limit"] or 60000) // cfg_to["batch_size"]
     v_to = math.ceil((cfg_to["val_limit"] or 10000) / cfg_to["batch_size"])
     teacher_total = teacher_steps * cfg_to["teacher"]["epochs"] * tr + 2 * v_to * ev
-    return {"per_run_seconds": per_method, "runs_seconds": runs_total, "teacher_seconds": teacher_total,
-            "total_seconds": runs_total + teacher_total, "runs": n_runs * len(per_method),
-            "train_seconds_per_step": tr, "eval_seconds_per_batch": ev, "torch_threads": torch.get_num_threads(),
-            "basis": f"measured smoke runs + modelled step costs (train step {tr:.3f} s, eval batch {ev:.3f} s at "
-                     f"{torch.get_num_threads()} torch thread(s)); depends on the CPU load at measurement time"}
+    return {
+        "per_run_seconds": per_method,
+        "runs_seconds": runs_total,
+        "teacher_seconds": teacher_total,
+        "total_seconds": runs_total + teacher_total,
+        "runs": n_runs * len(per_method),
+        "train_seconds_per_step": tr,
+        "eval_seconds_per_batch": ev,
+        "torch_threads": torch.get_num_threads(),
+        "basis": f"measured smoke runs + modelled step costs (train step {tr:.3f} s, eval batch {ev:.3f} s at "
+        f"{torch.get_num_threads()} torch thread(s)); depends on the CPU load at measurement time",
+    }
 
 
 def measure_step_costs(teacher: torch.nn.Module, val_loader, train_loader, device, steps: int = 5) -> dict:
@@ -478,8 +684,11 @@ def measure_step_costs(teacher: torch.nn.Module, val_loader, train_loader, devic
     t0 = time.perf_counter()
     evaluate(teacher, val_loader, device=device, description="evaluate teacher")
     eval_s = time.perf_counter() - t0
-    return {"train_seconds_per_step": statistics.fmean(times), "eval_seconds_per_batch": eval_s / max(1, len(val_loader)),
-            "eval_seconds": eval_s}
+    return {
+        "train_seconds_per_step": statistics.fmean(times),
+        "eval_seconds_per_batch": eval_s / max(1, len(val_loader)),
+        "eval_seconds": eval_s,
+    }
 
 
 # ---------------------------------------------------------------- output
@@ -496,98 +705,172 @@ def write_markdown(path: Path, doc: dict) -> None:
     s, t, cfg = doc["summary"], doc["teacher"], doc["config"]
     lines = [f"# Quality benchmark: Fashion-MNIST, profile `{doc['profile']}`", ""]
     if doc["profile"] == "smoke":
-        lines += ["> **Smoke profile**: a few steps on a barely trained teacher. These numbers only show that the "
-                  "script runs end to end; they say nothing about the methods.", ""]
-    lines += [f"Generated {doc['updated']} by `{doc['command']}` "
-              f"({doc['status']}: {len(doc['runs'])} of {doc['planned_runs']} runs)." , ""]
+        lines += [
+            "> **Smoke profile**: a few steps on a barely trained teacher. These numbers only show that the "
+            "script runs end to end; they say nothing about the methods.",
+            "",
+        ]
+    lines += [
+        f"Generated {doc['updated']} by `{doc['command']}` "
+        f"({doc['status']}: {len(doc['runs'])} of {doc['planned_runs']} runs).",
+        "",
+    ]
     for merged in doc.get("merged_from", []):
-        lines += [f"- {merged['runs']} finished run(s) taken from `{merged['file']}`, written by `{merged['command']}`."]
+        lines += [
+            f"- {merged['runs']} finished run(s) taken from `{merged['file']}`, written by `{merged['command']}`."
+        ]
     if doc.get("merged_from"):
         lines.append("")
     env = doc["environment"]
-    lines += [f"Machine: {env.get('cpu')}, {env.get('logical_cores')} logical cores, torch threads {doc['torch_threads']}, "
-              f"GPU {env.get('gpu') or 'none'}, device `{doc['device']}`; torch {env.get('versions', {}).get('torch')}, "
-              f"cascadec {env.get('versions', {}).get('cascadec')}. Load average at start {doc['loadavg_start']}, "
-              f"now {doc.get('loadavg_now')}.", ""]
-    val_note = (f"val_limit {cfg['val_limit']} (a seeded class-balanced subset of the 10k test split) for **all** "
-                "evaluations, teacher included" if cfg["val_limit"] else "the full 10k test split for all evaluations")
-    lines += [f"Data: {DATASET}, train_limit {cfg['train_limit'] or 'all (55k)'} (subset seed {DATA_SEED}, same for every "
-              f"method and seed) of the 55k training images left after the 5k selection split (held-out training images "
-              f"for every decision: teacher promotion, best epoch, the TA ladder), {val_note}. Batch {cfg['batch_size']}, joint {cfg['joint_epochs']} + student "
-              f"{cfg['student_epochs']} epochs (one-shot methods fine-tune for the sum), lr {cfg['lr']}"
-              + (f", max {cfg['max_steps_per_epoch']} steps/epoch" if cfg["max_steps_per_epoch"] else "")
-              + f". Seeds {cfg['seeds']} (train.seed and torch.manual_seed).", ""]
+    lines += [
+        f"Machine: {env.get('cpu')}, {env.get('logical_cores')} logical cores, torch threads {doc['torch_threads']}, "
+        f"GPU {env.get('gpu') or 'none'}, device `{doc['device']}`; torch {env.get('versions', {}).get('torch')}, "
+        f"cascadec {env.get('versions', {}).get('cascadec')}. Load average at start {doc['loadavg_start']}, "
+        f"now {doc.get('loadavg_now')}.",
+        "",
+    ]
+    val_note = (
+        f"val_limit {cfg['val_limit']} (a seeded class-balanced subset of the 10k test split) for **all** "
+        "evaluations, teacher included"
+        if cfg["val_limit"]
+        else "the full 10k test split for all evaluations"
+    )
+    lines += [
+        f"Data: {DATASET}, train_limit {cfg['train_limit'] or 'all (55k)'} (subset seed {DATA_SEED}, same for every "
+        f"method and seed) of the 55k training images left after the 5k selection split (held-out training images "
+        f"for every decision: teacher promotion, best epoch, the TA ladder), {val_note}. Batch {cfg['batch_size']}, joint {cfg['joint_epochs']} + student "
+        f"{cfg['student_epochs']} epochs (one-shot methods fine-tune for the sum), lr {cfg['lr']}"
+        + (f", max {cfg['max_steps_per_epoch']} steps/epoch" if cfg["max_steps_per_epoch"] else "")
+        + f". Seeds {cfg['seeds']} (train.seed and torch.manual_seed).",
+        "",
+    ]
     ts = t.get("train_seconds")
     trained_on = t.get("data") or f"{t.get('train_limit') or 'all 55k'} images"
-    lines += [f"Teacher: `{t['model']}` trained {t.get('train_epochs', '?')} epoch(s) on "
-              f"{trained_on}, lr {t.get('lr', '?')} ({t.get('optimizer', '?')}), "
-              f"{t['source']}" + (f", training took {ts:.0f} s" if ts else "")
-              + f"; accuracy **{100 * t['accuracy']:.2f}%**, {t['flops'] / 1e6:.2f} M MACs, {t['params'] / 1e3:.1f} k params.", ""]
-    lines += ["## Accuracy (mean ± std over seeds)", "",
-              "| method | FLOPs reduction target | FLOPs fraction | params fraction | student acc (%) | delta (points) | seeds | wall s / run |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        f"Teacher: `{t['model']}` trained {t.get('train_epochs', '?')} epoch(s) on "
+        f"{trained_on}, lr {t.get('lr', '?')} ({t.get('optimizer', '?')}), "
+        f"{t['source']}"
+        + (f", training took {ts:.0f} s" if ts else "")
+        + f"; accuracy **{100 * t['accuracy']:.2f}%**, {t['flops'] / 1e6:.2f} M MACs, {t['params'] / 1e3:.1f} k params.",
+        "",
+    ]
+    lines += [
+        "## Accuracy (mean ± std over seeds)",
+        "",
+        "| method | FLOPs reduction target | FLOPs fraction | params fraction | student acc (%) | delta (points) | seeds | wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in s["table"]:
-        lines.append(f"| {row['method']} | {row['target']:.2f} | {row['flops_fraction']:.3f} | {row['params_fraction']:.3f} | "
-                     f"{_fmt(row['accuracy_mean'], row['accuracy_std'])} | {_fmt(row['delta_mean'], row['delta_std'], sign=True)} | "
-                     f"{row['n']} | {row['wall_seconds']:.0f} |")
-    lines += ["", "Methods: " + "; ".join(f"`{k}` = {v['label']}" for k, v in METHODS.items() if k in cfg["methods"]) + ".", ""]
-    lines += ["## Joint-phase cost", "",
-              "ratio = `history['joint_seconds']` / joint epochs, divided by the mean seconds of one plain KD fine-tuning "
-              "epoch (`oneshot_kd`, same target and seed). Both sides time training loops only (`joint_seconds` sums the "
-              "joint epochs' loops; fine-tune epoch seconds exclude validation), so `ratio` and `loop ratio` agree.", "",
-              "| method | target | seed | models | joint s/epoch | KD fine-tune s/epoch | ratio | loop ratio | ratio <= models |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['method']} | {row['target']:.2f} | {row['flops_fraction']:.3f} | {row['params_fraction']:.3f} | "
+            f"{_fmt(row['accuracy_mean'], row['accuracy_std'])} | {_fmt(row['delta_mean'], row['delta_std'], sign=True)} | "
+            f"{row['n']} | {row['wall_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Methods: " + "; ".join(f"`{k}` = {v['label']}" for k, v in METHODS.items() if k in cfg["methods"]) + ".",
+        "",
+    ]
+    lines += [
+        "## Joint-phase cost",
+        "",
+        "ratio = `history['joint_seconds']` / joint epochs, divided by the mean seconds of one plain KD fine-tuning "
+        "epoch (`oneshot_kd`, same target and seed). Both sides time training loops only (`joint_seconds` sums the "
+        "joint epochs' loops; fine-tune epoch seconds exclude validation), so `ratio` and `loop ratio` agree.",
+        "",
+        "| method | target | seed | models | joint s/epoch | KD fine-tune s/epoch | ratio | loop ratio | ratio <= models |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in s["cost_ratios"]:
-        lines.append(f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {r['num_models']} | {r['joint_seconds_per_epoch']:.2f} | "
-                     f"{r['kd_epoch_seconds']:.2f} | {r['ratio']:.2f} | {r['loop_ratio']:.2f} | {'yes' if r['within'] else 'no'} |")
+        lines.append(
+            f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {r['num_models']} | {r['joint_seconds_per_epoch']:.2f} | "
+            f"{r['kd_epoch_seconds']:.2f} | {r['ratio']:.2f} | {r['loop_ratio']:.2f} | {'yes' if r['within'] else 'no'} |"
+        )
     if not s["cost_ratios"]:
         lines.append("| - | - | - | - | - | - | - | - | - |")
     ladders = [r for r in doc["runs"] if "error" not in r and r.get("ladder") and len(r["ladder"]["rungs"]) > 1]
     if ladders:
-        lines += ["", "## TA ladder at the end of the joint phase (selection split accuracy, %)", "",
-                  "Student first, then each TA (keep fraction of the target's FLOPs in brackets); `healthy` when each model is "
-                  "at least as accurate as the one below it.", "",
-                  "| method | target | seed | ladder | healthy |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## TA ladder at the end of the joint phase (selection split accuracy, %)",
+            "",
+            "Student first, then each TA (keep fraction of the target's FLOPs in brackets); `healthy` when each model is "
+            "at least as accurate as the one below it.",
+            "",
+            "| method | target | seed | ladder | healthy |",
+            "|---|---|---|---|---|",
+        ]
         for r in ladders:
-            rungs = " <= ".join(f"{x['model']} ({x['keep']:.2f}) {100 * x['accuracy']:.2f}" for x in r["ladder"]["rungs"])
-            lines.append(f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {rungs} | {'yes' if r['ladder']['healthy'] else '**no**'} |")
+            rungs = " <= ".join(
+                f"{x['model']} ({x['keep']:.2f}) {100 * x['accuracy']:.2f}" for x in r["ladder"]["rungs"]
+            )
+            lines.append(
+                f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {rungs} | {'yes' if r['ladder']['healthy'] else '**no**'} |"
+            )
     curves = [r for r in doc["runs"] if "error" not in r]
     if curves:
-        lines += ["", "## Learning curves (student accuracy on the selection split per epoch, %; `*` = the epoch shipped)", "",
-                  "Cascade rows: the joint epochs' student accuracy, `|`, then the student phase from its start (epoch -1). "
-                  "One-shot rows: fine-tuning from the start. Seconds per training step in the last columns.", "",
-                  "| method | target | seed | curve | s/step joint | s/step student or fine-tune |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Learning curves (student accuracy on the selection split per epoch, %; `*` = the epoch shipped)",
+            "",
+            "Cascade rows: the joint epochs' student accuracy, `|`, then the student phase from its start (epoch -1). "
+            "One-shot rows: fine-tuning from the start. Seconds per training step in the last columns.",
+            "",
+            "| method | target | seed | curve | s/step joint | s/step student or fine-tune |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in curves:
+
             def pts(epochs):
                 return " ".join(f"{100 * e['student_accuracy']:.1f}{'*' if e.get('kept') else ''}" for e in epochs)
+
             if r["method"] in CASCADE_METHODS:
-                joint = " ".join(f"{100 * e['accuracies'][0]:.1f}" for e in r.get("joint_curves", []) if e.get("accuracies"))
-                lines.append(f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {joint} \\| {pts(r['student_epochs'])} | "
-                             f"{r['joint_seconds_per_step']:.3f} | {r['student_seconds_per_step']:.3f} |")
+                joint = " ".join(
+                    f"{100 * e['accuracies'][0]:.1f}" for e in r.get("joint_curves", []) if e.get("accuracies")
+                )
+                lines.append(
+                    f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {joint} \\| {pts(r['student_epochs'])} | "
+                    f"{r['joint_seconds_per_step']:.3f} | {r['student_seconds_per_step']:.3f} |"
+                )
             else:
-                lines.append(f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {pts(r['fine_tune_epochs'])} | - | "
-                             f"{r['fine_tune_seconds_per_step']:.3f} |")
+                lines.append(
+                    f"| {r['method']} | {r['target']:.2f} | {r['seed']} | {pts(r['fine_tune_epochs'])} | - | "
+                    f"{r['fine_tune_seconds_per_step']:.3f} |"
+                )
     lines += ["", "## Goals", ""]
     for g in s["goals"]:
         lines.append(f"{g['id']}. **{g['status'].upper()}** - {g['goal']}: {g['detail']}.")
     lines.append("")
-    warn = [r for r in doc["runs"] if "error" not in r and (not r.get("teacher_unchanged", True)
-            or ("masked_selection_accuracy" in r
-                and abs(r["masked_selection_accuracy"] - r["student_selection_accuracy"]) > MASKED_TOLERANCE))]
+    warn = [
+        r
+        for r in doc["runs"]
+        if "error" not in r
+        and (
+            not r.get("teacher_unchanged", True)
+            or (
+                "masked_selection_accuracy" in r
+                and abs(r["masked_selection_accuracy"] - r["student_selection_accuracy"]) > MASKED_TOLERANCE
+            )
+        )
+    ]
     if s["errors"] or warn:
         lines += ["## Problems", ""]
         for e in s["errors"]:
             lines.append(f"- {e['method']} target {e['target']} seed {e['seed']} failed: `{e['error']}`")
         for r in warn:
-            lines.append(f"- {r['method']} target {r['target']} seed {r['seed']}: teacher unchanged {r['teacher_unchanged']}, "
-                         f"masked selection accuracy {r.get('masked_selection_accuracy')} vs shrunk "
-                         f"{r.get('student_selection_accuracy')}")
+            lines.append(
+                f"- {r['method']} target {r['target']} seed {r['seed']}: teacher unchanged {r['teacher_unchanged']}, "
+                f"masked selection accuracy {r.get('masked_selection_accuracy')} vs shrunk "
+                f"{r.get('student_selection_accuracy')}"
+            )
         lines.append("")
     if doc.get("estimates"):
         lines += ["## Time estimates from this run", ""]
         for name, e in doc["estimates"].items():
-            lines.append(f"- `--profile {name}`: about {e['total_seconds'] / 60:.0f} min ({e['runs']} runs, "
-                         f"{e['runs_seconds'] / 60:.0f} min; teacher {e['teacher_seconds'] / 60:.0f} min if not cached). {e['basis']}.")
+            lines.append(
+                f"- `--profile {name}`: about {e['total_seconds'] / 60:.0f} min ({e['runs']} runs, "
+                f"{e['runs_seconds'] / 60:.0f} min; teacher {e['teacher_seconds'] / 60:.0f} min if not cached). {e['basis']}."
+            )
         lines.append("")
     lines += [f"Plot: `{path.with_suffix('.png').name}`. Raw runs: `{path.with_suffix('.json').name}`.", ""]
     path.write_text("\n".join(lines))
@@ -611,16 +894,28 @@ def write_plot(path: Path, doc: dict) -> None:
         y = [r["accuracy_mean"] for r in rows]
         e = [r["accuracy_std"] or 0.0 for r in rows]
         size = max(4.0, 9.0 - 1.0 * list(METHODS).index(m))
-        ax.errorbar(x, y, yerr=e, marker=markers[m], markersize=size, capsize=3, alpha=0.85,
-                    markerfacecolor="none" if m.startswith("oneshot") else None, label=f"{m}: {METHODS[m]['label']}")
+        ax.errorbar(
+            x,
+            y,
+            yerr=e,
+            marker=markers[m],
+            markersize=size,
+            capsize=3,
+            alpha=0.85,
+            markerfacecolor="none" if m.startswith("oneshot") else None,
+            label=f"{m}: {METHODS[m]['label']}",
+        )
     ax.axhline(100 * t["accuracy"], color="k", linestyle="--", linewidth=1, label=f"teacher {100 * t['accuracy']:.2f}%")
     ax.plot([1.0], [100 * t["accuracy"]], "k*", markersize=10)
     ax.set_xlim(0.0, 1.05)
     ax.set_xlabel("student FLOPs / teacher FLOPs (shrunk network; methods dodged by up to ±0.012)")
     ax.set_ylabel("test accuracy (%)")
     cfg = doc["config"]
-    ax.set_title(f"Fashion-MNIST, {t['model']}, profile {doc['profile']} "
-                 f"(mean ± std over {len(cfg['seeds'])} seed(s), val {cfg['val_limit'] or 10000})", fontsize=10)
+    ax.set_title(
+        f"Fashion-MNIST, {t['model']}, profile {doc['profile']} "
+        f"(mean ± std over {len(cfg['seeds'])} seed(s), val {cfg['val_limit'] or 10000})",
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -676,9 +971,17 @@ def _worker_init(cfg, teacher_state, teacher_fp, tinfo, teacher_acc, device, thr
     teacher = create_model(cfg["model"], num_classes=int(bundle.num_classes), in_channels=int(bundle.in_channels))
     teacher.load_state_dict(teacher_state)
     dev = torch.device(device)
-    _WORKER.update(cfg=cfg, teacher=teacher.to(dev).eval(), teacher_fp=teacher_fp, teacher_flops=tinfo["flops"],
-                   teacher_params=tinfo["params"], teacher_accuracy=teacher_acc, bundle=bundle, device=dev,
-                   example=torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size))
+    _WORKER.update(
+        cfg=cfg,
+        teacher=teacher.to(dev).eval(),
+        teacher_fp=teacher_fp,
+        teacher_flops=tinfo["flops"],
+        teacher_params=tinfo["params"],
+        teacher_accuracy=teacher_acc,
+        bundle=bundle,
+        device=dev,
+        example=torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size),
+    )
 
 
 def _worker_run(key: tuple) -> dict:
@@ -686,23 +989,42 @@ def _worker_run(key: tuple) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--profile", choices=sorted(PROFILES), default="converge")
     p.add_argument("--out", default=str(BENCH_DIR / "results"), help="results folder (default bench/results)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the profile's seeds")
     p.add_argument("--targets", type=float, nargs="+", help="FLOPs-reduction targets (override the profile's)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="methods to run, in this order (default: the profile's)")
+    p.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="methods to run, in this order (default: the profile's)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0; batches are the same either way)")
     p.add_argument("--teacher", help="teacher weights instead of training one (e.g. builtin:cifar_resnet8_fmnist)")
-    p.add_argument("--resume", action="store_true", help="keep finished runs of an existing result file with the same config")
-    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
-                   help="also keep the finished runs of these result files (same config and teacher), e.g. a second "
-                        "process that ran other methods at the same time")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rewrite the report from the runs kept by --resume / --merge (status 'partial' when some are missing)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process (use --threads 1 with 2 on 2 cores)")
+    p.add_argument(
+        "--resume", action="store_true", help="keep finished runs of an existing result file with the same config"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="also keep the finished runs of these result files (same config and teacher), e.g. a second "
+        "process that ran other methods at the same time",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rewrite the report from the runs kept by --resume / --merge (status 'partial' when some are missing)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own process (use --threads 1 with 2 on 2 cores)",
+    )
     return p.parse_args(argv)
 
 
@@ -720,13 +1042,18 @@ def main(argv=None) -> int:
         cfg["workers"] = args.workers
     device = resolve_device(args.device)
     out, stem = Path(args.out), stem_for(args.profile)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]) if argv is None else "bench/quality.py", *(argv or sys.argv[1:])])
+    command = "python " + " ".join(
+        [os.path.relpath(sys.argv[0]) if argv is None else "bench/quality.py", *(argv or sys.argv[1:])]
+    )
     t_start = time.perf_counter()
 
-    print(f"profile {args.profile}: {cfg['model']}, train_limit {cfg['train_limit'] or 'all'}, val_limit "
-          f"{cfg['val_limit'] or 'all (10k)'} for all evaluations, joint {cfg['joint_epochs']} + student "
-          f"{cfg['student_epochs']} epochs, lr {cfg['lr']}, targets {cfg['targets']}, seeds {cfg['seeds']}, "
-          f"{len(cfg['methods'])} methods, device {device}, {torch.get_num_threads()} torch thread(s)", flush=True)
+    print(
+        f"profile {args.profile}: {cfg['model']}, train_limit {cfg['train_limit'] or 'all'}, val_limit "
+        f"{cfg['val_limit'] or 'all (10k)'} for all evaluations, joint {cfg['joint_epochs']} + student "
+        f"{cfg['student_epochs']} epochs, lr {cfg['lr']}, targets {cfg['targets']}, seeds {cfg['seeds']}, "
+        f"{len(cfg['methods'])} methods, device {device}, {torch.get_num_threads()} torch thread(s)",
+        flush=True,
+    )
     bundle = build_data(DATASET, train_limit=cfg["train_limit"], val_limit=cfg["val_limit"], seed=DATA_SEED)
     example = torch.zeros(1, bundle.in_channels, bundle.image_size, bundle.image_size)
     teacher, tinfo = get_teacher(cfg, args.profile, bundle, device, example, weights=args.teacher)
@@ -734,17 +1061,27 @@ def main(argv=None) -> int:
     loaders0 = make_loaders(bundle, recipe0, device)
     timing = measure_step_costs(teacher, loaders0[1], loaders0[0], device)
     teacher_acc = evaluate(teacher, loaders0[1], device=device, description="evaluate teacher")
-    tinfo.update(accuracy=teacher_acc, flops=count_macs(copy.deepcopy(teacher).cpu(), example),
-                 params=count_params(teacher), val_images=len(bundle.val))
+    tinfo.update(
+        accuracy=teacher_acc,
+        flops=count_macs(copy.deepcopy(teacher).cpu(), example),
+        params=count_params(teacher),
+        val_images=len(bundle.val),
+    )
     teacher_fp = _state_fingerprint(teacher)
-    print(f"teacher {cfg['model']}: accuracy {100 * teacher_acc:.2f}% on {len(bundle.val)} val images, "
-          f"{tinfo['flops'] / 1e6:.2f} M MACs; train step {timing['train_seconds_per_step']:.3f} s, "
-          f"eval batch {timing['eval_seconds_per_batch']:.3f} s", flush=True)
+    print(
+        f"teacher {cfg['model']}: accuracy {100 * teacher_acc:.2f}% on {len(bundle.val)} val images, "
+        f"{tinfo['flops'] / 1e6:.2f} M MACs; train step {timing['train_seconds_per_step']:.3f} s, "
+        f"eval batch {timing['eval_seconds_per_batch']:.3f} s",
+        flush=True,
+    )
 
     load = _loadavg()
     if device.type == "cpu" and load and torch.get_num_threads() > 1 and load[0] > (os.cpu_count() or 1) - 0.5:
-        print(f"warning: load average {load[0]} with {torch.get_num_threads()} torch threads on {os.cpu_count()} cores: "
-              "timings will be slow and noisy; --threads 1 is much faster on a shared CPU", flush=True)
+        print(
+            f"warning: load average {load[0]} with {torch.get_num_threads()} torch threads on {os.cpu_count()} cores: "
+            "timings will be slow and noisy; --threads 1 is much faster on a shared CPU",
+            flush=True,
+        )
     # seed-major, so that a benchmark stopped early still compares every method on the seeds it
     # finished; the profile's "last" methods (the 1-TA row, the first to drop when time runs short)
     # come after every other run
@@ -752,14 +1089,30 @@ def main(argv=None) -> int:
     plan = [(m, t, s) for s in cfg["seeds"] for t in cfg["targets"] for m in cfg["methods"] if m not in last]
     plan += [(m, t, s) for m in last for s in cfg["seeds"] for t in cfg["targets"]]
     doc: dict[str, Any] = {
-        "benchmark": "quality", "dataset": DATASET, "profile": args.profile, "command": command, "status": "running",
+        "benchmark": "quality",
+        "dataset": DATASET,
+        "profile": args.profile,
+        "command": command,
+        "status": "running",
         "config": cfg,
         # runs are comparable (and --resume may keep them) when everything but the run list matches
-        "config_hash": config_hash({"cfg": {k: v for k, v in cfg.items() if k not in ("seeds", "targets", "methods", "workers")},
-                                    "teacher": teacher_fp, "device": str(device)}), "device": str(device),
-        "torch_threads": torch.get_num_threads(), "environment": environment(), "hostname": platform.node(),
-        "loadavg_start": _loadavg(), "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "teacher": tinfo, "step_costs": timing, "planned_runs": len(plan), "runs": [],
+        "config_hash": config_hash(
+            {
+                "cfg": {k: v for k, v in cfg.items() if k not in ("seeds", "targets", "methods", "workers")},
+                "teacher": teacher_fp,
+                "device": str(device),
+            }
+        ),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
+        "hostname": platform.node(),
+        "loadavg_start": _loadavg(),
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "teacher": tinfo,
+        "step_costs": timing,
+        "planned_runs": len(plan),
+        "runs": [],
     }
     done: dict[tuple, dict] = {}
     sources = ([out / f"{stem}.json"] if args.resume else []) + [Path(p) for p in args.merge]
@@ -770,11 +1123,15 @@ def main(argv=None) -> int:
         if old.get("config_hash") == doc["config_hash"]:
             kept = {(r["method"], r["target"], r["seed"]): r for r in old.get("runs", []) if "error" not in r}
             done.update(kept)
-            doc.setdefault("merged_from", []).append({"file": str(source), "command": old.get("command"), "runs": len(kept)})
+            doc.setdefault("merged_from", []).append(
+                {"file": str(source), "command": old.get("command"), "runs": len(kept)}
+            )
             print(f"resume: {len(kept)} finished run(s) kept from {source}", flush=True)
         else:
             print(f"resume: {source} has another config; its runs are not used", flush=True)
-    steps_per_epoch = len(loaders0[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders0[0]), cfg["max_steps_per_epoch"])
+    steps_per_epoch = (
+        len(loaders0[0]) if not cfg["max_steps_per_epoch"] else min(len(loaders0[0]), cfg["max_steps_per_epoch"])
+    )
 
     def flush_outputs(status: str) -> None:
         doc["status"] = status
@@ -785,19 +1142,33 @@ def main(argv=None) -> int:
     order = {key: i for i, key in enumerate(plan)}
     todo = [] if args.report_only else [key for key in plan if key not in done]
     doc["runs"] = [done[key] for key in plan if key in done]
-    context = {"cfg": cfg, "teacher": teacher, "teacher_fp": teacher_fp, "teacher_flops": tinfo["flops"],
-               "teacher_params": tinfo["params"], "teacher_accuracy": teacher_acc, "bundle": bundle, "device": device,
-               "example": example}
+    context = {
+        "cfg": cfg,
+        "teacher": teacher,
+        "teacher_fp": teacher_fp,
+        "teacher_flops": tinfo["flops"],
+        "teacher_params": tinfo["params"],
+        "teacher_accuracy": teacher_acc,
+        "bundle": bundle,
+        "device": device,
+        "example": example,
+    }
 
     def record(key: tuple, rec: dict) -> None:
         m, t, s = key
         if "error" in rec:
             print(f"[{order[key] + 1}/{len(plan)}] {m:12s} target {t:.2f} seed {s}: FAILED {rec['error']}", flush=True)
         else:
-            extra = f" joint {rec['joint_seconds']:.1f}s, {rec['num_models']} model(s), {rec['mask_changed_units']} units changed" \
-                if m in CASCADE_METHODS else ""
-            print(f"[{order[key] + 1}/{len(plan)}] {m:12s} target {t:.2f} seed {s}: acc {100 * rec['student_accuracy']:.2f}% "
-                  f"({rec['delta']:+.2f} pts), FLOPs {rec['flops_fraction']:.3f}, {rec['wall_seconds']:.1f} s{extra}", flush=True)
+            extra = (
+                f" joint {rec['joint_seconds']:.1f}s, {rec['num_models']} model(s), {rec['mask_changed_units']} units changed"
+                if m in CASCADE_METHODS
+                else ""
+            )
+            print(
+                f"[{order[key] + 1}/{len(plan)}] {m:12s} target {t:.2f} seed {s}: acc {100 * rec['student_accuracy']:.2f}% "
+                f"({rec['delta']:+.2f} pts), FLOPs {rec['flops_fraction']:.3f}, {rec['wall_seconds']:.1f} s{extra}",
+                flush=True,
+            )
         doc["runs"].append(rec)
         doc["runs"].sort(key=lambda r: order.get((r["method"], r["target"], r["seed"]), len(plan)))
         flush_outputs("running")
@@ -810,10 +1181,18 @@ def main(argv=None) -> int:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            init = (cfg, {k: v.cpu() for k, v in teacher.state_dict().items()}, teacher_fp, tinfo, teacher_acc,
-                    str(device), args.threads)
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_worker_init, initargs=init) as pool:
+            init = (
+                cfg,
+                {k: v.cpu() for k, v in teacher.state_dict().items()},
+                teacher_fp,
+                tinfo,
+                teacher_acc,
+                str(device),
+                args.threads,
+            )
+            with ProcessPoolExecutor(
+                args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=init
+            ) as pool:
                 futures = {pool.submit(_worker_run, key): key for key in todo}
                 for future in as_completed(futures):
                     record(futures[future], future.result())
@@ -827,16 +1206,22 @@ def main(argv=None) -> int:
             est = estimate_profile_seconds(doc["runs"], timing, cfg, PROFILES[name], cfg["methods"])
             if est:
                 doc["estimates"][name] = est
-    missing = [key for key in plan if key not in done and not any(
-        (r["method"], r["target"], r["seed"]) == key for r in doc["runs"])]
+    missing = [
+        key
+        for key in plan
+        if key not in done and not any((r["method"], r["target"], r["seed"]) == key for r in doc["runs"])
+    ]
     flush_outputs("finished" if not missing else f"partial: {len(missing)} planned run(s) not run")
     total = time.perf_counter() - t_start
     print(f"done in {total:.0f} s; results in {out / stem}.{{json,md,png}}", flush=True)
     for g in doc["summary"]["goals"]:
         print(f"goal {g['id']}: {g['status']} - {g['detail']}", flush=True)
     for name, e in (doc.get("estimates") or {}).items():
-        print(f"estimate --profile {name}: {e['total_seconds'] / 60:.0f} min "
-              f"(runs {e['runs_seconds'] / 60:.0f} min + teacher {e['teacher_seconds'] / 60:.0f} min)", flush=True)
+        print(
+            f"estimate --profile {name}: {e['total_seconds'] / 60:.0f} min "
+            f"(runs {e['runs_seconds'] / 60:.0f} min + teacher {e['teacher_seconds'] / 60:.0f} min)",
+            flush=True,
+        )
     return 1 if doc["summary"]["errors"] else 0
 
 

@@ -10,16 +10,32 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional  # noqa: UP035 - typer reads these annotations at runtime on Python 3.10
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed
+from cascadec import stages
+from cascadec.backends import list_backends
+from cascadec.commands import export_run, profile_path, report_runs, verify_run
+from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed, first_line
+from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_ms, fmt_params, speedup_range
+from cascadec.models import list_models
+from cascadec.preflight import dry_run as run_dry
+from cascadec.preflight import inspect_model
+from cascadec.recipe import list_recipes, load_recipe, recipe_to_yaml
+from cascadec.report_render import summary_table
+from cascadec.train.distributed import launched_by_torchrun, relaunch_compress
+from cascadec.verify.present import PARITY_COLUMNS, parity_rows, raise_on_failure
+from cascadec.verify.results import ParityResult
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress a pretrained CNN with cascaded channel pruning and prove it on real backends.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress a pretrained CNN with cascaded channel pruning and prove it on real backends.",
+)
 recipes_app = typer.Typer(no_args_is_help=True, help="Shipped recipes.")
 models_app = typer.Typer(no_args_is_help=True, help="Models the registry knows.")
 app.add_typer(recipes_app, name="recipes")
@@ -27,15 +43,6 @@ app.add_typer(models_app, name="models")
 # Off a terminal (pipes, CI logs) rich assumes 80 columns; tables then truncate names.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
-
-
-def _human(n: float | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -53,39 +60,63 @@ def compress(
     model: str = typer.Argument(..., help="Model name (cascadec models list)."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (cascadec recipes list) or YAML path."),
     data: Optional[str] = typer.Option(None, "--data", help="Data set root (overrides data.root)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="torchvision weights name, .pt/.pth or .safetensors."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="torchvision weights name, .pt/.pth or .safetensors."
+    ),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<recipe>)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: key.sub=value (repeatable)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show widths and FLOPs/params at the target; no data, no training."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run: finished stages are skipped, "
-                                "an interrupted prune stage continues from its last checkpoint."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N local processes (one per GPU with --device cuda) "
-                              "through torch.distributed.run; same as torchrun --nproc-per-node N -m cascadec compress ..."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Show widths and FLOPs/params at the target; no data, no training."
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an unfinished run: finished stages are skipped, "
+        "an interrupted prune stage continues from its last checkpoint.",
+    ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        min=1,
+        help="Train on N local processes (one per GPU with --device cuda) "
+        "through torch.distributed.run; same as torchrun --nproc-per-node N -m cascadec compress ...",
+    ),
 ) -> None:
     """Prune MODEL with a recipe, then export, verify and profile the student."""
-    from cascadec import stages
-    from cascadec.preflight import dry_run as run_dry
-    from cascadec.train.distributed import launched_by_torchrun, relaunch_with_torchrun
-
     if dry_run:
         resolved = stages.prepare_recipe(model, recipe, data=data, weights=None, overrides=overrides)
         _print_inspect(run_dry(model, resolved))
         return
     if nproc > 1 and not launched_by_torchrun():
-        stages.prepare_recipe(model, recipe, data=data, weights=weights, overrides=overrides)  # bad input: one line, here
-        args = ["compress", model, "--recipe", recipe, "--device", device]
-        for flag, value in (("--data", data), ("--weights", weights), ("--out", out_dir)):
-            if value is not None:
-                args += [flag, value]
-        for item in overrides:
-            args += ["--set", item]
-        if resume:
-            args.append("--resume")
-        raise typer.Exit(relaunch_with_torchrun(nproc, args))
+        stages.prepare_recipe(
+            model, recipe, data=data, weights=weights, overrides=overrides
+        )  # bad input: one line, here
+        raise typer.Exit(
+            relaunch_compress(
+                nproc,
+                model,
+                recipe,
+                device=device,
+                data=data,
+                weights=weights,
+                out=out_dir,
+                overrides=overrides,
+                resume=resume,
+            )
+        )
     try:
-        report = stages.compress(model, recipe, data=data, weights=weights, out=out_dir, overrides=overrides, device=device,
-                                 resume=resume, command=sys.argv)
+        report = stages.compress(
+            model,
+            recipe,
+            data=data,
+            weights=weights,
+            out=out_dir,
+            overrides=overrides,
+            device=device,
+            resume=resume,
+            command=sys.argv,
+        )
     except KeyboardInterrupt:
         # Typer turns KeyboardInterrupt into a silent exit 130; say what happened and how to go on
         err.print("interrupted (continue with --resume)", highlight=False)
@@ -102,13 +133,14 @@ def export(
     int8: bool = typer.Option(False, "--int8", help="TensorRT INT8 engine (calibrated on training images)."),
     calib_images: int = typer.Option(512, "--calib-images", help="Training images used to calibrate --int8."),
     triton: bool = typer.Option(False, "--triton", help="Write a Triton Inference Server model repository."),
-    triton_dir: Optional[Path] = typer.Option(None, "--triton-dir", help="Model repository directory (default RUN_DIR/triton)."),
+    triton_dir: Optional[Path] = typer.Option(
+        None, "--triton-dir", help="Model repository directory (default RUN_DIR/triton)."
+    ),
 ) -> None:
     """Re-export the run's ONNX models; --trt builds a TensorRT engine, --triton a Triton model repository."""
-    from cascadec.commands import export_run
-
-    for line in export_run(run_dir, trt=trt, fp16=fp16, int8=int8, calib_images=calib_images, triton=triton,
-                           triton_dir=triton_dir):
+    for line in export_run(
+        run_dir, trt=trt, fp16=fp16, int8=int8, calib_images=calib_images, triton=triton, triton_dir=triton_dir
+    ):
         out.print(line, highlight=False)
 
 
@@ -116,19 +148,25 @@ def export(
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Pareto plot PNG (default ./pareto.png)."),
-    backend: Optional[str] = typer.Option(None, "--backend",
-                                          help="Latency of this backend (default: onnxruntime, else the first a run has)."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="Latency of this backend (default: onnxruntime, else the first a run has)."
+    ),
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size whose student p50 is plotted."),
 ) -> None:
     """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot."""
-    from cascadec.commands import report_runs
-    from cascadec.report import fmt_accuracy, fmt_flops, fmt_ms
-
     result = report_runs(run_dirs, out_path, backend=backend, batch=batch)
-    table = Table("run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})", title="runs")
+    table = Table(
+        "run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})", title="runs"
+    )
     for row in result["rows"]:
-        table.add_row(Path(row["dir"] or "?").name, str(row["model"]), str(row["recipe"]), fmt_accuracy(row["accuracy"]),
-                      fmt_flops(row["flops"]), fmt_ms(row["p50_ms"]))
+        table.add_row(
+            Path(row["dir"] or "?").name,
+            str(row["model"]),
+            str(row["recipe"]),
+            fmt_accuracy(row["accuracy"]),
+            fmt_flops(row["flops"]),
+            fmt_ms(row["p50_ms"]),
+        )
     out.print(table)
     out.print(f"wrote {result['plot']}", highlight=False)
 
@@ -136,41 +174,55 @@ def report(
 @app.command()
 def verify(
     run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
-    backend: List[str] = typer.Option(["onnxruntime"], "--backend",
-                                      help="Backend to check against PyTorch (repeatable): onnxruntime, onnxruntime-cuda, "
-                                           "onnxruntime-trt (TensorRT execution provider), tensorrt (student.plan), torch."),
-    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Validation images to compare (default: recipe)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a recipe key for this check: verify.tolerances.fp16.atol=0.05 (repeatable)."),
+    backend: List[str] = typer.Option(
+        ["onnxruntime"],
+        "--backend",
+        help=f"Backend to check against PyTorch (repeatable): {', '.join(list_backends())}.",
+    ),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", min=1, help="Validation images to compare (default: recipe)."
+    ),
+    overrides: List[str] = typer.Option(
+        [], "--set", help="Override a recipe key for this check: verify.tolerances.fp16.atol=0.05 (repeatable)."
+    ),
 ) -> None:
     """Check backends against the PyTorch student on real validation images (exit 3 on failure)."""
-    from cascadec.commands import verify_run
-
     result = verify_run(run_dir, backends=backend, samples=samples, overrides=overrides)
     _print_parity(result)
-    from cascadec.verify import raise_on_failure
-
     raise_on_failure(result)
 
 
 @app.command()
 def profile(
-    target: Path = typer.Argument(..., help="A run directory (teacher and student), an .onnx file or a TensorRT .plan."),
-    backend: str = typer.Option("onnxruntime", "--backend",
-                                help="onnxruntime (CPU), onnxruntime-cuda, onnxruntime-trt, torch, torch-cuda or tensorrt."),
+    target: Path = typer.Argument(
+        ..., help="A run directory (teacher and student), an .onnx file or a TensorRT .plan."
+    ),
+    backend: str = typer.Option("onnxruntime", "--backend", help=f"One of {', '.join(list_backends())}."),
     batch: str = typer.Option("1,8,32", "--batch", help="Comma-separated batch sizes."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="torch-cuda: replay a captured CUDA graph."),
-    warmup: Optional[float] = typer.Option(None, "--warmup", min=0.0, help="Warm-up seconds (at least 0.2, trtexec's)."),
-    duration: Optional[float] = typer.Option(None, "--duration", min=0.0,
-                                             help="Timed seconds per batch at least (default: recipe; 3 for a file)."),
+    warmup: Optional[float] = typer.Option(
+        None, "--warmup", min=0.0, help="Warm-up seconds (at least 0.2, trtexec's)."
+    ),
+    duration: Optional[float] = typer.Option(
+        None, "--duration", min=0.0, help="Timed seconds per batch at least (default: recipe; 3 for a file)."
+    ),
     iterations: Optional[int] = typer.Option(None, "--iterations", min=1, help="Timed runs per batch at least."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU backends: intra-op threads (default: recipe)."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="CPU backends: intra-op threads (default: recipe)."
+    ),
 ) -> None:
     """Latency per batch size (trtexec's protocol): warm-up, then p50/p90/p95/p99, mean and throughput;
     on GPUs host latency and GPU compute time separately."""
-    from cascadec.commands import profile_path
-
-    result = profile_path(target, backend=backend, batches=_parse_batches(batch), cuda_graph=cuda_graph,
-                          warmup_s=warmup, duration_s=duration, min_iters=iterations, threads=threads)
+    result = profile_path(
+        target,
+        backend=backend,
+        batches=_parse_batches(batch),
+        cuda_graph=cuda_graph,
+        warmup_s=warmup,
+        duration_s=duration,
+        min_iters=iterations,
+        threads=threads,
+    )
     _print_latency(result)
 
 
@@ -184,11 +236,10 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Pre-flight: prunable groups, layers that cannot be pruned and why, FLOPs/params."""
-    from cascadec.preflight import inspect_model
-    from cascadec.recipe import load_recipe
-
     resolved = load_recipe(recipe, model=model) if recipe else None
-    result = inspect_model(model, in_channels=in_channels, image_size=image_size, num_classes=num_classes, recipe=resolved)
+    result = inspect_model(
+        model, in_channels=in_channels, image_size=image_size, num_classes=num_classes, recipe=resolved
+    )
     if as_json:
         out.print_json(json.dumps(result))
     else:
@@ -198,8 +249,6 @@ def inspect(
 @recipes_app.command("list")
 def recipes_list() -> None:
     """Shipped recipes with their model, data and target."""
-    from cascadec.recipe import list_recipes, load_recipe
-
     table = Table("recipe", "model", "data", "target", "method", "description")
     for column in table.columns[:2]:
         column.no_wrap = True
@@ -212,16 +261,12 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(name: str = typer.Argument(..., help="Recipe name or path.")) -> None:
     """Print a recipe with every default filled in."""
-    from cascadec.recipe import load_recipe, recipe_to_yaml
-
     sys.stdout.write(recipe_to_yaml(load_recipe(name)))  # raw: the output must stay valid YAML
 
 
 @models_app.command("list")
 def models_list(contains: Optional[str] = typer.Argument(None, help="Only names containing this.")) -> None:
     """Every model name create_model accepts."""
-    from cascadec.models import list_models
-
     for name in list_models():
         if not contains or contains in name:
             out.print(name, highlight=False)
@@ -231,8 +276,10 @@ def models_list(contains: Optional[str] = typer.Argument(None, help="Only names 
 
 
 def _print_inspect(r: dict) -> None:
-    out.print(f"[bold]{r['model']}[/] input {'x'.join(map(str, r['input_shape']))}: {_human(r['flops'], 'MAC')}, "
-              f"{_human(r['params'])} params, {r['prunable_units']} prunable channels in {len(r['groups'])} groups")
+    out.print(
+        f"[bold]{r['model']}[/] input {'x'.join(map(str, r['input_shape']))}: {fmt_flops(r['flops'])}, "
+        f"{fmt_params(r['params'])} params, {r['prunable_units']} prunable channels in {len(r['groups'])} groups"
+    )
     target = r.get("target")
     table = Table("group root", "layers", "channels", *(["kept"] if target else []), title="prunable groups")
     for g in r["groups"]:
@@ -244,43 +291,48 @@ def _print_inspect(r: dict) -> None:
             frozen.add_row(f["root"], str(f["channels"]), f["reason"])
         out.print(frozen)
     if target:
-        out.print(f"target {target['description']}: {_human(target['flops'], 'MAC')} ({target['flops'] / r['flops']:.1%} of FLOPs), "
-                  f"{_human(target['params'])} params ({target['params'] / r['params']:.1%}); {target['note']}")
+        out.print(
+            f"target {target['description']}: {fmt_flops(target['flops'])} ({target['flops'] / r['flops']:.1%} of FLOPs), "
+            f"{fmt_params(target['params'])} params ({target['params'] / r['params']:.1%}); {target['note']}"
+        )
 
 
-def _print_parity(result: dict) -> None:
-    table = Table("backend", "precision", "samples", "max |diff|", "max rel", "atol / rtol", "top-1 agree", "top-5 agree",
-                  "accuracy", "passed", title="parity vs PyTorch")
-
-    def num(value: object, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    for name, r in result["backends"].items():
-        table.add_row(name, r.get("precision", "fp32"), str(result["samples"]), f"{r['max_abs_diff']:.2e}",
-                      num(r.get("max_rel_diff"), ".2e"), f"{num(r.get('atol'), 'g')} / {num(r.get('rtol'), 'g')}",
-                      f"{r['top1_agreement']:.4f}", num(r.get("top5_agreement"), ".4f"), num(r.get("accuracy"), ".4f"),
-                      "[green]yes[/]" if r["passed"] else "[red]NO[/]")
+def _print_parity(result: ParityResult) -> None:
+    table = Table(*PARITY_COLUMNS, title="parity vs PyTorch")
+    for row in parity_rows(result):
+        passed = row[-1]
+        table.add_row(*row[:-1], "[green]yes[/]" if passed == "yes" else "[red]NO[/]")
     out.print(table)
-    if result.get("torch_accuracy") is not None:
-        out.print(f"PyTorch student accuracy on these samples: {result['torch_accuracy']:.4f}", highlight=False)
+    if result.torch_accuracy is not None:
+        out.print(f"PyTorch student accuracy on these samples: {result.torch_accuracy:.4f}", highlight=False)
 
 
 def _print_latency(result: dict) -> None:
     protocol = result.get("protocol") or {}
-    models = {k: v for k, v in result.items()
-              if k not in ("speedup", "speedup_rounds", "protocol", "note") and isinstance(v, dict)}
+    models = {
+        k: v
+        for k, v in result.items()
+        if k not in ("speedup", "speedup_rounds", "protocol", "note") and isinstance(v, dict)
+    }
     split = any("compute_p50_ms" in s for per_batch in models.values() for s in per_batch.values())
-    columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (["GPU compute p50 ms"] if split else [])
+    columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (
+        ["GPU compute p50 ms"] if split else []
+    )
     table = Table(*columns, title=f"latency ({protocol.get('backend', 'onnxruntime')})")
     for name, per_batch in models.items():
         for b, s in per_batch.items():
-            row = [name, str(b), f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}", str(s["iterations"]),
-                   f"{s['throughput']:.0f}"]
+            row = [
+                name,
+                str(b),
+                f"{s['p50_ms']:.3f}",
+                f"{s['p90_ms']:.3f}",
+                f"{s['p99_ms']:.3f}",
+                str(s["iterations"]),
+                f"{s['throughput']:.0f}",
+            ]
             table.add_row(*row, *([f"{s['compute_p50_ms']:.3f}"] if split else []))
     out.print(table)
     if result.get("speedup"):
-        from cascadec.report import speedup_range
-
         rounds = result.get("speedup_rounds") or {}
         shown = [f"batch {b}: {s:.2f}x {speedup_range(rounds.get(b))}".strip() for b, s in result["speedup"].items()]
         out.print("speed-up (teacher p50 / student p50): " + ", ".join(shown), highlight=False)
@@ -291,8 +343,6 @@ def _print_latency(result: dict) -> None:
 
 
 def _print_summary(report: dict) -> None:
-    from cascadec.report import summary_table
-
     out.print(summary_table(report))
     out.print(f"artifacts and report.md in {report['run']['dir']}")
 
@@ -328,8 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(exc, "exit_code", 2) or 2)
         if os.environ.get("CASCADEC_DEBUG"):
             raise
-        err.print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                  "(set CASCADEC_DEBUG=1 for a traceback and please report it)", highlight=False, markup=False, soft_wrap=True)
+        err.print(
+            f"internal error: {type(exc).__name__}: {first_line(exc)} "
+            "(set CASCADEC_DEBUG=1 for a traceback and please report it)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
         return 1
     return 0
 

@@ -6,23 +6,35 @@ They rebuild the student from its pickle-free artifacts, so they work in a fresh
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
 
-from cascadec.errors import UserError
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from cascadec import progress
+from cascadec.backends import get_backend, list_backends
+from cascadec.backends.tensorrt_backend import build_engine
+from cascadec.backends.triton import write_model_repository
+from cascadec.data.loaders import load_data
+from cascadec.errors import UserError, first_line
+from cascadec.models import create_model
+from cascadec.plots import pareto_plot, student_p50
+from cascadec.profile.engines import profile_backend
+from cascadec.profile.protocol import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S, protocol_record
+from cascadec.prune.spec import load_student, read_spec
+from cascadec.recipe import Recipe, apply_overrides, validate_recipe
+from cascadec.report import write_run_report
 from cascadec.run import RunDir
+from cascadec.stages import stage_export, stage_profile, stage_verify
+from cascadec.verify.results import ParityResult
 
-if TYPE_CHECKING:
-    import numpy as np
 
-
-def _load_models(run: RunDir):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from cascadec.models import create_model
-    from cascadec.prune.spec import load_student, read_spec
-
+def _load_models(run: RunDir) -> tuple[nn.Module, nn.Module, list[int]]:
+    """Teacher, student and input shape, rebuilt from the run's pickle-free artifacts."""
     spec = read_spec(run.file("student.widths.json"))
     student, _ = load_student(run.path)
     teacher = create_model(spec["model"], **spec["model_kwargs"]).eval()
@@ -32,16 +44,22 @@ def _load_models(run: RunDir):
     except FileNotFoundError:
         raise UserError(f"{path}: missing; re-run compress with --resume") from None
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise UserError(f"{path}: unreadable teacher weights ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: unreadable teacher weights ({first_line(exc)})") from None
     return teacher, student, spec["input_shape"]
 
 
-def export_run(run_dir: Path, *, trt: bool = False, fp16: bool = False, int8: bool = False, calib_images: int = 512,
-               triton: bool = False, triton_dir: Path | None = None) -> list[str]:
+def export_run(
+    run_dir: Path,
+    *,
+    trt: bool = False,
+    fp16: bool = False,
+    int8: bool = False,
+    calib_images: int = 512,
+    triton: bool = False,
+    triton_dir: Path | None = None,
+) -> list[str]:
     """Re-export ONNX; ``trt`` then builds ``student.plan`` (TensorRT), ``triton`` writes a
     Triton model repository (default RUN_DIR/triton)."""
-    from cascadec.stages import stage_export
-
     if (fp16 or int8) and not trt:
         raise UserError("--fp16/--int8 apply to TensorRT engines: add --trt")
     if calib_images < 1:
@@ -50,35 +68,33 @@ def export_run(run_dir: Path, *, trt: bool = False, fp16: bool = False, int8: bo
         raise UserError("--triton-dir applies to --triton: add --triton")
     run = RunDir.open(run_dir)
     if trt:  # fail fast (one line) on machines without TensorRT or a GPU, before any work
-        from cascadec.backends.tensorrt_backend import require_tensorrt
-
-        require_tensorrt(gpu=True)
+        get_backend("tensorrt").require()
     recipe = run.recipe()
     teacher, student, shape = _load_models(run)
     stage_export(run, recipe, teacher, student, shape)
     lines = [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
     if trt:
-        from cascadec.backends.tensorrt_backend import build_engine
-
         images = calibration_images(recipe, calib_images) if int8 else None
-        meta = build_engine(run.file("student.onnx"), run.file("student.plan"), fp16=fp16, int8=int8,
-                            batches=tuple(recipe.profile.batches), calibration_images=images)
+        meta = build_engine(
+            run.file("student.onnx"),
+            run.file("student.plan"),
+            fp16=fp16,
+            int8=int8,
+            batches=tuple(recipe.profile.batches),
+            calibration_images=images,
+        )
         run.record("tensorrt", meta)
-        lines.append(f"wrote {run.file('student.plan')} ({meta['precision']}, TensorRT {meta['tensorrt']}, {meta['gpu']})")
+        lines.append(
+            f"wrote {run.file('student.plan')} ({meta['precision']}, TensorRT {meta['tensorrt']}, {meta['gpu']})"
+        )
     if triton:
-        from cascadec.backends.triton import write_model_repository
-
         written = write_model_repository(run.path, triton_dir)
         lines += [f"wrote {p}" for p in written]
     return lines
 
 
-def calibration_images(recipe, count: int) -> np.ndarray:
+def calibration_images(recipe: Recipe, count: int) -> np.ndarray:
     """The first ``count`` training images of the run's data (N x C x H x W float32), for INT8."""
-    import numpy as np
-
-    from cascadec.stages import load_data
-
     train = load_data(recipe).train
     n = min(int(count), len(train))
     if n == 0:
@@ -86,19 +102,15 @@ def calibration_images(recipe, count: int) -> np.ndarray:
     return np.stack([np.asarray(train[i][0], dtype=np.float32) for i in range(n)])
 
 
-def report_runs(run_dirs: Sequence[Path], out: Path | None = None, *, backend: str | None = None, batch: int = 1) -> dict:
+def report_runs(
+    run_dirs: Sequence[Path], out: Path | None = None, *, backend: str | None = None, batch: int = 1
+) -> dict:
     """Read each run's report.json; draw the accuracy-vs-latency Pareto plot (student p50 at
     ``batch`` on ``backend``, default: onnxruntime where a run has it); return rows + plot path."""
-    import json
-
-    from cascadec.plots import pareto_plot, student_p50
-
     if not run_dirs:
         raise UserError("cascadec report needs at least one run directory")
     if backend is not None:
-        from cascadec.profile import resolve_backend
-
-        backend = resolve_backend(backend)
+        backend = get_backend(backend).name
     if not isinstance(batch, int) or batch < 1:
         raise UserError(f"--batch {batch}: must be a positive integer")
     reports = []
@@ -110,7 +122,7 @@ def report_runs(run_dirs: Sequence[Path], out: Path | None = None, *, backend: s
         except FileNotFoundError:
             raise UserError(f"{path}: missing; finish the run (cascadec compress --resume) first") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})".splitlines()[0]) from None
+            raise UserError(f"{path}: not valid JSON ({first_line(exc)})") from None
     out = Path(out) if out is not None else Path("pareto.png")
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the plot is a PNG; give a path ending in .png")
@@ -118,96 +130,121 @@ def report_runs(run_dirs: Sequence[Path], out: Path | None = None, *, backend: s
     rows = []
     for r in reports:
         run = r.get("run", {})
-        rows.append({"dir": run.get("dir"), "model": run.get("model"), "recipe": run.get("recipe"),
-                     "accuracy": r.get("student", {}).get("accuracy"), "flops": r.get("student", {}).get("flops"),
-                     "p50_ms": student_p50(r, str(batch), backend)})
+        rows.append(
+            {
+                "dir": run.get("dir"),
+                "model": run.get("model"),
+                "recipe": run.get("recipe"),
+                "accuracy": r.get("student", {}).get("accuracy"),
+                "flops": r.get("student", {}).get("flops"),
+                "p50_ms": student_p50(r, str(batch), backend),
+            }
+        )
     return {"rows": rows, "plot": str(out), "backend": backend or "onnxruntime", "batch": batch}
 
 
-def verify_run(run_dir: Path, *, backends: Sequence[str] = ("onnxruntime",), samples: int | None = None,
-               overrides: Sequence[str] = ()) -> dict:
+def verify_run(
+    run_dir: Path,
+    *,
+    backends: Sequence[str] = ("onnxruntime",),
+    samples: int | None = None,
+    overrides: Sequence[str] = (),
+) -> ParityResult:
     """Gate ``backends`` against the run's PyTorch student; ``overrides`` (``verify.tolerances.fp16.atol=0.05``)
     change the run's recipe for this check only (recipe.yaml is not rewritten)."""
-    from cascadec.backends import canonical_name
-    from cascadec.recipe import apply_overrides, validate_recipe
-    from cascadec.stages import load_data, stage_verify, write_run_report
-
-    names = [canonical_name(b) for b in backends]  # a typo fails before models and data load
+    specs = [get_backend(b) for b in backends]  # a typo fails before models and data load
     run = RunDir.open(run_dir)
     if not run.file("student.onnx").is_file():
         raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
     recipe = run.recipe()
     if overrides:
         recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
-    for name, device in (("onnxruntime-cuda", "cuda"), ("onnxruntime-trt", "tensorrt")):
-        if name in names:
-            from cascadec.backends.onnxruntime_backend import require_providers
-
-            require_providers(device)
-    if "tensorrt" in names:
-        from cascadec.backends.tensorrt_backend import require_tensorrt
-
-        require_tensorrt(gpu=True)
-        if not run.file("student.plan").is_file():
-            raise UserError(f"{run.file('student.plan')}: missing; build it with 'cascadec export {run_dir} --trt' first")
+    for spec in specs:
+        spec.require()
+        if spec.runs == "engine" and not run.file("student.plan").is_file():
+            raise UserError(
+                f"{run.file('student.plan')}: missing; build it with 'cascadec export {run_dir} --trt' first"
+            )
     _, student, shape = _load_models(run)
     bundle = load_data(recipe)
-    data_shape = [bundle.in_channels, bundle.image_size, bundle.image_size]
-    if data_shape != list(shape):
-        raise UserError(f"{run.file('recipe.yaml')}: data gives {data_shape} inputs but the student takes {list(shape)}")
-    result = stage_verify(run, recipe, student, bundle.val, backends=names, samples=samples)
+    if bundle.input_shape != list(shape):
+        raise UserError(
+            f"{run.file('recipe.yaml')}: data gives {bundle.input_shape} inputs but the student takes {list(shape)}"
+        )
+    result = stage_verify(run, recipe, student, bundle.val, backends=[s.name for s in specs], samples=samples)
     write_run_report(run)
     return result
 
 
-def profile_path(target: Path, *, backend: str = "onnxruntime", batches: Sequence[int] = (1, 8, 32),
-                 cuda_graph: bool = False, warmup_s: float | None = None, duration_s: float | None = None,
-                 min_iters: int | None = None, threads: int | None = None) -> dict:
+def profile_path(
+    target: Path,
+    *,
+    backend: str = "onnxruntime",
+    batches: Sequence[int] = (1, 8, 32),
+    cuda_graph: bool = False,
+    warmup_s: float | None = None,
+    duration_s: float | None = None,
+    min_iters: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """A run directory profiles teacher and student on ``backend`` (recorded in its report);
     an .onnx file (onnxruntime backends) or a .plan file (tensorrt) profiles itself.
 
     ``warmup_s``/``duration_s``/``min_iters``/``threads`` override the run's recipe (trtexec's
     defaults for a single file); ``cuda_graph`` replays a captured CUDA graph (torch-cuda only)."""
-    from cascadec.profile import (DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S, PROFILE_BACKENDS,
-                                  profile_backend, protocol_record, require_backend, resolve_backend)
-    from cascadec.stages import _progress, stage_profile, write_run_report
-
-    name = resolve_backend(backend)
-    kind, where = PROFILE_BACKENDS[name]
+    spec = get_backend(backend)
+    name = spec.name
     if cuda_graph and name != "torch-cuda":
-        raise UserError(f"--cuda-graph applies to --backend torch-cuda, not {name}")
-    if duration_s is not None and not duration_s > 0:
-        raise UserError(f"--duration {duration_s}: must be > 0 seconds")
+        raise UserError(f"CUDA graphs apply to backend torch-cuda, not {name}")
     target = Path(target)
-    if target.suffix in (".onnx", ".plan"):
-        wanted = "onnx" if target.suffix == ".onnx" else "engine"
-        if kind != wanted:
-            usable = [b for b, (k, _) in PROFILE_BACKENDS.items() if k == wanted]
-            raise UserError(f"{target.name}: --backend {name} cannot run a {target.suffix} file; use {' or '.join(usable)}")
+    if target.suffix in (".onnx", ".plan"):  # a run's overrides are checked by the recipe schema instead
+        if duration_s is not None and not duration_s > 0:
+            raise UserError(f"duration {duration_s}: must be > 0 seconds")
+        if spec.suffix != target.suffix:
+            usable = [b for b in list_backends() if get_backend(b).suffix == target.suffix]
+            raise UserError(
+                f"{target.name}: backend {name} cannot run a {target.suffix} file; use {' or '.join(usable)}"
+            )
         if not target.is_file():
             raise UserError(f"{target}: file not found")
-        require_backend(name)
-        protocol = {"warmup_s": MIN_WARMUP_S if warmup_s is None else warmup_s,
-                    "min_duration_s": DEFAULT_DURATION_S if duration_s is None else duration_s,
-                    "min_iters": DEFAULT_MIN_ITERS if min_iters is None else min_iters}
-        source = {"onnx_path": target} if wanted == "onnx" else {"engine_path": target}
-        prof = profile_backend(name, **source, input_shape=None, batches=list(batches), progress=_progress(),
-                               cache_dir=target.parent / "ort_trt_cache", threads=threads, **protocol)
-        return {target.stem: {str(b): v for b, v in prof.items()},
-                "protocol": protocol_record(backend=name, device=where, threads=threads if where == "cpu" else None,
-                                            **protocol)}
+        spec.require(timing=True)
+        protocol = {
+            "warmup_s": MIN_WARMUP_S if warmup_s is None else warmup_s,
+            "min_duration_s": DEFAULT_DURATION_S if duration_s is None else duration_s,
+            "min_iters": DEFAULT_MIN_ITERS if min_iters is None else min_iters,
+        }
+        source = {"onnx_path": target} if spec.runs == "onnx" else {"engine_path": target}
+        prof = profile_backend(
+            name,
+            **source,
+            input_shape=None,
+            batches=list(batches),
+            progress=progress.enabled(),
+            cache_dir=target.parent / "ort_trt_cache",
+            threads=threads,
+            **protocol,
+        )
+        return {
+            target.stem: {str(b): v for b, v in prof.items()},
+            "protocol": protocol_record(
+                backend=name, device=spec.device, threads=threads if spec.device == "cpu" else None, **protocol
+            ),
+        }
     run = RunDir.open(target)
-    require_backend(name)  # before reading models or opening the stage: one line on machines without it
+    spec.require(timing=True)  # before reading models or opening the stage: one line on machines without it
     recipe = run.recipe()
-    from cascadec.prune.spec import read_spec
-
     shape = read_spec(run.file("student.widths.json"))["input_shape"]
     models = None
-    if kind == "torch":
+    if spec.runs == "torch":
         teacher, student, shape = _load_models(run)
         models = {"teacher": teacher, "student": student}
-    overrides = {"warmup_s": warmup_s, "duration_s": duration_s, "min_iters": min_iters, "threads": threads,
-                 "cuda_graph": True if cuda_graph else None}
+    overrides = {
+        "warmup_s": warmup_s,
+        "duration_s": duration_s,
+        "min_iters": min_iters,
+        "threads": threads,
+        "cuda_graph": True if cuda_graph else None,
+    }
     result = stage_profile(run, recipe, shape, batches, backend=name, overrides=overrides, models=models)
     write_run_report(run)  # report.json/report.md and latency.png
     return result

@@ -16,6 +16,9 @@ import shutil
 import subprocess
 import sys
 
+import onnxruntime
+import torch
+
 # distribution names to try per library, first match wins (GPU builds ship under other names)
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "cascadec": ("cascadec",),
@@ -65,7 +68,7 @@ def _tensorrt_version() -> str | None:
     try:
         if importlib.util.find_spec("tensorrt") is None:
             return None
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt  # type: ignore[import-not-found]  # heavy and optional: imported only here
 
         return str(tensorrt.__version__)
     except Exception:
@@ -112,8 +115,13 @@ def _nvidia_smi(fields: tuple[str, ...] = ("name", "driver_version", "memory.tot
         return None
     for wanted in (fields, tuple(f for f in fields if f != "compute_cap")):
         try:
-            out = subprocess.run([exe, f"--query-gpu={','.join(wanted)}", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=5, check=False)
+            out = subprocess.run(
+                [exe, f"--query-gpu={','.join(wanted)}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         lines = out.stdout.strip().splitlines()
@@ -130,11 +138,16 @@ def _nvidia_driver() -> str | None:
 
 
 def _gpu() -> dict:
-    info: dict = {"gpu": None, "gpu_count": 0, "gpu_driver": None, "cuda": None, "cudnn": None,
-                  "gpu_compute_capability": None, "gpu_memory_gb": None}
+    info: dict = {
+        "gpu": None,
+        "gpu_count": 0,
+        "gpu_driver": None,
+        "cuda": None,
+        "cudnn": None,
+        "gpu_compute_capability": None,
+        "gpu_memory_gb": None,
+    }
     try:
-        import torch
-
         info["cuda"] = torch.version.cuda  # the CUDA runtime torch was built with (None on CPU builds)
         if not torch.cuda.is_available():
             return info
@@ -159,26 +172,11 @@ def _gpu() -> dict:
 
 def environment() -> dict:
     """Describe this machine and the relevant library versions, JSON-ready."""
-    try:
-        import torch
-
-        torch_threads: int | None = torch.get_num_threads()
-    except Exception:
-        torch_threads = None
-    try:
-        import onnxruntime
-
-        providers: list[str] | None = list(onnxruntime.get_available_providers())
-    except Exception:
-        providers = None
+    torch_threads = torch.get_num_threads()
+    providers = list(onnxruntime.get_available_providers())
     versions = {name: _version(name) for name in _DISTRIBUTIONS}
     versions["tensorrt"] = _tensorrt_version()
-    try:
-        import onnxruntime
-
-        ort_device: str | None = onnxruntime.get_device()
-    except Exception:
-        ort_device = None
+    ort_device = onnxruntime.get_device()
     return {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),

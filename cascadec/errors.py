@@ -34,3 +34,17 @@ class GateFailed(CascadecError):
     def __init__(self, message: str, failures: list[dict] | None = None) -> None:
         super().__init__(message)
         self.failures = failures or []
+
+
+def first_line(exc: BaseException, limit: int = 300, *, whole: bool = False) -> str:
+    """An exception's message as one line of at most ``limit`` characters.
+
+    A :class:`UserError` and a manifest's ``error`` field must stay one line. By default the
+    first line is kept (the rest of a torch or safetensors error is context); ``whole``
+    collapses every line into one instead, for errors whose cause comes last (the ONNX
+    exporter's). An empty message gives the exception's type."""
+    text = str(exc).strip()
+    if not whole:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,31 +14,34 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import matplotlib
-import matplotlib.ticker
+from cascadec.formatting import as_number
+from cascadec.progress import log
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib, imported on first use with the Agg backend (no display needed): it is the
+    heaviest import of the package (~0.5 s) and only the plots need it, so every other command
+    starts without it. The one lazy import outside tensorrt and onnxruntime-gpu."""
+    import matplotlib
 
-from cascadec.progress import log  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - plt.matplotlib.ticker below
+
+    return plt
+
 
 COLORS = {"teacher": "tab:gray", "student": "tab:blue"}
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _series(per_batch: Mapping, prefix: str = "") -> tuple[list[int], list[float], list[float], list[float]]:
     rows = []
     for b, s in per_batch.items():
-        if str(b).isdigit() and isinstance(s, Mapping) and _num(s.get(f"{prefix}p50_ms")) is not None:
-            p50 = _num(s[f"{prefix}p50_ms"])
-            p90 = _num(s.get(f"{prefix}p90_ms")) or p50
-            p99 = _num(s.get(f"{prefix}p99_ms")) or p90
+        if str(b).isdigit() and isinstance(s, Mapping) and as_number(s.get(f"{prefix}p50_ms")) is not None:
+            p50 = as_number(s[f"{prefix}p50_ms"])
+            p90 = as_number(s.get(f"{prefix}p90_ms")) or p50
+            p99 = as_number(s.get(f"{prefix}p99_ms")) or p90
             rows.append((int(b), p50, p90, p99))
     rows.sort()
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
@@ -55,7 +58,7 @@ def _ms_tick(value: float, _pos: int | None = None) -> str:
 def _protocol_label(node: Mapping) -> str:
     proto = node.get("protocol") if isinstance(node.get("protocol"), Mapping) else {}
     parts = [str(proto["device"])] if proto.get("device") else []
-    if _num(proto.get("duration_s")) is not None:
+    if as_number(proto.get("duration_s")) is not None:
         parts.append(f">={proto['duration_s']:g} s per batch")
     if isinstance(proto.get("threads"), int):
         parts.append(f"{proto['threads']} thread{'s' if proto['threads'] > 1 else ''}")
@@ -72,6 +75,7 @@ def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
     backends = [(name, node) for name, node in (latency or {}).items() if isinstance(node, Mapping)]
     if not backends:
         return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(backends), figsize=(5.5 * len(backends), 4), squeeze=False)
     for ax, (backend, node) in zip(axes[0], backends):
         for i, model in enumerate(("teacher", "student")):
@@ -80,22 +84,45 @@ def latency_plot(report: Mapping, path: str | os.PathLike[str]) -> Path | None:
                 continue
             color = COLORS[model]
             x = [b * (0.96 if i == 0 else 1.04) for b in batches]  # side by side, bars don't overlap
-            ax.errorbar(x, p50, yerr=[[0] * len(p50), [h - m for h, m in zip(p99, p50)]], fmt="none",
-                        ecolor=color, elinewidth=0.8, capsize=3, alpha=0.7)
-            ax.errorbar(x, p50, yerr=[[0] * len(p50), [h - m for h, m in zip(p90, p50)]], fmt="o-",
-                        color=color, elinewidth=2.5, capsize=0, label=f"{model} p50 (bars: p90, p99)")
+            ax.errorbar(
+                x,
+                p50,
+                yerr=[[0] * len(p50), [h - m for h, m in zip(p99, p50)]],
+                fmt="none",
+                ecolor=color,
+                elinewidth=0.8,
+                capsize=3,
+                alpha=0.7,
+            )
+            ax.errorbar(
+                x,
+                p50,
+                yerr=[[0] * len(p50), [h - m for h, m in zip(p90, p50)]],
+                fmt="o-",
+                color=color,
+                elinewidth=2.5,
+                capsize=0,
+                label=f"{model} p50 (bars: p90, p99)",
+            )
             cb, c50, _, _ = _series(node.get(model) or {}, "compute_")
             if cb:
-                ax.plot([b * (0.96 if i == 0 else 1.04) for b in cb], c50, "s--", color=color, markersize=4,
-                        alpha=0.8, label=f"{model} GPU compute p50")
+                ax.plot(
+                    [b * (0.96 if i == 0 else 1.04) for b in cb],
+                    c50,
+                    "s--",
+                    color=color,
+                    markersize=4,
+                    alpha=0.8,
+                    label=f"{model} GPU compute p50",
+                )
         ax.set_xscale("log", base=2)
         ticks = sorted({int(b) for m in ("teacher", "student") for b in (node.get(m) or {}) if str(b).isdigit()})
         ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_minor_locator(plt.matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         # plain numbers (0.2, 5, 60), not 6x10^1: people read milliseconds off this axis
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_ms_tick))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(_ms_tick))
+        ax.yaxis.set_major_formatter(plt.matplotlib.ticker.FuncFormatter(_ms_tick))
+        ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.FuncFormatter(_ms_tick))
         ax.set_xlabel("batch size")
         ax.set_ylabel("latency per batch (ms)")
         detail = _protocol_label(node)
@@ -115,7 +142,7 @@ def student_p50(report: Mapping, batch: str = "1", backend: str | None = None) -
     order = [backend] if backend else sorted(latency, key=lambda k: (k != "onnxruntime", k))
     for backend in order:
         node = latency.get(backend) or {}
-        value = _num(((node.get("student") or {}).get(batch) or {}).get("p50_ms"))
+        value = as_number(((node.get("student") or {}).get(batch) or {}).get("p50_ms"))
         if value is not None:
             return value
     return None
@@ -134,41 +161,63 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     >= accuracy, strictly better in one), sorted by latency."""
     front = []
     for i, (lat, acc) in enumerate(points):
-        dominated = any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i)
+        dominated = any(
+            (l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i
+        )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: points[i])
 
 
-def pareto_plot(reports: Sequence[Mapping], path: str | os.PathLike[str], *, backend: str | None = None,
-                batch: str = "1") -> Path:
+def pareto_plot(
+    reports: Sequence[Mapping], path: str | os.PathLike[str], *, backend: str | None = None, batch: str = "1"
+) -> Path:
     """Accuracy vs student p50 at ``batch`` on ``backend`` across runs; runs without both
     numbers are listed as skipped."""
     labels, points, skipped = [], [], []
     for r in reports:
         label = run_label(r)
-        acc, lat = _num((r.get("student") or {}).get("accuracy")), student_p50(r, str(batch), backend)
+        acc, lat = as_number((r.get("student") or {}).get("accuracy")), student_p50(r, str(batch), backend)
         if acc is None or lat is None:
             skipped.append(label)
             continue
         labels.append(label)
         points.append((lat, acc))
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if points:
         front = pareto_front(points)
         others = [i for i in range(len(points)) if i not in front]
         ax.scatter([points[i][0] for i in others], [100 * points[i][1] for i in others], color="tab:gray", label="run")
-        ax.plot([points[i][0] for i in front], [100 * points[i][1] for i in front], "o-", color="tab:red",
-                markersize=8, label="Pareto front")
+        ax.plot(
+            [points[i][0] for i in front],
+            [100 * points[i][1] for i in front],
+            "o-",
+            color="tab:red",
+            markersize=8,
+            label="Pareto front",
+        )
         ax.margins(x=0.12, y=0.12)
         middle = (min(p[0] for p in points) + max(p[0] for p in points)) / 2
         for (lat, acc), label in zip(points, labels):
             right_half = lat > middle  # labels point inwards so none runs off the axes
-            ax.annotate(label, (lat, 100 * acc), textcoords="offset points", xytext=(-5 if right_half else 5, 5),
-                        ha="right" if right_half else "left", fontsize=7)
+            ax.annotate(
+                label,
+                (lat, 100 * acc),
+                textcoords="offset points",
+                xytext=(-5 if right_half else 5, 5),
+                ha="right" if right_half else "left",
+                fontsize=7,
+            )
     else:
-        ax.text(0.5, 0.5, f"no run has both accuracy and batch-{batch} latency", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            f"no run has both accuracy and batch-{batch} latency",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel(f"student latency p50, batch {batch}, {backend or 'onnxruntime (else first backend)'} (ms)")
     ax.set_ylabel("student accuracy (%)")
     ax.set_title("accuracy vs latency")
@@ -187,7 +236,7 @@ def _save(fig, path: str | os.PathLike[str]) -> Path:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path
 
 

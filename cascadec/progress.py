@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,7 +30,14 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     if not enabled():
         yield from iterable
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total, status="")
         for item in iterable:
@@ -43,11 +51,17 @@ class Status:
     def __init__(self, description: str, total: int | None) -> None:
         self.progress = None
         if enabled():
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}")]
+            columns = [
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+            ]
             self.progress = Progress(*columns, console=console, transient=True)
             self.task = self.progress.add_task(description, total=total, status="")
 
-    def __enter__(self) -> "Status":
+    def __enter__(self) -> Status:
         if self.progress:
             self.progress.start()
         return self

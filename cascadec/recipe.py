@@ -7,6 +7,7 @@ never a bare percentage. Every validation error names the file and the dotted ke
 from __future__ import annotations
 
 import difflib
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -14,7 +15,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.verify.gates import DEFAULT_TOLERANCES
 
 
 class _Strict(BaseModel):
@@ -33,9 +35,13 @@ class DataSection(_Strict):
     root: Optional[str] = None
     image_size: Optional[int] = Field(None, ge=8)
     train_limit: Optional[int] = Field(None, ge=1, description="use a seeded subset of the training set")
-    val_limit: Optional[int] = Field(None, ge=1, description="evaluate on a seeded subset of the val/test split (fast tests only)")
+    val_limit: Optional[int] = Field(
+        None, ge=1, description="evaluate on a seeded subset of the val/test split (fast tests only)"
+    )
     selection_size: Optional[int] = Field(
-        None, ge=1, description="training images held out for decisions (promotion, best epoch); default 10 %, at most 5000"
+        None,
+        ge=1,
+        description="training images held out for decisions (promotion, best epoch); default 10 %, at most 5000",
     )
     batch_size: int = Field(128, ge=1)
     workers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
@@ -55,16 +61,34 @@ class TeacherSection(_Strict):
     cache: bool = True
 
 
+def target_budget(
+    flops_reduction: float | None = None, params_reduction: float | None = None, keep_ratio: float | None = None
+) -> tuple[str, float]:
+    """The one rule for a pruning target: exactly one of the three, as (metric, kept fraction in
+    (0, 1]) with metric ``flops``, ``params`` or ``units``. The schema and
+    :meth:`cascadec.prune.targets.Budget.from_target` both apply it; ValueError names the problem."""
+    given = [
+        (k, v)
+        for k, v in (("flops", flops_reduction), ("params", params_reduction), ("units", keep_ratio))
+        if v is not None
+    ]
+    if len(given) != 1:
+        raise ValueError("give exactly one of flops_reduction, params_reduction, keep_ratio")
+    metric, value = given[0]
+    fraction = value if metric == "units" else 1.0 - value
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{metric} value {value} is outside (0, 1)")
+    return metric, fraction
+
+
 class TargetSection(_Strict):
     flops_reduction: Optional[float] = Field(None, gt=0, lt=1)
     params_reduction: Optional[float] = Field(None, gt=0, lt=1)
     keep_ratio: Optional[float] = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "TargetSection":
-        given = [k for k in ("flops_reduction", "params_reduction", "keep_ratio") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of flops_reduction, params_reduction, keep_ratio")
+    def _exactly_one(self) -> TargetSection:
+        target_budget(self.flops_reduction, self.params_reduction, self.keep_ratio)
         return self
 
     def describe(self) -> str:
@@ -78,12 +102,15 @@ class TargetSection(_Strict):
 class PruneSection(_Strict):
     method: Literal["cascade", "oneshot"] = "cascade"
     target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
-    importance: Literal["taylor", "l1"] = Field("taylor", description="oneshot criterion; also initialises learned scores")
+    importance: Literal["taylor", "l1"] = Field(
+        "taylor", description="oneshot criterion; also initialises learned scores"
+    )
     importance_batches: int = Field(8, ge=1)
     round_to: Optional[int] = Field(None, ge=1, description="round kept widths up to a multiple (8/16/32)")
     min_channels: int = Field(1, ge=1)
     allocation: Literal["global", "uniform"] = Field(
-        "global", description="global: one threshold over all layers (the paper); uniform: the same kept fraction per group"
+        "global",
+        description="global: one threshold over all layers (the paper); uniform: the same kept fraction per group",
     )
 
 
@@ -92,26 +119,37 @@ class CascadeSection(_Strict):
     ta_ratios: Optional[list[float]] = Field(None, description="keep fractions of the TAs, ascending, last 1.0")
     cascade_update: bool = Field(True, description="Eq. 5: a model's scores learn from its teacher's Taylor term")
     score_optimizer: Literal["sgd", "rmsprop"] = "sgd"
-    score_lr: float = Field(0.01, gt=0, description="alpha of Eq. 5, relative to the initial Taylor scale (taylor_magnitude: "
-                            "the weight of each step in the running average, at most 1)")
+    score_lr: float = Field(
+        0.01,
+        gt=0,
+        description="alpha of Eq. 5, relative to the initial Taylor scale (taylor_magnitude: "
+        "the weight of each step in the running average, at most 1)",
+    )
     score_signal: Literal["taylor", "taylor_magnitude"] = Field(
-        "taylor_magnitude", description="taylor: the paper's signed Eq. 5 step; taylor_magnitude: running average of |Taylor term|"
+        "taylor_magnitude",
+        description="taylor: the paper's signed Eq. 5 step; taylor_magnitude: running average of |Taylor term|",
     )
     freeze_fraction: float = Field(
-        0.25, ge=0, lt=1, description="last fraction of the joint phase trained on fixed masks (score step annealed to 0 before)"
+        0.25,
+        ge=0,
+        lt=1,
+        description="last fraction of the joint phase trained on fixed masks (score step annealed to 0 before)",
     )
     promote_teacher: bool = True
     ladder_check: Literal["warn", "stop", "off"] = Field(
-        "warn", description="a TA less accurate than the model below it at the end of the joint phase: warn, stop the run, or nothing"
+        "warn",
+        description="a TA less accurate than the model below it at the end of the joint phase: warn, stop the run, or nothing",
     )
     track_accuracy: bool = Field(True, description="evaluate every model on the selection split after each joint epoch")
 
     @model_validator(mode="after")
-    def _ratios_match(self) -> "CascadeSection":
+    def _ratios_match(self) -> CascadeSection:
         if self.ta_ratios is not None:
             if len(self.ta_ratios) != self.num_tas:
                 raise ValueError(f"ta_ratios has {len(self.ta_ratios)} entries but num_tas is {self.num_tas}")
-            if any(not 0 < r <= 1 for r in self.ta_ratios) or any(b <= a for a, b in zip(self.ta_ratios, self.ta_ratios[1:])):
+            if any(not 0 < r <= 1 for r in self.ta_ratios) or any(
+                b <= a for a, b in zip(self.ta_ratios, self.ta_ratios[1:])
+            ):
                 raise ValueError("ta_ratios must increase, each in (0, 1]")
             if self.ta_ratios and self.ta_ratios[-1] != 1.0:
                 raise ValueError("ta_ratios must end with 1.0 (the unpruned shared model)")
@@ -182,10 +220,6 @@ class VerifySection(_Strict):
     @field_validator("tolerances", mode="before")
     @classmethod
     def _merge_default_tolerances(cls, value: Any) -> Any:
-        from dataclasses import asdict
-
-        from cascadec.verify import DEFAULT_TOLERANCES
-
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -277,7 +311,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f": line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise UserError(f"{path}{where}: malformed YAML: {problem}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")

@@ -11,308 +11,18 @@ must render before latency (or parity) exists.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from rich.table import Table
-
-MISSING = "—"
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Make the report JSON-safe: string keys (batch 1 -> "1"), plain numbers, lists."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def _get(report: Mapping, dotted: str) -> Any:
-    node: Any = report
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part, node.get(int(part)) if part.isdigit() else None)
-    return node
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else None
-
-
-def fmt_accuracy(value: Any) -> str:
-    v = _num(value)
-    return MISSING if v is None else f"{100 * v:.2f}%"
-
-
-def fmt_flops(value: Any) -> str:
-    """MACs as MMac/GMac, the unit ptflops and the pruning papers use."""
-    v = _num(value)
-    if v is None:
-        return MISSING
-    return f"{v / 1e9:.2f} GMac" if v >= 1e9 else f"{v / 1e6:.2f} MMac"
-
-
-def fmt_params(value: Any) -> str:
-    v = _num(value)
-    return MISSING if v is None else f"{v / 1e6:.2f} M"
-
-
-def fmt_float(value: Any, spec: str = ".3g") -> str:
-    v = _num(value)
-    return MISSING if v is None else format(v, spec)
-
-
-def fmt_ms(value: Any) -> str:
-    v = _num(value)
-    return MISSING if v is None else f"{v:.3f}"
-
-
-def _ratio_change(teacher: Any, student: Any) -> str:
-    t, s = _num(teacher), _num(student)
-    if t is None or s is None or t <= 0:
-        return MISSING
-    factor = f" ({t / s:.2f}x smaller)" if s > 0 else ""
-    return f"{100 * (s - t) / t:+.1f}%{factor}"
-
-
-def _accuracy_change(teacher: Any, student: Any) -> str:
-    t, s = _num(teacher), _num(student)
-    return MISSING if t is None or s is None else f"{100 * (s - t):+.2f} pp"
-
-
-def _speedup(teacher_row: Any, student_row: Any) -> float | None:
-    t, s = _num(_get(teacher_row or {}, "p50_ms")), _num(_get(student_row or {}, "p50_ms"))
-    return t / s if t is not None and s else None
-
-
-def speedup_range(rounds: Any) -> str:
-    """``(1.05-1.20x over 3 rounds)``: how far the per-round speed-up moved; empty for one round."""
-    values = [v for v in (_num(r) for r in rounds) if v is not None] if isinstance(rounds, (list, tuple)) else []
-    if len(values) < 2:
-        return ""
-    return f"({min(values):.2f}-{max(values):.2f}x over {len(values)} rounds)"
-
-
-def _batches(node: Any) -> list[str]:
-    if not isinstance(node, Mapping):
-        return []
-    keys = [str(k) for k in node]
-    return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines + [""]
-
-
-def _summary_md(report: Mapping) -> list[str]:
-    t, s = report.get("teacher") or {}, report.get("student") or {}
-    rows = [
-        ["Accuracy", fmt_accuracy(t.get("accuracy")), fmt_accuracy(s.get("accuracy")),
-         _accuracy_change(t.get("accuracy"), s.get("accuracy"))],
-        ["FLOPs", fmt_flops(t.get("flops")), fmt_flops(s.get("flops")), _ratio_change(t.get("flops"), s.get("flops"))],
-        ["Params", fmt_params(t.get("params")), fmt_params(s.get("params")),
-         _ratio_change(t.get("params"), s.get("params"))],
-    ]
-    for key in ("name", "model"):
-        if t.get(key) or s.get(key):
-            rows.insert(0, ["Model", t.get(key, MISSING), s.get(key, MISSING), ""])
-            break
-    rows += _latency_summary_rows(report)
-    return ["## Summary", ""] + _md_table(["", "Teacher", "Student", "Change"], rows)
-
-
-def _parity_md(parity: Mapping) -> list[str]:
-    from cascadec.verify import conditioning_verdict  # verify imports torch; keep report light to import
-
-    # Tolerances follow Polygraphy: an element fails when |diff| > atol and |diff|/|ref| > rtol;
-    # "min atol/rtol to pass" is what each alone would need (Polygraphy's "Minimum Required Tolerance").
-    header = ["Backend", "Precision", "Samples", "Max abs diff", "Mean abs diff", "Max rel diff", "atol / rtol",
-              "Min atol to pass", "Min rtol to pass", "Top-1 agree", "Top-5 agree", "Accuracy", "Result"]
-    rows, failures = [], []
-    for name, r in parity.items():
-        if not isinstance(r, Mapping):
-            continue
-        passed = r.get("passed")
-        rows.append([name, r.get("precision", MISSING), r.get("samples", MISSING), fmt_float(r.get("max_abs_diff")),
-                     fmt_float(r.get("mean_abs_diff")), fmt_float(r.get("max_rel_diff")),
-                     f"{fmt_float(r.get('atol'))} / {fmt_float(r.get('rtol'))}",
-                     fmt_float(r.get("min_atol_to_pass")), fmt_float(r.get("min_rtol_to_pass")),
-                     fmt_accuracy(r.get("top1_agreement")), fmt_accuracy(r.get("top5_agreement")),
-                     fmt_accuracy(r.get("accuracy")), MISSING if passed is None else ("PASS" if passed else "FAIL")])
-        failures += [f"- **{name}**: {f.get('message', f)}" for f in r.get("failures") or [] if isinstance(f, Mapping)]
-        found = r.get("first_divergence")
-        if isinstance(found, Mapping):
-            if found.get("node"):
-                module = f", PyTorch module `{found['torch_module']}`" if found.get("torch_module") else ""
-                failures.append(f"- **{name}**: first divergent layer: ONNX node `{found['node']}` ({found.get('op_type')}"
-                                f"{module}), max abs diff {fmt_float(found.get('max_abs_diff'))} vs {found.get('reference')}")
-            else:
-                failures.append(f"- **{name}**: first divergent layer not found: {found.get('error', MISSING)}")
-        verdict = conditioning_verdict(name, r.get("conditioning"))
-        if verdict:
-            failures.append(f"- **{name}**: conditioning: {verdict}")
-    lines = ["## Parity (candidate vs PyTorch)", ""] + _md_table(header, rows)
-    return lines + (["Gate failures:", "", *failures, ""] if failures else [])
-
-
-def _models(per_model: Mapping) -> list[str]:
-    """Model rows of one backend's latency node, teacher and student first; protocol/note aren't models."""
-    names = [k for k in per_model if isinstance(per_model.get(k), Mapping) and k not in ("protocol", "speedup")]
-    return sorted(names, key=lambda k: (k != "teacher", k != "student", k))
-
-
-def _protocol_line(protocol: Any) -> str:
-    if not isinstance(protocol, Mapping):
-        return ""
-    threads = protocol.get("threads")
-    parts = [f"device {protocol.get('device', MISSING)}",
-             f"warm-up {fmt_float(protocol.get('warmup_s'), 'g')} s",
-             f"then at least {fmt_float(protocol.get('duration_s'), 'g')} s and {protocol.get('min_iters', MISSING)} runs",
-             f"threads {'library default' if threads is None else threads}",
-             f"timer {protocol.get('timer', MISSING)}"]
-    if protocol.get("cuda_graph"):
-        parts.append("CUDA graph replay")
-    if (protocol.get("rounds") or 1) > 1:
-        parts.append(f"teacher and student alternated in {protocol['rounds']} rounds, statistics over all rounds' runs")
-    line = "Protocol: " + "; ".join(parts) + "."
-    return line + (f" Note: {protocol['note']}." if protocol.get("note") else "")
-
-
-def _latency_md(latency: Mapping, rounds: Mapping | None = None) -> list[str]:
-    """One table per backend: the spread (p50/p90/p99) and, on GPUs, host latency vs GPU compute."""
-    lines = ["## Latency", "",
-             "Speed-up = teacher p50 / student p50 at the same batch size (in brackets: the lowest and highest "
-             "speed-up of the single rounds). Throughput = batch x 1000 / mean (inferences/s).",
-             ""]
-    for backend, per_model in latency.items():
-        if not isinstance(per_model, Mapping):
-            continue
-        models = _models(per_model)
-        split = any(isinstance(_get(per_model.get(m), b), Mapping) and "compute_p50_ms" in _get(per_model.get(m), b)
-                    for m in models for b in _batches(per_model.get(m)))
-        header = ["Model", "Batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "Runs", "Throughput (img/s)"]
-        if split:
-            header += ["GPU compute p50 ms", "GPU compute p99 ms", "Host - compute p50 ms"]
-        header.append("Speed-up")
-        teacher = per_model.get("teacher") if isinstance(per_model.get("teacher"), Mapping) else {}
-        backend_rounds = (rounds or {}).get(backend) if isinstance((rounds or {}).get(backend), Mapping) else {}
-        rows = []
-        for model_name in models:
-            table = per_model.get(model_name)
-            for batch in _batches(table):
-                row = _get(table, batch) or {}
-                speed = _speedup(_get(teacher, batch), row) if model_name == "student" else None
-                cells = [model_name, batch, fmt_ms(row.get("p50_ms")), fmt_ms(row.get("p90_ms")), fmt_ms(row.get("p95_ms")),
-                         fmt_ms(row.get("p99_ms")), fmt_ms(row.get("mean_ms")), row.get("iterations", MISSING),
-                         fmt_float(row.get("throughput"), ".1f")]
-                if split:
-                    host, compute = _num(row.get("host_p50_ms", row.get("p50_ms"))), _num(row.get("compute_p50_ms"))
-                    cells += [fmt_ms(compute), fmt_ms(row.get("compute_p99_ms")),
-                              MISSING if host is None or compute is None else fmt_ms(host - compute)]
-                spread = speedup_range(_get(backend_rounds, batch)) if speed is not None else ""
-                rows.append(cells + [MISSING if speed is None else f"{speed:.2f}x {spread}".strip()])
-        lines += [f"### {backend}", ""]
-        protocol = _protocol_line(per_model.get("protocol"))
-        if protocol:
-            lines += [protocol, ""]
-        if per_model.get("note"):
-            lines += [f"Note: {per_model['note']}", ""]
-        if split:
-            lines += ["Latency columns are host latency (H2D copy + compute + D2H copy, what a caller waits for, "
-                      "trtexec's \"Latency\"); GPU compute is CUDA-event time around the inference on its stream "
-                      "(trtexec's \"GPU Compute Time\").", ""]
-        lines += _md_table(header, rows)
-    return lines
-
-
-def _environment_md(env: Mapping) -> list[str]:
-    labels = {"cuda": "cuda (the CUDA runtime torch was built with)", "torch_threads": "torch_threads (intra-op)",
-              "usable_cpus": "usable_cpus (affinity)"}
-    rows = [[labels.get(k, k), MISSING if v is None else (", ".join(map(str, v)) if isinstance(v, list) else v)]
-            for k, v in env.items() if not isinstance(v, Mapping)]
-    for section, values in env.items():
-        if isinstance(values, Mapping):
-            rows += [[f"{section}.{k}" if section != "versions" else k, MISSING if v is None else v]
-                     for k, v in values.items()]
-    return ["## Environment", ""] + _md_table(["Key", "Value"], rows)
-
-
-def _training_md(prune: Mapping) -> list[str]:
-    """How the student was trained: the TA ladder (loud when broken), each model's accuracy per
-    joint epoch and the student epochs, all on the selection split (held-out training images)."""
-    lines = ["## Training (selection split: held-out training images)", ""]
-    ladder = prune.get("ladder")
-    if isinstance(ladder, Mapping) and ladder.get("rungs"):
-        if ladder.get("broken"):
-            lines += [f"**WARNING: the TA ladder is broken** ({'; '.join(ladder['broken'])}): a TA less accurate than "
-                      "the model below it cannot teach it.", ""]
-        rows = [[r.get("model"), fmt_float(r.get("keep"), ".2f"), fmt_accuracy(r.get("accuracy"))] for r in ladder["rungs"]]
-        lines += ["TA ladder at the end of the joint phase:", ""] + _md_table(["Model", "Keep (of target metric)", "Accuracy"], rows)
-    joint = prune.get("joint_epochs")
-    if joint:
-        names = [r.get("model") for r in (ladder or {}).get("rungs", [])] or [f"model {i}" for i in range(len(joint[0].get("accuracies") or []))]
-        rows = [[e.get("epoch"), *(fmt_accuracy(a) for a in (e.get("accuracies") or [])), "yes" if e.get("frozen") else "no",
-                 ", ".join(str(c) for c in e.get("mask_changes") or [])] for e in joint]
-        lines += ["Joint phase:", ""] + _md_table(["Epoch", *names, "Masks frozen", "Units changed per model"], rows)
-    for phase in ("student_epochs", "fine_tune_epochs"):
-        epochs = prune.get(phase)
-        if epochs:
-            rows = [["start" if e.get("epoch") == -1 else e.get("epoch"), e.get("teacher") or "", fmt_accuracy(e.get("student_accuracy")),
-                     "yes" if e.get("kept") else ""] for e in epochs]
-            title = "Student phase" if phase == "student_epochs" else "Fine-tuning"
-            lines += [f"{title} (the epoch marked *kept* ships):", ""] + _md_table(["Epoch", "Teacher", "Accuracy", "Kept"], rows)
-    return lines if len(lines) > 2 else []
-
-
-def render_markdown(report: Mapping) -> str:
-    """The human-readable report; any section that is absent is simply left out."""
-    lines = [f"# cascadec report{': ' + str(report['name']) if report.get('name') else ''}", ""]
-    for key in ("recipe", "run_id", "created"):
-        if report.get(key):
-            lines.append(f"- {key.replace('_', ' ')}: `{report[key]}`")
-    if lines[-1] != "":
-        lines.append("")
-    if isinstance(report.get("teacher"), Mapping) or isinstance(report.get("student"), Mapping):
-        lines += _summary_md(report)
-    if isinstance(report.get("prune"), Mapping) and report["prune"]:
-        lines += _training_md(report["prune"])
-    if isinstance(report.get("parity"), Mapping) and report["parity"]:
-        lines += _parity_md(report["parity"])
-    if isinstance(report.get("latency"), Mapping) and report["latency"]:
-        lines += _latency_md(report["latency"], report.get("speedup_rounds"))
-    if isinstance(report.get("environment"), Mapping) and report["environment"]:
-        lines += _environment_md(report["environment"])
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Readers (a watching CI job, a resumed run) never see a half-written report."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+from cascadec.envinfo import environment
+from cascadec.fileio import write_text_atomic
+from cascadec.plots import write_run_plots
+from cascadec.report_render import render_markdown, to_jsonable
+from cascadec.run import RunDir
+from cascadec.verify.results import ParityResult
 
 
 def write_report(run_dir: str | os.PathLike[str], report: Mapping) -> tuple[Path, Path]:
@@ -321,60 +31,89 @@ def write_report(run_dir: str | os.PathLike[str], report: Mapping) -> tuple[Path
     run_dir.mkdir(parents=True, exist_ok=True)
     data = to_jsonable(report)
     json_path, md_path = run_dir / "report.json", run_dir / "report.md"
-    _atomic_write(json_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-    _atomic_write(md_path, render_markdown(data))
+    write_text_atomic(json_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(md_path, render_markdown(data))
     return json_path, md_path
 
 
-def summary_table(report: Mapping) -> Table:
-    """The CLI's end-of-run table: what was gained, and whether the deployed model is faithful."""
-    report = to_jsonable(report)
-    t, s = report.get("teacher") or {}, report.get("student") or {}
-    table = Table(title="cascadec summary")
-    for col, justify in (("", "left"), ("Teacher", "right"), ("Student", "right"), ("Change", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    table.add_row("Accuracy", fmt_accuracy(t.get("accuracy")), fmt_accuracy(s.get("accuracy")),
-                  _accuracy_change(t.get("accuracy"), s.get("accuracy")))
-    table.add_row("FLOPs", fmt_flops(t.get("flops")), fmt_flops(s.get("flops")),
-                  _ratio_change(t.get("flops"), s.get("flops")))
-    table.add_row("Params", fmt_params(t.get("params")), fmt_params(s.get("params")),
-                  _ratio_change(t.get("params"), s.get("params")))
-    for name, r in (report.get("parity") or {}).items():
-        if not isinstance(r, Mapping):
-            continue
-        verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]"}.get(r.get("passed"), MISSING)
-        detail = f"max|Δ| {fmt_float(r.get('max_abs_diff'))}, top-1 {fmt_accuracy(r.get('top1_agreement'))}"
-        table.add_row(f"Parity ({name})", "", detail, verdict)
-    for row in _latency_summary_rows(report):
-        table.add_row(*row)
-    return table
+def build_report(run: RunDir) -> dict:
+    """Assemble report.json from the manifest; the keys are a fixed contract (README)."""
+    m = run.manifest["metrics"]
+    recipe = run.recipe()
+    report: dict[str, Any] = {
+        "run": {
+            "dir": str(run.path),
+            "model": recipe.model.name,
+            "recipe": recipe.name,
+            "method": recipe.prune.method,
+            "target": recipe.prune.target.model_dump(exclude_none=True),
+            "target_description": recipe.prune.target.describe(),
+            "data": recipe.data.name,
+            "stages": {k: v.get("seconds") for k, v in run.manifest["stages"].items()},
+        },
+        "teacher": {
+            "flops": m.get("teacher.flops"),
+            "params": m.get("teacher.params"),
+            "accuracy": m.get("teacher.accuracy"),
+        },
+        "student": {
+            "flops": m.get("student.flops"),
+            "params": m.get("student.params"),
+            "accuracy": m.get("student.accuracy"),
+        },
+        "environment": environment(),
+        "versions": run.manifest.get("versions", {}),
+    }
+    if m.get("teacher.flops") and m.get("student.flops"):
+        report["student"]["flops_reduction"] = 1 - m["student.flops"] / m["teacher.flops"]
+        report["student"]["params_reduction"] = 1 - m["student.params"] / m["teacher.params"]
+    parity = m.get("parity")
+    if parity:
+        result = ParityResult.from_dict(parity)
+        report["parity"] = {name: b.to_dict() for name, b in result.backends.items()}
+        report["parity_samples"] = result.samples
+        report["parity_torch_accuracy"] = result.torch_accuracy
+    # one node per profiled backend, onnxruntime (the compress stage's) first
+    profiled = sorted(
+        (k.split(".", 1)[1] for k, v in m.items() if k.startswith("latency.") and isinstance(v, dict)),
+        key=lambda b: (b != "onnxruntime", b),
+    )
+    if profiled:
+        report["latency"] = {
+            b: {k: v for k, v in m[f"latency.{b}"].items() if k not in ("speedup", "speedup_rounds")} for b in profiled
+        }
+        report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
+        report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
+    history = m.get("prune.history")
+    if history:
+        report["prune"] = history_summary(history)
+    return report
 
 
-def _latency_summary_rows(report: Mapping) -> list[list[str]]:
-    """Teacher/student p50 and the speed-up per backend and batch, for both summaries."""
-    rows = []
-    for backend, node in (report.get("latency") or {}).items():
-        if not isinstance(node, Mapping):
-            continue
-        teacher_lat = node.get("teacher") if isinstance(node.get("teacher"), Mapping) else {}
-        student_lat = node.get("student") if isinstance(node.get("student"), Mapping) else {}
-        # "CPU latency" for the compress stage's onnxruntime rows, as the README's demo output shows
-        what = "CPU latency" if backend == "onnxruntime" else f"{backend} latency"
-        rounds = (report.get("speedup_rounds") or {}).get(backend)
-        rounds = rounds if isinstance(rounds, Mapping) else {}
-        for batch in _batches({**teacher_lat, **student_lat}):
-            teacher_row, student_row = _get(teacher_lat, batch), _get(student_lat, batch)
-            speed = _speedup(teacher_row, student_row)
-            change = MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
-            spread = speedup_range(_get(rounds, batch)) if speed is not None else ""
-            rows.append([f"{what} p50 (bs={batch})", _ms_label(teacher_row), _ms_label(student_row),
-                         f"{change} {spread}".strip()])
-    return rows
+def history_summary(history: dict) -> dict:
+    """What report.json keeps of the prune stage's history: the ladder, timings and per-epoch records."""
+    out = {
+        k: history[k]
+        for k in ("fractions", "joint_seconds", "mask_changed_units", "seconds", "ladder", "freeze_step", "joint_steps")
+        if k in history
+    }
+    if history.get("joint"):
+        out["joint_epochs"] = [
+            {k: e.get(k) for k in ("epoch", "accuracies", "mask_changes", "frozen", "seconds")}
+            for e in history["joint"]
+        ]
+    for phase in ("student", "fine_tune"):
+        if history.get(phase):
+            out[f"{phase}_epochs"] = [
+                {k: e[k] for k in ("epoch", "teacher", "student_accuracy", "seconds", "kept") if k in e}
+                for e in history[phase]
+            ]
+    return out
 
 
-def _ms_label(row: Any) -> str:
-    value = _num(_get(row, "p50_ms")) if isinstance(row, Mapping) else None
-    return MISSING if value is None else f"{value:.2f} ms"
-
-
-__all__ = ["fmt_accuracy", "fmt_flops", "fmt_params", "render_markdown", "summary_table", "to_jsonable", "write_report"]
+def write_run_report(run: RunDir) -> dict:
+    """report.json, report.md and latency.png of a run, from its manifest; returns the report."""
+    report = build_report(run)
+    write_report(run.path, report)
+    write_run_plots(run.path, report)  # latency.png; logs instead of failing
+    return report

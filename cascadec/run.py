@@ -20,28 +20,45 @@ stage from its last checkpoint) is given.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from cascadec.errors import UserError
+import yaml
+
+from cascadec.errors import UserError, first_line
+from cascadec.fileio import write_json_atomic
 from cascadec.recipe import Recipe, recipe_to_yaml, validate_recipe
+from cascadec.train.distributed import Dist
 
 MANIFEST_FORMAT = "cascadec-run/1"
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("cascadec", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxscript", "onnxslim", "numpy", "tensorrt"):
+    for name in (
+        "cascadec",
+        "torch",
+        "torchvision",
+        "torch-pruning",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "onnxslim",
+        "numpy",
+        "tensorrt",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -54,27 +71,22 @@ def library_versions() -> dict[str, str]:
 
 def git_commit() -> str | None:
     """The source commit (with '+dirty' for local changes), so results name the code that made them."""
-    import subprocess
-
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
     try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}+dirty" if sha and dirty else (sha or None)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temp file and rename, so a crash never leaves half a JSON behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -91,7 +103,7 @@ class RunDir:
 
     # ------------------------------------------------------------ open / create
     @classmethod
-    def create(cls, path: Path, recipe: Recipe, *, resume: bool = False, command: list[str] | None = None) -> "RunDir":
+    def create(cls, path: Path, recipe: Recipe, *, resume: bool = False, command: list[str] | None = None) -> RunDir:
         path = Path(path)
         manifest_path = path / "manifest.json"
         digest = recipe_digest(recipe)
@@ -103,7 +115,9 @@ class RunDir:
                     raise UserError(f"{path} holds a finished run; choose another --out or delete it")
                 raise UserError(f"{path} holds an unfinished run; pass --resume to continue it or --out for a new one")
             if run.manifest.get("recipe_digest") != digest:
-                raise UserError(f"{path}: --resume with a different recipe than the run was started with; use a new --out")
+                raise UserError(
+                    f"{path}: --resume with a different recipe than the run was started with; use a new --out"
+                )
             run.manifest["status"] = "running"
             run.manifest.setdefault("resumed", []).append(_now())
             run.save()
@@ -138,7 +152,7 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: Path, *, writable: bool = True) -> "RunDir":
+    def open(cls, path: Path, *, writable: bool = True) -> RunDir:
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not path.is_dir():
@@ -158,8 +172,6 @@ class RunDir:
 
     # ------------------------------------------------------------ contents
     def recipe(self) -> Recipe:
-        import yaml
-
         path = self.path / "recipe.yaml"
         try:
             data = yaml.safe_load(path.read_text())
@@ -199,7 +211,7 @@ class RunDir:
             yield info
         except BaseException as exc:
             info["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            info["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            info["error"] = first_line(exc)
             info["seconds"] = round(time.perf_counter() - start, 3)
             self.save()
             raise
@@ -211,6 +223,52 @@ class RunDir:
         self.manifest["status"] = status
         self.manifest["finished"] = _now()
         self.save()
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def open_run(dist: Dist, path: Path, recipe: Recipe, resume: bool, command: list[str] | None) -> RunDir:
+    """Rank 0 creates (or resumes) the run directory; the other ranks open it read-only. A refusal
+    on rank 0 is sent to every rank, so all of them stop with the same one-line error."""
+    if not dist.active:
+        return RunDir.create(path, recipe, resume=resume, command=command)
+    run, error = None, None
+    if dist.is_main:
+        try:
+            run = RunDir.create(path, recipe, resume=resume, command=command)
+        except UserError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return run if run is not None else RunDir.open(path, writable=False)
+
+
+@contextmanager
+def closing_run(run: RunDir) -> Iterator[RunDir]:
+    """Mark the run finished, interrupted or failed as its stages end; a file system that
+    refuses a write (full disk, quota, read-only) is a one-line UserError naming the run
+    directory, not a traceback."""
+    try:
+        yield run
+    except KeyboardInterrupt:
+        run.finish("interrupted")
+        raise
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            run.finish("failed")
+            raise
+        message = f"cannot write to run directory {run.path}: {exc.strerror or exc}"
+        try:
+            run.finish("failed")
+        except UserError:
+            pass  # the manifest cannot be written either; the first error is the one to report
+        raise UserError(message) from None
+    except BaseException:
+        run.finish("failed")
+        raise
+    run.finish("finished")
 
 
 def _now() -> str:

@@ -1,6 +1,6 @@
 """Everything the CLI does, from Python: compress, then read the report.
 
-    python examples/compress_api.py            # the Fashion-MNIST demo into runs/api-demo
+python examples/compress_api.py            # the Fashion-MNIST demo into runs/api-demo
 """
 
 from cascadec.stages import compress

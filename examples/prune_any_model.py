@@ -36,8 +36,14 @@ print(f"{name}: {count_macs(model, example) / 1e6:.1f}M -> {count_macs(student, 
 with tempfile.TemporaryDirectory() as d:
     from pathlib import Path
 
-    save_student(student, Path(d), model_name=name, model_kwargs={"num_classes": 10}, input_shape=[3, 64, 64],
-                 removals=pruned_root_idxs(index, keep))
+    save_student(
+        student,
+        Path(d),
+        model_name=name,
+        model_kwargs={"num_classes": 10},
+        input_shape=[3, 64, 64],
+        removals=pruned_root_idxs(index, keep),
+    )
     reloaded, _ = load_student(Path(d))  # safetensors + JSON: no pickle
     with torch.no_grad():
         print("reloaded == shrunk:", torch.equal(reloaded(x), student(x)))

@@ -132,7 +132,9 @@ def _masked_vs_shrunk(name: str, size: int) -> float:
     if not index.groups:
         return 0.0
     cost = CostModel.build(model, index, x[:1])
-    keep = MaskSolver(index, cost).solve(torch.rand(index.num_units, generator=gen), Budget.from_target(cost, flops_reduction=0.3))
+    keep = MaskSolver(index, cost).solve(
+        torch.rand(index.num_units, generator=gen), Budget.from_target(cost, flops_reduction=0.3)
+    )
     student = shrink(model, index, keep, x[:1]).eval()
     with torch.no_grad():
         with masked(model, index, keep):
@@ -174,9 +176,13 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
         params = timed("params", lambda: _count_params(name))
         result["params"] = params
         if params > max_params:
-            result.update(status="not_run", reason=(
-                f"too large for this machine: {params / 1e6:.0f} M parameters > --max-params {max_params / 1e6:.0f} M "
-                "(teacher, TA/student, gradients and optimizer state would not fit the memory bound)"))
+            result.update(
+                status="not_run",
+                reason=(
+                    f"too large for this machine: {params / 1e6:.0f} M parameters > --max-params {max_params / 1e6:.0f} M "
+                    "(teacher, TA/student, gradients and optimizer state would not fit the memory bound)"
+                ),
+            )
             return 0
         size, why = timed("probe", lambda: _smallest_size(name))
         if size is None:
@@ -190,17 +196,25 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
         overrides = [f"data.image_size={size}", f"model.num_classes={NUM_CLASSES}"]
         recipe_obj = prepare_recipe(name, str(recipe), overrides=overrides)
         try:
-            info = timed("inspect", lambda: inspect_model(name, image_size=size, num_classes=NUM_CLASSES, recipe=recipe_obj))
+            info = timed(
+                "inspect", lambda: inspect_model(name, image_size=size, num_classes=NUM_CLASSES, recipe=recipe_obj)
+            )
         except UserError as exc:
             result.update(status="refused", reason=str(exc))
             return 0
-        result.update(flops=info["flops"], prunable_units=info["prunable_units"], groups=len(info["groups"]),
-                      frozen_groups=len(info["frozen"]))
+        result.update(
+            flops=info["flops"],
+            prunable_units=info["prunable_units"],
+            groups=len(info["groups"]),
+            frozen_groups=len(info["frozen"]),
+        )
 
         exact = timed("exactness", lambda: _masked_vs_shrunk(name, size))
         result["masked_vs_shrunk"] = exact
         if not exact <= 1e-4:
-            result.update(status="failed", error="MaskedNotShrunk", reason=f"masked != shrunk: relative max|diff| {exact:.2e}")
+            result.update(
+                status="failed", error="MaskedNotShrunk", reason=f"masked != shrunk: relative max|diff| {exact:.2e}"
+            )
             return 0
 
         from cascadec.commands import verify_run
@@ -261,6 +275,7 @@ def _limit_memory(limit_bytes: int):
     def preexec() -> None:
         os.setsid()  # its own process group: a timeout kills the child and anything it spawned
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
     return preexec
 
 
@@ -268,15 +283,38 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run the child for ``name`` and turn whatever happened into one result row."""
     result_path = workdir / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--result", str(result_path),
-           "--workdir", str(workdir), "--recipe", str(args.recipe), "--max-params", str(int(args.max_params * 1e6))]
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CASCADEC_CACHE=str(workdir / "cache"))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        "--result",
+        str(result_path),
+        "--workdir",
+        str(workdir),
+        "--recipe",
+        str(args.recipe),
+        "--max-params",
+        str(int(args.max_params * 1e6)),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        CASCADEC_CACHE=str(workdir / "cache"),
+    )
     log_path = workdir / f"{name}.log"
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                preexec_fn=_limit_memory(int(args.memory_gb * 2**30)))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            preexec_fn=_limit_memory(int(args.memory_gb * 2**30)),
+        )
         timed_out = False
         while True:  # wait4, not Popen.wait: its rusage is this child's own peak RSS
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -295,9 +333,15 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     row["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
     row["exit_code"] = proc.returncode
     if timed_out:
-        row.update(status="failed", error="Timeout", reason=f"killed after {args.timeout:.0f} s during {row.get('stage', '?')}")
+        row.update(
+            status="failed", error="Timeout", reason=f"killed after {args.timeout:.0f} s during {row.get('stage', '?')}"
+        )
     elif proc.returncode != 0 and row.get("status") not in ("failed",):
-        row.update(status="failed", error=f"exit {proc.returncode}", reason=f"child died during {row.get('stage', '?')} (see {log_path.name})")
+        row.update(
+            status="failed",
+            error=f"exit {proc.returncode}",
+            reason=f"child died during {row.get('stage', '?')} (see {log_path.name})",
+        )
     elif proc.returncode != 0 and not row.get("error"):
         row.update(error=f"exit {proc.returncode}", reason=f"child died during {row.get('stage', '?')}")
     log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
@@ -305,7 +349,10 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         # a native library (safetensors, onnx, ORT) aborting on a failed allocation, or a
         # MemoryError raised again while the child was recording the first one: the RLIMIT_AS
         # bound was hit (it counts address space, which exceeds the resident peak)
-        row.update(error="MemoryBound", reason=f"exceeded the {args.memory_gb:.0f} GiB address-space bound during {row.get('stage', '?')}")
+        row.update(
+            error="MemoryBound",
+            reason=f"exceeded the {args.memory_gb:.0f} GiB address-space bound during {row.get('stage', '?')}",
+        )
     if proc.returncode in (-9, 137) and not timed_out:
         row.update(error="Killed", reason=f"killed (SIGKILL, likely out of memory) during {row.get('stage', '?')}")
     return row
@@ -372,10 +419,16 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         "",
     ]
     for run in data.get("runs", []):
-        lines.append(f"    {run['command']}    # {run['date']}" + (f", commit {run['commit']}" if run.get("commit") else ""))
+        lines.append(
+            f"    {run['command']}    # {run['date']}" + (f", commit {run['commit']}" if run.get("commit") else "")
+        )
     machines = sorted({run["machine"] for run in data.get("runs", [])})
-    lines += ["", "Machine: " + "; ".join(machines) + " (shared with other jobs while it ran: the seconds",
-              "are wall-clock and only indicative)", ""]
+    lines += [
+        "",
+        "Machine: " + "; ".join(machines) + " (shared with other jobs while it ran: the seconds",
+        "are wall-clock and only indicative)",
+        "",
+    ]
     if data.get("runs"):
         versions = data["runs"][-1].get("versions", {})
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
@@ -388,7 +441,11 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         f"- **pass**: {t['pass']}; **refused** cleanly: {t['refused']}; **failed**: {t['failed']}; "
         f"**not run here** (too large for this machine): {t['not_run']}",
         f"- Pass rate over the models attempted ({t['attempted']}; not-run ones count neither way): "
-        + (f"**{rate:.1%}**, goal {GOAL:.0%}: **{'met' if rate >= GOAL else 'not met'}**" if rate is not None else "n/a")
+        + (
+            f"**{rate:.1%}**, goal {GOAL:.0%}: **{'met' if rate >= GOAL else 'not met'}**"
+            if rate is not None
+            else "n/a"
+        )
         + (f" -- **partial**: {len(missing)} models not run yet, so this is not the zoo's rate" if missing else ""),
         "",
         "Status: *pass* = compress + export + verify succeeded and ORT parity passed; *refused* =",
@@ -397,8 +454,11 @@ def write_markdown(data: dict, path: Path, all_models: list[str]) -> None:
         "",
         "## Not passing",
         "",
-        *[f"- `{name}` ({r.get('status')}): {(r.get('error') + ': ') if r.get('error') else ''}{r.get('reason', '')}"
-          for name in all_models if (r := results.get(name)) is not None and r.get("status") != "pass"],
+        *[
+            f"- `{name}` ({r.get('status')}): {(r.get('error') + ': ') if r.get('error') else ''}{r.get('reason', '')}"
+            for name in all_models
+            if (r := results.get(name)) is not None and r.get("status") != "pass"
+        ],
         "",
         "## Per model",
         "",
@@ -437,8 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
     parser.add_argument("--timeout", type=float, default=900, help="wall-clock seconds per model (default 900)")
     parser.add_argument("--memory-gb", type=float, default=10, help="address-space limit per model (default 10 GiB)")
-    parser.add_argument("--max-params", type=float, default=250,
-                        help="millions of parameters above which a model is not run here (default 250)")
+    parser.add_argument(
+        "--max-params",
+        type=float,
+        default=250,
+        help="millions of parameters above which a model is not run here (default 250)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="models run at once (default 1)")
     parser.add_argument("--resume", action="store_true", help="skip models already in the JSON")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
@@ -473,10 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     argv_shown = sys.argv[1:] if argv is None else argv
-    data["runs"].append({"command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown), "commit": git_commit(),  # the code the rows measured
-                         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                         "machine": _machine(), "versions": _versions(), "models": models,
-                         "timeout_s": args.timeout, "memory_gb": args.memory_gb, "max_params_m": args.max_params})
+    data["runs"].append(
+        {
+            "command": "python scripts/zoo_coverage.py " + shlex.join(argv_shown),
+            "commit": git_commit(),  # the code the rows measured
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": _machine(),
+            "versions": _versions(),
+            "models": models,
+            "timeout_s": args.timeout,
+            "memory_gb": args.memory_gb,
+            "max_params_m": args.max_params,
+        }
+    )
     print(f"{len(models)} models; run directories and logs in {workdir}", flush=True)
 
     lock = threading.Lock()  # --jobs > 1: one writer at a time
@@ -488,8 +561,15 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(data, indent=1, default=str))
             write_markdown(data, args.markdown, all_models)
-        detail = row.get("reason", "") if row["status"] != "pass" else f"FLOPs -{row.get('flops_reduction') or 0:.1%}, max|diff| {row.get('max_abs_diff')}"
-        print(f"{name:22s} {row['status']:8s} {row['wall_seconds']:7.1f} s {row['peak_rss_mb']:6d} MB  {detail}", flush=True)
+        detail = (
+            row.get("reason", "")
+            if row["status"] != "pass"
+            else f"FLOPs -{row.get('flops_reduction') or 0:.1%}, max|diff| {row.get('max_abs_diff')}"
+        )
+        print(
+            f"{name:22s} {row['status']:8s} {row['wall_seconds']:7.1f} s {row['peak_rss_mb']:6d} MB  {detail}",
+            flush=True,
+        )
         return row
 
     if args.jobs > 1:
@@ -499,8 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             one(name)
     t = totals(data["results"])
-    print(f"pass {t['pass']}, refused {t['refused']}, failed {t['failed']}, not run {t['not_run']}; "
-          f"pass rate {t['pass_rate'] if t['pass_rate'] is None else format(t['pass_rate'], '.1%')}")
+    print(
+        f"pass {t['pass']}, refused {t['refused']}, failed {t['failed']}, not run {t['not_run']}; "
+        f"pass rate {t['pass_rate'] if t['pass_rate'] is None else format(t['pass_rate'], '.1%')}"
+    )
     return 0
 
 

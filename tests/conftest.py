@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers.cli import CliResult, invoke_cli, torch_threads, write_recipe
 
 

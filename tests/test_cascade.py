@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers.nets import Chain
 from torch.utils.data import DataLoader, TensorDataset
 
 from cascadec.distill.losses import DistillLoss
@@ -19,7 +20,6 @@ from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import shrink
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.recipe import Recipe
-from helpers.nets import Chain
 
 CPU = torch.device("cpu")
 EX = torch.randn(1, 1, 16, 16)
@@ -36,8 +36,17 @@ def _make_trainer(net: str, *, num_tas: int, cascade_update: bool, seed: int = 0
     scores = torch.rand(index.num_units) + 0.1
     teacher = copy.deepcopy(model)
     trainer = CascadeTrainer(
-        copy.deepcopy(model), teacher, index, solver, budget, scores,
-        num_tas=num_tas, ta_ratios=None, cascade_update=cascade_update, loss=DistillLoss(), device=CPU,
+        copy.deepcopy(model),
+        teacher,
+        index,
+        solver,
+        budget,
+        scores,
+        num_tas=num_tas,
+        ta_ratios=None,
+        cascade_update=cascade_update,
+        loss=DistillLoss(),
+        device=CPU,
     )
     for m in trainer.models:
         m.train()
@@ -63,7 +72,7 @@ def test_cascade_update_revives_units_masked_out_of_the_student(net) -> None:
     assert len(dead) > 0
     x, y = _batch()
     losses = trainer.joint_step(x, y)
-    assert len(losses) == 2 and all(l > 0 for l in losses)
+    assert len(losses) == 2 and all(value > 0 for value in losses)
     grad = trainer.scores[0].grad
     assert grad is not None
     # every unit masked out of the student but alive in its TA still learns (Eq. 5)
@@ -215,7 +224,12 @@ def _recipe(method: str, **over) -> Recipe:
     data = {
         "name": "tiny",
         "model": {"name": "cifar_resnet8", "num_classes": 10, "in_channels": 1},
-        "prune": {"method": method, "target": {"flops_reduction": 0.5}, "importance": "taylor", "importance_batches": 2},
+        "prune": {
+            "method": method,
+            "target": {"flops_reduction": 0.5},
+            "importance": "taylor",
+            "importance_batches": 2,
+        },
         "cascade": {"num_tas": 1},
         "distill": {"kd": True},
         "train": {"joint_epochs": 1, "student_epochs": 1, "max_steps_per_epoch": 2, "lr": 0.01},
@@ -247,7 +261,9 @@ RUNS = [
 ]
 
 
-@pytest.mark.parametrize("method, over", RUNS, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in RUNS])
+@pytest.mark.parametrize(
+    "method, over", RUNS, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in RUNS]
+)
 def test_prune_model_tiny_run(method, over, tiny_setup) -> None:
     teacher, loader, val = tiny_setup
     teacher_state = copy.deepcopy(teacher.state_dict())
@@ -290,8 +306,17 @@ def test_prune_model_tiny_run(method, over, tiny_setup) -> None:
         record = h["fine_tune"][1]
     else:
         num_tas = recipe.cascade.num_tas
-        assert set(h) == {"fractions", "joint", "joint_seconds", "mask_changed_units", "student", "seconds", "ladder",
-                          "freeze_step", "joint_steps"}
+        assert set(h) == {
+            "fractions",
+            "joint",
+            "joint_seconds",
+            "mask_changed_units",
+            "student",
+            "seconds",
+            "ladder",
+            "freeze_step",
+            "joint_steps",
+        }
         assert [r["model"] for r in h["ladder"]["rungs"]] == ["student", *(f"TA{j}" for j in range(1, num_tas + 1))]
         assert len(h["fractions"]) == num_tas + 1
         assert h["fractions"][0] == pytest.approx(a.budget.keep_fraction)
@@ -300,7 +325,7 @@ def test_prune_model_tiny_run(method, over, tiny_setup) -> None:
         assert len(h["joint"]) == recipe.train.joint_epochs
         j = h["joint"][0]
         assert j["steps"] == 2 and len(j["losses"]) == num_tas + 1
-        assert all(l > 0 for l in j["losses"])
+        assert all(value > 0 for value in j["losses"])
         assert isinstance(h["mask_changed_units"], int) and h["mask_changed_units"] >= 0
         assert [r["epoch"] for r in h["student"]] == list(range(-1, recipe.train.student_epochs))
         record = h["student"][1]
@@ -322,13 +347,12 @@ _BAD_HIERARCHY = [
 
 @pytest.mark.parametrize("over, why", _BAD_HIERARCHY, ids=[w for _, w in _BAD_HIERARCHY])
 def test_invalid_ta_chain_is_a_user_error(over, why, tiny_setup) -> None:
-    from cascadec.errors import UserError
-
     from pydantic import ValidationError
+
+    from cascadec.errors import UserError
 
     teacher, loader, val = tiny_setup
     # refused either by the recipe schema (load_recipe turns that into a UserError) or at run time
     with pytest.raises((UserError, ValidationError)):
         recipe = _recipe("cascade", **{"train__max_steps_per_epoch": 1, "train__student_epochs": 0, **over})
         prune_model(teacher, recipe, loader, val, EX, CPU)
-

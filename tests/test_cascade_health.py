@@ -12,13 +12,14 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cascadec.data import build_data
+from cascadec.data.loaders import make_loaders
 from cascadec.errors import UserError
 from cascadec.models import create_model
 from cascadec.prune.finetune import first_better
 from cascadec.prune.methods import check_ladder, prune_model
 from cascadec.prune.scores import TaylorMagnitude, freeze_step, score_schedule
 from cascadec.recipe import Recipe
-from cascadec.stages import make_loaders, train_teacher
+from cascadec.teacher import train_teacher
 from cascadec.train.bn import recalibrate_batchnorm, recalibration_loader
 
 CPU = torch.device("cpu")
@@ -73,11 +74,16 @@ def test_no_decision_is_taken_on_the_reported_split(monkeypatch) -> None:
     import cascadec.prune.methods as methods_mod
 
     bundle = build_data("digits", train_limit=128, seed=0)
-    recipe = Recipe.model_validate({
-        "name": "t", "model": {"name": "cifar_resnet8"}, "data": {"name": "digits", "batch_size": 32},
-        "prune": {"target": {"flops_reduction": 0.5}, "importance_batches": 1},
-        "cascade": {"num_tas": 1}, "train": {"joint_epochs": 1, "student_epochs": 2, "max_steps_per_epoch": 2},
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "model": {"name": "cifar_resnet8"},
+            "data": {"name": "digits", "batch_size": 32},
+            "prune": {"target": {"flops_reduction": 0.5}, "importance_batches": 1},
+            "cascade": {"num_tas": 1},
+            "train": {"joint_epochs": 1, "student_epochs": 2, "max_steps_per_epoch": 2},
+        }
+    )
     loaders = make_loaders(bundle, recipe, CPU)
     seen: list[object] = []
     real = finetune_mod.evaluate
@@ -160,16 +166,20 @@ def digits_run():
     """A teacher trained briefly on digits, then a cascade with 2 TAs and a frozen tail."""
     torch.manual_seed(0)
     bundle = build_data("digits", seed=0)
-    recipe = Recipe.model_validate({
-        "name": "ladder", "model": {"name": "cifar_resnet8"}, "data": {"name": "digits", "batch_size": 64},
-        "teacher": {"train_epochs": 6, "lr": 0.05},
-        "prune": {"target": {"flops_reduction": 0.6}, "importance_batches": 4},
-        "cascade": {"num_tas": 2, "freeze_fraction": 0.5},
-        "train": {"joint_epochs": 4, "student_epochs": 1, "lr": 0.01, "bn_recalibration_batches": 5},
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "ladder",
+            "model": {"name": "cifar_resnet8"},
+            "data": {"name": "digits", "batch_size": 64},
+            "teacher": {"train_epochs": 6, "lr": 0.05},
+            "prune": {"target": {"flops_reduction": 0.6}, "importance_batches": 4},
+            "cascade": {"num_tas": 2, "freeze_fraction": 0.5},
+            "train": {"joint_epochs": 4, "student_epochs": 1, "lr": 0.01, "bn_recalibration_batches": 5},
+        }
+    )
     loaders = make_loaders(bundle, recipe, CPU)
     teacher = create_model("cifar_resnet8", num_classes=10, in_channels=1)
-    train_teacher(teacher, recipe, loaders.train, loaders.val, CPU)
+    train_teacher(teacher, recipe, loaders.train, CPU)
     result = prune_model(teacher.eval(), recipe, loaders.train, loaders.selection, torch.zeros(1, 1, 16, 16), CPU)
     return recipe, result
 
@@ -233,8 +243,21 @@ def test_student_phase_never_distils_from_a_worse_teacher() -> None:
     index = build_groups(student, torch.zeros(1, 1, 16, 16))
     weak, strong = copy.deepcopy(student).eval(), copy.deepcopy(student).eval()
     history = student_phase(
-        student, torch.ones(index.num_units), index, [("weak", weak), ("strong", strong)], loader, loader, DistillLoss(),
-        epochs=1, lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=True, max_steps=2,
+        student,
+        torch.ones(index.num_units),
+        index,
+        [("weak", weak), ("strong", strong)],
+        loader,
+        loader,
+        DistillLoss(),
+        epochs=1,
+        lr=0.01,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.0,
+        device=CPU,
+        promote=True,
+        max_steps=2,
         teacher_accuracy=[-1.0, 2.0],  # 'weak' below anything the student can score, 'strong' above
     )
     assert [r["teacher"] for r in history if r["epoch"] >= 0] == ["strong"]

@@ -59,8 +59,17 @@ def _assert_same(a, b) -> None:
 
 def test_optimiser_scheduler_and_model_state_round_trip_exactly(tmp_path) -> None:
     model, sgd, rms, sched = _trained_optimizers()
-    state = {"model": model.state_dict(), "sgd": sgd.state_dict(), "rms": rms.state_dict(), "sched": sched.state_dict(),
-             "epoch": 2, "step": 5, "history": [{"loss": 0.5, "teacher": None}], "scale": 3.25, "shape": (1, 2)}
+    state = {
+        "model": model.state_dict(),
+        "sgd": sgd.state_dict(),
+        "rms": rms.state_dict(),
+        "sched": sched.state_dict(),
+        "epoch": 2,
+        "step": 5,
+        "history": [{"loss": 0.5, "teacher": None}],
+        "scale": 3.25,
+        "shape": (1, 2),
+    }
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, state)
     loaded = load_checkpoint(path)
@@ -106,7 +115,7 @@ def test_full_disk_is_a_user_error_and_keeps_the_previous_checkpoint(tmp_path, m
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("cascadec.train.checkpoint.os.fsync", no_space)
+    monkeypatch.setattr("cascadec.fileio.os.fsync", no_space)
     with pytest.raises(UserError, match="disk full") as info:
         save_checkpoint(path, {"w": torch.zeros(3), "step": 2})
     assert "\n" not in str(info.value)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers.cli import TINY_RECIPE, cli_subprocess, write_recipe
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
@@ -53,7 +52,9 @@ def corrupt_files(tmp_path):
     from cascadec.models import create_model
 
     good = tmp_path / "good.safetensors"
-    save_file({k: v.contiguous() for k, v in create_model("cifar_resnet8", num_classes=10).state_dict().items()}, str(good))
+    save_file(
+        {k: v.contiguous() for k, v in create_model("cifar_resnet8", num_classes=10).state_dict().items()}, str(good)
+    )
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.pt"
@@ -76,17 +77,31 @@ BAD_INPUT = {
     # id: (args builder(tmp_path, recipe) -> extra args, needles)
     "unknown-model": (lambda t, r: ["compress", "nosuchnet", "--recipe", r], ["nosuchnet"]),
     "unknown-recipe": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", "no_such_recipe"], ["no_such_recipe"]),
-    "malformed-yaml": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", _bad_yaml(t)], ["malformed.yaml", "malformed YAML"]),
-    "unknown-key-set": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--set", "prune.bogus=1"],
-                        ["prune.bogus", "unknown key"]),
-    "unknown-key-yaml": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", _unknown_key_yaml(t)],
-                         ["unknown_key.yaml", "prune.bogus", "unknown key"]),
+    "malformed-yaml": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", _bad_yaml(t)],
+        ["malformed.yaml", "malformed YAML"],
+    ),
+    "unknown-key-set": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--set", "prune.bogus=1"],
+        ["prune.bogus", "unknown key"],
+    ),
+    "unknown-key-yaml": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", _unknown_key_yaml(t)],
+        ["unknown_key.yaml", "prune.bogus", "unknown key"],
+    ),
     "wrong-type": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--set", "train.lr=abc"], ["train.lr"]),
-    "missing-data": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--data", "/nonexistent"], ["/nonexistent"]),
-    "infeasible-target": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--set", "prune.target.flops_reduction=0.999"],
-                          ["infeasible"]),
-    "missing-weights-file": (lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--weights", t / "absent.safetensors"],
-                             ["absent.safetensors"]),
+    "missing-data": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--data", "/nonexistent"],
+        ["/nonexistent"],
+    ),
+    "infeasible-target": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--set", "prune.target.flops_reduction=0.999"],
+        ["infeasible"],
+    ),
+    "missing-weights-file": (
+        lambda t, r: ["compress", "cifar_resnet8", "--recipe", r, "--weights", t / "absent.safetensors"],
+        ["absent.safetensors"],
+    ),
 }
 
 
@@ -101,7 +116,9 @@ def test_bad_input_exits_2_with_one_line(case, cli, tmp_path, tiny_recipe, isola
 @pytest.mark.parametrize("which", ["truncated", "garbage"])
 def test_corrupted_checkpoint_exits_2_with_one_line(which, cli, tmp_path, tiny_recipe, corrupt_files, isolated_cache):
     out_dir = tmp_path / "run"
-    result = cli("compress", "cifar_resnet8", "--recipe", tiny_recipe, "--weights", corrupt_files[which], "--out", out_dir)
+    result = cli(
+        "compress", "cifar_resnet8", "--recipe", tiny_recipe, "--weights", corrupt_files[which], "--out", out_dir
+    )
     assert_user_error(result, corrupt_files[which].name)
     if out_dir.exists():  # whatever is left there is not presented as a result
         manifest = json.loads((out_dir / "manifest.json").read_text())
@@ -111,21 +128,39 @@ def test_corrupted_checkpoint_exits_2_with_one_line(which, cli, tmp_path, tiny_r
 
 def test_corrupted_checkpoint_leaves_no_run_directory(cli, tmp_path, tiny_recipe, corrupt_files, isolated_cache):
     out_dir = tmp_path / "run"
-    result = cli("compress", "cifar_resnet8", "--recipe", tiny_recipe, "--weights", corrupt_files["truncated"], "--out", out_dir)
+    result = cli(
+        "compress", "cifar_resnet8", "--recipe", tiny_recipe, "--weights", corrupt_files["truncated"], "--out", out_dir
+    )
     assert result.code == 2
     assert not out_dir.exists()
 
 
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path, tiny_recipe):
-    result = cli_subprocess("compress", "nosuchnet", "--recipe", tiny_recipe, "--out", tmp_path / "run",
-                            env={"CASCADEC_CACHE": str(tmp_path / "cache")})
+    result = cli_subprocess(
+        "compress",
+        "nosuchnet",
+        "--recipe",
+        tiny_recipe,
+        "--out",
+        tmp_path / "run",
+        env={"CASCADEC_CACHE": str(tmp_path / "cache")},
+    )
     assert_user_error(result, "nosuchnet", out_dir=tmp_path / "run")
     assert result.out == ""
 
 
 def test_bad_override_in_a_fresh_process_has_no_traceback(tmp_path, tiny_recipe):
-    result = cli_subprocess("compress", "cifar_resnet8", "--recipe", tiny_recipe, "--set", "train.lr=abc",
-                            "--out", tmp_path / "run", env={"CASCADEC_CACHE": str(tmp_path / "cache")})
+    result = cli_subprocess(
+        "compress",
+        "cifar_resnet8",
+        "--recipe",
+        tiny_recipe,
+        "--set",
+        "train.lr=abc",
+        "--out",
+        tmp_path / "run",
+        env={"CASCADEC_CACHE": str(tmp_path / "cache")},
+    )
     assert_user_error(result, "train.lr", tiny_recipe.name, out_dir=tmp_path / "run")
 
 
@@ -146,12 +181,16 @@ def test_export_fp16_without_trt_exits_2(cli, finished_run):
     assert_user_error(cli("export", finished_run.path, "--fp16"), "--trt")
 
 
-@pytest.mark.parametrize("args", [
-    ["profile", "{run}", "--batch", "0"],
-    ["verify", "{run}", "--samples", "0"],
-    ["compress", "cifar_resnet8"],  # --recipe missing
-    ["no-such-command"],
-], ids=["profile-batch-0", "verify-samples-0", "missing-recipe", "unknown-command"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["profile", "{run}", "--batch", "0"],
+        ["verify", "{run}", "--samples", "0"],
+        ["compress", "cifar_resnet8"],  # --recipe missing
+        ["no-such-command"],
+    ],
+    ids=["profile-batch-0", "verify-samples-0", "missing-recipe", "unknown-command"],
+)
 def test_usage_errors_exit_2(args, cli, finished_run):
     result = cli(*[a.format(run=finished_run.path) for a in args])
     assert result.code == 2, result.err
@@ -173,7 +212,9 @@ def test_dry_run_works_offline_and_shows_widths_and_target(cli, monkeypatch, tmp
     assert result.code == 0, result.err
     assert list(tmp_path.iterdir()) == [], "a dry run must not create a run directory"
     text = normalise(result.out)
-    header = re.search(r"resnet50 input 3x224x224: ([\d.]+)GMAC, [\d.]+M params, \d+ prunable channels in (\d+) groups", text)
+    header = re.search(
+        r"resnet50 input 3x224x224: ([\d.]+) GMac, [\d.]+ M params, \d+ prunable channels in (\d+) groups", text
+    )
     assert header, result.out
     rows = re.findall(r"│\s*(\S+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│", result.out)
     assert len(rows) == int(header.group(2)) > 0
@@ -181,7 +222,7 @@ def test_dry_run_works_offline_and_shows_widths_and_target(cli, monkeypatch, tmp
     kept = [int(r[3]) for r in rows]
     assert all(1 <= k <= c for k, c in zip(kept, channels))
     assert sum(kept) < sum(channels)
-    target = re.search(r"target 50% fewer FLOPs: ([\d.]+)GMAC \(([\d.]+)% of FLOPs\)", text)
+    target = re.search(r"target 50% fewer FLOPs: ([\d.]+) GMac \(([\d.]+)% of FLOPs\)", text)
     assert target, result.out
     assert 48.0 <= float(target.group(2)) <= 50.05
     assert float(target.group(1)) == pytest.approx(float(header.group(1)) / 2, rel=0.03)
@@ -294,15 +335,25 @@ def test_compress_end_to_end(finished_run):
 def test_report_json_has_the_fixed_keys(finished_run):
     report = json.loads((finished_run.path / "report.json").read_text())
     flat = _flat(report)
-    for key in ("teacher.flops", "teacher.params", "teacher.accuracy", "student.flops", "student.params",
-                "student.accuracy", "parity.onnxruntime.max_abs_diff", "parity.onnxruntime.top1_agreement",
-                "parity.onnxruntime.passed"):
+    for key in (
+        "teacher.flops",
+        "teacher.params",
+        "teacher.accuracy",
+        "student.flops",
+        "student.params",
+        "student.accuracy",
+        "parity.onnxruntime.max_abs_diff",
+        "parity.onnxruntime.top1_agreement",
+        "parity.onnxruntime.passed",
+    ):
         assert key in flat, f"report.json lacks {key}"
     for who in ("teacher", "student"):
         for batch in ("1", "2"):
             for stat in ("p50_ms", "p90_ms", "p99_ms", "throughput"):
                 value = flat.get(f"latency.onnxruntime.{who}.{batch}.{stat}")
-                assert isinstance(value, (int, float)) and value > 0, f"latency.onnxruntime.{who}.{batch}.{stat}: {value!r}"
+                assert isinstance(value, (int, float)) and value > 0, (
+                    f"latency.onnxruntime.{who}.{batch}.{stat}: {value!r}"
+                )
     for who in ("teacher", "student"):
         assert 0.0 <= flat[f"{who}.accuracy"] <= 1.0
     assert 0 < flat["student.flops"] < flat["teacher.flops"]
@@ -317,8 +368,17 @@ def test_report_md_and_artifacts(finished_run):
     run = finished_run.path
     md = (run / "report.md").read_text()
     assert "Teacher" in md and "Student" in md and "onnxruntime" in md
-    for name in ("recipe.yaml", "manifest.json", "teacher.safetensors", "student.widths.json", "student.safetensors",
-                 "teacher.onnx", "student.onnx", "report.json", "report.md"):
+    for name in (
+        "recipe.yaml",
+        "manifest.json",
+        "teacher.safetensors",
+        "student.widths.json",
+        "student.safetensors",
+        "teacher.onnx",
+        "student.onnx",
+        "report.json",
+        "report.md",
+    ):
         assert (run / name).is_file(), f"missing {name}"
     assert not [p.name for p in run.rglob("*") if p.suffix in PICKLE_SUFFIXES]
     assert not list(run.rglob("*.tmp"))
@@ -363,8 +423,9 @@ def test_resume_of_a_finished_run_redoes_nothing(cli, copy_run, finished_run, mo
 
 def test_resume_with_a_different_recipe_is_refused(cli, copy_run, finished_run):
     run = copy_run()
-    result = cli("compress", "cifar_resnet8", "--recipe", finished_run.recipe, "--out", run, "--resume",
-                 "--set", "train.lr=0.5")
+    result = cli(
+        "compress", "cifar_resnet8", "--recipe", finished_run.recipe, "--out", run, "--resume", "--set", "train.lr=0.5"
+    )
     assert_user_error(result, "different recipe")
 
 
@@ -393,8 +454,9 @@ def test_verify_gate_failure_exits_3_with_a_table(cli, copy_run):
 def test_compress_gate_failure_exits_3_after_writing_the_report(cli, tmp_path, finished_run, monkeypatch):
     monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))  # reuse the trained teacher
     run = tmp_path / "gate"
-    result = cli("compress", "cifar_resnet8", "--recipe", finished_run.recipe, "--out", run,
-                 "--set", "verify.max_abs_diff=1e-30")
+    result = cli(
+        "compress", "cifar_resnet8", "--recipe", finished_run.recipe, "--out", run, "--set", "verify.max_abs_diff=1e-30"
+    )
     assert result.code == 3, result.err
     assert "parity gate failed" in result.err and "max_abs_diff" in result.err
     report = json.loads((run / "report.json").read_text())

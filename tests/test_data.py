@@ -35,9 +35,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> None:
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     data = header + array.astype(np.uint8).tobytes()
     if compress:
         with gzip.open(path, "wb") as handle:
@@ -104,9 +102,7 @@ def test_fashion_mnist_copy_resized_and_limited(tmp_path: Path) -> None:
     raw.mkdir(parents=True)
     for f in DEBIAN.glob("*-ubyte.gz"):
         shutil.copy(f, raw / f.name)
-    bundle = build_data(
-        "fashion_mnist", tmp_path / "tv", image_size=32, train_limit=200, val_limit=50, seed=3
-    )
+    bundle = build_data("fashion_mnist", tmp_path / "tv", image_size=32, train_limit=200, val_limit=50, seed=3)
     assert str(raw) in bundle.description
     assert bundle.train[0][0].shape == (1, 32, 32) and (len(bundle.train), len(bundle.val)) == (
         200,
@@ -135,9 +131,7 @@ def test_fashion_mnist_fabricated_and_env(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_fashion_mnist_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(
-        UserError, match=r"looked in: .*nowhere.*apt-get install dataset-fashion-mnist"
-    ):
+    with pytest.raises(UserError, match=r"looked in: .*nowhere.*apt-get install dataset-fashion-mnist"):
         build_data("fashion_mnist", tmp_path / "nowhere")
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")
     with pytest.raises(UserError, match=r"no-debian.*--data PATH") as err:
@@ -153,9 +147,7 @@ def test_download_failures_are_user_errors(tmp_path: Path, monkeypatch: pytest.M
 
     for cls in ("FashionMNIST", "CIFAR10"):
         monkeypatch.setattr(tvd, cls, offline)
-    with pytest.raises(
-        UserError, match=r"downloading Fashion-MNIST into .*dl failed: Error"
-    ) as err:
+    with pytest.raises(UserError, match=r"downloading Fashion-MNIST into .*dl failed: Error") as err:
         build_data("fashion_mnist", tmp_path / "dl", download=True)
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match=r"downloading cifar10 into .*cache.*failed"):
@@ -167,9 +159,7 @@ def test_fashion_mnist_corrupt_files(tmp_path: Path) -> None:
     labels = folder / "train-labels-idx1-ubyte.gz"
     good = labels.read_bytes()
     labels.write_bytes(good[: len(good) // 2])  # truncated gzip stream
-    with pytest.raises(
-        UserError, match=r"train-labels-idx1-ubyte\.gz is truncated or corrupt"
-    ) as err:
+    with pytest.raises(UserError, match=r"train-labels-idx1-ubyte\.gz is truncated or corrupt") as err:
         build_data("fashion_mnist", folder)
     assert "\n" not in str(err.value)
     with gzip.open(labels, "wb") as handle:  # valid gzip, short payload
@@ -243,9 +233,7 @@ def _png_tree(root: Path, splits: dict[str, list[str]]) -> None:
         for cls in classes:
             (root / split / cls).mkdir(parents=True)
             for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
-                    root / split / cls / f"{i}.png"
-                )
+                Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
 
 
 def test_imagefolder(tmp_path: Path) -> None:
@@ -259,9 +247,7 @@ def test_imagefolder(tmp_path: Path) -> None:
     torch.testing.assert_close(bundle.selection[0][0], bundle.selection[0][0])
     assert bundle.mean == (0.485, 0.456, 0.406)
     no_aug = build_data("imagefolder", tmp_path / "tree", image_size=32, augment=False)
-    torch.testing.assert_close(
-        no_aug.train[0][0], no_aug.train[0][0]
-    )  # val transform: deterministic
+    torch.testing.assert_close(no_aug.train[0][0], no_aug.train[0][0])  # val transform: deterministic
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:
@@ -345,8 +331,6 @@ def test_cifar_errors(tmp_path: Path) -> None:
         pickle.dump({"data": _Evil(), "labels": []}, handle)
     with pytest.raises(UserError, match=r"builtins\.print is not allowed"):
         build_data("cifar10", tmp_path / "data")
-    (folder / "data_batch_3").write_bytes(
-        pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]})
-    )
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}))
     with pytest.raises(UserError, match="out of range"):
         build_data("cifar10", tmp_path / "data")

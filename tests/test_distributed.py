@@ -23,18 +23,31 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 
 WORKER = REPO_ROOT / "tests" / "helpers" / "ddp_worker.py"
 
 
 def _torchrun(nproc: int, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CASCADEC_NO_PROGRESS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           str(WORKER), str(out)], env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(WORKER),
+            str(out),
+        ],
+        env=env,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -86,7 +99,9 @@ def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> No
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["stages"]["prune"]["status"] == "done"
     assert (out / "student.onnx").is_file() and not (out / "checkpoints").exists()
-    assert 1 - manifest["metrics"]["student.flops"] / manifest["metrics"]["teacher.flops"] == pytest.approx(0.5, abs=0.02)
+    assert 1 - manifest["metrics"]["student.flops"] / manifest["metrics"]["teacher.flops"] == pytest.approx(
+        0.5, abs=0.02
+    )
 
 
 def test_ranks_other_than_0_never_write_the_run_directory(tmp_path) -> None:

@@ -9,10 +9,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-import cascadec.divergence as div
+import cascadec.verify.diagnose as div
 from cascadec.backends.onnx_export import export_onnx
-from cascadec.divergence import find_first_divergence, mapped_modules, torch_activations
-from cascadec.verify import Tolerance
+from cascadec.verify.diagnose import find_first_divergence, mapped_modules, torch_activations
+from cascadec.verify.gates import Tolerance
 
 TOL = Tolerance(atol=1e-4, rtol=1e-3)
 
@@ -22,8 +22,13 @@ class Net(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.middle = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.head = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(16, 10))
+        self.head = nn.Sequential(
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.middle(self.stem(x)))

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-
-from cascadec.train.checkpoint import load_checkpoint
 from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 from test_resume import _kill_when_training
+
+from cascadec.train.checkpoint import load_checkpoint
 
 TRAIN = {"joint_epochs": 2, "student_epochs": 1, "max_steps_per_epoch": 4, "checkpoint_every_steps": 1}
 
@@ -44,17 +44,19 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cli, re
 
 
 def test_full_disk_during_a_checkpoint_is_exit_2_one_line(cli, recipe, tmp_path, isolated_cache, monkeypatch) -> None:
-    monkeypatch.setattr("cascadec.train.checkpoint.os.fsync", _no_space)
+    monkeypatch.setattr("cascadec.fileio.os.fsync", _no_space)
     result = cli("compress", "cifar_resnet8", "--recipe", recipe, "--out", tmp_path / "run")
     assert result.code == 2
     assert result.err_lines[-1].startswith("error: cannot write checkpoint") and "disk full" in result.err_lines[-1]
     assert "Traceback" not in result.err
 
 
-def test_full_disk_while_writing_an_artifact_is_exit_2_one_line(cli, recipe, tmp_path, isolated_cache, monkeypatch) -> None:
-    import safetensors.torch
+def test_full_disk_while_writing_an_artifact_is_exit_2_one_line(
+    cli, recipe, tmp_path, isolated_cache, monkeypatch
+) -> None:
+    from cascadec import stages
 
-    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)  # teacher.safetensors is the first artifact
+    monkeypatch.setattr(stages, "save_file", _no_space)  # teacher.safetensors is the first artifact
     out = tmp_path / "run"
     result = cli("compress", "cifar_resnet8", "--recipe", recipe, "--out", out)
     assert result.code == 2
@@ -68,7 +70,9 @@ def test_unwritable_out_dir_is_exit_2_one_line(cli, recipe, tmp_path) -> None:
     blocker.write_text("")
     result = cli("compress", "cifar_resnet8", "--recipe", recipe, "--out", blocker / "run")
     assert result.code == 2
-    assert len(result.err_lines) == 1 and result.err_lines[0].startswith(f"error: cannot create run directory {blocker / 'run'}")
+    assert len(result.err_lines) == 1 and result.err_lines[0].startswith(
+        f"error: cannot create run directory {blocker / 'run'}"
+    )
 
 
 def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes(recipe, tmp_path) -> None:

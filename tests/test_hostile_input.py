@@ -41,28 +41,51 @@ def _section_fields() -> dict[str, list[str]]:
 
 
 SECTION_FIELDS = _section_fields()
-NESTED_KEYS = sorted({k for keys in SECTION_FIELDS.values() for k in keys} | {"flops_reduction", "params_reduction", "keep_ratio"})
-DOTTED_KEYS = sorted({f"{s}.{k}" for s, keys in SECTION_FIELDS.items() for k in keys}
-                     | {f"prune.target.{k}" for k in ("flops_reduction", "params_reduction", "keep_ratio")}
-                     | set(TOP_KEYS))
+NESTED_KEYS = sorted(
+    {k for keys in SECTION_FIELDS.values() for k in keys} | {"flops_reduction", "params_reduction", "keep_ratio"}
+)
+DOTTED_KEYS = sorted(
+    {f"{s}.{k}" for s, keys in SECTION_FIELDS.items() for k in keys}
+    | {f"prune.target.{k}" for k in ("flops_reduction", "params_reduction", "keep_ratio")}
+    | set(TOP_KEYS)
+)
 
 # Characters str.splitlines() breaks on: a key containing one of them makes a multi-line
 # error (known bug, pinned below), so the property tests' junk keys leave them out.
 LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 safe_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=LINE_BREAKS), max_size=10)
 
-REAL_WORDS = ["cascade", "oneshot", "taylor", "l1", "sgd", "rmsprop", "fashion_mnist", "synthetic", "digits", "cifar10",
-              "imagefolder", "cifar_resnet8", "IMAGENET1K_V1", "builtin:cifar_resnet8_fmnist"]
+REAL_WORDS = [
+    "cascade",
+    "oneshot",
+    "taylor",
+    "l1",
+    "sgd",
+    "rmsprop",
+    "fashion_mnist",
+    "synthetic",
+    "digits",
+    "cifar10",
+    "imagefolder",
+    "cifar_resnet8",
+    "IMAGENET1K_V1",
+    "builtin:cifar_resnet8_fmnist",
+]
 
 # Small numbers only: a *valid* random recipe is dry-run through the CLI, and a 10^6-pixel
 # image size would be a (legitimate) memory hog, not a robustness finding.
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 64),
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 64),
     st.floats(-2, 2) | st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.5, 1.0, 1e-9]),
-    safe_text, st.sampled_from(REAL_WORDS),
+    safe_text,
+    st.sampled_from(REAL_WORDS),
 )
 junk_keys = st.one_of(st.sampled_from(TOP_KEYS + NESTED_KEYS), safe_text, st.integers(-3, 3), st.booleans())
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(junk_keys, c, max_size=4), max_leaves=12)
+values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(junk_keys, c, max_size=4), max_leaves=12
+)
 section_values = st.dictionaries(st.sampled_from(NESTED_KEYS) | safe_text, values, max_size=6) | values
 recipe_like = st.dictionaries(st.sampled_from(TOP_KEYS) | junk_keys, section_values, max_size=8)
 documents = st.one_of(recipe_like, values)
@@ -84,8 +107,25 @@ def garbage(draw) -> bytes:
     raw = bytearray(VALID_TEXT.encode())
     for _ in range(draw(st.integers(1, 3))):
         pos = draw(st.integers(0, len(raw)))
-        raw[pos:pos] = draw(st.sampled_from([b"\t", b"'", b'"', b"[", b"{", b":", b"- ", b"\xff", b"\x00", b"&a", b"*b",
-                                             b"!!python/name:os.system ", b"\n  "]))
+        raw[pos:pos] = draw(
+            st.sampled_from(
+                [
+                    b"\t",
+                    b"'",
+                    b'"',
+                    b"[",
+                    b"{",
+                    b":",
+                    b"- ",
+                    b"\xff",
+                    b"\x00",
+                    b"&a",
+                    b"*b",
+                    b"!!python/name:os.system ",
+                    b"\n  ",
+                ]
+            )
+        )
     return bytes(raw)
 
 
@@ -197,13 +237,43 @@ def test_deeply_nested_recipe_is_a_user_error(cli, no_training, tmp_path):
 
 # ---------------------------------------------------------------- 2. --set overrides
 
-key_parts = st.one_of(st.sampled_from(TOP_KEYS + NESTED_KEYS + ["target", "options"]), safe_text.filter(lambda s: "=" not in s),
-                      st.just(""))
+key_parts = st.one_of(
+    st.sampled_from(TOP_KEYS + NESTED_KEYS + ["target", "options"]),
+    safe_text.filter(lambda s: "=" not in s),
+    st.just(""),
+)
 override_keys = st.one_of(st.sampled_from(DOTTED_KEYS), st.lists(key_parts, min_size=1, max_size=4).map(".".join))
 override_values = st.one_of(
-    st.sampled_from(["0.5", "1", "0", "-3", "true", "null", "", "x", "[1, 8]", "[-1]", "[]", "{a: 1}", "{}", "[", "{",
-                     "'unterminated", "1e999", "nan", "!!python/object/apply:os.system [true]", "\u2603", "1,,2",
-                     "{flops_reduction: 0.3}", "{keep_ratio: 2}", "[0.5, 1.0]", "cascade", "rmsprop"]),
+    st.sampled_from(
+        [
+            "0.5",
+            "1",
+            "0",
+            "-3",
+            "true",
+            "null",
+            "",
+            "x",
+            "[1, 8]",
+            "[-1]",
+            "[]",
+            "{a: 1}",
+            "{}",
+            "[",
+            "{",
+            "'unterminated",
+            "1e999",
+            "nan",
+            "!!python/object/apply:os.system [true]",
+            "\u2603",
+            "1,,2",
+            "{flops_reduction: 0.3}",
+            "{keep_ratio: 2}",
+            "[0.5, 1.0]",
+            "cascade",
+            "rmsprop",
+        ]
+    ),
     safe_text,
 )
 
@@ -249,8 +319,25 @@ def test_nonpositive_profile_batches_are_refused(value):
 
 # ---------------------------------------------------------------- 3. argument lists
 
-JUNK = ["", "0", "1", "-3", "x", "1,,2", "-", "--", "1e3", "nan", "\u2603", "/nonexistent/run", "missing.onnx",
-        "missing.yaml", ".yaml", "--junk", "-x"]
+JUNK = [
+    "",
+    "0",
+    "1",
+    "-3",
+    "x",
+    "1,,2",
+    "-",
+    "--",
+    "1e3",
+    "nan",
+    "\u2603",
+    "/nonexistent/run",
+    "missing.onnx",
+    "missing.yaml",
+    ".yaml",
+    "--junk",
+    "-x",
+]
 PATH_TOKENS = ["/nonexistent/run", "", "missing.onnx", "EMPTY_DIR", "A_FILE", "A_FILE.onnx", "x.yaml"]
 BATCH_TOKENS = ["1", "1,,2", "-3", "x", "", "0", ",", "1,8", " 1 ", "1.5", "\u0661"]
 INT_TOKENS = ["1", "8", "16", "0", "-3", "x", "", "1e3", "3.0"]
@@ -262,11 +349,16 @@ def _opt(draw, name: str, tokens) -> list[str]:
 
 @st.composite
 def argument_lists(draw) -> list[str]:
-    cmd = draw(st.sampled_from(["help", "models", "recipes", "verify", "profile", "export", "report", "inspect", "compress",
-                                "junk"]))
+    cmd = draw(
+        st.sampled_from(
+            ["help", "models", "recipes", "verify", "profile", "export", "report", "inspect", "compress", "junk"]
+        )
+    )
     path = draw(st.sampled_from(PATH_TOKENS))
     if cmd == "help":
-        args = draw(st.sampled_from([["--help"], ["verify", "--help"], ["compress", "--help"], [], ["recipes"], ["models"]]))
+        args = draw(
+            st.sampled_from([["--help"], ["verify", "--help"], ["compress", "--help"], [], ["recipes"], ["models"]])
+        )
     elif cmd == "models":
         args = ["models", "list"] + draw(st.lists(st.sampled_from(["vgg", "", "\u2603", "resnet"]), max_size=1))
     elif cmd == "recipes":
@@ -274,24 +366,47 @@ def argument_lists(draw) -> list[str]:
         if args[-1] == "show":
             args += draw(st.lists(st.sampled_from(["fmnist_quick", "junk", "", "missing.yaml", "A_FILE"]), max_size=2))
     elif cmd == "verify":
-        args = ["verify", path] + _opt(draw, "--samples", INT_TOKENS) + _opt(draw, "--backend", ["onnxruntime", "", "junk", "trt"])
+        args = (
+            ["verify", path]
+            + _opt(draw, "--samples", INT_TOKENS)
+            + _opt(draw, "--backend", ["onnxruntime", "", "junk", "trt"])
+        )
     elif cmd == "profile":
-        args = ["profile", path] + _opt(draw, "--batch", BATCH_TOKENS) + _opt(draw, "--backend", ["onnxruntime", "junk", ""])
+        args = (
+            ["profile", path]
+            + _opt(draw, "--batch", BATCH_TOKENS)
+            + _opt(draw, "--backend", ["onnxruntime", "junk", ""])
+        )
     elif cmd == "export":
         args = ["export", path] + _opt(draw, "--calib-images", INT_TOKENS)
         args += draw(st.lists(st.sampled_from(["--fp16", "--int8", "--trt", "--triton"]), max_size=2, unique=True))
         args += _opt(draw, "--triton-dir", PATH_TOKENS)
     elif cmd == "report":
-        args = ["report"] + draw(st.lists(st.sampled_from(PATH_TOKENS), max_size=2)) + _opt(draw, "--out", ["x.png", "x.txt", ""])
+        args = (
+            ["report"]
+            + draw(st.lists(st.sampled_from(PATH_TOKENS), max_size=2))
+            + _opt(draw, "--out", ["x.png", "x.txt", ""])
+        )
     elif cmd == "inspect":
         model = draw(st.sampled_from(["cifar_resnet8", "junk", "", "-3"]))
-        args = ["inspect", model] + _opt(draw, "--image-size", INT_TOKENS) + _opt(draw, "--in-channels", ["1", "3", "0", "-1", "x"])
-        args += _opt(draw, "--num-classes", INT_TOKENS) + _opt(draw, "--recipe", ["fmnist_quick", "junk", "missing.yaml", ""])
+        args = (
+            ["inspect", model]
+            + _opt(draw, "--image-size", INT_TOKENS)
+            + _opt(draw, "--in-channels", ["1", "3", "0", "-1", "x"])
+        )
+        args += _opt(draw, "--num-classes", INT_TOKENS) + _opt(
+            draw, "--recipe", ["fmnist_quick", "junk", "missing.yaml", ""]
+        )
         args += draw(st.lists(st.just("--json"), max_size=1))
     elif cmd == "compress":
         # option/value pairs only, --dry-run last: no junk token can swallow it as a value
         model = draw(st.sampled_from(["cifar_resnet8", "junk", "", "-3"]))
-        args = ["compress", model, "--recipe", draw(st.sampled_from(["fmnist_quick", "junk", "missing.yaml", "", "A_FILE"]))]
+        args = [
+            "compress",
+            model,
+            "--recipe",
+            draw(st.sampled_from(["fmnist_quick", "junk", "missing.yaml", "", "A_FILE"])),
+        ]
         args += _opt(draw, "--data", PATH_TOKENS) + _opt(draw, "--weights", ["nonexistent.pt", "IMAGENET1K_V1", ""])
         args += _opt(draw, "--device", ["cpu", "cuda", "junk", ""])
         for _ in range(draw(st.integers(0, 2))):
@@ -352,7 +467,9 @@ def corruptions(draw, size: int, text: bool = False):
         flips = draw(st.lists(st.tuples(st.integers(0, max(size - 1, 0)), mask), min_size=1, max_size=4))
         return ("flip", flips)
     if kind == "replace":
-        blob = st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")) if text else st.binary(max_size=64)
+        blob = (
+            st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")) if text else st.binary(max_size=64)
+        )
         return ("replace", draw(blob))
     return ("empty", None)
 
@@ -431,15 +548,20 @@ def test_run_recipe_with_other_channels_is_a_user_error(cli, copy_run):
     _check_cli(cli("verify", str(run)), allowed=(2,))
 
 
-@pytest.mark.parametrize("changes", [{"stages": None}, {"stages": []}, {"metrics": []}], ids=["no-stages", "stages-list", "metrics-list"])
+@pytest.mark.parametrize(
+    "changes", [{"stages": None}, {"stages": []}, {"metrics": []}], ids=["no-stages", "stages-list", "metrics-list"]
+)
 def test_manifest_with_wrong_sections_is_a_user_error(cli, copy_run, changes):
     run = copy_run()
     _edit_json(run / "manifest.json", **changes)
     _check_cli(cli("verify", str(run)), allowed=(2,))
 
 
-@pytest.mark.parametrize("changes", [{"model_kwargs": {"num_clases": 10}}, {"input_shape": [3, "a", 32]},
-                                     {"input_shape": [3, -1, 32]}], ids=["kwarg-typo", "shape-str", "shape-negative"])
+@pytest.mark.parametrize(
+    "changes",
+    [{"model_kwargs": {"num_clases": 10}}, {"input_shape": [3, "a", 32]}, {"input_shape": [3, -1, 32]}],
+    ids=["kwarg-typo", "shape-str", "shape-negative"],
+)
 def test_width_spec_with_bad_fields_is_a_user_error(cli, copy_run, changes):
     run = copy_run()
     _edit_json(run / "student.widths.json", **changes)
@@ -452,7 +574,7 @@ PWN_TAGS = [
     '!!python/object/apply:os.system ["touch {marker}"]\n',
     'model:\n  name: !!python/object/apply:os.system ["touch {marker}"]\n',
     'data:\n  options:\n    x: !!python/object/apply:subprocess.call [["touch", "{marker}"]]\n',
-    'name: !!python/name:os.system\n',
+    "name: !!python/name:os.system\n",
 ]
 
 

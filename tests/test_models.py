@@ -99,9 +99,7 @@ def test_cifar_resnet_depths_and_projection_shortcuts() -> None:
     model = create_model("cifar_resnet56")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs) + 1 == 56  # 55 3x3 convs + fc
-    projections = [
-        m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
-    ]
+    projections = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert len(projections) == 2  # stage 2 and 3 entries, no lambdas
     assert _out(model, (1, 3, 32, 32)).shape == (1, 10)
     assert _out(create_model("fmnist_resnet8"), (1, 1, 28, 28)).shape == (1, 10)
@@ -145,6 +143,7 @@ def test_register_model_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
     from cascadec.models import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave no trace
+
     @register_model(name="test_tiny_net", input_size=(1, 8, 8), num_classes=3)
     def tiny(*, num_classes: int = 3, in_channels: int = 1) -> nn.Module:
         return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
@@ -161,9 +160,7 @@ def test_register_model_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_adapt_sums_rgb_filters_so_grey_input_is_preserved() -> None:
     rgb = create_model("resnet18", num_classes=10).eval()
     grey = adapt_input_channels(create_model("resnet18", num_classes=10), 1).eval()
-    grey.load_state_dict(
-        {**rgb.state_dict(), "conv1.weight": rgb.conv1.weight.sum(1, keepdim=True)}
-    )
+    grey.load_state_dict({**rgb.state_dict(), "conv1.weight": rgb.conv1.weight.sum(1, keepdim=True)})
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(grey(x), rgb(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
 
@@ -205,9 +202,7 @@ def test_weights_round_trip(tmp_path: Path, suffix: str) -> None:
 def test_checkpoint_dict_and_prefixes(tmp_path: Path) -> None:
     src = create_model("cifar_resnet8")
     path = tmp_path / "ckpt.pt"
-    torch.save(
-        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path
-    )
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
     dst = create_model("cifar_resnet8")
     load_weights(dst, path)
     torch.testing.assert_close(dst.fc.weight, src.fc.weight)
@@ -310,9 +305,7 @@ def test_torchvision_weights_from_cache(_no_hub: Path) -> None:
     assert report is not None
     assert report.head_reinitialised and report.adapted == ["conv1.weight"]
     torch.testing.assert_close(model.conv1.weight, pretrained.conv1.weight.sum(1, keepdim=True))
-    torch.testing.assert_close(
-        model.layer4[1].bn2.running_var, pretrained.layer4[1].bn2.running_var
-    )
+    torch.testing.assert_close(model.layer4[1].bn2.running_var, pretrained.layer4[1].bn2.running_var)
 
 
 def test_torchvision_weights_name_errors() -> None:

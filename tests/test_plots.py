@@ -20,15 +20,18 @@ def row(p50, compute=False):
 
 
 def report(model, recipe, acc, p50, gpu_p50=None):
-    lat = {"teacher": {"1": row(2 * p50), "8": row(10 * p50), "32": row(35 * p50)},
-           "student": {"1": row(p50), "8": row(6 * p50), "32": row(20 * p50)},
-           "protocol": {"device": "cpu", "duration_s": 3.0}}
+    lat = {
+        "teacher": {"1": row(2 * p50), "8": row(10 * p50), "32": row(35 * p50)},
+        "student": {"1": row(p50), "8": row(6 * p50), "32": row(20 * p50)},
+        "protocol": {"device": "cpu", "duration_s": 3.0},
+    }
     latency = {"onnxruntime": lat}
     if gpu_p50 is not None:
         latency["onnxruntime-cuda"] = {
             "teacher": {"1": row(2 * gpu_p50, True), "8": row(3 * gpu_p50, True)},
             "student": {"1": row(gpu_p50, True), "8": row(2 * gpu_p50, True)},
-            "protocol": {"device": "cuda", "duration_s": 3.0}}
+            "protocol": {"device": "cuda", "duration_s": 3.0},
+        }
     return {"run": {"model": model, "recipe": recipe}, "student": {"accuracy": acc, "flops": 1e6}, "latency": latency}
 
 
@@ -61,13 +64,17 @@ def test_student_p50_picks_the_backend():
 
 
 def test_run_label_tells_sweep_runs_apart():
-    assert run_label({"run": {"dir": "/x/runs/r60", "model": "m", "recipe": "q", "target_description": "60% fewer FLOPs"}}) \
+    assert (
+        run_label({"run": {"dir": "/x/runs/r60", "model": "m", "recipe": "q", "target_description": "60% fewer FLOPs"}})
         == "r60 (60% fewer FLOPs)"
+    )
     assert run_label({"run": {"model": "m", "recipe": "q"}}) == "m / q"
 
 
 def test_pareto_plot(tmp_path):
-    reports = [report("resnet8", f"r{i}", acc, p50) for i, (acc, p50) in enumerate([(0.85, 1), (0.8, 2), (0.9, 3), (0.7, 0.5)])]
+    reports = [
+        report("resnet8", f"r{i}", acc, p50) for i, (acc, p50) in enumerate([(0.85, 1), (0.8, 2), (0.9, 3), (0.7, 0.5)])
+    ]
     reports.append({"run": {"model": "x", "recipe": "no-latency"}, "student": {"accuracy": 0.5}})
     assert_png(pareto_plot(reports, tmp_path / "pareto.png"))
     assert_png(pareto_plot(reports, tmp_path / "pareto-bs8.png", backend="onnxruntime", batch="8"))

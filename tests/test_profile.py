@@ -11,11 +11,22 @@ import pytest
 import torch
 from torch import nn
 
+from cascadec.backends import canonical_name, get_backend
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.errors import UserError
-from cascadec.profile import (COMPUTE_FIELDS, FIELDS, HOST_FIELDS, MIN_WARMUP_S, compare, measure, measure_device,
-                              profile_device, profile_interleaved, profile_onnx, profile_torch, protocol_record, require_backend,
-                              resolve_backend, summarize)
+from cascadec.profile.engines import profile_device, profile_onnx, profile_torch
+from cascadec.profile.protocol import (
+    COMPUTE_FIELDS,
+    FIELDS,
+    HOST_FIELDS,
+    MIN_WARMUP_S,
+    compare,
+    measure,
+    measure_device,
+    profile_interleaved,
+    protocol_record,
+    summarize,
+)
 
 FAST = {"warmup_s": 0.0, "min_duration_s": 0.02, "min_iters": 5, "progress": False}
 NO_GPU = not torch.cuda.is_available()
@@ -23,8 +34,9 @@ NO_GPU = not torch.cuda.is_available()
 
 def small_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 5)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +87,7 @@ class FakeEvent:
     def synchronize(self) -> None:
         assert self.at is not None
 
-    def elapsed_time(self, end: "FakeEvent") -> float:
+    def elapsed_time(self, end: FakeEvent) -> float:
         return (end.at - self.at) * 1e3
 
 
@@ -132,8 +144,9 @@ def test_measure_device_splits_host_latency_and_gpu_compute():
     clock = FakeClock()
     runner = FakeRunner(clock, batch=4)
     x = np.zeros((4, 3, 8, 8), dtype=np.float32)
-    host, compute = measure_device(runner, x, warmup_s=0.2, min_duration_s=0.1, min_iters=5, clock=clock,
-                                   new_event=FakeEvent)
+    host, compute = measure_device(
+        runner, x, warmup_s=0.2, min_duration_s=0.1, min_iters=5, clock=clock, new_event=FakeEvent
+    )
     # host: 1 ms H2D + 0.5 ms launch + 4 ms kernel + 0.5 ms D2H; compute: launch + kernel between the events
     assert np.allclose(host, 6.0) and np.allclose(compute, 4.5)
     assert host.size == compute.size == 17  # first run at or past 100 ms of timed runs: ceil(100 / 6)
@@ -151,8 +164,17 @@ def test_profile_device_reports_every_field_per_batch():
         made.append(batch)
         return FakeRunner(clock, batch, kernel_ms=(4.0, 4.0, 4.0, 4.0, 14.0))
 
-    prof = profile_device(make_runner, (3, 8, 8), batches=(1, 8), warmup_s=0.2, min_duration_s=0.5, min_iters=10,
-                          progress=False, clock=clock, new_event=FakeEvent)
+    prof = profile_device(
+        make_runner,
+        (3, 8, 8),
+        batches=(1, 8),
+        warmup_s=0.2,
+        min_duration_s=0.5,
+        min_iters=10,
+        progress=False,
+        clock=clock,
+        new_event=FakeEvent,
+    )
     assert made == [1, 8] and list(prof) == [1, 8]
     for batch, stats in prof.items():
         assert set(FIELDS) | set(HOST_FIELDS) | set(COMPUTE_FIELDS) == set(stats)
@@ -165,7 +187,7 @@ def test_profile_device_reports_every_field_per_batch():
 
 def test_profile_tensorrt_times_one_runner_over_every_batch(monkeypatch, tmp_path):
     import cascadec.backends.tensorrt_backend as trtb
-    from cascadec.profile import profile_tensorrt
+    from cascadec.profile.engines import profile_tensorrt
 
     clock, opened = FakeClock(), []
 
@@ -182,8 +204,16 @@ def test_profile_tensorrt_times_one_runner_over_every_batch(monkeypatch, tmp_pat
     with pytest.raises(UserError, match="export RUN --trt"):
         profile_tensorrt(plan, batches=(1,), progress=False)
     plan.write_bytes(b"PLAN")
-    prof = profile_tensorrt(plan, batches=(1, 8), warmup_s=0.2, min_duration_s=0.057, min_iters=3, progress=False,
-                            clock=clock, new_event=FakeEvent)
+    prof = profile_tensorrt(
+        plan,
+        batches=(1, 8),
+        warmup_s=0.2,
+        min_duration_s=0.057,
+        min_iters=3,
+        progress=False,
+        clock=clock,
+        new_event=FakeEvent,
+    )
     assert opened == [(plan, "cuda")]  # one engine, one execution context for every batch size
     assert prof[8]["compute_p50_ms"] == pytest.approx(4.5) and prof[8]["host_p50_ms"] == pytest.approx(6.0)
     assert prof[1]["iterations"] == prof[8]["iterations"] == 10
@@ -193,20 +223,26 @@ def test_summarize_known_values():
     times = np.arange(1, 101, dtype=np.float64)
     stats = summarize(times, batch=8)
     assert tuple(stats) == FIELDS
-    assert stats["p50_ms"] == 50.5 and stats["p90_ms"] == pytest.approx(90.1) and stats["p99_ms"] == pytest.approx(99.01)
-    assert stats["mean_ms"] == 50.5 and stats["min_ms"] == 1.0 and stats["max_ms"] == 100.0 and stats["iterations"] == 100
+    assert (
+        stats["p50_ms"] == 50.5 and stats["p90_ms"] == pytest.approx(90.1) and stats["p99_ms"] == pytest.approx(99.01)
+    )
+    assert (
+        stats["mean_ms"] == 50.5 and stats["min_ms"] == 1.0 and stats["max_ms"] == 100.0 and stats["iterations"] == 100
+    )
     assert stats["throughput"] == pytest.approx(8 * 1000 / 50.5)
     split = summarize(times, batch=1, compute_ms=times / 2)
     assert split["host_p50_ms"] == 50.5 and split["compute_p50_ms"] == 25.25 and split["compute_max_ms"] == 50.0
 
 
 def test_protocol_record_says_when_warmup_was_raised():
-    record = protocol_record(backend="onnxruntime", device="cpu", warmup_s=0.01, min_duration_s=3.0, min_iters=10,
-                             threads=2)
+    record = protocol_record(
+        backend="onnxruntime", device="cpu", warmup_s=0.01, min_duration_s=3.0, min_iters=10, threads=2
+    )
     assert record["warmup_s"] == MIN_WARMUP_S and record["warmup_requested_s"] == 0.01 and "0.2 s" in record["note"]
     assert {"duration_s", "min_iters", "threads", "device", "cuda_graph", "timer"} <= set(record)
-    gpu = protocol_record(backend="torch-cuda", device="cuda", warmup_s=0.5, min_duration_s=3.0, min_iters=10,
-                          cuda_graph=True)
+    gpu = protocol_record(
+        backend="torch-cuda", device="cuda", warmup_s=0.5, min_duration_s=3.0, min_iters=10, cuda_graph=True
+    )
     assert gpu["warmup_s"] == 0.5 and "note" not in gpu and gpu["cuda_graph"] is True and "CUDA events" in gpu["timer"]
     json.dumps(gpu)
 
@@ -220,7 +256,9 @@ def check_stats(stats: dict, min_iters: int) -> None:
     for key in FIELDS:
         if key != "std_ms":
             assert stats[key] > 0, key
-    assert stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    assert (
+        stats["min_ms"] <= stats["p50_ms"] <= stats["p90_ms"] <= stats["p95_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    )
 
 
 def test_profile_onnx_fields(onnx_path):
@@ -261,7 +299,9 @@ def test_interleaved_rounds_alternate_and_pool_every_run():
         scale = (2.0 if name == "teacher" else 1.0) * (2.0 if round_no == 2 else 1.0)
         return {1: summarize(np.full(4, scale), 1, keep_samples=True)}
 
-    pooled, ratios = profile_interleaved(profile_one, ["teacher", "student"], rounds=3, min_duration_s=3.0, min_iters=10)
+    pooled, ratios = profile_interleaved(
+        profile_one, ["teacher", "student"], rounds=3, min_duration_s=3.0, min_iters=10
+    )
     assert [c[0] for c in calls] == ["teacher", "student"] * 3  # turns, not one model after the other
     assert all(c[1] == pytest.approx(1.0) and c[2] == 4 for c in calls)  # a share of the duration, runs rounded up
     assert pooled["teacher"][1]["iterations"] == 12 and "samples_ms" not in pooled["teacher"][1]
@@ -288,8 +328,13 @@ def test_keep_samples_gives_raw_runs(onnx_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"batches": (0,)}, "batch"), ({"batches": ()}, "batch"), ({"min_iters": 0}, "min_iters"),
-     ({"warmup_s": -1}, "warmup_s"), ({"min_duration_s": -1}, "min_duration_s")],
+    [
+        ({"batches": (0,)}, "batch"),
+        ({"batches": ()}, "batch"),
+        ({"min_iters": 0}, "min_iters"),
+        ({"warmup_s": -1}, "warmup_s"),
+        ({"min_duration_s": -1}, "min_duration_s"),
+    ],
 )
 def test_protocol_argument_errors(onnx_path, kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -311,26 +356,34 @@ def test_profile_input_errors(onnx_path, tmp_path):
 
 
 def test_backend_names():
-    assert resolve_backend("ort") == "onnxruntime" and resolve_backend("TRT") == "tensorrt"
-    assert resolve_backend("torch-cuda") == "torch-cuda" and resolve_backend("onnxruntime-trt") == "onnxruntime-trt"
+    """One registry serves profile and verify: the same names and aliases for both."""
+    assert canonical_name("ort") == "onnxruntime" and canonical_name("TRT") == "tensorrt"
+    assert canonical_name("torch-cuda") == "torch-cuda" and canonical_name("onnxruntime-trt") == "onnxruntime-trt"
+    assert get_backend("ort-trt").runs == "onnx" and get_backend("ort-trt").device == "tensorrt"
     with pytest.raises(UserError, match="torch-cuda"):
-        resolve_backend("junk")
+        canonical_name("junk")
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the refusal on machines without a GPU")
-@pytest.mark.parametrize(("backend", "match"), [("onnxruntime-cuda", "CUDAExecutionProvider"),
-                                                ("onnxruntime-trt", "TensorrtExecutionProvider"),
-                                                ("torch-cuda", "CUDA"), ("tensorrt", "TensorRT")])
+@pytest.mark.parametrize(
+    ("backend", "match"),
+    [
+        ("onnxruntime-cuda", "CUDAExecutionProvider"),
+        ("onnxruntime-trt", "TensorrtExecutionProvider"),
+        ("torch-cuda", "CUDA"),
+        ("tensorrt", "TensorRT"),
+    ],
+)
 def test_gpu_backends_refused_without_gpu(backend, match, onnx_path):
     with pytest.raises(UserError, match=match):
-        require_backend(backend)
+        get_backend(backend).require(timing=True)
     if backend.startswith("onnxruntime"):
-        from cascadec.device_runners import OrtDeviceRunner
+        from cascadec.backends.cuda_runners import OrtDeviceRunner
 
         with pytest.raises(UserError, match=match):
             OrtDeviceRunner(onnx_path, (3, 16, 16), provider="tensorrt" if backend.endswith("trt") else "cuda")
     if backend == "torch-cuda":
-        from cascadec.device_runners import TorchCudaRunner
+        from cascadec.backends.cuda_runners import TorchCudaRunner
 
         with pytest.raises(UserError, match=match):
             TorchCudaRunner(small_net(), (1, 3, 16, 16), device="cuda")
@@ -349,7 +402,11 @@ def test_cli_profile_gpu_backend_without_gpu_exits_2_and_leaves_the_run_alone(cl
     assert "CUDAExecutionProvider" in result.err
     assert (run / "manifest.json").read_text() == before  # no stage marked failed
     assert cli("profile", run, "--backend", "onnxruntime", "--cuda-graph").code == 2  # torch-cuda only
-    for backend, says in (("tensorrt", "TensorRT"), ("torch-cuda", "CUDA"), ("onnxruntime-trt", "TensorrtExecutionProvider")):
+    for backend, says in (
+        ("tensorrt", "TensorRT"),
+        ("torch-cuda", "CUDA"),
+        ("onnxruntime-trt", "TensorrtExecutionProvider"),
+    ):
         result = cli("profile", run, "--backend", backend, "--batch", "1")
         assert result.code == 2 and len(result.err_lines) == 1 and says in result.err, (backend, result.err)
     result = cli("profile", run / "student.onnx", "--backend", "torch")
@@ -359,8 +416,20 @@ def test_cli_profile_gpu_backend_without_gpu_exits_2_and_leaves_the_run_alone(cl
 
 def test_cli_profile_torch_backend_records_latency_per_backend(cli, copy_run):
     run = copy_run()
-    result = cli("profile", run, "--backend", "torch", "--batch", "1,2", "--duration", "0.02", "--iterations", "3",
-                 "--threads", "1")
+    result = cli(
+        "profile",
+        run,
+        "--backend",
+        "torch",
+        "--batch",
+        "1,2",
+        "--duration",
+        "0.02",
+        "--iterations",
+        "3",
+        "--threads",
+        "1",
+    )
     assert result.code == 0, result.err
     assert "latency (torch)" in result.out and "speed-up" in result.out
     report = json.loads((run / "report.json").read_text())

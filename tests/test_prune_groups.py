@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.nets import Chain
 from torch import nn
 
 from cascadec.models import create_model
 from cascadec.prune.groups import build_groups
-from helpers.nets import Chain
 
 
 class GroupNormNet(nn.Module):

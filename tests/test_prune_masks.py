@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.nets import Chain
+from helpers.nets import MixedNet as Mixed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,10 +16,6 @@ from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance, taylor_importance
 from cascadec.prune.masks import ChannelMasks, masked, split_units
 from cascadec.prune.shrink import pruned_root_idxs, shrink
-from helpers.nets import Chain, MixedNet as Mixed
-
-
-
 
 EX = torch.randn(1, 1, 16, 16)
 
@@ -205,6 +203,7 @@ def _taylor_by_hand(model, index, x, y, loss_fn) -> torch.Tensor:
     handles = []
     for g in index.groups:
         for p in g.mask_points:
+
             def keep(m, inp, out, name=p.module):
                 out.retain_grad()
                 outputs[name] = out

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from helpers.nets import MixedNet as DepthwiseNet
 from torch import nn
 
 from cascadec.errors import UserError
@@ -16,11 +17,8 @@ from cascadec.prune.groups import build_groups
 from cascadec.prune.masks import split_units
 from cascadec.prune.shrink import shrink
 from cascadec.prune.targets import Budget, MaskSolver
-from helpers.nets import MixedNet as DepthwiseNet
 
 TOL = 0.02
-
-
 
 
 class Setup:
@@ -64,9 +62,15 @@ def _achieved(setup: Setup, metric: str, mask: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     "kind, value",
     [
-        ("flops_reduction", 0.5), ("flops_reduction", 0.75), ("flops_reduction", 0.9),
-        ("params_reduction", 0.5), ("params_reduction", 0.75), ("params_reduction", 0.9),
-        ("keep_ratio", 0.25), ("keep_ratio", 0.5), ("keep_ratio", 0.8),
+        ("flops_reduction", 0.5),
+        ("flops_reduction", 0.75),
+        ("flops_reduction", 0.9),
+        ("params_reduction", 0.5),
+        ("params_reduction", 0.75),
+        ("params_reduction", 0.9),
+        ("keep_ratio", 0.25),
+        ("keep_ratio", 0.5),
+        ("keep_ratio", 0.8),
     ],
 )
 def test_solve_meets_target_within_2_percent(net, kind, value, request) -> None:
@@ -106,7 +110,16 @@ def test_min_channels_floor(r8) -> None:
         assert part.sum() >= 4
 
 
-@pytest.mark.parametrize("net, kind, value", [("r8", "flops_reduction", 0.5), ("r18", "flops_reduction", 0.5), ("r18", "flops_reduction", 0.75), ("r18", "params_reduction", 0.75), ("r8", "keep_ratio", 0.5)])
+@pytest.mark.parametrize(
+    "net, kind, value",
+    [
+        ("r8", "flops_reduction", 0.5),
+        ("r18", "flops_reduction", 0.5),
+        ("r18", "flops_reduction", 0.75),
+        ("r18", "params_reduction", 0.75),
+        ("r8", "keep_ratio", 0.5),
+    ],
+)
 def test_round_to_8_widths(net, kind, value, request) -> None:
     setup: Setup = request.getfixturevalue(net)
     solver = MaskSolver(setup.index, setup.cost, round_to=8)
@@ -161,7 +174,9 @@ def test_analytic_cost_equals_measured_cost_of_shrunk_net(net, request) -> None:
 
 
 def test_count_macs_by_hand() -> None:
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    )
     # conv: 5*5 positions * 3*3 kernel * 2 in * 4 out; linear: 100 * 3 (no bias, no BN counted)
     assert count_macs(model, torch.zeros(1, 2, 5, 5)) == 25 * 9 * 2 * 4 + 100 * 3
     assert count_params(model) == (4 * 2 * 9 + 4) + 8 + (100 * 3 + 3)

@@ -31,7 +31,13 @@ def user_error(fn, *args, **kwargs) -> str:
 
 
 def test_the_documented_recipes_ship():
-    assert {"fmnist_quick", "imagenet_50pct", "cifar10_vgg16_ours03", "cifar10_vgg16_ours06", "cifar10_vgg16_ours08"} <= set(SHIPPED)
+    assert {
+        "fmnist_quick",
+        "imagenet_50pct",
+        "cifar10_vgg16_ours03",
+        "cifar10_vgg16_ours06",
+        "cifar10_vgg16_ours08",
+    } <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -80,41 +86,55 @@ def test_paper_operating_points():
 # ---------------------------------------------------------------- --set parsing
 
 
-@pytest.mark.parametrize("text, keys, value", [
-    ("train.lr=0.5", ["train", "lr"], 0.5),
-    ("train.max_steps_per_epoch=3", ["train", "max_steps_per_epoch"], 3),
-    ("distill.kd=false", ["distill", "kd"], False),
-    ("distill.kd=true", ["distill", "kd"], True),
-    ("profile.batches=[1, 8, 32]", ["profile", "batches"], [1, 8, 32]),
-    ("cascade.ta_ratios=[0.5, 1.0]", ["cascade", "ta_ratios"], [0.5, 1.0]),
-    ("prune.target={keep_ratio: 0.5}", ["prune", "target"], {"keep_ratio": 0.5}),
-    ("model.weights=IMAGENET1K_V1", ["model", "weights"], "IMAGENET1K_V1"),
-    ("model.weights=a=b.pt", ["model", "weights"], "a=b.pt"),
-    ("data.root=", ["data", "root"], None),
-    ("data.root=null", ["data", "root"], None),
-    ("prune.round_to=8", ["prune", "round_to"], 8),
-    (" train.lr = 0.1", ["train", "lr"], 0.1),
-])
+@pytest.mark.parametrize(
+    "text, keys, value",
+    [
+        ("train.lr=0.5", ["train", "lr"], 0.5),
+        ("train.max_steps_per_epoch=3", ["train", "max_steps_per_epoch"], 3),
+        ("distill.kd=false", ["distill", "kd"], False),
+        ("distill.kd=true", ["distill", "kd"], True),
+        ("profile.batches=[1, 8, 32]", ["profile", "batches"], [1, 8, 32]),
+        ("cascade.ta_ratios=[0.5, 1.0]", ["cascade", "ta_ratios"], [0.5, 1.0]),
+        ("prune.target={keep_ratio: 0.5}", ["prune", "target"], {"keep_ratio": 0.5}),
+        ("model.weights=IMAGENET1K_V1", ["model", "weights"], "IMAGENET1K_V1"),
+        ("model.weights=a=b.pt", ["model", "weights"], "a=b.pt"),
+        ("data.root=", ["data", "root"], None),
+        ("data.root=null", ["data", "root"], None),
+        ("prune.round_to=8", ["prune", "round_to"], 8),
+        (" train.lr = 0.1", ["train", "lr"], 0.1),
+    ],
+)
 def test_parse_override(text, keys, value):
     assert parse_override(text) == (keys, value)
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("train.lr", "key.sub=value"),
-    ("=1", "empty key"),
-    ("train..lr=1", "empty key"),
-    (".lr=1", "empty key"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("train.lr", "key.sub=value"),
+        ("=1", "empty key"),
+        ("train..lr=1", "empty key"),
+        (".lr=1", "empty key"),
+    ],
+)
 def test_parse_override_rejects_malformed(text, needle):
     assert needle in user_error(parse_override, text)
 
 
 def test_overrides_reach_the_recipe():
-    r = load_recipe("fmnist_quick", [
-        "train.lr=0.1", "train.lr=0.2",  # last one wins
-        "profile.batches=[1, 2]", "distill.kd=false", "verify.max_abs_diff=1e-5",  # YAML 1.1 reads 1e-5 as a string
-        "cascade.num_tas=2", "prune.round_to=8", "data.train_limit=100",
-    ])
+    r = load_recipe(
+        "fmnist_quick",
+        [
+            "train.lr=0.1",
+            "train.lr=0.2",  # last one wins
+            "profile.batches=[1, 2]",
+            "distill.kd=false",
+            "verify.max_abs_diff=1e-5",  # YAML 1.1 reads 1e-5 as a string
+            "cascade.num_tas=2",
+            "prune.round_to=8",
+            "data.train_limit=100",
+        ],
+    )
     assert r.train.lr == 0.2
     assert r.profile.batches == [1, 2]
     assert r.distill.kd is False
@@ -127,12 +147,15 @@ def test_override_creates_a_missing_section():
     assert load_recipe("imagenet_50pct", ["teacher.train_epochs=2"]).teacher.train_epochs == 2
 
 
-@pytest.mark.parametrize("override, field", [
-    ("prune.target.params_reduction=0.3", "params_reduction"),
-    ("prune.target.keep_ratio=0.7", "keep_ratio"),
-    ("prune.target.flops_reduction=0.6", "flops_reduction"),
-    ("prune.target={keep_ratio: 0.7}", "keep_ratio"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("prune.target.params_reduction=0.3", "params_reduction"),
+        ("prune.target.keep_ratio=0.7", "keep_ratio"),
+        ("prune.target.flops_reduction=0.6", "flops_reduction"),
+        ("prune.target={keep_ratio: 0.7}", "keep_ratio"),
+    ],
+)
 def test_a_new_target_replaces_the_old_one(override, field):
     base = load_recipe("fmnist_quick")
     assert base.prune.target.flops_reduction == 0.5
@@ -156,22 +179,27 @@ def test_model_on_the_command_line_drops_the_recipes_weights():
 # ---------------------------------------------------------------- errors name the file and the key
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.lr=abc", "train.lr"),
-    ("prune.target.flops_reduction=1.5", "prune.target.flops_reduction"),
-    ("profile.batches=[1, x]", "profile.batches.1"),
-    ("profile.batches=[1, 8", "profile.batches"),  # not YAML: kept as a string, then refused
-    ("cascade.score_optimizer=adam", "cascade.score_optimizer"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("prune.target={flops_reduction: 0.5, keep_ratio: 0.5}", "prune.target"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=abc", "train.lr"),
+        ("prune.target.flops_reduction=1.5", "prune.target.flops_reduction"),
+        ("profile.batches=[1, x]", "profile.batches.1"),
+        ("profile.batches=[1, 8", "profile.batches"),  # not YAML: kept as a string, then refused
+        ("cascade.score_optimizer=adam", "cascade.score_optimizer"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("prune.target={flops_reduction: 0.5, keep_ratio: 0.5}", "prune.target"),
+    ],
+)
 def test_invalid_values_name_file_and_key(override, key):
     message = user_error(load_recipe, "fmnist_quick", [override])
     assert message.startswith(str(recipes_dir() / "fmnist_quick.yaml")), message
     assert f": {key}:" in message, message
 
 
-@pytest.mark.parametrize("override, key", [("prune.bogus=1", "prune.bogus"), ("cascade.tas=2", "cascade.tas"), ("bogus=1", "bogus")])
+@pytest.mark.parametrize(
+    "override, key", [("prune.bogus=1", "prune.bogus"), ("cascade.tas=2", "cascade.tas"), ("bogus=1", "bogus")]
+)
 def test_unknown_keys_are_refused(override, key):
     message = user_error(load_recipe, "fmnist_quick", [override])
     assert f"{key}: unknown key" in message and "fmnist_quick.yaml" in message

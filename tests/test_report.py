@@ -9,9 +9,12 @@ from rich.console import Console
 from rich.table import Table
 
 from cascadec.envinfo import environment
-from cascadec.profile import protocol_record, summarize
-from cascadec.report import fmt_accuracy, fmt_flops, fmt_params, render_markdown, summary_table, write_report
-from cascadec.verify import Gate, compare_outputs
+from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_params
+from cascadec.profile.protocol import protocol_record, summarize
+from cascadec.report import write_report
+from cascadec.report_render import render_markdown, summary_table
+from cascadec.verify.compare import compare_outputs
+from cascadec.verify.gates import Gate
 
 
 def latency(p50: float) -> dict:
@@ -56,8 +59,10 @@ def test_write_report_files_and_fixed_keys(tmp_path):
         for batch in ("1", "8", "32"):
             row = data["latency"]["onnxruntime"][who][batch]
             assert {"p50_ms", "p90_ms", "p99_ms", "throughput"} <= set(row)
-    assert data["latency"]["onnxruntime"]["student"]["1"]["p50_ms"] < data["latency"]["onnxruntime"]["teacher"]["1"][
-        "p50_ms"]
+    assert (
+        data["latency"]["onnxruntime"]["student"]["1"]["p50_ms"]
+        < data["latency"]["onnxruntime"]["teacher"]["1"]["p50_ms"]
+    )
     assert "versions" in data["environment"]
 
 
@@ -95,9 +100,12 @@ def test_markdown_tolerates_missing_sections(tmp_path):
 def test_gpu_backend_table_splits_host_and_compute():
     report = full_report()
     report["latency"]["onnxruntime-cuda"] = {
-        "teacher": gpu_latency(1.0), "student": gpu_latency(0.5),
-        "protocol": protocol_record(backend="onnxruntime-cuda", device="cuda", warmup_s=0.2, min_duration_s=3.0,
-                                    min_iters=10)}
+        "teacher": gpu_latency(1.0),
+        "student": gpu_latency(0.5),
+        "protocol": protocol_record(
+            backend="onnxruntime-cuda", device="cuda", warmup_s=0.2, min_duration_s=3.0, min_iters=10
+        ),
+    }
     md = render_markdown(report)
     cuda_md = md.split("### onnxruntime-cuda", 1)[1]
     assert "Protocol: device cuda; warm-up 0.2 s; then at least 3 s and 10 runs" in cuda_md
@@ -127,8 +135,16 @@ def test_summary_table():
     console = Console(record=True, width=140)
     console.print(table)
     text = console.export_text()
-    for needle in ("Accuracy", "69.76%", "FLOPs", "Params", "Parity (onnxruntime)", "PASS",
-                   "CPU latency p50 (bs=1)", "2.00x faster"):
+    for needle in (
+        "Accuracy",
+        "69.76%",
+        "FLOPs",
+        "Params",
+        "Parity (onnxruntime)",
+        "PASS",
+        "CPU latency p50 (bs=1)",
+        "2.00x faster",
+    ):
         assert needle in text
     slower = full_report()
     slower["latency"]["onnxruntime"]["student"] = latency(8.0)  # a student slower than its teacher says so
@@ -148,7 +164,8 @@ def test_environment_fields():
     env = environment()
     assert env["cpu"] and env["logical_cores"] >= 1 and env["torch_threads"] >= 1
     assert {"torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "torch_pruning", "tensorrt"} <= set(
-        env["versions"])
+        env["versions"]
+    )
     assert env["versions"]["torch"] and env["python"] and env["platform"]
     assert {"gpu", "gpu_driver", "cuda", "cudnn", "gpu_compute_capability", "gpu_memory_gb"} <= set(env)
     assert env["physical_cores"] is None or 1 <= env["physical_cores"] <= env["logical_cores"]
@@ -159,14 +176,23 @@ def test_environment_fields():
 
 def test_training_section_shows_the_ladder_and_warns_when_it_is_broken():
     prune = {
-        "ladder": {"rungs": [{"model": "student", "keep": 0.5, "accuracy": 0.80},
-                             {"model": "TA1", "keep": 0.75, "accuracy": 0.33},
-                             {"model": "TA2", "keep": 1.0, "accuracy": 0.90}],
-                   "broken": ["TA1 0.3300 < student 0.8000"], "healthy": False},
-        "joint_epochs": [{"epoch": 0, "accuracies": [0.7, 0.3, 0.9], "mask_changes": [12, 30, 0], "frozen": False},
-                         {"epoch": 1, "accuracies": [0.8, 0.33, 0.9], "mask_changes": [0, 0, 0], "frozen": True}],
-        "student_epochs": [{"epoch": -1, "teacher": None, "student_accuracy": 0.8, "kept": False},
-                           {"epoch": 0, "teacher": "TA2 (keep 1.00)", "student_accuracy": 0.85, "kept": True}],
+        "ladder": {
+            "rungs": [
+                {"model": "student", "keep": 0.5, "accuracy": 0.80},
+                {"model": "TA1", "keep": 0.75, "accuracy": 0.33},
+                {"model": "TA2", "keep": 1.0, "accuracy": 0.90},
+            ],
+            "broken": ["TA1 0.3300 < student 0.8000"],
+            "healthy": False,
+        },
+        "joint_epochs": [
+            {"epoch": 0, "accuracies": [0.7, 0.3, 0.9], "mask_changes": [12, 30, 0], "frozen": False},
+            {"epoch": 1, "accuracies": [0.8, 0.33, 0.9], "mask_changes": [0, 0, 0], "frozen": True},
+        ],
+        "student_epochs": [
+            {"epoch": -1, "teacher": None, "student_accuracy": 0.8, "kept": False},
+            {"epoch": 0, "teacher": "TA2 (keep 1.00)", "student_accuracy": 0.85, "kept": True},
+        ],
     }
     md = render_markdown({"teacher": {"accuracy": 0.92}, "student": {"accuracy": 0.85}, "prune": prune})
     assert "**WARNING: the TA ladder is broken** (TA1 0.3300 < student 0.8000)" in md

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 
 from cascadec.train.checkpoint import load_checkpoint
-from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 
 # 4 batches per epoch (64 images, batch 16), 2 joint + 2 student epochs, a checkpoint after every step
 TRAIN = {"joint_epochs": 2, "student_epochs": 2, "max_steps_per_epoch": 4, "checkpoint_every_steps": 1}
@@ -41,11 +41,15 @@ def _steps(history: dict) -> tuple[list[int], int]:
     return [e["steps"] for e in history["joint"]], len([e for e in history["student"] if e["epoch"] >= 0])
 
 
-def _kill_when_training(cmd: list[str], env: dict, checkpoint: Path, *, sig: int, min_step: int = 1) -> subprocess.Popen:
+def _kill_when_training(
+    cmd: list[str], env: dict, checkpoint: Path, *, sig: int, min_step: int = 1
+) -> subprocess.Popen:
     """Start ``cmd``, wait until ``checkpoint`` records a position past step ``min_step`` of the
     joint phase (the run is mid-training), then send ``sig``."""
     full_env = {**os.environ, "COLUMNS": "80", "CASCADEC_NO_PROGRESS": "1", **env}
-    proc = subprocess.Popen(cmd, env=full_env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=full_env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while True:
         assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.stderr.read()}"
@@ -81,7 +85,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(resume_en
     done = json.loads((out / "manifest.json").read_text())
     ref = json.loads((reference / "manifest.json").read_text())
     assert done["metrics"]["student.accuracy"] == ref["metrics"]["student.accuracy"]
-    assert [e["student_accuracy"] for e in _history(out)["student"]] == [e["student_accuracy"] for e in _history(reference)["student"]]
+    assert [e["student_accuracy"] for e in _history(out)["student"]] == [
+        e["student_accuracy"] for e in _history(reference)["student"]
+    ]
     assert done["status"] == "finished" and len(done["resumed"]) == 1
     assert not (out / "checkpoints").exists()  # removed once the prune stage is done
 
@@ -112,18 +118,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(method, stop_after, tmp_p
 
     import torch
 
+    from cascadec.data.loaders import make_loaders
     from cascadec.data.synthetic import build
     from cascadec.models import create_model
     from cascadec.prune.methods import prune_model
     from cascadec.recipe import Recipe
-    from cascadec.stages import make_loaders
     from cascadec.train.runtime import Runtime
 
-    recipe = Recipe.model_validate({
-        "name": "t", "model": {"name": "cifar_resnet8"}, "data": {"name": "synthetic", "batch_size": 8},
-        "prune": {"method": method, "target": {"flops_reduction": 0.5}, "importance_batches": 1},
-        "cascade": {"num_tas": 1}, "train": {"joint_epochs": 2, "student_epochs": 1, "max_steps_per_epoch": 3},
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "model": {"name": "cifar_resnet8"},
+            "data": {"name": "synthetic", "batch_size": 8},
+            "prune": {"method": method, "target": {"flops_reduction": 0.5}, "importance_batches": 1},
+            "cascade": {"num_tas": 1},
+            "train": {"joint_epochs": 2, "student_epochs": 1, "max_steps_per_epoch": 3},
+        }
+    )
     bundle = build(None, image_size=16, download=False, seed=0, train_size=32, val_size=16)
     torch.manual_seed(0)
     teacher = create_model("cifar_resnet8", num_classes=10, in_channels=3).eval()
@@ -148,5 +159,6 @@ def test_interrupted_then_resumed_equals_uninterrupted(method, stop_after, tmp_p
         assert torch.equal(a, b), name
     phases = ("joint", "student") if method == "cascade" else ("fine_tune",)
     for phase in phases:
-        assert [e.get("steps", e.get("loss")) for e in reference.history[phase]] == \
-               [e.get("steps", e.get("loss")) for e in resumed.history[phase]]
+        assert [e.get("steps", e.get("loss")) for e in reference.history[phase]] == [
+            e.get("steps", e.get("loss")) for e in resumed.history[phase]
+        ]

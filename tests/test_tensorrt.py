@@ -44,6 +44,7 @@ def fake_tensorrt(calls: list):
         def f(self, *args, **kwargs):  # used as methods: drop self
             calls.append((name, args))
             return result
+
         return f
 
     class Enum:
@@ -114,10 +115,24 @@ def test_build_engine_calls_the_api_in_order_and_writes_metadata(monkeypatch, tm
     meta = trtb.build_engine(onnx, tmp_path / "student.plan", fp16=True, batches=(8, 1, 32, 2))
 
     names = [c[0] for c in calls]
-    expected = ["Logger", "Builder", "create_network", "OnnxParser", "parse", "create_builder_config",
-                "set_memory_pool_limit", "create_optimization_profile", "profile.set_shape", "add_optimization_profile",
-                "set_flag", "create_timing_cache", "set_timing_cache", "build_serialized_network", "get_timing_cache",
-                "timing_cache.serialize"]
+    expected = [
+        "Logger",
+        "Builder",
+        "create_network",
+        "OnnxParser",
+        "parse",
+        "create_builder_config",
+        "set_memory_pool_limit",
+        "create_optimization_profile",
+        "profile.set_shape",
+        "add_optimization_profile",
+        "set_flag",
+        "create_timing_cache",
+        "set_timing_cache",
+        "build_serialized_network",
+        "get_timing_cache",
+        "timing_cache.serialize",
+    ]
     assert names == expected
     args = dict(calls)
     assert args["create_network"] == (0,)  # explicit batch is implicit in TensorRT 10
@@ -294,8 +309,13 @@ def test_trt_runner_interface_and_call_order(runtime):
     x = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
     runtime.calls.clear()
     runner.stage(x)
-    assert [c[0] for c in runtime.calls] == ["set_input_shape", "set_tensor_address", "set_tensor_address", "h2d",
-                                             "synchronize"]
+    assert [c[0] for c in runtime.calls] == [
+        "set_input_shape",
+        "set_tensor_address",
+        "set_tensor_address",
+        "h2d",
+        "synchronize",
+    ]
     assert runtime.calls[0][1] == ("input", (4, 1, 28, 28))
     runtime.calls.clear()
     runner.compute()
@@ -315,7 +335,10 @@ def test_trt_runner_reuses_buffers_until_the_batch_changes(runtime):
     np.testing.assert_allclose(runner(a), expected(a), atol=1e-6)
     np.testing.assert_allclose(runner(b), expected(b), atol=1e-6)
     np.testing.assert_allclose(runner(c), expected(c), atol=1e-6)
-    assert [c[1] for c in runtime.calls if c[0] == "set_input_shape"] == [("input", (2, 1, 28, 28)), ("input", (5, 1, 28, 28))]
+    assert [c[1] for c in runtime.calls if c[0] == "set_input_shape"] == [
+        ("input", (2, 1, 28, 28)),
+        ("input", (5, 1, 28, 28)),
+    ]
 
 
 def test_trt_runner_input_errors(runtime):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cascadec.data.loaders import loader_workers, make_loaders
+from cascadec.data.sampler import EpochBatchSampler
 from cascadec.errors import UserError
 from cascadec.recipe import load_recipe
-from cascadec.stages import loader_workers, make_loaders
-from cascadec.data.sampler import EpochBatchSampler
 from cascadec.train.runtime import Runtime
 
 
@@ -26,23 +26,29 @@ def test_new_train_keys_default_to_the_old_behaviour() -> None:
     assert load_recipe("fmnist_quick").data.workers == 0
 
 
-@pytest.mark.parametrize("override, attr, value", [
-    ("train.checkpoint_every_steps=50", "checkpoint_every_steps", 50),
-    ("train.amp=bf16", "amp", "bf16"),
-    ("train.amp=fp16", "amp", "fp16"),
-    ("train.channels_last=true", "channels_last", True),
-])
+@pytest.mark.parametrize(
+    "override, attr, value",
+    [
+        ("train.checkpoint_every_steps=50", "checkpoint_every_steps", 50),
+        ("train.amp=bf16", "amp", "bf16"),
+        ("train.amp=fp16", "amp", "fp16"),
+        ("train.channels_last=true", "channels_last", True),
+    ],
+)
 def test_train_keys_are_accepted(override, attr, value) -> None:
     assert getattr(load_recipe("fmnist_quick", [override]).train, attr) == value
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps"),
-    ("train.amp=fp8", "train.amp"),
-    ("train.channels_last=maybe", "train.channels_last"),
-    ("data.workers=many", "data.workers"),
-    ("data.workers=-1", "data.workers"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps"),
+        ("train.amp=fp8", "train.amp"),
+        ("train.channels_last=maybe", "train.channels_last"),
+        ("data.workers=many", "data.workers"),
+        ("data.workers=-1", "data.workers"),
+    ],
+)
 def test_bad_values_name_the_key(override, key) -> None:
     assert f": {key}" in _user_error(load_recipe, "fmnist_quick", [override])
 

@@ -15,8 +15,10 @@ from cascadec.prune.spec import read_spec
 def parse_config(text: str) -> dict:
     """The key lines of a config.pbtxt: top-level scalars, and the tensors' name/type/dims in order."""
     top = dict(re.findall(r'^(name|platform|max_batch_size): "?([^"\n]+)"?$', text, re.M))
-    tensors = [(n, t, [int(d) for d in dims.replace(" ", "").split(",")])
-               for n, t, dims in re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: \[([^\]]*)\]', text)]
+    tensors = [
+        (n, t, [int(d) for d in dims.replace(" ", "").split(",")])
+        for n, t, dims in re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: \[([^\]]*)\]', text)
+    ]
     return {**top, "tensors": tensors, "dynamic_batching": "dynamic_batching { }" in text}
 
 

@@ -11,10 +11,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import cascadec.verify as verify_mod
+import cascadec.verify.parity as verify_mod
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.errors import GateFailed, UserError
-from cascadec.verify import DEFAULT_TOLERANCES, Gate, Tolerance, compare_outputs, raise_on_failure, verify_backends, verify_run
+from cascadec.verify.compare import compare_outputs
+from cascadec.verify.diagnose import conditioning
+from cascadec.verify.gates import DEFAULT_TOLERANCES, Gate, Tolerance
+from cascadec.verify.parity import verify_backends
+from cascadec.verify.present import describe_conditioning, parity_rows, raise_on_failure
+from cascadec.verify.results import BackendParity, ParityResult
 
 REF = np.array([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
 
@@ -100,8 +105,12 @@ def test_gate_pass_and_fail():
 def test_raise_on_failure():
     bad = compare_outputs(REF, REF[:, ::-1].copy())
     failures = Gate().check(bad)
-    results = {"backends": {"onnxruntime": {**bad, "passed": False, "failures": failures},
-                            "torch": {**compare_outputs(REF, REF), "passed": True, "failures": []}}}
+    results = {
+        "backends": {
+            "onnxruntime": {**bad, "passed": False, "failures": failures},
+            "torch": {**compare_outputs(REF, REF), "passed": True, "failures": []},
+        }
+    }
     with pytest.raises(GateFailed) as info:
         raise_on_failure(results)
     assert info.value.exit_code == 3
@@ -117,8 +126,14 @@ def test_raise_on_failure():
 class SmallNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -138,7 +153,9 @@ def exported(tmp_path_factory):
 
 def test_verify_backends_arrays(exported):
     model, path, x, y = exported
-    out = verify_backends(model, path, (x, y), backends=["ort", "torch"], samples=40, progress=False, batch_size=16)
+    out = verify_backends(
+        model, path, (x, y), backends=["ort", "torch"], samples=40, progress=False, batch_size=16
+    ).to_dict()
     assert out["samples"] == 40
     assert set(out["backends"]) == {"onnxruntime", "torch"}  # aliases are canonicalised
     ort = out["backends"]["onnxruntime"]
@@ -156,13 +173,26 @@ def test_verify_backends_arrays(exported):
     raise_on_failure(out)
 
 
+def test_verify_backends_returns_typed_results(exported):
+    """The CLI and the report read fields, not dict keys; to_dict/from_dict round-trip the manifest form."""
+    model, path, x, y = exported
+    result = verify_backends(model, path, (x, y), backends=["ort"], samples=16, progress=False)
+    assert isinstance(result, ParityResult) and result.passed and result.failed == []
+    ort = result.backends["onnxruntime"]
+    assert isinstance(ort, BackendParity) and ort.precision == "fp32" and not ort.tensor_failed
+    assert ort.metrics["top1_agreement"] == 1.0
+    again = ParityResult.from_dict(result.to_dict())
+    assert again.to_dict() == result.to_dict()
+    assert parity_rows(result)[0][0] == "onnxruntime" and parity_rows(result)[0][-1] == "yes"
+
+
 def test_verify_backends_loader_and_dataset(exported):
     model, path, x, y = exported
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     for source in (DataLoader(dataset, batch_size=7), dataset):
-        out = verify_run(model, path, source, samples=20, progress=True)
+        out = verify_backends(model, path, source, samples=20, progress=True).to_dict()
         assert out["samples"] == 20 and out["backends"]["onnxruntime"]["passed"]
-    no_labels = verify_backends(model, path, x, samples=5, progress=False)
+    no_labels = verify_backends(model, path, x, samples=5, progress=False).to_dict()
     assert no_labels["torch_accuracy"] is None and "accuracy" not in no_labels["backends"]["onnxruntime"]
 
 
@@ -175,7 +205,7 @@ def test_verify_backends_detects_divergence(exported, monkeypatch):
         return lambda a: runner(a) + np.linspace(0, 1, 10, dtype=np.float32)
 
     monkeypatch.setattr(verify_mod, "get_runner", skewed)
-    out = verify_backends(model, path, (x, y), samples=50, progress=False)
+    out = verify_backends(model, path, (x, y), samples=50, progress=False).to_dict()
     result = out["backends"]["onnxruntime"]
     assert result["passed"] is False
     assert "tolerance" in {f["metric"] for f in result["failures"]}
@@ -210,10 +240,10 @@ def test_conditioning_tells_an_ill_conditioned_network_from_a_wrong_backend():
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     tol = Tolerance(atol=1e-4, rtol=1e-3)
-    same = verify_mod.conditioning(model, x, ref, ref.copy(), tol)  # a backend exactly as good as PyTorch float32
+    same = conditioning(model, x, ref, ref.copy(), tol)  # a backend exactly as good as PyTorch float32
     assert same["torch_fp32_vs_fp64"] > 1e-4 and same["ill_conditioned"] is True and same["samples"] == 4
-    assert "ill-conditioned" in verify_mod.describe_conditioning("onnxruntime", same)
-    off = verify_mod.conditioning(model, x, ref, ref + 1e3, tol)  # far beyond float32 rounding
+    assert "ill-conditioned" in describe_conditioning("onnxruntime", same)
+    off = conditioning(model, x, ref, ref + 1e3, tol)  # far beyond float32 rounding
     assert off["ill_conditioned"] is False and off["candidate_vs_fp64"] > 999
     assert next(model.parameters()).dtype == torch.float32  # the float64 copy left the model alone
 
@@ -225,9 +255,9 @@ def test_conditioning_never_raises():
             return x
 
     x = np.ones((2, 3), dtype=np.float32)
-    found = verify_mod.conditioning(Float32Only(), x, x, x, Tolerance(atol=1e-4, rtol=1e-3))
+    found = conditioning(Float32Only(), x, x, x, Tolerance(atol=1e-4, rtol=1e-3))
     assert "float64 reference failed: AssertionError: float32 only" in found["error"]
-    assert "not checked" in verify_mod.describe_conditioning("onnxruntime", found)
+    assert "not checked" in describe_conditioning("onnxruntime", found)
 
 
 def test_verify_backends_errors(exported):
@@ -300,8 +330,10 @@ def test_legacy_max_abs_diff_caps_fp32_only():
 def test_gate_from_recipe_merges_overrides_onto_defaults():
     from cascadec.recipe import load_recipe
 
-    recipe = load_recipe("fmnist_quick", ["verify.tolerances.fp16.atol=0.05", "verify.max_accuracy_drop=0.02",
-                                          "verify.min_top5_agreement=0.99"])
+    recipe = load_recipe(
+        "fmnist_quick",
+        ["verify.tolerances.fp16.atol=0.05", "verify.max_accuracy_drop=0.02", "verify.min_top5_agreement=0.99"],
+    )
     gate = Gate.from_recipe(recipe.verify)
     assert gate.tolerance("fp16") == Tolerance(atol=0.05, rtol=1e-2, min_top1_agreement=0.99)
     assert gate.tolerance("fp32") == DEFAULT_TOLERANCES["fp32"] and gate.tolerance("int8") == DEFAULT_TOLERANCES["int8"]
@@ -329,12 +361,14 @@ def test_verify_backends_uses_the_runner_precision(exported, monkeypatch):
     model, path, x, y = exported
     real = verify_mod.get_runner
     monkeypatch.setattr(verify_mod, "get_runner", lambda name, **kw: _Fp16Runner(real("onnxruntime", **kw)))
-    out = verify_backends(model, path, (x, y), samples=50, progress=False)
+    out = verify_backends(model, path, (x, y), samples=50, progress=False).to_dict()
     result = out["backends"]["onnxruntime"]
     assert result["precision"] == "fp16" and result["atol"] == 1e-2 and result["passed"] is True
     # fp16 rounding is <= 2**-11 relative, inside even fp32's rtol 1e-3: only a tighter rtol catches it
     strict = Gate(tolerances={**DEFAULT_TOLERANCES, "fp16": Tolerance(atol=1e-6, rtol=1e-5)})
-    failed = verify_backends(model, path, (x, y), samples=50, progress=False, gate=strict)["backends"]["onnxruntime"]
+    failed = verify_backends(model, path, (x, y), samples=50, progress=False, gate=strict).to_dict()["backends"][
+        "onnxruntime"
+    ]
     assert failed["passed"] is False and failed["failures"][0]["precision"] == "fp16"
 
 
@@ -348,7 +382,7 @@ def test_a_corrupted_graph_names_its_first_divergent_layer(exported, tmp_path):
     conv_weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(conv_weight) * 1.1, conv_weight.name))
     bad = tmp_path / "bad.onnx"
     onnx.save(proto, str(bad))
-    out = verify_backends(model, bad, (x, y), samples=20, progress=False)
+    out = verify_backends(model, bad, (x, y), samples=20, progress=False).to_dict()
     found = out["backends"]["onnxruntime"]["first_divergence"]
     assert found["op_type"] == "Conv" and found["torch_module"] in ("body.0", "body.1")
     assert found["node"] == next(n.name for n in proto.graph.node if "body.0.weight" in n.input)
@@ -375,18 +409,25 @@ def test_cli_verify_prints_precision_and_tolerances(cli, copy_run):
 
 def test_cli_forced_tolerance_failure_exits_3_with_table_and_first_layer(cli, copy_run):
     run = copy_run()
-    result = cli("verify", run, "--set", "verify.tolerances.fp32.atol=1e-12", "--set", "verify.tolerances.fp32.rtol=1e-12")
+    result = cli(
+        "verify", run, "--set", "verify.tolerances.fp32.atol=1e-12", "--set", "verify.tolerances.fp32.rtol=1e-12"
+    )
     assert result.code == 3, result.err
     assert "Traceback" not in result.err
     lines = result.err.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:5] == ["backend", "precision", "metric", "value", "required"])
+    header = next(
+        i for i, line in enumerate(lines) if line.split()[:5] == ["backend", "precision", "metric", "value", "required"]
+    )
     assert lines[header + 1].split()[:3] == ["onnxruntime", "fp32", "tolerance"]
     assert "atol 1e-12 or rel <= rtol 1e-12" in result.err
     assert "first divergent layer (onnxruntime): ONNX node" in result.err
     report = json.loads((run / "report.json").read_text())
     parity = report["parity"]["onnxruntime"]
     assert parity["passed"] is False and parity["atol"] == 1e-12
-    assert parity["first_divergence"]["node"] and parity["first_divergence"]["tolerance"] == {"atol": 1e-12, "rtol": 1e-12}
+    assert parity["first_divergence"]["node"] and parity["first_divergence"]["tolerance"] == {
+        "atol": 1e-12,
+        "rtol": 1e-12,
+    }
     md = (run / "report.md").read_text()
     assert "first divergent layer: ONNX node" in md and "| onnxruntime | fp32 |" in md
     assert (run / "recipe.yaml").read_text().count("1e-12") == 0  # --set changes this check, not the run
@@ -411,9 +452,14 @@ def test_cli_corrupted_student_names_the_corrupted_conv(cli, copy_run):
     assert f"ONNX node {target.name!r}" in result.err
 
 
-@pytest.mark.parametrize(("backend", "needs"), [("tensorrt", "TensorRT is not installed"),
-                                                ("onnxruntime-cuda", "CUDAExecutionProvider"),
-                                                ("onnxruntime-trt", "TensorrtExecutionProvider")])
+@pytest.mark.parametrize(
+    ("backend", "needs"),
+    [
+        ("tensorrt", "TensorRT is not installed"),
+        ("onnxruntime-cuda", "CUDAExecutionProvider"),
+        ("onnxruntime-trt", "TensorrtExecutionProvider"),
+    ],
+)
 def test_cli_missing_gpu_backend_is_exit_2_one_line(cli, copy_run, monkeypatch, backend, needs):
     import sys
 
@@ -447,7 +493,9 @@ def test_batches_are_cut_to_the_engine_profile(exported, monkeypatch):
     model, path, x, y = exported
     real = verify_mod.get_runner
     made = []
-    monkeypatch.setattr(verify_mod, "get_runner", lambda name, **kw: made.append(_ProfiledRunner(real("onnxruntime", **kw))) or made[-1])
-    out = verify_backends(model, path, (x, y), samples=22, progress=False, batch_size=11)
+    monkeypatch.setattr(
+        verify_mod, "get_runner", lambda name, **kw: made.append(_ProfiledRunner(real("onnxruntime", **kw))) or made[-1]
+    )
+    out = verify_backends(model, path, (x, y), samples=22, progress=False, batch_size=11).to_dict()
     assert out["backends"]["onnxruntime"]["passed"] and out["samples"] == 22
     assert made[0].batches == [8, 4, 8, 4]  # 11 = 8 + 3 padded to 4, twice

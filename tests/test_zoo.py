@@ -109,9 +109,11 @@ class Case:
     io_dir: Path | None = None
     seconds: dict = field(default_factory=dict)
 
-    def require(self) -> "Case":
+    def require(self) -> Case:
         if self.error is not None:
-            raise AssertionError(f"building/pruning {self.name} failed: {type(self.error).__name__}: {self.error}") from self.error
+            raise AssertionError(
+                f"building/pruning {self.name} failed: {type(self.error).__name__}: {self.error}"
+            ) from self.error
         return self
 
     @property
@@ -158,8 +160,14 @@ def build_case(name: str, size: int, root: Path, seed: int) -> Case:
     case.student_dir = root / "students" / name
     case.io_dir = root / "io" / name
     case.io_dir.mkdir(parents=True)
-    save_student(case.shrunk, case.student_dir, model_name=name, model_kwargs={"num_classes": NUM_CLASSES},
-                 input_shape=[3, size, size], removals=pruned_root_idxs(index, keep))
+    save_student(
+        case.shrunk,
+        case.student_dir,
+        model_name=name,
+        model_kwargs={"num_classes": NUM_CLASSES},
+        input_shape=[3, size, size],
+        removals=pruned_root_idxs(index, keep),
+    )
     np.save(case.io_dir / "input.npy", case.batch.numpy())
     case.seconds["total_build"] = time.perf_counter() - t0
     return case
@@ -245,8 +253,12 @@ class Zoo:
         self.log = open(self.root / "reload.log", "w")
         self.reload_started = time.perf_counter()
         exported = [n for n in EXPORTED_IN_SUBPROCESS if n in names]
-        self.proc = subprocess.Popen([sys.executable, str(script), str(self.root), ",".join(names), ",".join(exported)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=str(self.root))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.root), ",".join(names), ",".join(exported)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.root),
+        )
 
     def reload_results(self) -> dict:
         if self._reload is None:
@@ -309,7 +321,9 @@ def test_masks_change_the_output(case):
 def test_masked_network_equals_shrunk_network(case):
     assert case.y_masked.shape == case.y_shrunk.shape == (2, NUM_CLASSES)
     diff = float(np.abs(case.y_masked - case.y_shrunk).max())
-    assert diff <= _tol(case, 1e-5), f"{case.name}: masked vs shrunk max |diff| {diff:.3e} (output scale {case.scale:.3e})"
+    assert diff <= _tol(case, 1e-5), (
+        f"{case.name}: masked vs shrunk max |diff| {diff:.3e} (output scale {case.scale:.3e})"
+    )
 
 
 # ---------------------------------------------------------------- (b) analytic cost == counted
@@ -318,7 +332,9 @@ def test_masked_network_equals_shrunk_network(case):
 def test_analytic_cost_matches_counted_cost(case):
     assert case.base_macs == pytest.approx(case.full_macs_counted, abs=0.5)
     assert case.analytic_macs == pytest.approx(case.shrunk_macs, abs=0.5), f"{case.name}: analytic MACs != counted MACs"
-    assert case.analytic_params == pytest.approx(case.shrunk_params, abs=0.5), f"{case.name}: analytic params != counted params"
+    assert case.analytic_params == pytest.approx(case.shrunk_params, abs=0.5), (
+        f"{case.name}: analytic params != counted params"
+    )
     assert case.shrunk_params < case.full_params_counted
 
 

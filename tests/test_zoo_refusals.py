@@ -57,8 +57,9 @@ def _masked_equals_shrunk(name: str, size: int) -> tuple[object, float]:
     index = build_groups(model, x[:1])
     seconds = time.perf_counter() - start
     cost = CostModel.build(model, index, x[:1])
-    keep = MaskSolver(index, cost).solve(torch.rand(index.num_units, generator=gen),
-                                         Budget.from_target(cost, flops_reduction=0.2))
+    keep = MaskSolver(index, cost).solve(
+        torch.rand(index.num_units, generator=gen), Budget.from_target(cost, flops_reduction=0.2)
+    )
     assert int(keep.sum()) < keep.numel(), "the mask must remove channels for the check to mean anything"
     _shrunk_matching_masked(model, index, keep, x)
     return index, seconds
@@ -88,8 +89,15 @@ def test_deep_swin_within_the_shape_walk_budget_pruned_exactly() -> None:
     from torchvision.models.swin_transformer import SwinTransformer
 
     torch.manual_seed(0)
-    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[2, 2, 18, 2], num_heads=[1, 2, 4, 8],
-                            window_size=[7, 7], stochastic_depth_prob=0.0, num_classes=10).eval()
+    model = SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=8,
+        depths=[2, 2, 18, 2],
+        num_heads=[1, 2, 4, 8],
+        window_size=[7, 7],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    ).eval()
     x = torch.randn(2, 3, 32, 32)
     start = time.perf_counter()
     index = build_groups(model, x[:1])
@@ -167,7 +175,7 @@ def test_producer_with_a_second_consumer_is_masked_exactly() -> None:
     assert {m.module for m in group.mask_points} >= {"1.stem", "1.pre_norm"}
     keep = torch.ones(index.num_units)
     offset = index.offsets()[roots.index("1.stem")]
-    keep[offset:offset + 8] = 0
+    keep[offset : offset + 8] = 0
     student = shrink(net, index, keep, x[:1]).eval()
     with torch.no_grad():
         with masked(net, index, keep):
@@ -207,14 +215,23 @@ def test_time_limit_refuses_with_user_error() -> None:
         build_dependency_graph(model, torch.zeros(1, 3, 32, 32), timeout_s=1e-4)
 
 
-@pytest.mark.parametrize("args", [
-    # an input the model cannot take: refused at analysis, before any data or training
-    ["inspect", "maxvit_t", "--image-size", "64"],
-    ["compress", "vit_b_16", "--recipe", "zoo_smoke", "--set", "data.image_size=64", "--dry-run"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        # an input the model cannot take: refused at analysis, before any data or training
+        ["inspect", "maxvit_t", "--image-size", "64"],
+        ["compress", "vit_b_16", "--recipe", "zoo_smoke", "--set", "data.image_size=64", "--dry-run"],
+    ],
+)
 def test_cli_refusals_are_one_line_exit_2(args: list[str], tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cascadec", *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "cascadec", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn(" not in ln]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -19,10 +19,12 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnxslim
 import torch
 from torch import nn
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.fileio import replacing
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,9 @@ class ExportFallbackWarning(UserWarning):
     """The dynamo exporter failed and the legacy TorchScript exporter was used instead."""
 
 
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """Exporter errors span pages; the warning and UserError must stay one line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _one_line(exc: BaseException) -> str:
+    """Exporter errors span pages and name their cause last: the whole message, on one line."""
+    return f"{type(exc).__name__}: {first_line(exc, whole=True)}"
 
 
 def _prepare(model: nn.Module, sample: torch.Tensor, dynamic_batch: bool) -> tuple[nn.Module, torch.Tensor]:
@@ -108,7 +108,9 @@ def _check_io(model: onnx.ModelProto, dynamic_batch: bool) -> None:
     inputs = [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     if len(outputs) != 1:
-        raise UserError(f"the model returns {len(outputs)} outputs {outputs}; cascadec deploys single-output classifiers")
+        raise UserError(
+            f"the model returns {len(outputs)} outputs {outputs}; cascadec deploys single-output classifiers"
+        )
     if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
         raise UserError(f"exported graph has inputs {inputs} and outputs {outputs}, expected ['input'] -> ['logits']")
     if not dynamic_batch:
@@ -125,13 +127,12 @@ def _check_io(model: onnx.ModelProto, dynamic_batch: bool) -> None:
 def _save(model: onnx.ModelProto, path: Path) -> bool:
     """Save one self-contained file when protobuf allows it; returns whether external data was needed."""
     external = model.ByteSize() > _PROTO_LIMIT
-    tmp = path.with_name(path.name + ".tmp")
-    if external:
-        data_name = path.name + ".data"
-        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
-    else:
-        onnx.save_model(model, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        if external:
+            data_name = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name)
+        else:
+            onnx.save_model(model, tmp)
     return external
 
 
@@ -194,8 +195,6 @@ def export_onnx(
     slimmed = False
     if slim:
         try:
-            import onnxslim
-
             proto = onnxslim.slim(proto)
             slimmed = True
         except Exception as exc:  # slimming is an optimisation; an unslimmed valid file is still useful

@@ -15,29 +15,26 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 
-_PROVIDERS: dict[str, list[str]] = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+# execution providers per ONNX Runtime device, most preferred first (CPU last, so nodes a GPU
+# provider does not support still run); verification and timing (cuda_runners) both read this
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] or type(exc).__name__
 
 
 def _providers(device: str) -> list[str | tuple[str, dict]]:
     """Map a cascadec device name to ORT providers, failing early when they are absent."""
     kind, _, index = str(device).partition(":")
     kind = kind.lower()
-    if kind not in _PROVIDERS:
+    if kind not in PROVIDERS:
         raise UserError(f"unknown onnxruntime device {device!r}; use one of: cpu, cuda, cuda:N, tensorrt")
     if index and not index.isdigit():
         raise UserError(f"bad device index in {device!r}; expected e.g. cuda:0")
-    wanted = _PROVIDERS[kind][0]
+    wanted = PROVIDERS[kind][0]
     available = ort.get_available_providers()
     if wanted not in available:
         extra = " and TensorRT 10 (pip install 'cascadec[gpu]')" if kind == "tensorrt" else ""
@@ -46,7 +43,7 @@ def _providers(device: str) -> list[str | tuple[str, dict]]:
             f"install onnxruntime-gpu{extra} on a machine with an NVIDIA GPU"
         )
     options = {"device_id": int(index)} if index else {}
-    return [(name, options) if name != "CPUExecutionProvider" and options else name for name in _PROVIDERS[kind]]
+    return [(name, options) if name != "CPUExecutionProvider" and options else name for name in PROVIDERS[kind]]
 
 
 def require_providers(device: str) -> None:
@@ -70,10 +67,12 @@ def _create_session(model: str | bytes, device: str, threads: int | None, label:
     try:
         session = ort.InferenceSession(model, sess_options=_session_options(threads), providers=providers)
     except Exception as exc:  # ORT raises several unrelated classes for unreadable models
-        raise UserError(f"onnxruntime cannot load {label}: {_first_line(exc)}") from exc
+        raise UserError(f"onnxruntime cannot load {label}: {first_line(exc)}") from exc
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
     if wanted not in session.get_providers():
-        raise UserError(f"onnxruntime could not initialise {wanted} for {label} (CUDA/cuDNN/TensorRT libraries missing?)")
+        raise UserError(
+            f"onnxruntime could not initialise {wanted} for {label} (CUDA/cuDNN/TensorRT libraries missing?)"
+        )
     return session
 
 
@@ -127,16 +126,16 @@ class OrtRunner:
 
 def value_names(path: str | os.PathLike[str]) -> list[str]:
     """Every node output in graph order: the search space for first-divergence bisection."""
-    model = _load(path)
+    model = load_onnx(path)
     return [name for node in model.graph.node for name in node.output if name]
 
 
-def _load(path: str | os.PathLike[str]) -> onnx.ModelProto:
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     path = _check_path(path)
     try:
         return onnx.load(str(path))
     except Exception as exc:
-        raise UserError(f"cannot read ONNX model {path}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read ONNX model {path}: {first_line(exc)}") from exc
 
 
 def intermediate_outputs(
@@ -150,7 +149,7 @@ def intermediate_outputs(
 
     ORT keeps any value that is a graph output, so fusions cannot hide the tensor asked for.
     """
-    model = _load(path)
+    model = load_onnx(path)
     produced = {name for node in model.graph.node for name in node.output if name}
     produced |= {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     unknown = [n for n in names if n not in produced]

@@ -32,11 +32,13 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from cascadec.errors import UserError
 
@@ -51,8 +53,6 @@ CALIBRATION_BATCH = 32
 def cuda_device() -> tuple[str, tuple[int, int]] | None:
     """(GPU name, compute capability) of CUDA device 0 through torch, or None without a GPU."""
     try:
-        import torch
-
         if not torch.cuda.is_available():
             return None
         return torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
@@ -69,7 +69,9 @@ def require_tensorrt(*, gpu: bool = False) -> ModuleType:
     except Exception as exc:  # a broken install (missing libnvinfer...) is as unusable as none
         raise UserError(f"TensorRT is installed but fails to import ({exc}): {INSTALL_HINT}") from exc
     if gpu and cuda_device() is None:
-        raise UserError(f"TensorRT is installed but no CUDA GPU is visible (torch.cuda.is_available() is False): {INSTALL_HINT}")
+        raise UserError(
+            f"TensorRT is installed but no CUDA GPU is visible (torch.cuda.is_available() is False): {INSTALL_HINT}"
+        )
     return tensorrt
 
 
@@ -101,9 +103,8 @@ def _make_calibrator(trt: ModuleType, images: np.ndarray, cache_path: Path, batc
         def get_batch(self, names):  # noqa: ARG002 - one input
             if self.index + self.batch_size > len(self.images):
                 return None
-            import torch
 
-            host = self.images[self.index:self.index + self.batch_size]
+            host = self.images[self.index : self.index + self.batch_size]
             self.index += self.batch_size
             self.device_batch = torch.from_numpy(host).to("cuda").contiguous()
             return [int(self.device_batch.data_ptr())]
@@ -139,8 +140,10 @@ def build_engine(
         raise UserError("--int8 needs calibration images (a few hundred training images)")
     for flag, wanted in (("FP16", fp16), ("INT8", int8)):
         if wanted and not hasattr(trt.BuilderFlag, flag):
-            raise UserError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in TensorRT 11); "
-                            "install tensorrt 10.x or drop --fp16/--int8")
+            raise UserError(
+                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in TensorRT 11); "
+                "install tensorrt 10.x or drop --fp16/--int8"
+            )
     bmin, bopt, bmax = profile_batches(batches)
     cache_root = Path(cache_dir) if cache_dir is not None else engine_path.parent
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,9 @@ def build_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
     if fp16:
         if not _fast(builder, "platform_has_fast_fp16", capability, FP16_MIN_CAPABILITY):
-            warnings.warn(f"{gpu_name or 'this GPU'} has no fast FP16; the FP16 engine may be no faster than FP32", stacklevel=2)
+            warnings.warn(
+                f"{gpu_name or 'this GPU'} has no fast FP16; the FP16 engine may be no faster than FP32", stacklevel=2
+            )
         config.set_flag(trt.BuilderFlag.FP16)
     if int8:
         if not _fast(builder, "platform_has_fast_int8", capability, INT8_MIN_CAPABILITY):
@@ -201,11 +206,19 @@ def build_engine(
 
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     meta: dict[str, Any] = {
-        "engine": str(engine_path), "onnx": str(onnx_path), "tensorrt": str(trt.__version__),
-        "gpu": gpu_name, "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
-        "precision": precision, "fp16": bool(fp16), "int8": bool(int8),
-        "input": inp.name, "profile": shapes, "max_batch": bmax,
-        "timing_cache": str(timing_path), "calibration_cache": str(calib_path) if int8 else None,
+        "engine": str(engine_path),
+        "onnx": str(onnx_path),
+        "tensorrt": str(trt.__version__),
+        "gpu": gpu_name,
+        "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
+        "precision": precision,
+        "fp16": bool(fp16),
+        "int8": bool(int8),
+        "input": inp.name,
+        "profile": shapes,
+        "max_batch": bmax,
+        "timing_cache": str(timing_path),
+        "calibration_cache": str(calib_path) if int8 else None,
         "calibration_images": int(len(calibration_images)) if int8 else 0,
     }
     metadata_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
@@ -235,8 +248,9 @@ def read_metadata(engine_path: str | os.PathLike[str]) -> dict | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable engine metadata ({type(exc).__name__}); "
-                        "rebuild with 'cascadec export RUN --trt'") from None
+        raise UserError(
+            f"{path}: unreadable engine metadata ({type(exc).__name__}); rebuild with 'cascadec export RUN --trt'"
+        ) from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: engine metadata is not a JSON object; rebuild with 'cascadec export RUN --trt'")
     return meta
@@ -248,21 +262,15 @@ def _major_minor(version: str) -> tuple[str, ...]:
 
 def _cuda_stream(device: Any) -> Any:
     """A dedicated stream, so compute() never serialises behind unrelated work on the default one."""
-    import torch
-
     return torch.cuda.Stream(device=device)
 
 
 def _device_empty(shape: Sequence[int], dtype: Any, device: Any) -> Any:
-    import torch
-
     return torch.empty(tuple(int(d) for d in shape), dtype=dtype, device=device)
 
 
 def _h2d(buffer: Any, host: Any, stream: Any) -> None:
     """Host -> device copy ordered on ``stream``, finished before returning."""
-    import torch
-
     with torch.cuda.stream(stream):
         buffer.copy_(host)
     stream.synchronize()
@@ -270,8 +278,6 @@ def _h2d(buffer: Any, host: Any, stream: Any) -> None:
 
 def _torch_dtype(trt: ModuleType, trt_dtype: Any) -> Any:
     """TensorRT DataType -> torch dtype via numpy (``trt.nptype``)."""
-    import torch
-
     try:
         return torch.from_numpy(np.empty(0, dtype=trt.nptype(trt_dtype))).dtype
     except Exception as exc:  # bf16/fp8 engine I/O has no numpy type: not an engine cascadec builds
@@ -289,7 +295,6 @@ class TrtRunner:
 
     def __init__(self, engine_path: str | os.PathLike[str], device: str = "cuda:0") -> None:
         trt = require_tensorrt(gpu=True)
-        import torch
 
         self.path = Path(engine_path)
         if not self.path.is_file():
@@ -300,8 +305,10 @@ class TrtRunner:
         built_with = (self.meta or {}).get("tensorrt")
         if built_with and _major_minor(built_with) != _major_minor(trt.__version__):
             # engines are not portable across TensorRT versions; deserialising one only logs an error
-            raise UserError(f"{self.path}: built with TensorRT {built_with}, this is TensorRT {trt.__version__}; "
-                            "rebuild it with 'cascadec export RUN --trt'")
+            raise UserError(
+                f"{self.path}: built with TensorRT {built_with}, this is TensorRT {trt.__version__}; "
+                "rebuild it with 'cascadec export RUN --trt'"
+            )
         self.precision: str = str((self.meta or {}).get("precision") or "fp32")
         self._trt = trt
         self.device = torch.device(device)
@@ -310,14 +317,20 @@ class TrtRunner:
         try:
             self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         except Exception as exc:  # some versions raise instead of returning None
-            raise UserError(f"{self.path}: TensorRT cannot deserialize this engine ({exc}); it is corrupt or was built "
-                            "with another TensorRT version or GPU; rebuild with 'cascadec export RUN --trt'") from None
+            raise UserError(
+                f"{self.path}: TensorRT cannot deserialize this engine ({exc}); it is corrupt or was built "
+                "with another TensorRT version or GPU; rebuild with 'cascadec export RUN --trt'"
+            ) from None
         if self.engine is None:
-            raise UserError(f"{self.path}: TensorRT cannot deserialize this engine (corrupt, or built with another "
-                            "TensorRT version or GPU); rebuild with 'cascadec export RUN --trt'")
+            raise UserError(
+                f"{self.path}: TensorRT cannot deserialize this engine (corrupt, or built with another "
+                "TensorRT version or GPU); rebuild with 'cascadec export RUN --trt'"
+            )
         if self.meta is None:  # an engine built by trtexec or elsewhere: its precision is not recorded
-            warnings.warn(f"{self.path}: no {metadata_path(self.path).name}; assuming an fp32 engine for the "
-                          "parity tolerances", stacklevel=2)
+            warnings.warn(
+                f"{self.path}: no {metadata_path(self.path).name}; assuming an fp32 engine for the parity tolerances",
+                stacklevel=2,
+            )
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise UserError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
@@ -325,11 +338,15 @@ class TrtRunner:
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or not outputs:
-            raise UserError(f"{self.path}: expected one input and at least one output, found inputs {inputs}, outputs {outputs}")
+            raise UserError(
+                f"{self.path}: expected one input and at least one output, found inputs {inputs}, outputs {outputs}"
+            )
         self.input_name: str = inputs[0]
         self.output_name: str = outputs[0]
         self.output_names: list[str] = outputs
-        self.input_shape: tuple[int, ...] = tuple(int(d) for d in tuple(self.engine.get_tensor_shape(self.input_name))[1:])
+        self.input_shape: tuple[int, ...] = tuple(
+            int(d) for d in tuple(self.engine.get_tensor_shape(self.input_name))[1:]
+        )
         self.batch_range: tuple[int, int] = self._batch_range()
         self._dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = _cuda_stream(self.device)
@@ -354,8 +371,10 @@ class TrtRunner:
             raise UserError(f"input shape {tuple(x.shape)} does not match {self.path.name} input (N, {dims})")
         low, high = self.batch_range
         if not low <= x.shape[0] <= high:
-            raise UserError(f"batch {x.shape[0]} is outside {self.path.name}'s optimisation profile ({low}..{high}); "
-                            "rebuild the engine with that batch size in --batch / profile.batches")
+            raise UserError(
+                f"batch {x.shape[0]} is outside {self.path.name}'s optimisation profile ({low}..{high}); "
+                "rebuild the engine with that batch size in --batch / profile.batches"
+            )
 
     def _bind(self, shape: tuple[int, ...]) -> None:
         """(Re)allocate device buffers for a new batch size and hand their addresses to TensorRT."""
@@ -371,8 +390,6 @@ class TrtRunner:
 
     def stage(self, x: np.ndarray) -> None:
         """Copy ``x`` into the device input buffer (synchronously); set shapes and addresses."""
-        import torch
-
         x = np.ascontiguousarray(x, dtype=np.float32)
         self._check(x)
         if self._batch != x.shape[0]:

@@ -26,6 +26,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def first_output(out: object) -> torch.Tensor:
+    """The logits of a forward pass: models that return (logits, extras) are read the same way."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"model returned {type(out).__name__}; cascadec expects a logits tensor")
+    return out
+
+
 class TorchRunner:
     """Wraps a model as a reference backend; moves it to ``device`` and puts it in eval mode."""
 
@@ -38,9 +47,5 @@ class TorchRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            out = self.model(tensor)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise UserError(f"model returned {type(out).__name__}; cascadec expects a logits tensor")
+            out = first_output(self.model(tensor))
         return out.detach().to("cpu", torch.float32).numpy()

@@ -17,10 +17,12 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cascadec.errors import UserError
+from cascadec.prune.spec import read_spec
+from cascadec.run import RunDir
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -56,13 +58,16 @@ def repository_name(run_dir: Path) -> str:
     return name
 
 
-def write_model_repository(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
-                           *, name: str | None = None, max_batch_size: int | None = None) -> list[Path]:
+def write_model_repository(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    name: str | None = None,
+    max_batch_size: int | None = None,
+) -> list[Path]:
     """Write the repository; returns the files written. ``max_batch_size`` defaults to the
     engine's profile maximum (``student.plan.json``), else the recipe's largest profile batch."""
     from cascadec.backends.tensorrt_backend import metadata_path
-    from cascadec.prune.spec import read_spec
-    from cascadec.run import RunDir
 
     run = RunDir.open(Path(run_dir))
     onnx_path = run.file("student.onnx")
@@ -90,7 +95,9 @@ def write_model_repository(run_dir: str | os.PathLike[str], out_dir: str | os.Pa
     models = [(f"{name}_onnx", "onnxruntime_onnx", onnx_path, "model.onnx", max_batch_size)]
     if plan.is_file():
         # a TensorRT engine cannot serve batches above its profile's maximum
-        models.append((f"{name}_trt", "tensorrt_plan", plan, "model.plan", min(max_batch_size, engine_max or max_batch_size)))
+        models.append(
+            (f"{name}_trt", "tensorrt_plan", plan, "model.plan", min(max_batch_size, engine_max or max_batch_size))
+        )
     try:
         for model_name, platform, source, filename, mbs in models:
             version_dir = out / model_name / "1"

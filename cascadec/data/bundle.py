@@ -39,3 +39,8 @@ class DataBundle:
     eval_transform: Callable | None = None  # what ``val`` uses, for datasets whose ``train`` augments
     train_indices: list[int] | None = None
     selection_indices: list[int] | None = None
+
+    @property
+    def input_shape(self) -> list[int]:
+        """One image's shape, C x H x W: what models are traced, exported and profiled with."""
+        return [self.in_channels, self.image_size, self.image_size]

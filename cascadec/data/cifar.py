@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
-from cascadec.data._util import first_line
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import RandomCropFlip, TensorImageDataset
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 
 __all__ = ["CIFAR10", "CIFAR100", "build_cifar10", "build_cifar100", "read_batch"]
 
@@ -112,9 +112,7 @@ def read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(batch["data"])
     labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise UserError(
-            f"CIFAR batch {path}: 'data' is {data.dtype}{data.shape}, expected uint8 (N, 3072)"
-        )
+        raise UserError(f"CIFAR batch {path}: 'data' is {data.dtype}{data.shape}, expected uint8 (N, 3072)")
     if labels.shape != (data.shape[0],):
         raise UserError(f"CIFAR batch {path}: {labels.shape} labels for {data.shape[0]} images")
     return data.reshape(-1, 3, 32, 32), labels
@@ -134,9 +132,7 @@ def build_cifar100(
     return _build(CIFAR100, root, image_size=image_size, download=download, augment=augment)
 
 
-def _build(
-    spec: CifarSpec, root: Path | None, *, image_size: int | None, download: bool, augment: bool
-) -> DataBundle:
+def _build(spec: CifarSpec, root: Path | None, *, image_size: int | None, download: bool, augment: bool) -> DataBundle:
     folder = _find_folder(spec, root, download)
     size = image_size or NATIVE_SIZE
     splits: dict[str, TensorImageDataset] = {}
@@ -145,9 +141,7 @@ def _build(
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-            raise UserError(
-                f"{folder}: label {labels.max()} out of range for {spec.num_classes} classes"
-            )
+            raise UserError(f"{folder}: label {labels.max()} out of range for {spec.num_classes} classes")
         splits[split] = TensorImageDataset(
             torch.from_numpy(images),
             torch.from_numpy(labels),
@@ -213,12 +207,8 @@ def _cache_dir() -> Path:
 
 
 def _download(spec: CifarSpec, target: Path) -> None:
-    import torchvision.datasets as tvd
-
     try:
         target.mkdir(parents=True, exist_ok=True)
         getattr(tvd, spec.torchvision_class)(str(target), train=True, download=True)
     except Exception as exc:
-        raise UserError(
-            f"downloading {spec.name} into {target} failed: {first_line(exc)}"
-        ) from None
+        raise UserError(f"downloading {spec.name} into {target} failed: {first_line(exc)}") from None

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import TensorImageDataset
@@ -25,14 +27,12 @@ __all__ = ["MEAN", "STD", "build"]
 MEAN = (0.3054,)
 STD = (0.3761,)
 DEFAULT_SIZE = 16
+NUM_CLASSES = 10
 SPLIT_SEED = 0
 
 
 def build(root: Path | None, *, image_size: int | None, download: bool, seed: int) -> DataBundle:
     """Digits as a :class:`DataBundle`; ``root`` and ``download`` are unused (bundled data)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     images = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
     targets = torch.from_numpy(digits.target.astype(np.int64))
@@ -43,16 +43,14 @@ def build(root: Path | None, *, image_size: int | None, download: bool, seed: in
 
     def subset(idx: np.ndarray) -> TensorImageDataset:
         index = torch.from_numpy(np.sort(idx))
-        return TensorImageDataset(
-            images[index], targets[index], mean=MEAN, std=STD, image_size=size
-        )
+        return TensorImageDataset(images[index], targets[index], mean=MEAN, std=STD, image_size=size)
 
     train, val = subset(train_idx), subset(val_idx)
     return DataBundle(
         name="digits",
         train=train,
         val=val,
-        num_classes=10,
+        num_classes=NUM_CLASSES,
         in_channels=1,
         image_size=size,
         mean=MEAN,

@@ -29,17 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets import FashionMNIST
 
-from cascadec.data._util import first_line
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import TensorImageDataset
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 
 __all__ = ["MEAN", "STD", "build", "find_files", "read_idx", "search_dirs"]
 
 MEAN = (0.2860,)
 STD = (0.3530,)
 NATIVE_SIZE = 28
+NUM_CLASSES = 10
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 _FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -107,8 +108,7 @@ def read_idx(path: Path, *, ndim: int) -> np.ndarray:
     expected = int(np.prod(dims))
     if len(data) - header != expected:
         raise UserError(
-            f"{path} is truncated or corrupt: header says {dims} = {expected} bytes, "
-            f"file holds {len(data) - header}"
+            f"{path} is truncated or corrupt: header says {dims} = {expected} bytes, file holds {len(data) - header}"
         )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -140,7 +140,7 @@ def build(root: Path | None, *, image_size: int | None, download: bool, seed: in
         name="fashion_mnist",
         train=splits["train"],
         val=splits["val"],
-        num_classes=10,
+        num_classes=NUM_CLASSES,
         in_channels=1,
         image_size=size,
         mean=MEAN,
@@ -167,12 +167,8 @@ def _files_in(folder: Path) -> dict[str, Path] | None:
 
 def _download(target: Path) -> None:
     """torchvision's downloader (mirrors + md5 checks); only when the user asked for it."""
-    from torchvision.datasets import FashionMNIST
-
     try:
         target.mkdir(parents=True, exist_ok=True)
         FashionMNIST(str(target), train=True, download=True)
     except Exception as exc:
-        raise UserError(
-            f"downloading Fashion-MNIST into {target} failed: {first_line(exc)}"
-        ) from None
+        raise UserError(f"downloading Fashion-MNIST into {target} failed: {first_line(exc)}") from None

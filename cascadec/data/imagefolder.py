@@ -19,9 +19,8 @@ from pathlib import Path
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from cascadec.data._util import first_line
 from cascadec.data.bundle import DataBundle
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "build", "train_transform", "val_transform"]
 
@@ -52,21 +51,16 @@ def val_transform(size: int) -> T.Compose:
     )
 
 
-def build(
-    root: Path | None, *, image_size: int | None, download: bool, seed: int, augment: bool = True
-) -> DataBundle:
+def build(root: Path | None, *, image_size: int | None, download: bool, seed: int, augment: bool = True) -> DataBundle:
     """An ImageFolder pair as a :class:`DataBundle`; there is nothing to download."""
     if root is None:
-        raise UserError(
-            "imagefolder needs a data path (--data PATH) to a folder with train/ and val/"
-        )
+        raise UserError("imagefolder needs a data path (--data PATH) to a folder with train/ and val/")
     size = image_size or DEFAULT_SIZE
     folders = {split: root / split for split in ("train", "val")}
     for folder in folders.values():
         if not folder.is_dir():
             raise UserError(
-                f"imagefolder: {folder} is missing; expected {root}/train/<class>/... "
-                f"and {root}/val/<class>/..."
+                f"imagefolder: {folder} is missing; expected {root}/train/<class>/... and {root}/val/<class>/..."
             )
     train = _open(folders["train"], train_transform(size) if augment else val_transform(size))
     val = _open(folders["val"], val_transform(size))

@@ -15,14 +15,14 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from cascadec.data import cifar, digits, fashion_mnist, imagefolder, synthetic
-from cascadec.data.bundle import DataBundle
 from torch.utils.data import Subset
 
+from cascadec.data import cifar, digits, fashion_mnist, imagefolder, synthetic
+from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import eval_view, limit_dataset, split_off
 from cascadec.errors import UserError
 
-__all__ = ["build_data", "list_datasets"]
+__all__ = ["build_data", "input_geometry", "list_datasets"]
 
 SELECTION_SEED = 0
 _COMMON = {"root", "image_size", "download", "seed"}
@@ -34,6 +34,33 @@ _DATASETS: dict[str, Callable[..., DataBundle]] = {
     "imagefolder": imagefolder.build,
     "synthetic": synthetic.build,
 }
+
+
+# (input channels, native image size, classes) of each builder's output, read from the builder
+# modules so that a dry run needs neither the data nor a download; imagefolder's class count is
+# only known from the folder (None: the model's default head stands)
+_GEOMETRY: dict[str, tuple[int, int, int | None]] = {
+    "fashion_mnist": (1, fashion_mnist.NATIVE_SIZE, fashion_mnist.NUM_CLASSES),
+    "digits": (1, digits.DEFAULT_SIZE, digits.NUM_CLASSES),
+    "cifar10": (3, cifar.NATIVE_SIZE, cifar.CIFAR10.num_classes),
+    "cifar100": (3, cifar.NATIVE_SIZE, cifar.CIFAR100.num_classes),
+    "imagefolder": (3, imagefolder.DEFAULT_SIZE, None),
+}
+
+
+def input_geometry(name: str, options: dict[str, Any] | None = None) -> tuple[int, int, int | None]:
+    """(channels, native image size, classes) dataset ``name`` produces, without reading it."""
+    if name == "synthetic":  # its geometry is its options
+        params = inspect.signature(synthetic.build).parameters
+        opts = options or {}
+        return (
+            int(opts.get("in_channels", params["in_channels"].default)),
+            synthetic.DEFAULT_SIZE,
+            int(opts.get("num_classes", params["num_classes"].default)),
+        )
+    if name not in _GEOMETRY:
+        raise UserError(f"unknown dataset '{name}'; known: {', '.join(list_datasets())}")
+    return _GEOMETRY[name]
 
 
 def default_selection_size(train_size: int) -> int:
@@ -69,9 +96,7 @@ def build_data(
         close = get_close_matches(str(name), list(_DATASETS), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UserError(f"unknown dataset '{name}'; {hint}known: {', '.join(list_datasets())}")
-    if image_size is not None and (
-        not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1
-    ):
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1):
         raise UserError(f"image_size must be a positive integer, got {image_size!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
@@ -80,15 +105,16 @@ def build_data(
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(
-            f"dataset '{name}' has no option '{unknown[0]}' "
-            f"(options: {', '.join(allowed) if allowed else 'none'})"
+            f"dataset '{name}' has no option '{unknown[0]}' (options: {', '.join(allowed) if allowed else 'none'})"
         )
     path = Path(root).expanduser() if root is not None and str(root).strip() else None
     bundle = builder(path, image_size=image_size, download=bool(download), seed=seed, **options)
     full_train = bundle.train
     n = len(full_train)  # type: ignore[arg-type]
     if n < 2:
-        raise UserError(f"dataset '{name}': {n} training image(s); at least 2 are needed (one to train on, one to select with)")
+        raise UserError(
+            f"dataset '{name}': {n} training image(s); at least 2 are needed (one to train on, one to select with)"
+        )
     size = selection_size if selection_size is not None else default_selection_size(n)
     # the split does not move with train.seed: like the official test split it is a property
     # of the data, so teachers trained on the rest never see it, whatever seed a run uses

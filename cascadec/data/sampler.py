@@ -14,7 +14,7 @@ learning rate, same number of steps) on one GPU or eight.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -30,11 +30,22 @@ PHASES = {"teacher": 1, "importance": 2, "joint": 3, "student": 4}
 class EpochBatchSampler(Sampler[list[int]]):
     """Yields this rank's share of each global batch of one epoch, from ``start_batch`` on."""
 
-    def __init__(self, size: int, batch_size: int, *, seed: int, shuffle: bool = True, drop_last: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size % world_size:
-            raise UserError(f"data.batch_size {batch_size} must be divisible by the number of processes ({world_size}): "
-                            "it is the global batch, split evenly across ranks")
+            raise UserError(
+                f"data.batch_size {batch_size} must be divisible by the number of processes ({world_size}): "
+                "it is the global batch, split evenly across ranks"
+            )
         if batch_size // world_size < 1:
             raise UserError(f"data.batch_size {batch_size} is smaller than the number of processes ({world_size})")
         self.size, self.batch_size, self.seed, self.shuffle, self.drop_last = size, batch_size, seed, shuffle, drop_last
@@ -62,11 +73,11 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
         for batch in range(self.start_batch, len(self)):
-            chunk = order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             if len(chunk) < self.batch_size:
                 # the last, short batch (drop_last off): ranks take equal slices, wrapping round
                 chunk = torch.cat([chunk, order[: self.batch_size - len(chunk)]])
-            yield chunk[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
+            yield chunk[self.rank * self.local_batch : (self.rank + 1) * self.local_batch].tolist()
 
 
 def position(loader: DataLoader, epoch: int, phase: str, start_batch: int = 0) -> int:

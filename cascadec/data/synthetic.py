@@ -52,9 +52,7 @@ def make_synthetic(
     gen = torch.Generator().manual_seed(seed * 1_000_003 + split + 1)
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
     images = prototypes[labels] + noise * torch.randn(n, channels, size, size, generator=gen)
-    return TensorImageDataset(
-        images, labels, mean=(0.0,) * channels, std=(1.0,) * channels, image_size=size
-    )
+    return TensorImageDataset(images, labels, mean=(0.0,) * channels, std=(1.0,) * channels, image_size=size)
 
 
 def build(

@@ -35,9 +35,7 @@ class TensorImageDataset(Dataset):
         augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if images.ndim != 4 or images.shape[0] != targets.shape[0]:
-            raise ValueError(
-                f"images {tuple(images.shape)} do not match targets {tuple(targets.shape)}"
-            )
+            raise ValueError(f"images {tuple(images.shape)} do not match targets {tuple(targets.shape)}")
         self.images = images
         self.targets = targets.long()
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -56,9 +54,7 @@ class TensorImageDataset(Dataset):
         size = self.image_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             shrink = size < max(x.shape[-2:])
-            x = F.interpolate(
-                x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink
-            )[0]
+            x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
         return (x - self.mean) / self.std, int(self.targets[index])
 
 

@@ -28,7 +28,9 @@ class DistillLoss:
     kd_weight: float = 0.4
     temperature: float = 15.0
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         loss = self.ce_weight * F.cross_entropy(logits, labels)
         if teacher_logits is not None and self.kd_weight > 0:
             loss = loss + self.kd_weight * kd_kl(logits, teacher_logits, self.temperature)

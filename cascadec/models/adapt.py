@@ -51,9 +51,7 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
         return last_linear
     if last_conv is not None:
         return last_conv
-    raise UserError(
-        f"cannot adapt the classifier of {type(model).__name__}: it has no Linear or Conv2d"
-    )
+    raise UserError(f"cannot adapt the classifier of {type(model).__name__}: it has no Linear or Conv2d")
 
 
 def transfer_input_weight(weight: Tensor, in_channels: int) -> Tensor:
@@ -133,9 +131,7 @@ def adapt_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
 def _new_head(head: nn.Linear | nn.Conv2d, num_classes: int) -> nn.Module:
     device, dtype = head.weight.device, head.weight.dtype
     if isinstance(head, nn.Linear):
-        return nn.Linear(
-            head.in_features, num_classes, bias=head.bias is not None, device=device, dtype=dtype
-        )
+        return nn.Linear(head.in_features, num_classes, bias=head.bias is not None, device=device, dtype=dtype)
     conv = nn.Conv2d(
         head.in_channels,
         num_classes,

@@ -118,9 +118,7 @@ _VGG16_CFG: list[int | str] = [
 class CifarVGG(nn.Module):
     """VGG feature stack (conv-BN-ReLU, max-pools) + global average pool + one Linear."""
 
-    def __init__(
-        self, cfg: list[int | str], *, num_classes: int = 10, in_channels: int = 3
-    ) -> None:
+    def __init__(self, cfg: list[int | str], *, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels

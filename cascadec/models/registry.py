@@ -23,7 +23,9 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
+import torchvision.models as tvm
 from torch import nn
+from torchvision.models.mnasnet import MNASNet
 
 from cascadec.errors import UserError
 from cascadec.models import cifar
@@ -149,8 +151,6 @@ def model_info(name: str) -> dict[str, Any]:
         "weights": [],
     }
     if entry.source == "torchvision":
-        import torchvision.models as tvm
-
         enum_cls = tvm.get_model_weights(name)
         info["weights"] = [f"{enum_cls.__name__}.{m.name}" for m in enum_cls]
     return info
@@ -170,9 +170,7 @@ def create_model(
     """
     entry = _entry(name)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UserError(f"{key} must be a positive integer, got {value!r}")
     classes = num_classes if num_classes is not None else entry.num_classes
     channels = in_channels if in_channels is not None else entry.input_size[0]
@@ -200,9 +198,7 @@ def weights_report(model: nn.Module) -> WeightsReport | None:
     return report if isinstance(report, WeightsReport) else None
 
 
-def _build_torchvision(
-    entry: ModelEntry, num_classes: int, weights: str | Path | None
-) -> nn.Module:
+def _build_torchvision(entry: ModelEntry, num_classes: int, weights: str | Path | None) -> nn.Module:
     """``builder(weights=None, ...)`` with the constructor arguments those weights need."""
     kwargs: dict[str, Any] = {"weights": None, "num_classes": num_classes}
     enum = None
@@ -225,8 +221,6 @@ def _build_torchvision(
 
 @functools.cache
 def _versioned_mnasnet() -> type:
-    from torchvision.models.mnasnet import MNASNet
-
     class VersionedMNASNet(MNASNet):
         """torchvision's MNASNet refuses any state dict without its ``_metadata`` version
         (ValueError "version should be set to 1 or 2"); safetensors files and plain dicts
@@ -256,8 +250,6 @@ def _family_of(name: str) -> str:
 
 
 def _register_torchvision() -> None:
-    import torchvision.models as tvm
-
     for tv_name in tvm.list_models(module=tvm):
         if tv_name in _REGISTRY:
             continue
@@ -282,9 +274,9 @@ def _register_cascadec() -> None:
     for key, (builder, family, size) in nets.items():
         register_model(name=key, family=family, input_size=size, num_classes=10)(builder)
     # The Fashion-MNIST demo net: ResNet-8 whose defaults are 1x28x28 and 10 classes.
-    register_model(
-        name="fmnist_resnet8", family="cifar_resnet", input_size=(1, 28, 28), num_classes=10
-    )(cifar.cifar_resnet8)
+    register_model(name="fmnist_resnet8", family="cifar_resnet", input_size=(1, 28, 28), num_classes=10)(
+        cifar.cifar_resnet8
+    )
 
 
 _register_cascadec()

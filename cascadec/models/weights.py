@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision.models as tvm
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 from cascadec.models.adapt import find_classifier, find_first_conv, transfer_input_weight
 
 __all__ = [
@@ -78,9 +80,7 @@ class WeightsReport:
         return "; ".join(parts)
 
 
-def load_weights(
-    model: nn.Module, spec: str | Path, *, model_name: str | None = None
-) -> WeightsReport:
+def load_weights(model: nn.Module, spec: str | Path, *, model_name: str | None = None) -> WeightsReport:
     """Load ``spec`` into ``model`` in place and report what was loaded.
 
     ``model_name`` (the registry name) is needed only to resolve a bare torchvision member
@@ -103,7 +103,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "pretrained"
 
 def builtin_weights_path(spec: str) -> Path:
     """``builtin:NAME`` -> the safetensors file cascadec ships (trained by scripts/ in this repo)."""
-    name = spec[len(BUILTIN_PREFIX):]
+    name = spec[len(BUILTIN_PREFIX) :]
     path = BUILTIN_DIR / f"{name}.safetensors"
     if not path.is_file():
         available = sorted(p.stem for p in BUILTIN_DIR.glob("*.safetensors")) or ["none"]
@@ -124,8 +124,6 @@ def is_torchvision_weights_name(spec: str) -> bool:
 
 def resolve_torchvision_weights(spec: str, model_name: str | None) -> Any:
     """The ``WeightsEnum`` member named by ``spec``, checked to belong to ``model_name``."""
-    import torchvision.models as tvm
-
     enum_cls = None
     if model_name is not None:
         if model_name not in tvm.list_models(module=tvm):
@@ -146,17 +144,14 @@ def resolve_torchvision_weights(spec: str, model_name: str | None) -> Any:
         return weights
     if enum_cls is None:
         raise UserError(
-            f"weights name '{spec}' needs the model it belongs to; "
-            f"write it in full, e.g. ResNet50_Weights.{spec}"
+            f"weights name '{spec}' needs the model it belongs to; write it in full, e.g. ResNet50_Weights.{spec}"
         )
     try:
         return enum_cls[spec]
     except KeyError:
         close = get_close_matches(spec, [m.name for m in enum_cls] + ["DEFAULT"], n=3)
         did = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UserError(
-            f"weights '{spec}' is neither a file nor a torchvision weights name{hint}{did}"
-        ) from None
+        raise UserError(f"weights '{spec}' is neither a file nor a torchvision weights name{hint}{did}") from None
 
 
 def torchvision_checkpoint_path(weights: Any) -> Path:
@@ -179,7 +174,7 @@ def fetch_torchvision_state_dict(weights: Any) -> dict[str, Tensor]:
             weights.url, progress=False, check_hash=True, map_location="cpu", weights_only=True
         )
     except Exception as exc:
-        raise UserError(f"{missing} and the download failed ({_first_line(exc)}); {fix}") from None
+        raise UserError(f"{missing} and the download failed ({first_line(exc)}); {fix}") from None
     return _extract_state_dict(state, path)
 
 
@@ -188,14 +183,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
             raise UserError(
-                f"weights file {path} is not a readable safetensors file "
-                f"(truncated or corrupt: {_first_line(exc)})"
+                f"weights file {path} is not a readable safetensors file (truncated or corrupt: {first_line(exc)})"
             ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -206,10 +198,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 f"weights file {path} holds a pickled {found.group(1)}, not only tensors; "
                 "re-save it with torch.save(model.state_dict(), ...) or as .safetensors"
             ) from None
-        raise UserError(
-            f"weights file {path} cannot be read (truncated or corrupt: "
-            f"{_first_line(exc) or type(exc).__name__})"
-        ) from None
+        raise UserError(f"weights file {path} cannot be read (truncated or corrupt: {first_line(exc)})") from None
     return _extract_state_dict(obj, path)
 
 
@@ -255,14 +244,12 @@ def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) ->
     ]
     problems = [p for p in problems if p]
     if problems:
-        raise UserError(
-            f"weights {source} do not fit {type(model).__name__}: {'; '.join(problems)}"
-        )
+        raise UserError(f"weights {source} do not fit {type(model).__name__}: {'; '.join(problems)}")
     to_load._metadata = _metadata_for(state, target)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(to_load, strict=False)
     except Exception as exc:
-        raise UserError(f"weights {source} cannot be loaded: {_first_line(exc)}") from None
+        raise UserError(f"weights {source} cannot be loaded: {first_line(exc)}") from None
     return report
 
 
@@ -297,8 +284,7 @@ def _normalise_keys(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict
                 state = OrderedDict((k[len(prefix) :], v) for k, v in state.items())
                 if metadata is not None:
                     metadata = OrderedDict(
-                        (k[len(prefix) :] if k.startswith(prefix) else k, v)
-                        for k, v in metadata.items()
+                        (k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in metadata.items()
                     )
                 changed = True
                 break
@@ -325,9 +311,7 @@ def _metadata_for(state: dict[str, Tensor], target: dict[str, Tensor]) -> Ordere
 
 
 def _same_but(a: torch.Size, b: torch.Size, *, dim: int) -> bool:
-    return len(a) == len(b) and all(
-        x == y for i, (x, y) in enumerate(zip(a, b, strict=True)) if i != dim
-    )
+    return len(a) == len(b) and all(x == y for i, (x, y) in enumerate(zip(a, b, strict=True)) if i != dim)
 
 
 def _is_aux(key: str) -> bool:
@@ -339,8 +323,3 @@ def _sample(label: str, keys: list[str]) -> str:
         return ""
     more = ", ..." if len(keys) > _SHOW else ""
     return f"{label} ({', '.join(keys[:_SHOW])}{more})"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

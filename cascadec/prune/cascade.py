@@ -22,26 +22,24 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from cascadec.data.sampler import position
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
+from cascadec.progress import Status
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
 from cascadec.prune.targets import Budget, MaskSolver
-from cascadec.data.sampler import position
-from cascadec.progress import Status
-from cascadec.train.bn import recalibrate_batchnorm
-from cascadec.train.loop import check_finite, evaluate, steps_in
-from cascadec.train.runtime import Runtime, check_step
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+from cascadec.train.bn import BATCHNORMS, recalibrate_batchnorm
+from cascadec.train.loop import evaluate, steps_in
+from cascadec.train.runtime import Runtime, check_finite, check_step
 
 
 def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | None = None) -> list[float]:
@@ -71,7 +69,7 @@ def ta_fractions(student_fraction: float, num_tas: int, explicit: list[float] | 
 def own_parameter_names(model: nn.Module, index: GroupIndex) -> set[str]:
     """Parameters each model of the hierarchy owns: BatchNorm, classifier, first conv."""
     owned_modules = {index.first_conv, index.classifier}
-    owned_modules |= {n for n, m in model.named_modules() if isinstance(m, _BN)}
+    owned_modules |= {n for n, m in model.named_modules() if isinstance(m, BATCHNORMS)}
     names = set()
     for mod_name in owned_modules:
         if mod_name is None:
@@ -191,7 +189,10 @@ class CascadeTrainer:
     def evaluate_models(self, loader: DataLoader) -> list[float]:
         """Accuracy of every model (student first) under its current hard mask."""
         self.use_hard_masks()
-        return [evaluate(m, loader, device=self.device, description=f"evaluate {n}") for n, m in zip(self.names, self.models)]
+        return [
+            evaluate(m, loader, device=self.device, description=f"evaluate {n}")
+            for n, m in zip(self.names, self.models)
+        ]
 
     # ---------------------------------------------------------------- joint phase
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -203,7 +204,9 @@ class CascadeTrainer:
                     weights.append(p)
         return weights, [s for s in self.scores if s is not None]
 
-    def joint_loss(self, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime | None = None) -> tuple[list[float], torch.Tensor]:
+    def joint_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, runtime: Runtime | None = None
+    ) -> tuple[list[float], torch.Tensor]:
         """Forward every model, top first (each model's teacher is the one above); the summed loss."""
         autocast = runtime.autocast() if runtime is not None else nullcontext()
         with autocast:
@@ -231,14 +234,19 @@ class CascadeTrainer:
         """The hierarchy's trainable state: unique shared+own weights, each model's buffers
         (BatchNorm statistics), the scores. Masks are not stored: they are solved from scores."""
         weights, _ = self.parameters()
-        return {"weights": list(weights), "buffers": [dict(m.named_buffers()) for m in self.models],
-                "scores": [s for s in self.scores]}
+        return {
+            "weights": list(weights),
+            "buffers": [dict(m.named_buffers()) for m in self.models],
+            "scores": [s for s in self.scores],
+        }
 
     @torch.no_grad()
     def load_checkpoint_state(self, state: dict) -> None:
         weights, _ = self.parameters()
         if len(state["weights"]) != len(weights) or len(state["buffers"]) != len(self.models):
-            raise UserError("checkpoint does not match this model/recipe (different hierarchy); delete RUN/checkpoints to restart")
+            raise UserError(
+                "checkpoint does not match this model/recipe (different hierarchy); delete RUN/checkpoints to restart"
+            )
         for param, saved in zip(weights, state["weights"]):
             param.copy_(saved)
         for model, saved in zip(self.models, state["buffers"]):
@@ -249,9 +257,21 @@ class CascadeTrainer:
                 score.copy_(saved)
         self.refresh_masks()
 
-    def joint_epoch(self, loader: DataLoader, weight_opt, score_opt, scheduler, *, max_steps: int | None, epoch: int,
-                    runtime: Runtime | None = None, start_step: int = 0, partial: dict | None = None,
-                    save: Callable[[int, int, dict], None] | None = None, score_scheduler=None) -> dict:
+    def joint_epoch(
+        self,
+        loader: DataLoader,
+        weight_opt,
+        score_opt,
+        scheduler,
+        *,
+        max_steps: int | None,
+        epoch: int,
+        runtime: Runtime | None = None,
+        start_step: int = 0,
+        partial: dict | None = None,
+        save: Callable[[int, int, dict], None] | None = None,
+        score_scheduler=None,
+    ) -> dict:
         """One joint epoch from ``start_step`` (a resumed run), ``partial`` carrying the sums of
         the steps already done. ``save(epoch, next_step, partial)`` writes a mid-epoch
         checkpoint when one is due and when a stop (Ctrl-C) was requested. The weights'
@@ -276,8 +296,9 @@ class CascadeTrainer:
                     score_opt.zero_grad(set_to_none=True)
                 losses, total = self.joint_loss(images, labels, runtime)
                 stop = check_step(runtime, total, "joint phase")
-                runtime.backward_step(total, [weight_opt, score_opt if moving else None],
-                                      [*weights, *(score_params if moving else [])])
+                runtime.backward_step(
+                    total, [weight_opt, score_opt if moving else None], [*weights, *(score_params if moving else [])]
+                )
                 scheduler.step()
                 if moving:
                     if score_scheduler is not None:
@@ -290,16 +311,30 @@ class CascadeTrainer:
                 images_seen += images.size(0) * runtime.dist.world_size
                 status.advance("loss " + " ".join(f"{x / seen:.3f}" for x in sums))
                 if save is not None and (stop or runtime.due(step + 1, steps)):
-                    save(epoch, step + 1, {"sums": sums, "steps": seen, "images": images_seen,
-                                           "seconds": prior_seconds + time.perf_counter() - start})
+                    save(
+                        epoch,
+                        step + 1,
+                        {
+                            "sums": sums,
+                            "steps": seen,
+                            "images": images_seen,
+                            "seconds": prior_seconds + time.perf_counter() - start,
+                        },
+                    )
                 if stop:
                     raise KeyboardInterrupt
         runtime.dist.sync_state(self.models, [s for s in self.scores if s is not None])
         if not self.frozen:
             self.refresh_masks()
         elapsed = prior_seconds + time.perf_counter() - start
-        return {"epoch": epoch, "losses": [x / max(seen, 1) for x in (sums or [])], "seconds": elapsed, "steps": seen,
-                "images": images_seen, "images_per_s": images_seen / max(elapsed, 1e-9)}
+        return {
+            "epoch": epoch,
+            "losses": [x / max(seen, 1) for x in (sums or [])],
+            "seconds": elapsed,
+            "steps": seen,
+            "images": images_seen,
+            "images_per_s": images_seen / max(elapsed, 1e-9),
+        }
 
     # ---------------------------------------------------------------- student phase
     def release(self) -> None:

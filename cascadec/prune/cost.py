@@ -90,7 +90,7 @@ class CostModel:
     num_units: int
 
     @classmethod
-    def build(cls, model: nn.Module, index: GroupIndex, example_input: torch.Tensor) -> "CostModel":
+    def build(cls, model: nn.Module, index: GroupIndex, example_input: torch.Tensor) -> CostModel:
         shapes = _layer_shapes(model, example_input)
         names = list(shapes)
         row = {n: i for i, n in enumerate(names)}

@@ -13,21 +13,18 @@ split (held-out training images), never on the test split the run reports:
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from cascadec.data.sampler import position
 from cascadec.distill.losses import DistillLoss
+from cascadec.progress import log
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
-from cascadec.progress import Status, log
 from cascadec.train.bn import recalibrate_batchnorm
 from cascadec.train.checkpoint import rng_state, set_rng_state
-from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
-from cascadec.train.runtime import Runtime, check_step
+from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in, train_epoch
+from cascadec.train.runtime import Runtime
 
 Teachers = list[tuple[str, nn.Module | None]]
 
@@ -94,71 +91,95 @@ def student_phase(
         set_rng_state(resume["rng"])
         log(f"student phase: resuming at epoch {first_epoch}, step {first_step}")
     else:
-        teacher_acc = list(teacher_accuracy) if teacher_accuracy is not None else [
-            evaluate(t, select_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0
-            for name, t in teachers
-        ]
+        teacher_acc = (
+            list(teacher_accuracy)
+            if teacher_accuracy is not None
+            else [
+                evaluate(t, select_loader, device=device, description=f"evaluate {name}") if t is not None else 1.0
+                for name, t in teachers
+            ]
+        )
         recalibrate()  # a one-shot mask was just applied to the teacher's statistics
         start_acc = evaluate(student, select_loader, device=device, description="evaluate student")
         level = first_better(teacher_acc, start_acc)
-        history = [{"epoch": -1, "teacher": None, "teacher_accuracy": None, "student_accuracy": start_acc,
-                    "loss": None, "seconds": 0.0, "images": 0, "images_per_s": None}]
+        history = [
+            {
+                "epoch": -1,
+                "teacher": None,
+                "teacher_accuracy": None,
+                "student_accuracy": start_acc,
+                "loss": None,
+                "seconds": 0.0,
+                "images": 0,
+                "images_per_s": None,
+            }
+        ]
         best = {"accuracy": start_acc, "epoch": -1, "state": _snapshot(student)}
         first_epoch, first_step, partial = 0, 0, {}
         if teachers[level][1] is not None:
-            log(f"student phase: start {start_acc:.4f} on the selection split; first teacher {teachers[level][0]} "
-                f"({teacher_acc[level]:.4f})")
+            log(
+                f"student phase: start {start_acc:.4f} on the selection split; first teacher {teachers[level][0]} "
+                f"({teacher_acc[level]:.4f})"
+            )
 
     def save(epoch: int, step: int, partial: dict) -> None:
         if runtime.checkpoint_dir is None:
             return
-        runtime.save("student", {
-            "phase": "student", "epoch": epoch, "step": step, "partial": partial,
-            "mask": mask, "student": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "level": level, "teacher_accuracy": teacher_acc, "history": history, "rng": rng_state(),
-            "best_accuracy": best["accuracy"], "best_epoch": best["epoch"], "best_state": best["state"],
-        })
+        runtime.save(
+            "student",
+            {
+                "phase": "student",
+                "epoch": epoch,
+                "step": step,
+                "partial": partial,
+                "mask": mask,
+                "student": student.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "level": level,
+                "teacher_accuracy": teacher_acc,
+                "history": history,
+                "rng": rng_state(),
+                "best_accuracy": best["accuracy"],
+                "best_epoch": best["epoch"],
+                "best_state": best["state"],
+            },
+        )
 
-    params = [p for p in student.parameters() if p.requires_grad]
     for epoch in range(first_epoch, epochs):
         name, teacher = teachers[level]
-        student.train()
-        first = position(loader, epoch, "student", first_step if epoch == first_epoch else 0)
-        if epoch != first_epoch:
-            partial = {}
-        total, seen, images_seen = partial.get("loss_sum", 0.0), partial.get("steps", 0), partial.get("images", 0)
-        prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
-        with Status(f"student epoch {epoch} (teacher {name})", steps) as status:
-            for step, (images, labels) in enumerate(loader, start=first):
-                if step >= steps:
-                    break
-                images, labels = runtime.batch(images, labels)
-                with runtime.autocast():
-                    t_logits = None
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(images).float()
-                    value = loss(student(images).float(), labels, t_logits)
-                stop = check_step(runtime, value, "student phase")
-                opt.zero_grad(set_to_none=True)
-                runtime.backward_step(value, [opt], params)
-                sched.step()
-                total += value.item()
-                seen += 1
-                images_seen += images.size(0) * runtime.dist.world_size
-                status.advance(f"loss {total / seen:.3f}")
-                if stop or runtime.due(step + 1, steps):
-                    save(epoch, step + 1, {"loss_sum": total, "steps": seen, "images": images_seen,
-                                           "seconds": prior_seconds + time.perf_counter() - start})
-                if stop:
-                    raise KeyboardInterrupt
-        train_seconds = prior_seconds + time.perf_counter() - start  # training only, validation excluded
-        runtime.dist.sync_state([student])
+        resumed = epoch == first_epoch
+        stats = train_epoch(
+            student,
+            loader,
+            opt,
+            sched,
+            loss,
+            device=device,
+            teacher=teacher,
+            description=f"student epoch {epoch} (teacher {name})",
+            max_steps=max_steps,
+            epoch=epoch,
+            runtime=runtime,
+            phase="student",
+            start_step=first_step if resumed else 0,
+            partial=partial if resumed else None,
+            save=save,
+            loss_per="step",
+            where="student phase",
+        )
         acc = evaluate(student, select_loader, device=device, description="evaluate student")
-        rate = images_seen / max(train_seconds, 1e-9)
-        record = {"epoch": epoch, "teacher": name, "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
-                  "student_accuracy": acc, "loss": total / max(seen, 1), "seconds": train_seconds,
-                  "images": images_seen, "images_per_s": rate}
+        rate = stats["images_per_s"]
+        record = {
+            "epoch": epoch,
+            "teacher": name,
+            "teacher_accuracy": teacher_acc[level] if teacher is not None else None,
+            "student_accuracy": acc,
+            "loss": stats["loss"],
+            "seconds": stats["seconds"],
+            "images": stats["images"],
+            "images_per_s": rate,
+        }
         history.append(record)
         against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
         log(f"student epoch {epoch}: selection accuracy {acc:.4f}{against}, {rate:.0f} images/s")

@@ -38,15 +38,20 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.dependency import constants, index_mapping
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.train.bn import BATCHNORMS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
 EXPLODING_REASON = "its channels are reshaped into windows/heads wider than any layer; Torch-Pruning cannot follow them"
-OPAQUE_RESHAPE_REASON = ("passes a reshape or concat Torch-Pruning cannot map (a channel shuffle, a head/window split, "
-                         "a concat of unknown widths)")
+OPAQUE_RESHAPE_REASON = (
+    "passes a reshape or concat Torch-Pruning cannot map (a channel shuffle, a head/window split, "
+    "a concat of unknown widths)"
+)
 # Torch-Pruning's shape inference counts every step of a walk against MAX_RECURSION_DEPTH (500)
 # and answers None past it; a deep chain of same-width blocks (swin_s/swin_b: 18 blocks in one
 # stage) exhausts that before it reaches PatchMerging's concat, whose mapping then fails on
@@ -129,7 +134,7 @@ def _execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]
         # e.g. ViT/MaxViT assert their fixed 224 px input; a too-small image fails in a pool
         shape = "x".join(map(str, example_input.shape[1:]))
         name = getattr(model, "cascadec_model_name", type(model).__name__)
-        raise UserError(f"{name} does not accept a {shape} input: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(f"{name} does not accept a {shape} input: {first_line(exc)}") from None
     finally:
         for h in hooks:
             h.remove()
@@ -171,8 +176,9 @@ def _widest_layer(model: nn.Module) -> int:
 
 
 @contextmanager
-def _guarded_index_mapping(opaque_reshapes: set, max_indices: int, walk_budget: int | None = None,
-                           failed_concats: set | None = None):
+def _guarded_index_mapping(
+    opaque_reshapes: set, max_indices: int, walk_budget: int | None = None, failed_concats: set | None = None
+):
     """Patch Torch-Pruning's index mapping for the duration of one analysis: reshapes whose
     mapping cannot be inferred are recorded in ``opaque_reshapes`` (their groups get frozen)
     instead of aborting the trace, and a flatten mapping that would emit more than
@@ -184,8 +190,6 @@ def _guarded_index_mapping(opaque_reshapes: set, max_indices: int, walk_budget: 
 
     ``walk_budget`` replaces Torch-Pruning's shape-walk step budget for the duration;
     concats that fail on a None width are also added to ``failed_concats``."""
-    from torch_pruning.dependency import constants, index_mapping
-
     original_reshape = index_mapping.update_reshape_index_mapping
     original_concat = index_mapping.update_concat_index_mapping
     original_call = index_mapping._FlattenIndexMapping.__call__
@@ -234,16 +238,15 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     mapping Torch-Pruning could not infer (see the module docstring); its
     ``get_pruning_group`` runs under the same guard.
     """
-    import torch_pruning as tp
-    from torch_pruning.dependency import constants
-
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()
     widest = _widest_layer(model)
     # the library's budget first (most models, and shrink then pays no more per group); a
     # concat that ran out of it gets one retrace with SHAPE_WALK_BUDGET
-    budgets = list(dict.fromkeys([constants.MAX_RECURSION_DEPTH, max(constants.MAX_RECURSION_DEPTH, SHAPE_WALK_BUDGET)]))
+    budgets = list(
+        dict.fromkeys([constants.MAX_RECURSION_DEPTH, max(constants.MAX_RECURSION_DEPTH, SHAPE_WALK_BUDGET)])
+    )
     try:
         for p in frozen:  # Torch-Pruning traces the autograd graph: every weight must be in it
             p.requires_grad_(True)
@@ -258,10 +261,12 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     except UserError:
         raise
     except MemoryError:
-        raise UserError(f"dependency analysis of {type(model).__name__} ran out of memory; this model is not supported") from None
+        raise UserError(
+            f"dependency analysis of {type(model).__name__} ran out of memory; this model is not supported"
+        ) from None
     except Exception as exc:  # Torch-Pruning raises arbitrary errors on graphs it cannot trace
         raise UserError(
-            f"dependency analysis failed for {type(model).__name__}: {type(exc).__name__}: {exc}".splitlines()[0]
+            f"dependency analysis failed for {type(model).__name__}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     finally:
         for p in frozen:
@@ -283,9 +288,6 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
 def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[FrozenGroup]]:
     """Torch-Pruning's ``get_all_groups`` (conv/linear roots, every output channel), root by
     root, so that one root whose group explodes is frozen instead of failing the model."""
-    from torch_pruning import ops
-    from torch_pruning.dependency import index_mapping
-
     groups, frozen, visited = [], [], set()
     # get_pruning_group recomputes every index mapping of the graph on each call (needed
     # after a prune changes widths); nothing is pruned here, so the mappings computed
@@ -315,7 +317,9 @@ def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[
                     # Follows a mapping we left as identity (an opaque reshape) out of range:
                     # the channels are coupled in a way we cannot express, so never prune them.
                     visited.add(id(module))
-                    frozen.append(FrozenGroup(root, channels, f"Torch-Pruning cannot follow its channels ({type(exc).__name__})"))
+                    frozen.append(
+                        FrozenGroup(root, channels, f"Torch-Pruning cannot follow its channels ({type(exc).__name__})")
+                    )
                     continue
                 for item in group:
                     if dg.is_out_channel_pruning_fn(item.dep.handler):
@@ -339,7 +343,9 @@ def _graph_freeze_reason(dg, tp_group, param_names: dict) -> str | None:
     return None
 
 
-def _freeze_reason(group_members: list[tuple[nn.Module, Member]], first_conv: str | None, classifier: str | None) -> str | None:
+def _freeze_reason(
+    group_members: list[tuple[nn.Module, Member]], first_conv: str | None, classifier: str | None
+) -> str | None:
     for module, member in group_members:
         if member.role == "out" and member.module == first_conv:
             return f"holds the output channels of the first conv '{first_conv}' (never pruned)"
@@ -368,13 +374,15 @@ def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Memb
     for module, member in group_members:
         if member.role != "out":
             continue
-        if isinstance(module, _BN):
+        if isinstance(module, BATCHNORMS):
             points.append(member)
         elif isinstance(module, (*_CONV, nn.Linear)):
             node = dg.module2node[module]
             # Only a producer whose *every* consumer is one of the group's BatchNorms is covered
             # by their masks: MaxViT's stem conv also feeds the block's shortcut directly.
-            only_bn = bool(node.outputs) and all(isinstance(o.module, _BN) and id(o.module) in in_group for o in node.outputs)
+            only_bn = bool(node.outputs) and all(
+                isinstance(o.module, BATCHNORMS) and id(o.module) in in_group for o in node.outputs
+            )
             if not only_bn:
                 points.append(member)
     return points
@@ -401,7 +409,9 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
             if not isinstance(module, nn.Module) or module not in name_of:
                 continue  # element-wise ops and reshapes carry no weights
             role = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            members.append((module, Member(name_of[module], role, list(map(int, item.idxs)), list(map(int, item.root_idxs)))))
+            members.append(
+                (module, Member(name_of[module], role, list(map(int, item.idxs)), list(map(int, item.root_idxs))))
+            )
         size = len(tp_group[0].idxs)
         reason = _freeze_reason(members, first_conv, classifier) or _graph_freeze_reason(dg, tp_group, param_names)
         if reason is not None:

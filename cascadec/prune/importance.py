@@ -7,7 +7,7 @@ threshold ranks them all.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

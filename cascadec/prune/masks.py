@@ -11,8 +11,8 @@ weights can each carry their own.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,7 +54,7 @@ class ChannelMasks:
                 raise ValueError(f"expected {len(self.index.groups)} mask vectors, got {len(vectors)}")
             self.vectors = list(vectors)
 
-    def install(self) -> "ChannelMasks":
+    def install(self) -> ChannelMasks:
         if self._handles:
             return self
         for name, plan in self._plan.items():
@@ -67,7 +67,7 @@ class ChannelMasks:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "ChannelMasks":
+    def __enter__(self) -> ChannelMasks:
         return self.install()
 
     def __exit__(self, *exc) -> None:

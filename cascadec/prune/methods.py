@@ -18,18 +18,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from cascadec.data.sampler import position
 from cascadec.distill.losses import DistillLoss
+from cascadec.errors import UserError
+from cascadec.progress import log
 from cascadec.prune.cascade import CascadeTrainer
-from cascadec.prune.finetune import student_phase
-from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
 from cascadec.prune.cost import CostModel
+from cascadec.prune.finetune import student_phase
 from cascadec.prune.groups import GroupIndex, build_groups
 from cascadec.prune.importance import l1_importance, taylor_importance
+from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
 from cascadec.prune.targets import Budget, MaskSolver
-from cascadec.errors import UserError
 from cascadec.recipe import Recipe
-from cascadec.data.sampler import position
-from cascadec.progress import log
 from cascadec.train.bn import recalibration_loader
 from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
@@ -55,18 +55,18 @@ class PruneResult:
 
 
 def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
+    """Build the analysis once per run (``compress`` does it before the run directory exists,
+    so an infeasible target is refused early) and pass it on: group discovery on a large
+    network takes seconds to minutes. Groups and costs are keyed by module names, so the
+    analysis of one instance serves every instance of the same architecture."""
     index = build_groups(model, example_input)
     if not index.groups:
         reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
         raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
     cost = CostModel.build(model, index, example_input)
-    solver = MaskSolver(index, cost, min_channels=recipe.prune.min_channels, round_to=recipe.prune.round_to,
-                        allocation=recipe.prune.allocation)
-    target = recipe.prune.target
-    budget = Budget.from_target(
-        cost, flops_reduction=target.flops_reduction, params_reduction=target.params_reduction, keep_ratio=target.keep_ratio
-    )
-    return Analysis(index, cost, solver, budget)
+    p = recipe.prune
+    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to, allocation=p.allocation)
+    return Analysis(index, cost, solver, Budget.from_section(cost, p.target))
 
 
 def distill_loss(recipe: Recipe) -> DistillLoss:
@@ -82,7 +82,12 @@ def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime
     ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
     position(loader, 0, "importance")
     importance = taylor_importance(
-        model, analysis.index, loader, lambda logits, y: ce(logits, y), device=device, batches=recipe.prune.importance_batches
+        model,
+        analysis.index,
+        loader,
+        lambda logits, y: ce(logits, y),
+        device=device,
+        batches=recipe.prune.importance_batches,
     )
     if runtime is not None and runtime.dist.active:
         importance = runtime.dist.all_reduce_mean(importance.to(runtime.device)).cpu()
@@ -94,22 +99,56 @@ def _recalibration(recipe: Recipe, loader) -> tuple[object, int]:
     batches = recipe.train.bn_recalibration_batches
     if batches <= 0:
         return None, 0
-    return recalibration_loader(loader.dataset, recipe.data.batch_size, batches=batches, seed=recipe.train.seed), batches
+    return recalibration_loader(
+        loader.dataset, recipe.data.batch_size, batches=batches, seed=recipe.train.seed
+    ), batches
 
 
-def _fine_tune(student, mask, analysis, teachers, recipe, loader, select_loader, device, epochs, promote,
-               runtime: Runtime | None = None, resume: dict | None = None, teacher_accuracy: list[float] | None = None):
+def _fine_tune(
+    student,
+    mask,
+    analysis,
+    teachers,
+    recipe,
+    loader,
+    select_loader,
+    device,
+    epochs,
+    promote,
+    runtime: Runtime | None = None,
+    resume: dict | None = None,
+    teacher_accuracy: list[float] | None = None,
+):
     t = recipe.train
     recal, batches = _recalibration(recipe, loader)
     return student_phase(
-        student, mask, analysis.index, teachers, loader, select_loader, distill_loss(recipe),
-        epochs=epochs, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay,
-        device=device, promote=promote, max_steps=t.max_steps_per_epoch, runtime=runtime, resume=resume,
-        teacher_accuracy=teacher_accuracy, recalibration=recal, recalibration_batches=batches, select_best=t.select_best,
+        student,
+        mask,
+        analysis.index,
+        teachers,
+        loader,
+        select_loader,
+        distill_loss(recipe),
+        epochs=epochs,
+        lr=t.lr,
+        momentum=t.momentum,
+        nesterov=t.nesterov,
+        weight_decay=t.weight_decay,
+        device=device,
+        promote=promote,
+        max_steps=t.max_steps_per_epoch,
+        runtime=runtime,
+        resume=resume,
+        teacher_accuracy=teacher_accuracy,
+        recalibration=recal,
+        recalibration_batches=batches,
+        select_best=t.select_best,
     )
 
 
-def run_oneshot(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+def run_oneshot(
+    teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
+) -> PruneResult:
     start = time.perf_counter()
     resume = runtime.load("student") if runtime is not None else None
     if resume is not None:
@@ -120,8 +159,20 @@ def run_oneshot(teacher, analysis, recipe, loader, select_loader, device, runtim
     student = copy.deepcopy(teacher).to(device)
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
     epochs = recipe.train.joint_epochs + recipe.train.student_epochs
-    history = _fine_tune(student, mask, analysis, teachers, recipe, loader, select_loader, device, epochs, promote=False,
-                         runtime=runtime, resume=resume)
+    history = _fine_tune(
+        student,
+        mask,
+        analysis,
+        teachers,
+        recipe,
+        loader,
+        select_loader,
+        device,
+        epochs,
+        promote=False,
+        runtime=runtime,
+        resume=resume,
+    )
     return PruneResult(student, mask, analysis, {"fine_tune": history, "seconds": time.perf_counter() - start})
 
 
@@ -133,7 +184,9 @@ def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
     return importance / c, c
 
 
-def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+def run_cascade(
+    teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
+) -> PruneResult:
     """The paper's schedule, with masks that settle: the scores' step anneals to zero and the
     last ``cascade.freeze_fraction`` of the joint phase trains on fixed masks, after every
     model's BatchNorm statistics are recalibrated. At the end of the joint phase each model is
@@ -147,7 +200,9 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
     c, t = recipe.cascade, recipe.train
     joint_state, student_state = runtime.load("joint"), runtime.load("student")
     if student_state is not None and joint_state is None:
-        raise UserError(f"{runtime.checkpoint_dir}: a student checkpoint without its joint checkpoint; delete the directory to restart")
+        raise UserError(
+            f"{runtime.checkpoint_dir}: a student checkpoint without its joint checkpoint; delete the directory to restart"
+        )
     if joint_state is None:
         importance = initial_importance(teacher, analysis, recipe, loader, device, runtime)
         scores, scale = _scale_free_scores(importance)
@@ -155,9 +210,17 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
         scores, scale = torch.zeros(analysis.index.num_units), float(joint_state["score_scale"])
     base = copy.deepcopy(teacher)
     trainer = CascadeTrainer(
-        base, teacher, analysis.index, analysis.solver, analysis.budget, scores,
-        num_tas=c.num_tas, ta_ratios=c.ta_ratios, cascade_update=c.cascade_update,
-        loss=distill_loss(recipe), device=device,
+        base,
+        teacher,
+        analysis.index,
+        analysis.solver,
+        analysis.budget,
+        scores,
+        num_tas=c.num_tas,
+        ta_ratios=c.ta_ratios,
+        cascade_update=c.cascade_update,
+        loss=distill_loss(recipe),
+        device=device,
     )
     weights, score_params = trainer.parameters()
     for s in score_params:
@@ -173,8 +236,10 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
     def on_freeze() -> None:
         if recal is not None:
             trainer.recalibrate(recal, recal_batches)
-        log(f"joint phase: masks fixed from step {trainer.freeze_at} of {joint_steps}"
-            + (", BatchNorm statistics recalibrated" if recal is not None else ""))
+        log(
+            f"joint phase: masks fixed from step {trainer.freeze_at} of {joint_steps}"
+            + (", BatchNorm statistics recalibrated" if recal is not None else "")
+        )
 
     trainer.on_freeze = on_freeze
     if joint_state is not None:
@@ -201,13 +266,25 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
     def save_joint(epoch: int, step: int, partial: dict) -> None:
         if runtime.checkpoint_dir is None:
             return
-        runtime.save("joint", {
-            "phase": "joint", "epoch": epoch, "step": step, "partial": partial, "score_scale": scale,
-            "initial_mask": initial_mask, "trainer": trainer.checkpoint_state(), "weight_optimizer": weight_opt.state_dict(),
-            "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
-            "score_scheduler": score_sched.state_dict() if score_sched is not None else None,
-            "scheduler": sched.state_dict(), "history": joint, "rng": rng_state(), "ladder": ladder_acc,
-        })
+        runtime.save(
+            "joint",
+            {
+                "phase": "joint",
+                "epoch": epoch,
+                "step": step,
+                "partial": partial,
+                "score_scale": scale,
+                "initial_mask": initial_mask,
+                "trainer": trainer.checkpoint_state(),
+                "weight_optimizer": weight_opt.state_dict(),
+                "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
+                "score_scheduler": score_sched.state_dict() if score_sched is not None else None,
+                "scheduler": sched.state_dict(),
+                "history": joint,
+                "rng": rng_state(),
+                "ladder": ladder_acc,
+            },
+        )
 
     ladder_acc: list[float] = list(joint_state.get("ladder") or []) if joint_state is not None else []
     if joint_state is None:
@@ -218,15 +295,29 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
     for epoch in range(first_epoch, t.joint_epochs):
         resumed_here = epoch == first_epoch
         before = [m.detach().cpu().clone() for m in trainer.state.hard_masks]
-        record = trainer.joint_epoch(loader, weight_opt, score_opt, sched, max_steps=t.max_steps_per_epoch, epoch=epoch,
-                                     runtime=runtime, start_step=first_step if resumed_here else 0,
-                                     partial=partial if resumed_here else None, save=save_joint, score_scheduler=score_sched)
+        record = trainer.joint_epoch(
+            loader,
+            weight_opt,
+            score_opt,
+            sched,
+            max_steps=t.max_steps_per_epoch,
+            epoch=epoch,
+            runtime=runtime,
+            start_step=first_step if resumed_here else 0,
+            partial=partial if resumed_here else None,
+            save=save_joint,
+            score_scheduler=score_sched,
+        )
         record["mask_changes"] = [int((b != a.cpu()).sum()) for b, a in zip(before, trainer.state.hard_masks)]
         record["frozen"] = trainer.frozen
         record["accuracies"] = trainer.evaluate_models(select_loader) if c.track_accuracy else None
         joint.append(record)
         shown = ", ".join(f"{n} {x:.3f}" for n, x in zip(names, record["losses"]))  # losses run student first
-        accs = "; selection accuracy " + ", ".join(f"{n} {a:.4f}" for n, a in zip(names, record["accuracies"])) if record["accuracies"] else ""
+        accs = (
+            "; selection accuracy " + ", ".join(f"{n} {a:.4f}" for n, a in zip(names, record["accuracies"]))
+            if record["accuracies"]
+            else ""
+        )
         log(f"joint epoch {epoch}: loss {shown}{accs}, {record['images_per_s']:.0f} images/s")
         save_joint(epoch + 1, 0, {})
     joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
@@ -236,9 +327,15 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
         ladder_acc = trainer.evaluate_models(select_loader)
         save_joint(t.joint_epochs, 0, {})
     ladder = check_ladder(names, trainer.state.fractions, ladder_acc, c.ladder_check)
-    teachers = [(f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j)) for j in range(1, len(trainer.models))]
+    teachers = [
+        (f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j))
+        for j in range(1, len(trainer.models))
+    ]
     teachers.append(("teacher", teacher))
-    teacher_accuracy = [*ladder_acc[1:], evaluate(teacher, select_loader, device=device, description="evaluate teacher")]
+    teacher_accuracy = [
+        *ladder_acc[1:],
+        evaluate(teacher, select_loader, device=device, description="evaluate teacher"),
+    ]
     student, mask = trainer.extract_student()
     final_mask = mask.cpu()
     history = {
@@ -251,8 +348,19 @@ def run_cascade(teacher, analysis, recipe, loader, select_loader, device, runtim
         "joint_steps": joint_steps,
     }
     history["student"] = _fine_tune(
-        student, mask, analysis, teachers, recipe, loader, select_loader, device, t.student_epochs, promote=c.promote_teacher,
-        runtime=runtime, resume=student_state, teacher_accuracy=teacher_accuracy,
+        student,
+        mask,
+        analysis,
+        teachers,
+        recipe,
+        loader,
+        select_loader,
+        device,
+        t.student_epochs,
+        promote=c.promote_teacher,
+        runtime=runtime,
+        resume=student_state,
+        teacher_accuracy=teacher_accuracy,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneResult(student, final_mask, analysis, history)
@@ -264,8 +372,11 @@ def check_ladder(names: list[str], fractions: list[float], accuracies: list[floa
     logged loudly, recorded in the manifest and the report, and stops the run with
     ``cascade.ladder_check: stop``."""
     rungs = [{"model": n, "keep": f, "accuracy": a} for n, f, a in zip(names, fractions, accuracies)]
-    broken = [f"{names[j]} {accuracies[j]:.4f} < {names[j - 1]} {accuracies[j - 1]:.4f}"
-              for j in range(1, len(accuracies)) if accuracies[j] < accuracies[j - 1]]
+    broken = [
+        f"{names[j]} {accuracies[j]:.4f} < {names[j - 1]} {accuracies[j - 1]:.4f}"
+        for j in range(1, len(accuracies))
+        if accuracies[j] < accuracies[j - 1]
+    ]
     if len(names) > 1:
         log("TA ladder (selection split): " + " <= ".join(f"{n} {a:.4f}" for n, a in zip(names, accuracies)))
     if broken and policy != "off":
@@ -276,14 +387,24 @@ def check_ladder(names: list[str], fractions: list[float], accuracies: list[floa
     return {"rungs": rungs, "broken": broken, "healthy": not broken}
 
 
-def prune_model(teacher, recipe, loader, select_loader, example_input, device, runtime: Runtime | None = None) -> PruneResult:
+def prune_model(
+    teacher,
+    recipe,
+    loader,
+    select_loader,
+    example_input,
+    device,
+    runtime: Runtime | None = None,
+    analysis: Analysis | None = None,
+) -> PruneResult:
     """Entry point of the prune stage: analyse, then run the recipe's method. ``select_loader``
     (held-out training images) drives every decision; the caller reports on the test split.
     A ``runtime`` with a checkpoint directory makes the stage resumable and turns Ctrl-C into
-    "finish the step, write a checkpoint, stop"."""
+    "finish the step, write a checkpoint, stop". ``analysis`` is the one :func:`analyse` built
+    for this architecture and recipe (built here when not given)."""
     runtime = runtime or Runtime(device)
     teacher = runtime.prepare_model(teacher).eval()
-    analysis = analyse(teacher, recipe, example_input.to(device))
+    analysis = analysis or analyse(teacher, recipe, example_input.to(device))
     runner = run_cascade if recipe.prune.method == "cascade" else run_oneshot
     if runtime.checkpoint_dir is None:
         return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)

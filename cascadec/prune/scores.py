@@ -48,7 +48,9 @@ class TaylorMagnitude(Optimizer):
         return None
 
 
-def make_score_optimizer(params: list[torch.nn.Parameter], *, signal: str, optimizer: str, lr: float) -> Optimizer | None:
+def make_score_optimizer(
+    params: list[torch.nn.Parameter], *, signal: str, optimizer: str, lr: float
+) -> Optimizer | None:
     if not params:
         return None
     if signal == "taylor_magnitude":

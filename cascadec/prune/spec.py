@@ -13,8 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.fileio import replacing, write_json_atomic
+from cascadec.models import create_model
+from cascadec.prune.shrink import apply_removals
 
 SPEC_FORMAT = "cascadec-widths/1"
 
@@ -34,8 +39,6 @@ def save_student(
     removals: dict[str, list[int]],
     extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
-    from safetensors.torch import save_file
-
     directory.mkdir(parents=True, exist_ok=True)
     spec = {
         "format": SPEC_FORMAT,
@@ -47,12 +50,9 @@ def save_student(
     }
     spec_path = directory / "student.widths.json"
     weights_path = directory / "student.safetensors"
-    tmp = spec_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(spec, indent=1))
-    tmp.replace(spec_path)
-    tmp_w = weights_path.with_suffix(".tmp")
-    save_file(state_dict_for_safetensors(model), str(tmp_w), metadata={"format": SPEC_FORMAT})
-    tmp_w.replace(weights_path)
+    write_json_atomic(spec_path, spec, indent=1)
+    with replacing(weights_path) as tmp:
+        save_file(state_dict_for_safetensors(model), str(tmp), metadata={"format": SPEC_FORMAT})
     return spec_path, weights_path
 
 
@@ -62,14 +62,16 @@ def read_spec(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: width spec not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a valid width spec ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
+        raise UserError(f"{path}: not a valid width spec ({exc.__class__.__name__}: {first_line(exc)})") from None
     if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
         raise UserError(f"{path}: not a cascadec width spec (expected format {SPEC_FORMAT!r})")
     for key, kind in (("model", str), ("model_kwargs", dict), ("input_shape", list), ("removed_channels", dict)):
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{path}: key {key!r} missing or not a {kind.__name__}")
     unknown = set(spec["model_kwargs"]) - {"num_classes", "in_channels"}
-    if unknown or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in spec["model_kwargs"].values()):
+    if unknown or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in spec["model_kwargs"].values()
+    ):
         raise UserError(f"{path}: model_kwargs must hold positive integers num_classes / in_channels")
     shape = spec["input_shape"]
     if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 100_000 for v in shape):
@@ -79,12 +81,6 @@ def read_spec(path: Path) -> dict[str, Any]:
 
 def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student from ``student.widths.json`` + ``student.safetensors`` in ``directory``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from cascadec.models import create_model
-    from cascadec.prune.shrink import apply_removals
-
     directory = Path(directory)
     spec = read_spec(directory / "student.widths.json")
     model = create_model(spec["model"], **spec["model_kwargs"]).eval()
@@ -94,16 +90,18 @@ def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
         with torch.no_grad():
             apply_removals(model, removals, example)
     except (AttributeError, IndexError, TypeError, ValueError) as exc:
-        raise UserError(f"{directory / 'student.widths.json'}: removals do not fit model {spec['model']!r} ({exc})".splitlines()[0]) from None
+        raise UserError(
+            f"{directory / 'student.widths.json'}: removals do not fit model {spec['model']!r} ({first_line(exc)})"
+        ) from None
     weights = directory / "student.safetensors"
     try:
         state = load_file(str(weights))
     except FileNotFoundError:
         raise UserError(f"{weights}: weights not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{weights}: corrupted safetensors file ({exc})".splitlines()[0]) from None
+        raise UserError(f"{weights}: corrupted safetensors file ({first_line(exc)})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{weights}: weights do not match the width spec ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{weights}: weights do not match the width spec ({first_line(exc)})") from None
     return model.eval(), spec

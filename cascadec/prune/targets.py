@@ -16,6 +16,7 @@ import torch
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex
+from cascadec.recipe import TargetSection, target_budget
 
 METRICS = ("flops", "params", "units")
 # global: one threshold over all units (the paper); uniform: every group keeps the same fraction of
@@ -33,25 +34,39 @@ class Budget:
     keep_fraction: float  # of the metric's unpruned value
 
     @classmethod
-    def from_target(cls, cost: CostModel, *, flops_reduction=None, params_reduction=None, keep_ratio=None) -> "Budget":
-        given = [(k, v) for k, v in (("flops", flops_reduction), ("params", params_reduction), ("units", keep_ratio)) if v is not None]
-        if len(given) != 1:
-            raise UserError("target: give exactly one of flops_reduction, params_reduction, keep_ratio")
-        metric, value = given[0]
-        fraction = value if metric == "units" else 1.0 - value
-        if not 0.0 < fraction <= 1.0:
-            raise UserError(f"target: {metric} value {value} is outside (0, 1)")
+    def from_target(cls, cost: CostModel, *, flops_reduction=None, params_reduction=None, keep_ratio=None) -> Budget:
+        try:
+            metric, fraction = target_budget(flops_reduction, params_reduction, keep_ratio)
+        except ValueError as exc:
+            raise UserError(f"target: {exc}") from None
         return cls(metric, fraction * cost.base(metric), fraction)
 
-    def scaled(self, fraction: float, cost: CostModel) -> "Budget":
+    @classmethod
+    def from_section(cls, cost: CostModel, target: TargetSection) -> Budget:
+        """The budget a recipe's ``prune.target`` (already validated by the schema) asks for."""
+        return cls.from_target(
+            cost,
+            flops_reduction=target.flops_reduction,
+            params_reduction=target.params_reduction,
+            keep_ratio=target.keep_ratio,
+        )
+
+    def scaled(self, fraction: float, cost: CostModel) -> Budget:
         return Budget(self.metric, fraction * cost.base(self.metric), fraction)
 
 
 class MaskSolver:
     """Precomputes group membership of units so each candidate mask is a few tensor ops."""
 
-    def __init__(self, index: GroupIndex, cost: CostModel, *, min_channels: int = 1, round_to: int | None = None,
-                 allocation: str = "global") -> None:
+    def __init__(
+        self,
+        index: GroupIndex,
+        cost: CostModel,
+        *,
+        min_channels: int = 1,
+        round_to: int | None = None,
+        allocation: str = "global",
+    ) -> None:
         if allocation not in ALLOCATIONS:
             raise UserError(f"prune.allocation {allocation!r}: expected one of {', '.join(ALLOCATIONS)}")
         self.index = index
@@ -78,7 +93,9 @@ class MaskSolver:
             kept = torch.minimum(self.sizes, ((kept + self.round_to - 1) // self.round_to) * self.round_to)
         return kept
 
-    def mask_for_count(self, scores: torch.Tensor, top_k: int, ranks: torch.Tensor | None = None, order=None) -> torch.Tensor:
+    def mask_for_count(
+        self, scores: torch.Tensor, top_k: int, ranks: torch.Tensor | None = None, order=None
+    ) -> torch.Tensor:
         """Keep the ``top_k`` best units network-wide, then apply per-group floors and rounding."""
         if order is None:
             order = torch.argsort(scores, descending=True, stable=True)

@@ -11,11 +11,11 @@ a cumulative (not exponential) average: BatchNorm's ``momentum=None`` mode.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -52,8 +52,6 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, *, device: torch.
 def recalibration_loader(dataset, batch_size: int, *, batches: int, seed: int) -> DataLoader:
     """A fixed, seeded sample of ``batches`` training batches: the same images on every call and
     after a resume, and independent of where the training loader is in its epoch."""
-    from torch.utils.data import Subset
-
     n = len(dataset)
     count = min(n, batches * batch_size)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104_729))[:count]

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.fileio import write_bytes_atomic
 
 FORMAT = "cascadec-checkpoint/1"
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
@@ -82,7 +84,11 @@ def _unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """Every generator training may draw from, so a resumed run draws the same numbers."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -101,39 +107,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- save / load
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some file systems do not allow opening a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, payload: bytes) -> None:
-    """temp file + fsync + rename + directory fsync; the old file survives until the new one is whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a half-written temp file is useless; free its space
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any], *, require_finite: bool = True) -> None:
     """Store ``state`` at ``path`` atomically. With ``require_finite`` a state holding NaN/inf
     is refused (NonFiniteState) so it never replaces the last good checkpoint."""
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, tensors)
     if require_finite:
@@ -144,7 +120,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, require_finite: bool =
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, payload)
+        write_bytes_atomic(path, payload, durable=True)
     except OSError as exc:
         hint = " (disk full)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise UserError(f"cannot write checkpoint {path}: {exc.strerror or exc}{hint}") from None
@@ -153,8 +129,6 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, require_finite: bool =
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """The state saved at ``path``, or None when there is none. A damaged file (which the
     write protocol never produces, but a disk can) is a UserError naming the file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         return None
@@ -166,7 +140,7 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
             raise ValueError("not a cascadec checkpoint")
         return _unflatten(json.loads(metadata["state"]), tensors)
     except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         raise UserError(f"checkpoint {path} is unreadable ({message}); delete it to restart that phase") from None
     except Exception as exc:  # safetensors raises its own SafetensorError for malformed headers
         if type(exc).__name__ == "SafetensorError":

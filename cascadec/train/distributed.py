@@ -24,14 +24,16 @@ which re-executes itself through torch.distributed.run.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from cascadec import progress
 from cascadec.errors import UserError
 
 
@@ -67,7 +69,7 @@ class Dist:
         flat /= self.world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def agree(self, loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
@@ -141,10 +143,10 @@ def init_from_env(device: torch.device) -> tuple[Dist, torch.device]:
     else:
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+        torch.distributed.init_process_group(
+            backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30)
+        )
     if rank != 0:
-        from cascadec import progress
-
         progress.console.quiet = True  # one log, rank 0's: every rank computes the same numbers
         progress.set_enabled(False)
     return Dist(rank, world, local), device
@@ -158,10 +160,41 @@ def shutdown(dist: Dist) -> None:
 def relaunch_with_torchrun(nproc: int, args: list[str]) -> int:
     """``cascadec compress --nproc N ...``: run ``cascadec ARGS`` under torch.distributed.run
     with N local processes; returns torchrun's exit code (130 on Ctrl-C)."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "cascadec", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "cascadec",
+        *args,
+    ]
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 130
+
+
+def relaunch_compress(
+    nproc: int,
+    model: str,
+    recipe: str,
+    *,
+    device: str,
+    data: str | None = None,
+    weights: str | None = None,
+    out: str | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+) -> int:
+    """``cascadec compress --nproc N``: the same compress on N local ranks, less ``--nproc``."""
+    args = ["compress", model, "--recipe", recipe, "--device", device]
+    for flag, value in (("--data", data), ("--weights", weights), ("--out", out)):
+        if value is not None:
+            args += [flag, str(value)]
+    for item in overrides:
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    return relaunch_with_torchrun(nproc, args)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,17 @@ from cascadec.train.checkpoint import load_checkpoint, save_checkpoint
 from cascadec.train.distributed import SINGLE, Dist
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf: training cannot go on, but the last checkpoint is still good."""
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(
+            f"{where}: loss became {loss.item()} (NaN/inf); lower the learning rate (train.lr) and retry"
+        )
 
 
 class StopRequest:
@@ -38,7 +50,7 @@ class StopRequest:
         log("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
 
     @contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -69,6 +81,20 @@ class Runtime:
             self.channels_last = False  # a CUDA (cuDNN) layout win; on CPU it only adds copies
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
 
+    @classmethod
+    def for_recipe(
+        cls, train: Any, device: torch.device, dist: Dist | None = None, *, checkpoint_dir: Path | None = None
+    ) -> Runtime:
+        """The runtime a recipe's ``train`` section asks for (cascadec.recipe.TrainSection)."""
+        return cls(
+            device=device,
+            dist=dist or SINGLE,
+            amp=train.amp,
+            channels_last=train.channels_last,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every_steps=train.checkpoint_every_steps,
+        )
+
     # ------------------------------------------------------------ precision / layout
     def autocast(self):
         if self.amp == "none":
@@ -87,8 +113,9 @@ class Runtime:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
-    def backward_step(self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None],
-                      params: Sequence[torch.Tensor]) -> None:
+    def backward_step(
+        self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None], params: Sequence[torch.Tensor]
+    ) -> None:
         """backward, gradient averaging across ranks, optimiser steps (through the fp16 scaler)."""
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -146,8 +173,6 @@ class Runtime:
 def check_step(runtime: Runtime, loss: torch.Tensor, where: str) -> bool:
     """The per-step agreement: raises on a NaN/inf loss (on any rank), returns whether a stop
     (Ctrl-C on any rank) was requested."""
-    from cascadec.train.loop import check_finite
-
     total, stop = runtime.dist.agree(loss, runtime.stop.requested)
     check_finite(total, where)
     return stop

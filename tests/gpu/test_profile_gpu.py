@@ -11,16 +11,28 @@ import pytest
 import torch
 from torch import nn
 
-from cascadec.profile import COMPUTE_FIELDS, FIELDS, HOST_FIELDS, profile_onnx, profile_torch
+from cascadec.profile.engines import profile_onnx, profile_torch
+from cascadec.profile.protocol import COMPUTE_FIELDS, FIELDS, HOST_FIELDS
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch"),
+]
 FAST = {"warmup_s": 0.2, "min_duration_s": 0.2, "min_iters": 20, "progress": False}
 
 
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
 
 
 def check_split(prof: dict) -> None:
@@ -36,7 +48,7 @@ def test_torch_cuda_host_and_compute(cuda_graph):
 
 
 def test_torch_cuda_runner_output_matches_eager():
-    from cascadec.device_runners import TorchCudaRunner
+    from cascadec.backends.cuda_runners import TorchCudaRunner
 
     model, x = net(), np.random.default_rng(0).standard_normal((4, 3, 32, 32), dtype=np.float32)
     expected = model(torch.from_numpy(x)).detach().numpy()
@@ -50,8 +62,8 @@ def test_onnxruntime_cuda_iobinding(tmp_path):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
+    from cascadec.backends.cuda_runners import OrtDeviceRunner
     from cascadec.backends.onnx_export import export_onnx
-    from cascadec.device_runners import OrtDeviceRunner
 
     path = tmp_path / "net.onnx"
     export_onnx(net(), torch.zeros(1, 3, 32, 32), path)

@@ -34,8 +34,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REA
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                  nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
@@ -137,7 +143,8 @@ def test_verify_gates_a_real_engine_by_its_precision(tiny_onnx, tmp_path, fp16):
     import shutil
 
     from cascadec.backends.tensorrt_backend import build_engine
-    from cascadec.verify import DEFAULT_TOLERANCES, Gate, Tolerance, verify_backends
+    from cascadec.verify.gates import DEFAULT_TOLERANCES, Gate, Tolerance
+    from cascadec.verify.parity import verify_backends
 
     torch.manual_seed(0)
     model = Tiny().eval()  # same seed as tiny_onnx's model
@@ -153,11 +160,13 @@ def test_verify_gates_a_real_engine_by_its_precision(tiny_onnx, tmp_path, fp16):
     assert result["passed"], result["failures"]
 
 
-@pytest.mark.skipif(REASON is not None or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
-                    reason="needs onnxruntime-gpu")
+@pytest.mark.skipif(
+    REASON is not None or "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+    reason="needs onnxruntime-gpu",
+)
 def test_first_divergence_on_cuda(tiny_onnx, tmp_path):
     """The search runs the graph on the CUDA provider; a faithful graph has no divergent node."""
-    from cascadec.divergence import find_first_divergence
+    from cascadec.verify.diagnose import find_first_divergence
 
     torch.manual_seed(0)
     model = Tiny().eval()

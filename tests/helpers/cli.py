@@ -86,6 +86,12 @@ def invoke_cli(*args: str) -> CliResult:
 def cli_subprocess(*args: str, env: dict | None = None, timeout: float = 300) -> CliResult:
     """``python -m cascadec ARGS`` in a fresh interpreter: what a shell user sees."""
     full_env = {**os.environ, "COLUMNS": "80", "CASCADEC_NO_PROGRESS": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "cascadec", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=str(REPO_ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cascadec", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=str(REPO_ROOT),
+    )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)

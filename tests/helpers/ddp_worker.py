@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from cascadec.data import build_data
+from cascadec.data.loaders import make_loaders
 from cascadec.models import create_model
 from cascadec.prune.methods import prune_model
 from cascadec.recipe import Recipe
-from cascadec.stages import make_loaders
 from cascadec.train.distributed import init_from_env, shutdown
 from cascadec.train.runtime import Runtime
 
@@ -55,8 +55,9 @@ def main(out: Path) -> None:
     recipe = Recipe.model_validate(RECIPE)
     dist, device = init_from_env(torch.device("cpu"))
     d = recipe.data
-    bundle = build_data(d.name, None, image_size=d.image_size, train_limit=d.train_limit, val_limit=d.val_limit,
-                        seed=0, download=False)
+    bundle = build_data(
+        d.name, None, image_size=d.image_size, train_limit=d.train_limit, val_limit=d.val_limit, seed=0, download=False
+    )
     torch.manual_seed(0)  # the same "pretrained" teacher on every rank
     teacher = create_model("cifar_resnet8", num_classes=10, in_channels=3).eval()
     train, _, val = make_loaders(bundle, recipe, device, dist)  # val: the selection split
@@ -65,8 +66,12 @@ def main(out: Path) -> None:
     result = prune_model(teacher, recipe, train, val, torch.zeros(1, 3, 16, 16), device, runtime)
     tensors = {"mask": result.mask.float().contiguous()}
     tensors.update({f"student.{k}": v.detach().contiguous() for k, v in result.student.state_dict().items()})
-    history = {"joint": result.history["joint"], "student": result.history["student"], "world_size": dist.world_size,
-               "gradient_check": gradient_check(dist)}
+    history = {
+        "joint": result.history["joint"],
+        "student": result.history["student"],
+        "world_size": dist.world_size,
+        "gradient_check": gradient_check(dist),
+    }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / f"rank{dist.rank}.safetensors"), metadata={"history": json.dumps(history)})
     shutdown(dist)

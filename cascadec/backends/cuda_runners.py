@@ -6,7 +6,7 @@ Every runner splits one inference into the three steps trtexec times separately:
     compute()  enqueue the network on ``runner.stream``; no host copies, no synchronisation
     fetch()    synchronise the stream, copy the output device -> host
 
-so that :func:`cascadec.profile.measure_device` can take the host latency (the wall time of
+so that :func:`cascadec.profile.protocol.measure_device` can take the host latency (the wall time of
 all three, what a caller waits for) and the compute time (CUDA events recorded on
 ``runner.stream`` around ``compute()``, trtexec's "GPU Compute Time") from the same run.
 ``cascadec.backends.tensorrt_backend.TrtRunner`` implements the same interface for engines.
@@ -14,6 +14,8 @@ all three, what a caller waits for) and the compute time (CUDA events recorded o
 None of this can run without an NVIDIA GPU; it is written against the PyTorch CUDA semantics
 docs (streams, CUDA graphs) and the ONNX Runtime IOBinding / CUDA EP docs, and its logic is
 tested on the CPU through fakes of the same interface (tests/test_profile.py).
+The execution providers each ONNX Runtime device asks for are the ones
+:data:`cascadec.backends.onnxruntime_backend.PROVIDERS` lists, for verification and timing alike.
 """
 
 from __future__ import annotations
@@ -23,21 +25,17 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
-from cascadec.backends.torch_backend import resolve_device
-from cascadec.errors import UserError
-
-# ORT providers per profile backend, most preferred first (CPU last so unsupported nodes still run)
-ORT_GPU_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
+from cascadec.backends.onnxruntime_backend import PROVIDERS, require_providers
+from cascadec.backends.torch_backend import first_output, resolve_device
+from cascadec.errors import UserError, first_line
 
 
 class DeviceRunner(Protocol):
-    """What :func:`cascadec.profile.measure_device` times (see the module docstring)."""
+    """What :func:`cascadec.profile.protocol.measure_device` times (see the module docstring)."""
 
     stream: Any  # torch.cuda.Stream; anything with the same role in tests
 
@@ -51,28 +49,11 @@ class DeviceRunner(Protocol):
 def require_cuda(what: str) -> torch.device:
     """CUDA device 0 through torch, or one line saying why not: events and streams come from torch."""
     if not torch.cuda.is_available():
-        raise UserError(f"{what} needs an NVIDIA GPU, but torch sees no CUDA device "
-                        f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+        raise UserError(
+            f"{what} needs an NVIDIA GPU, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})"
+        )
     return torch.device("cuda", torch.cuda.current_device())
-
-
-def require_ort_provider(kind: str) -> None:
-    """Refuse before any work when onnxruntime lacks the GPU provider (no silent CPU fallback)."""
-    import onnxruntime as ort
-
-    wanted = ORT_GPU_PROVIDERS[kind][0]
-    available = ort.get_available_providers()
-    if wanted not in available:
-        raise UserError(f"onnxruntime {ort.__version__} has no {wanted} (available: {', '.join(available)}); "
-                        "install onnxruntime-gpu on a machine with an NVIDIA GPU")
-
-
-def _first_output(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise UserError(f"model returned {type(out).__name__}; cascadec expects a logits tensor")
-    return out
 
 
 class TorchCudaRunner:
@@ -82,8 +63,15 @@ class TorchCudaRunner:
     reads each new batch; the pinned host buffer makes the H2D copy a DMA, as a server would.
     """
 
-    def __init__(self, model: nn.Module, batch_shape: Sequence[int], *, device: str | torch.device = "cuda",
-                 cuda_graph: bool = False, graph_warmup_calls: int = 3) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_shape: Sequence[int],
+        *,
+        device: str | torch.device = "cuda",
+        cuda_graph: bool = False,
+        graph_warmup_calls: int = 3,
+    ) -> None:
         self.device = resolve_device(device)
         if self.device.type != "cuda":
             raise UserError(f"TorchCudaRunner runs on a CUDA device, not {str(self.device)!r}")
@@ -109,7 +97,7 @@ class TorchCudaRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
-            self.output = _first_output(self.model(self.device_input))
+            self.output = first_output(self.model(self.device_input))
         self.graph = graph
 
     def stage(self, x: np.ndarray) -> None:
@@ -127,7 +115,7 @@ class TorchCudaRunner:
                 self.graph.replay()  # launches on the current stream, i.e. self.stream
             else:
                 with torch.inference_mode():
-                    self.output = _first_output(self.model(self.device_input))
+                    self.output = first_output(self.model(self.device_input))
 
     def fetch(self) -> np.ndarray:
         self.stream.synchronize()
@@ -152,21 +140,28 @@ class OrtDeviceRunner:
     ``bind(batch)`` (re)allocates the device buffers for one batch size.
     """
 
-    def __init__(self, path: str | os.PathLike[str], sample_shape: Sequence[int], *, provider: str = "cuda",
-                 threads: int | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
-        import onnxruntime as ort
-
-        if provider not in ORT_GPU_PROVIDERS:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        sample_shape: Sequence[int],
+        *,
+        provider: str = "cuda",
+        threads: int | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if provider not in ("cuda", "tensorrt"):
             raise UserError(f"unknown onnxruntime GPU provider {provider!r}; use cuda or tensorrt")
-        require_ort_provider(provider)
+        require_providers(provider)
         device = require_cuda(f"onnxruntime {provider}")
-        self.ort = ort
         self.device_id = int(device.index or 0)
         self.stream = torch.cuda.Stream(device=device)
-        stream_options = {"device_id": str(self.device_id), "has_user_compute_stream": "1",
-                          "user_compute_stream": str(self.stream.cuda_stream)}
+        stream_options = {
+            "device_id": str(self.device_id),
+            "has_user_compute_stream": "1",
+            "user_compute_stream": str(self.stream.cuda_stream),
+        }
         providers: list[Any] = []
-        for name in ORT_GPU_PROVIDERS[provider]:
+        for name in PROVIDERS[provider]:
             if name == "CPUExecutionProvider":
                 providers.append(name)
             elif name == "TensorrtExecutionProvider":
@@ -183,10 +178,12 @@ class OrtDeviceRunner:
         try:
             self.session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=providers)
         except Exception as exc:
-            raise UserError(f"onnxruntime cannot load {path} on {provider}: {' '.join(str(exc).split())[:300]}") from exc
-        wanted = ORT_GPU_PROVIDERS[provider][0]
+            raise UserError(f"onnxruntime cannot load {path} on {provider}: {first_line(exc)}") from exc
+        wanted = PROVIDERS[provider][0]
         if wanted not in self.session.get_providers():
-            raise UserError(f"onnxruntime could not initialise {wanted} for {path} (CUDA/cuDNN/TensorRT libraries missing?)")
+            raise UserError(
+                f"onnxruntime could not initialise {wanted} for {path} (CUDA/cuDNN/TensorRT libraries missing?)"
+            )
         self.input_name = self.session.get_inputs()[0].name
         output = self.session.get_outputs()[0]
         self.output_name, self.output_dims, self.output_type = output.name, list(output.shape), output.type
@@ -196,16 +193,17 @@ class OrtDeviceRunner:
         self.io: Any = None
         self.device_input: Any = None
 
-    def bind(self, batch: int) -> "OrtDeviceRunner":
-        ort = self.ort
-        self.device_input = ort.OrtValue.ortvalue_from_shape_and_type((batch, *self.sample_shape), np.float32,
-                                                                      "cuda", self.device_id)
+    def bind(self, batch: int) -> OrtDeviceRunner:
+        self.device_input = ort.OrtValue.ortvalue_from_shape_and_type(
+            (batch, *self.sample_shape), np.float32, "cuda", self.device_id
+        )
         self.io = self.session.io_binding()
         self.io.bind_ortvalue_input(self.input_name, self.device_input)
         rest = self.output_dims[1:]
         if self.output_type == "tensor(float)" and all(isinstance(d, int) for d in rest):
-            self.device_output = ort.OrtValue.ortvalue_from_shape_and_type((batch, *rest), np.float32, "cuda",
-                                                                           self.device_id)
+            self.device_output = ort.OrtValue.ortvalue_from_shape_and_type(
+                (batch, *rest), np.float32, "cuda", self.device_id
+            )
             self.io.bind_ortvalue_output(self.output_name, self.device_output)
         else:  # shape or type not static: ORT allocates the output on the device each run
             self.io.bind_output(self.output_name, "cuda", self.device_id)
