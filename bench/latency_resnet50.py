@@ -24,7 +24,7 @@ from cascadec.backends.onnx_export import export_onnx
 from cascadec.envinfo import environment
 from cascadec.models import create_model
 from cascadec.profile.engines import profile_onnx
-from cascadec.profile.protocol import profile_interleaved
+from cascadec.profile.protocol import Timing, profile_interleaved
 from cascadec.prune.cost import CostModel, count_macs, count_params
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
@@ -60,21 +60,14 @@ def main() -> None:
         export_onnx(student, example, work / f"student-{rt}.onnx")
         students[rt] = student
 
-    def profile_one(name: str, duration_s: float, min_iters: int) -> dict:
+    def profile_one(name: str, share: Timing) -> dict:
         return profile_onnx(
-            work / f"{name}.onnx",
-            [3, 224, 224],
-            args.batches,
-            warmup_s=0.2,
-            min_duration_s=duration_s,
-            min_iters=min_iters,
-            progress=False,
-            keep_samples=True,
+            work / f"{name}.onnx", [3, 224, 224], args.batches, timing=share, progress=False, keep_samples=True
         )
 
     names = ["teacher", *(f"student-{rt}" for rt in args.round_to)]
     prof, ratios = profile_interleaved(
-        profile_one, names, rounds=args.rounds, min_duration_s=args.duration, min_iters=10
+        profile_one, names, rounds=args.rounds, timing=Timing(warmup_s=0.2, min_duration_s=args.duration, min_iters=10)
     )
     teacher = prof["teacher"]
     rows = []

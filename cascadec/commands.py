@@ -24,7 +24,7 @@ from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
 from cascadec.plots import pareto_plot, student_p50
 from cascadec.profile.engines import profile_backend
-from cascadec.profile.protocol import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S, protocol_record
+from cascadec.profile.protocol import Timing, protocol_record
 from cascadec.prune.spec import load_student, read_spec
 from cascadec.recipe import Recipe, apply_overrides, validate_recipe
 from cascadec.report import write_run_report
@@ -208,11 +208,8 @@ def profile_path(
         if not target.is_file():
             raise UserError(f"{target}: file not found")
         spec.require(timing=True)
-        protocol = {
-            "warmup_s": MIN_WARMUP_S if warmup_s is None else warmup_s,
-            "min_duration_s": DEFAULT_DURATION_S if duration_s is None else duration_s,
-            "min_iters": DEFAULT_MIN_ITERS if min_iters is None else min_iters,
-        }
+        given = {"warmup_s": warmup_s, "min_duration_s": duration_s, "min_iters": min_iters}
+        timing = Timing(**{k: v for k, v in given.items() if v is not None})  # trtexec's defaults otherwise
         source = {"onnx_path": target} if spec.runs == "onnx" else {"engine_path": target}
         prof = profile_backend(
             name,
@@ -222,12 +219,12 @@ def profile_path(
             progress=progress.enabled(),
             cache_dir=target.parent / "ort_trt_cache",
             threads=threads,
-            **protocol,
+            timing=timing,
         )
         return {
             target.stem: {str(b): v for b, v in prof.items()},
             "protocol": protocol_record(
-                backend=name, device=spec.device, threads=threads if spec.device == "cpu" else None, **protocol
+                backend=name, device=spec.device, threads=threads if spec.device == "cpu" else None, timing=timing
             ),
         }
     run = RunDir.open(target)

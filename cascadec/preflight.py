@@ -12,10 +12,10 @@ import torch
 from cascadec.data.registry import input_geometry
 from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
+from cascadec.prune.analysis import analyse
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
-from cascadec.prune.methods import analyse
 from cascadec.recipe import Recipe
 
 

@@ -321,15 +321,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``key.sub=value``; the value is parsed as YAML, so ``0.5``, ``true``, ``[1, 8]`` work."""
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected key.sub=value")
+        raise UserError(f"override {text!r}: expected key.sub=value")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".")]
     if not key.strip() or any(not p for p in parts):
-        raise UserError(f"--set {text!r}: empty key")
+        raise UserError(f"override {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except RecursionError:
-        raise UserError(f"--set {key.strip()[:60]!r}: value nested too deeply") from None
+        raise UserError(f"override {key.strip()[:60]!r}: value nested too deeply") from None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -344,7 +344,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise UserError(f"--set {text!r}: {p!r} is not a section")
+                raise UserError(f"override {text!r}: {p!r} is not a section")
             node = child
         if parts[-1] == "target" and isinstance(value, dict):
             node[parts[-1]] = value

@@ -112,20 +112,22 @@ class RunDir:
             status = run.manifest.get("status")
             if not resume:
                 if status == "finished":
-                    raise UserError(f"{path} holds a finished run; choose another --out or delete it")
-                raise UserError(f"{path} holds an unfinished run; pass --resume to continue it or --out for a new one")
+                    raise UserError(f"{path} holds a finished run; choose another run directory (--out) or delete it")
+                raise UserError(
+                    f"{path} holds an unfinished run; resume it (--resume) or choose another run directory (--out)"
+                )
             if run.manifest.get("recipe_digest") != digest:
                 raise UserError(
-                    f"{path}: --resume with a different recipe than the run was started with; use a new --out"
+                    f"{path}: resuming with a different recipe than the run was started with; choose another run directory"
                 )
             run.manifest["status"] = "running"
             run.manifest.setdefault("resumed", []).append(_now())
             run.save()
             return run
         if path.exists() and not path.is_dir():
-            raise UserError(f"--out {path} is a file, not a directory")
+            raise UserError(f"run directory {path} is a file, not a directory")
         if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} exists and is not a cascadec run directory; choose another --out")
+            raise UserError(f"{path} exists and is not a cascadec run directory; choose another run directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

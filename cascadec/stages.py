@@ -29,10 +29,11 @@ from cascadec.data.loaders import Loaders, load_data, make_loaders, model_kwargs
 from cascadec.errors import UserError
 from cascadec.models import create_model
 from cascadec.profile.engines import profile_backend
-from cascadec.profile.protocol import compare, profile_interleaved, protocol_record
+from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
 from cascadec.progress import log, track
+from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cost import count_macs, count_params
-from cascadec.prune.methods import Analysis, analyse, prune_model
+from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
 from cascadec.recipe import ProfileSection, Recipe, load_recipe, validate_recipe
@@ -232,6 +233,7 @@ def stage_profile(
     spec.require(timing=True)
     p = profile_settings(recipe, overrides)
     cuda_graph = p.cuda_graph and backend == "torch-cuda"
+    timing = Timing(warmup_s=p.warmup_s, min_duration_s=p.duration_s, min_iters=p.min_iters)
     sources: dict[str, dict[str, Any]] = {}
     for name in ("teacher", "student"):
         if spec.runs == "onnx":
@@ -246,15 +248,13 @@ def stage_profile(
         raise UserError(f"{run.file('student.plan')}: missing; build it with cascadec export {run.path} --trt")
     with run.stage("profile" if backend == "onnxruntime" else f"profile.{backend}"):
 
-        def profile_one(name: str, duration_s: float, min_iters: int) -> dict[int, dict]:
+        def profile_one(name: str, share: Timing) -> dict[int, dict]:
             return profile_backend(
                 backend,
                 **sources[name],
                 input_shape=shape,
                 batches=list(batches or p.batches),
-                warmup_s=p.warmup_s,
-                min_duration_s=duration_s,
-                min_iters=min_iters,
+                timing=share,
                 threads=p.threads,
                 cuda_graph=cuda_graph,
                 cache_dir=run.file("ort_trt_cache"),
@@ -263,9 +263,7 @@ def stage_profile(
             )
 
         names = [n for n in ("teacher", "student") if n in sources]  # the teacher first: ratios are teacher / student
-        pooled, ratios = profile_interleaved(
-            profile_one, names, rounds=p.rounds, min_duration_s=p.duration_s, min_iters=p.min_iters
-        )
+        pooled, ratios = profile_interleaved(profile_one, names, rounds=p.rounds, timing=timing)
         out: dict[str, Any] = {name: {str(b): v for b, v in pooled[name].items()} for name in names}
         if "teacher" in out:
             out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
@@ -273,9 +271,7 @@ def stage_profile(
         out["protocol"] = protocol_record(
             backend=backend,
             device=spec.device,
-            warmup_s=p.warmup_s,
-            min_duration_s=p.duration_s,
-            min_iters=p.min_iters,
+            timing=timing,
             threads=p.threads if spec.device == "cpu" else None,
             cuda_graph=cuda_graph,
             rounds=p.rounds,

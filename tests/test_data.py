@@ -22,8 +22,7 @@ from cascadec.errors import UserError
 
 DEBIAN = fashion_mnist.DEBIAN_DIR
 needs_debian = pytest.mark.skipif(
-    not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
-    reason="apt-get install dataset-fashion-mnist",
+    not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(), reason="apt-get install dataset-fashion-mnist"
 )
 
 
@@ -57,14 +56,7 @@ def _fake_fmnist(folder: Path, n_train: int = 30, n_val: int = 10) -> Path:
 
 
 def test_list_and_unknown() -> None:
-    assert list_datasets() == [
-        "cifar10",
-        "cifar100",
-        "digits",
-        "fashion_mnist",
-        "imagefolder",
-        "synthetic",
-    ]
+    assert list_datasets() == ["cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "synthetic"]
     with pytest.raises(UserError, match="did you mean fashion_mnist"):
         build_data("fashion-mnist")
     with pytest.raises(UserError, match="no option 'colour'"):
@@ -104,10 +96,7 @@ def test_fashion_mnist_copy_resized_and_limited(tmp_path: Path) -> None:
         shutil.copy(f, raw / f.name)
     bundle = build_data("fashion_mnist", tmp_path / "tv", image_size=32, train_limit=200, val_limit=50, seed=3)
     assert str(raw) in bundle.description
-    assert bundle.train[0][0].shape == (1, 32, 32) and (len(bundle.train), len(bundle.val)) == (
-        200,
-        50,
-    )
+    assert bundle.train[0][0].shape == (1, 32, 32) and (len(bundle.train), len(bundle.val)) == (200, 50)
     counts = collections.Counter(bundle.train[i][1] for i in range(200))
     assert counts == {c: 20 for c in range(10)}
     again = build_data("fashion_mnist", tmp_path / "tv", train_limit=200, seed=3)

@@ -13,12 +13,7 @@ from torch import nn
 
 from cascadec.errors import UserError
 from cascadec.models import create_model, list_models, model_info, register_model
-from cascadec.models.adapt import (
-    adapt_input_channels,
-    adapt_num_classes,
-    find_classifier,
-    find_first_conv,
-)
+from cascadec.models.adapt import adapt_input_channels, adapt_num_classes, find_classifier, find_first_conv
 from cascadec.models.registry import weights_report
 from cascadec.models.weights import load_weights, torchvision_checkpoint_path
 

@@ -20,6 +20,7 @@ from cascadec.profile.protocol import (
     FIELDS,
     HOST_FIELDS,
     MIN_WARMUP_S,
+    Timing,
     compare,
     measure,
     measure_device,
@@ -28,7 +29,7 @@ from cascadec.profile.protocol import (
     summarize,
 )
 
-FAST = {"warmup_s": 0.0, "min_duration_s": 0.02, "min_iters": 5, "progress": False}
+FAST = {"timing": Timing(warmup_s=0.0, min_duration_s=0.02, min_iters=5), "progress": False}
 NO_GPU = not torch.cuda.is_available()
 
 
@@ -130,14 +131,14 @@ def test_measure_warms_up_200ms_then_meets_duration_and_min_iters():
         calls.append(clock.now)
         clock.now += 0.002  # 2 ms per call
 
-    times = measure(call, warmup_s=0.0, min_duration_s=0.049, min_iters=3, clock=clock)
+    times = measure(call, Timing(warmup_s=0.0, min_duration_s=0.049, min_iters=3), clock=clock)
     assert np.allclose(times, 2.0)
     assert times.size == 25  # 2 ms runs until 49 ms have passed: duration dominates min_iters
     first_timed = calls[-times.size]
     assert first_timed >= MIN_WARMUP_S  # the 0 s warm-up request was raised to trtexec's 200 ms
-    times = measure(call, warmup_s=0.3, min_duration_s=0.0, min_iters=7, clock=clock)
+    times = measure(call, Timing(warmup_s=0.3, min_duration_s=0.0, min_iters=7), clock=clock)
     assert times.size == 7  # min_iters dominates a zero duration
-    assert measure(call, warmup_s=0.2, min_duration_s=10.0, min_iters=1, max_iters=4, clock=clock).size == 4
+    assert measure(call, Timing(warmup_s=0.2, min_duration_s=10.0, min_iters=1, max_iters=4), clock=clock).size == 4
 
 
 def test_measure_device_splits_host_latency_and_gpu_compute():
@@ -145,7 +146,7 @@ def test_measure_device_splits_host_latency_and_gpu_compute():
     runner = FakeRunner(clock, batch=4)
     x = np.zeros((4, 3, 8, 8), dtype=np.float32)
     host, compute = measure_device(
-        runner, x, warmup_s=0.2, min_duration_s=0.1, min_iters=5, clock=clock, new_event=FakeEvent
+        runner, x, Timing(warmup_s=0.2, min_duration_s=0.1, min_iters=5), clock=clock, new_event=FakeEvent
     )
     # host: 1 ms H2D + 0.5 ms launch + 4 ms kernel + 0.5 ms D2H; compute: launch + kernel between the events
     assert np.allclose(host, 6.0) and np.allclose(compute, 4.5)
@@ -168,9 +169,7 @@ def test_profile_device_reports_every_field_per_batch():
         make_runner,
         (3, 8, 8),
         batches=(1, 8),
-        warmup_s=0.2,
-        min_duration_s=0.5,
-        min_iters=10,
+        timing=Timing(warmup_s=0.2, min_duration_s=0.5, min_iters=10),
         progress=False,
         clock=clock,
         new_event=FakeEvent,
@@ -207,9 +206,7 @@ def test_profile_tensorrt_times_one_runner_over_every_batch(monkeypatch, tmp_pat
     prof = profile_tensorrt(
         plan,
         batches=(1, 8),
-        warmup_s=0.2,
-        min_duration_s=0.057,
-        min_iters=3,
+        timing=Timing(warmup_s=0.2, min_duration_s=0.057, min_iters=3),
         progress=False,
         clock=clock,
         new_event=FakeEvent,
@@ -236,12 +233,15 @@ def test_summarize_known_values():
 
 def test_protocol_record_says_when_warmup_was_raised():
     record = protocol_record(
-        backend="onnxruntime", device="cpu", warmup_s=0.01, min_duration_s=3.0, min_iters=10, threads=2
+        backend="onnxruntime", device="cpu", timing=Timing(warmup_s=0.01, min_duration_s=3.0, min_iters=10), threads=2
     )
     assert record["warmup_s"] == MIN_WARMUP_S and record["warmup_requested_s"] == 0.01 and "0.2 s" in record["note"]
     assert {"duration_s", "min_iters", "threads", "device", "cuda_graph", "timer"} <= set(record)
     gpu = protocol_record(
-        backend="torch-cuda", device="cuda", warmup_s=0.5, min_duration_s=3.0, min_iters=10, cuda_graph=True
+        backend="torch-cuda",
+        device="cuda",
+        timing=Timing(warmup_s=0.5, min_duration_s=3.0, min_iters=10),
+        cuda_graph=True,
     )
     assert gpu["warmup_s"] == 0.5 and "note" not in gpu and gpu["cuda_graph"] is True and "CUDA events" in gpu["timer"]
     json.dumps(gpu)
@@ -292,15 +292,15 @@ def test_compare_speedup():
 def test_interleaved_rounds_alternate_and_pool_every_run():
     calls = []
 
-    def profile_one(name, duration_s, min_iters):
-        calls.append((name, duration_s, min_iters))
+    def profile_one(name, share):
+        calls.append((name, share.min_duration_s, share.min_iters))
         round_no = sum(1 for c in calls if c[0] == name)
         # drift: the whole machine is twice as slow in round 2; the teacher always costs 2x the student
         scale = (2.0 if name == "teacher" else 1.0) * (2.0 if round_no == 2 else 1.0)
         return {1: summarize(np.full(4, scale), 1, keep_samples=True)}
 
     pooled, ratios = profile_interleaved(
-        profile_one, ["teacher", "student"], rounds=3, min_duration_s=3.0, min_iters=10
+        profile_one, ["teacher", "student"], rounds=3, timing=Timing(min_duration_s=3.0, min_iters=10)
     )
     assert [c[0] for c in calls] == ["teacher", "student"] * 3  # turns, not one model after the other
     assert all(c[1] == pytest.approx(1.0) and c[2] == 4 for c in calls)  # a share of the duration, runs rounded up
@@ -311,13 +311,13 @@ def test_interleaved_rounds_alternate_and_pool_every_run():
 
 
 def test_interleaved_rounds_errors():
-    def without_samples(name, duration_s, min_iters):
+    def without_samples(name, share):
         return {1: summarize(np.ones(3), 1)}
 
     with pytest.raises(ValueError, match="keep_samples"):
-        profile_interleaved(without_samples, ["a"], rounds=1, min_duration_s=1.0, min_iters=1)
+        profile_interleaved(without_samples, ["a"], rounds=1, timing=Timing(min_duration_s=1.0, min_iters=1))
     with pytest.raises(UserError, match="rounds"):
-        profile_interleaved(without_samples, ["a"], rounds=0, min_duration_s=1.0, min_iters=1)
+        profile_interleaved(without_samples, ["a"], rounds=0, timing=Timing(min_duration_s=1.0, min_iters=1))
 
 
 def test_keep_samples_gives_raw_runs(onnx_path):
@@ -338,7 +338,8 @@ def test_keep_samples_gives_raw_runs(onnx_path):
 )
 def test_protocol_argument_errors(onnx_path, kwargs, match):
     with pytest.raises(UserError, match=match):
-        profile_onnx(onnx_path, (3, 16, 16), **{**FAST, **kwargs})
+        timing = {k: kwargs.pop(k) for k in list(kwargs) if k != "batches"}
+        profile_onnx(onnx_path, (3, 16, 16), **{**FAST, **kwargs, **({"timing": Timing(**timing)} if timing else {})})
 
 
 def test_profile_input_errors(onnx_path, tmp_path):
@@ -448,3 +449,17 @@ def test_cli_profile_torch_backend_records_latency_per_backend(cli, copy_run):
     assert "x over 3 rounds)" in result.out
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["profile.torch"]["status"] == "done" and manifest["stages"]["profile"]["status"] == "done"
+
+
+def test_profile_overrides_are_checked_by_the_recipe_schema():
+    """--duration etc. on a run directory go through the schema, like the recipe values they replace."""
+    from cascadec.recipe import load_recipe
+    from cascadec.stages import profile_settings
+
+    recipe = load_recipe("fmnist_quick")
+    assert profile_settings(recipe, {"duration_s": 0.5, "threads": None}).duration_s == 0.5
+    assert profile_settings(recipe, {"threads": None}) is recipe.profile  # None means "keep"
+    with pytest.raises(UserError, match="duration_s"):
+        profile_settings(recipe, {"duration_s": 0})
+    with pytest.raises(UserError, match="min_iters"):
+        profile_settings(recipe, {"min_iters": 0})

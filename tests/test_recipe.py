@@ -110,12 +110,7 @@ def test_parse_override(text, keys, value):
 
 @pytest.mark.parametrize(
     "text, needle",
-    [
-        ("train.lr", "key.sub=value"),
-        ("=1", "empty key"),
-        ("train..lr=1", "empty key"),
-        (".lr=1", "empty key"),
-    ],
+    [("train.lr", "key.sub=value"), ("=1", "empty key"), ("train..lr=1", "empty key"), (".lr=1", "empty key")],
 )
 def test_parse_override_rejects_malformed(text, needle):
     assert needle in user_error(parse_override, text)

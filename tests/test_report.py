@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cascadec.envinfo import environment
 from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_params
-from cascadec.profile.protocol import protocol_record, summarize
+from cascadec.profile.protocol import Timing, protocol_record, summarize
 from cascadec.report import write_report
 from cascadec.report_render import render_markdown, summary_table
 from cascadec.verify.compare import compare_outputs
@@ -103,7 +103,7 @@ def test_gpu_backend_table_splits_host_and_compute():
         "teacher": gpu_latency(1.0),
         "student": gpu_latency(0.5),
         "protocol": protocol_record(
-            backend="onnxruntime-cuda", device="cuda", warmup_s=0.2, min_duration_s=3.0, min_iters=10
+            backend="onnxruntime-cuda", device="cuda", timing=Timing(warmup_s=0.2, min_duration_s=3.0, min_iters=10)
         ),
     }
     md = render_markdown(report)

@@ -139,11 +139,7 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
 
 
 def intermediate_outputs(
-    path: str | os.PathLike[str],
-    x: np.ndarray,
-    names: Sequence[str],
-    *,
-    device: str = "cpu",
+    path: str | os.PathLike[str], x: np.ndarray, names: Sequence[str], *, device: str = "cpu"
 ) -> dict[str, np.ndarray]:
     """Run the graph with ``names`` promoted to graph outputs, to find where two backends diverge.
 

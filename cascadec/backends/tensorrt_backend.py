@@ -63,7 +63,7 @@ def cuda_device() -> tuple[str, tuple[int, int]] | None:
 def require_tensorrt(*, gpu: bool = False) -> ModuleType:
     """Import TensorRT or explain how to get it; with ``gpu``, also insist on a CUDA GPU."""
     try:
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt  # type: ignore[import-not-found]  # heavy and optional: imported only here
     except ImportError as exc:
         raise UserError(f"TensorRT is not installed: {INSTALL_HINT}") from exc
     except Exception as exc:  # a broken install (missing libnvinfer...) is as unusable as none
@@ -137,7 +137,7 @@ def build_engine(
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path}: ONNX file not found; run cascadec export first")
     if int8 and (calibration_images is None or len(calibration_images) == 0):
-        raise UserError("--int8 needs calibration images (a few hundred training images)")
+        raise UserError("an INT8 engine needs calibration images (a few hundred training images)")
     for flag, wanted in (("FP16", fp16), ("INT8", int8)):
         if wanted and not hasattr(trt.BuilderFlag, flag):
             raise UserError(

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from cascadec.backends.tensorrt_backend import metadata_path
 from cascadec.errors import UserError
 from cascadec.prune.spec import read_spec
 from cascadec.run import RunDir
@@ -67,8 +68,6 @@ def write_model_repository(
 ) -> list[Path]:
     """Write the repository; returns the files written. ``max_batch_size`` defaults to the
     engine's profile maximum (``student.plan.json``), else the recipe's largest profile batch."""
-    from cascadec.backends.tensorrt_backend import metadata_path
-
     run = RunDir.open(Path(run_dir))
     onnx_path = run.file("student.onnx")
     if not onnx_path.is_file():

@@ -129,11 +129,7 @@ def build(root: Path | None, *, image_size: int | None, download: bool, seed: in
         if labels.size and labels.max() > 9:
             raise UserError(f"{files[f'{split}_labels']} holds label {labels.max()}, expected 0-9")
         splits[split] = TensorImageDataset(
-            torch.from_numpy(images).unsqueeze(1),
-            torch.from_numpy(labels),
-            mean=MEAN,
-            std=STD,
-            image_size=size,
+            torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), mean=MEAN, std=STD, image_size=size
         )
     folder = files["train_images"].parent
     return DataBundle(

@@ -31,23 +31,13 @@ DEFAULT_SIZE = 224
 
 def train_transform(size: int) -> T.Compose:
     return T.Compose(
-        [
-            T.RandomResizedCrop(size),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
 
 
 def val_transform(size: int) -> T.Compose:
     return T.Compose(
-        [
-            T.Resize(round(size * 256 / 224)),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
+        [T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
 
 

@@ -37,12 +37,7 @@ def make_synthetic(
     noise: float = 0.5,
 ) -> TensorImageDataset:
     """``n`` images of split ``split``; prototypes depend on ``seed`` only, samples on both."""
-    for key, value in (
-        ("n", n),
-        ("channels", channels),
-        ("size", size),
-        ("num_classes", num_classes),
-    ):
+    for key, value in (("n", n), ("channels", channels), ("size", size), ("num_classes", num_classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"synthetic data: {key} must be a positive integer, got {value!r}")
     base = torch.Generator().manual_seed(seed)

@@ -14,13 +14,7 @@ from torch import Tensor, nn
 
 from cascadec.errors import UserError
 
-__all__ = [
-    "adapt_input_channels",
-    "adapt_num_classes",
-    "find_classifier",
-    "find_first_conv",
-    "transfer_input_weight",
-]
+__all__ = ["adapt_input_channels", "adapt_num_classes", "find_classifier", "find_first_conv", "transfer_input_weight"]
 
 _AUX_MARKERS = ("aux",)
 

@@ -37,14 +37,7 @@ from cascadec.models.weights import (
     resolve_torchvision_weights,
 )
 
-__all__ = [
-    "ModelEntry",
-    "create_model",
-    "list_models",
-    "model_info",
-    "register_model",
-    "weights_report",
-]
+__all__ = ["ModelEntry", "create_model", "list_models", "model_info", "register_model", "weights_report"]
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +150,7 @@ def model_info(name: str) -> dict[str, Any]:
 
 
 def create_model(
-    name: str,
-    *,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    weights: str | Path | None = None,
+    name: str, *, num_classes: int | None = None, in_channels: int | None = None, weights: str | Path | None = None
 ) -> nn.Module:
     """Build ``name``, adapt its head/stem, load ``weights``; the model is in train mode.
 

@@ -23,12 +23,10 @@ from cascadec.backends.onnxruntime_backend import OrtRunner
 from cascadec.backends.torch_backend import resolve_device
 from cascadec.errors import UserError
 from cascadec.profile.protocol import (
-    DEFAULT_DURATION_S,
-    DEFAULT_MIN_ITERS,
-    MIN_WARMUP_S,
     Clock,
+    Timing,
     _cuda_event,
-    check_protocol,
+    check_batches,
     check_shape,
     measure,
     measure_device,
@@ -59,10 +57,7 @@ def profile_device(
     batches: Sequence[int] = (1, 8, 32),
     *,
     label: str = "device",
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
+    timing: Timing = Timing(),
     progress: bool = True,
     keep_samples: bool = False,
     seed: int = 0,
@@ -71,22 +66,13 @@ def profile_device(
 ) -> dict[int, dict]:
     """The GPU protocol over any runner: ``make_runner(batch)`` gives the runner for one batch
     size (static buffers are per shape). Stats carry the host/compute split."""
-    batches = check_protocol(batches, warmup_s, min_duration_s, min_iters)
+    batches = check_batches(batches)
     shape = check_shape(input_shape)
     rng = np.random.default_rng(seed)
 
     def per_batch(b: int) -> dict:
         x = rng.standard_normal((b, *shape), dtype=np.float32)
-        host, compute = measure_device(
-            make_runner(b),
-            x,
-            warmup_s=warmup_s,
-            min_duration_s=min_duration_s,
-            min_iters=min_iters,
-            max_iters=max_iters,
-            clock=clock,
-            new_event=new_event,
-        )
+        host, compute = measure_device(make_runner(b), x, timing, clock=clock, new_event=new_event)
         return summarize(host, b, compute, keep_samples=keep_samples)
 
     return _run_protocol(label, per_batch, batches, progress)
@@ -98,10 +84,7 @@ def profile_onnx(
     batches: Sequence[int] = (1, 8, 32),
     *,
     device: str = "cpu",
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
+    timing: Timing = Timing(),
     threads: int | None = None,
     progress: bool = True,
     keep_samples: bool = False,
@@ -116,9 +99,8 @@ def profile_onnx(
     TensorRT EP engines). ``input_shape`` excludes the batch axis; ``None`` reads it from the
     graph when the graph fixes it.
     """
-    batches = check_protocol(batches, warmup_s, min_duration_s, min_iters)
+    batches = check_batches(batches)
     label = os.path.basename(os.fspath(path))
-    common = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "max_iters": max_iters}
     if device in ("cuda", "tensorrt"):
         if not os.path.isfile(path):
             raise UserError(f"ONNX model not found: {path}")
@@ -127,7 +109,14 @@ def profile_onnx(
         shape = check_shape(input_shape)
         runner = OrtDeviceRunner(path, shape, provider=device, threads=threads, cache_dir=cache_dir)
         return profile_device(
-            runner.bind, shape, batches, label=label, progress=progress, seed=seed, keep_samples=keep_samples, **common
+            runner.bind,
+            shape,
+            batches,
+            timing=timing,
+            label=label,
+            progress=progress,
+            seed=seed,
+            keep_samples=keep_samples,
         )
     if device != "cpu":
         raise UserError(f"onnxruntime profile device {device!r}: use cpu, cuda or tensorrt")
@@ -139,7 +128,7 @@ def profile_onnx(
         x = rng.standard_normal((b, *shape), dtype=np.float32)
         runner.check_input(x.shape)
         session, feed, outputs = runner.session, {runner.input_name: x}, [runner.output_name]
-        return summarize(measure(lambda: session.run(outputs, feed), **common), b, keep_samples=keep_samples)
+        return summarize(measure(lambda: session.run(outputs, feed), timing), b, keep_samples=keep_samples)
 
     return _run_protocol(label, per_batch, batches, progress)
 
@@ -151,10 +140,7 @@ def profile_torch(
     *,
     device: str = "cpu",
     cuda_graph: bool = False,
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
+    timing: Timing = Timing(),
     threads: int | None = None,
     progress: bool = True,
     keep_samples: bool = False,
@@ -165,14 +151,13 @@ def profile_torch(
     On CUDA the model runs from static device buffers (optionally as a captured CUDA graph,
     which removes per-kernel launch overhead) with the host/compute split.
     """
-    batches = check_protocol(batches, warmup_s, min_duration_s, min_iters)
+    batches = check_batches(batches)
     shape = check_shape(input_shape)
     dev = resolve_device(device)
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UserError(f"threads must be a positive integer, got {threads!r}")
     if cuda_graph and dev.type != "cuda":
-        raise UserError("--cuda-graph needs a CUDA device")
-    common = {"warmup_s": warmup_s, "min_duration_s": min_duration_s, "min_iters": min_iters, "max_iters": max_iters}
+        raise UserError("CUDA graphs (cuda_graph) need a CUDA device")
     label = type(model).__name__
     if dev.type == "cuda":
 
@@ -180,7 +165,14 @@ def profile_torch(
             return TorchCudaRunner(model, (b, *shape), device=dev, cuda_graph=cuda_graph)
 
         return profile_device(
-            make_runner, shape, batches, label=label, progress=progress, seed=seed, keep_samples=keep_samples, **common
+            make_runner,
+            shape,
+            batches,
+            timing=timing,
+            label=label,
+            progress=progress,
+            seed=seed,
+            keep_samples=keep_samples,
         )
     model = model.to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -192,7 +184,7 @@ def profile_torch(
             with torch.inference_mode():
                 return model(x)
 
-        return summarize(measure(call, **common), b, keep_samples=keep_samples)
+        return summarize(measure(call, timing), b, keep_samples=keep_samples)
 
     previous = torch.get_num_threads()
     if threads is not None:
@@ -209,10 +201,7 @@ def profile_tensorrt(
     batches: Sequence[int] = (1, 8, 32),
     *,
     device: str = "cuda",
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
+    timing: Timing = Timing(),
     progress: bool = True,
     keep_samples: bool = False,
     seed: int = 0,
@@ -233,10 +222,7 @@ def profile_tensorrt(
         input_shape,
         batches,
         label=os.path.basename(os.fspath(engine_path)),
-        warmup_s=warmup_s,
-        min_duration_s=min_duration_s,
-        min_iters=min_iters,
-        max_iters=max_iters,
+        timing=timing,
         progress=progress,
         seed=seed,
         clock=clock,
@@ -253,9 +239,7 @@ def profile_backend(
     onnx_path: str | os.PathLike[str] | None = None,
     model: nn.Module | None = None,
     engine_path: str | os.PathLike[str] | None = None,
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
+    timing: Timing = Timing(),
     threads: int | None = None,
     cuda_graph: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -267,13 +251,7 @@ def profile_backend(
     backend, kind, where = spec.name, spec.runs, spec.device
     if cuda_graph and backend != "torch-cuda":
         raise UserError(f"CUDA graphs apply to the torch-cuda backend, not {backend}")
-    common = {
-        "warmup_s": warmup_s,
-        "min_duration_s": min_duration_s,
-        "min_iters": min_iters,
-        "progress": progress,
-        "keep_samples": keep_samples,
-    }
+    common = {"timing": timing, "progress": progress, "keep_samples": keep_samples}
     if kind == "onnx":
         if onnx_path is None:
             raise UserError(f"the {backend} backend needs an ONNX file")

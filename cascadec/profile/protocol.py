@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,15 +51,37 @@ def effective_warmup(warmup_s: float) -> float:
     return max(float(warmup_s), MIN_WARMUP_S)
 
 
-def check_protocol(batches: Sequence[int], warmup_s: float, min_duration_s: float, min_iters: int) -> list[int]:
+@dataclass(frozen=True)
+class Timing:
+    """How long and how often one batch size is timed: trtexec's ``--warmUp`` (raised to its
+    200 ms minimum), ``--duration`` and ``--iterations`` (both must be met), and an optional
+    cap on timed runs. Checked when made, so a bad value never reaches a timed loop."""
+
+    warmup_s: float = MIN_WARMUP_S
+    min_duration_s: float = DEFAULT_DURATION_S
+    min_iters: int = DEFAULT_MIN_ITERS
+    max_iters: int | None = None
+
+    def __post_init__(self) -> None:
+        effective_warmup(self.warmup_s)
+        if not isinstance(self.min_duration_s, (int, float)) or not self.min_duration_s >= 0:
+            raise UserError(f"min_duration_s must be a number >= 0, got {self.min_duration_s!r}")
+        if not isinstance(self.min_iters, int) or isinstance(self.min_iters, bool) or self.min_iters < 1:
+            raise UserError(f"min_iters must be a positive integer, got {self.min_iters!r}")
+
+    def share(self, rounds: int) -> Timing:
+        """One of ``rounds`` interleaved rounds: its share of the duration and of the runs."""
+        return replace(
+            self,
+            min_duration_s=float(self.min_duration_s) / rounds,
+            min_iters=max(1, -(-int(self.min_iters) // rounds)),
+        )
+
+
+def check_batches(batches: Sequence[int]) -> list[int]:
     batches = list(batches)
     if not batches or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in batches):
         raise UserError(f"batch sizes must be positive integers, got {batches}")
-    effective_warmup(warmup_s)
-    if not isinstance(min_duration_s, (int, float)) or not min_duration_s >= 0:
-        raise UserError(f"min_duration_s must be a number >= 0, got {min_duration_s!r}")
-    if not isinstance(min_iters, int) or isinstance(min_iters, bool) or min_iters < 1:
-        raise UserError(f"min_iters must be a positive integer, got {min_iters!r}")
     return list(dict.fromkeys(batches))
 
 
@@ -68,38 +91,22 @@ def check_shape(shape: Sequence[int] | None) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _loop(
-    once: Callable[[], Any],
-    *,
-    warmup_s: float,
-    min_duration_s: float,
-    min_iters: int,
-    max_iters: int | None,
-    clock: Clock,
-) -> list[Any]:
+def _loop(once: Callable[[], Any], timing: Timing, clock: Clock) -> list[Any]:
     """The protocol's loop: one untimed call, warm-up by time, then until min_iters AND duration."""
     once()  # first runs allocate and pick kernels; never part of the warm-up budget's average
-    end = clock() + effective_warmup(warmup_s)
+    end = clock() + effective_warmup(timing.warmup_s)
     while clock() < end:
         once()
     samples: list[Any] = []
     started = clock()
-    while len(samples) < min_iters or clock() - started < min_duration_s:
+    while len(samples) < timing.min_iters or clock() - started < timing.min_duration_s:
         samples.append(once())
-        if max_iters is not None and len(samples) >= max_iters:
+        if timing.max_iters is not None and len(samples) >= timing.max_iters:
             break
     return samples
 
 
-def measure(
-    fn: Callable[[], object],
-    *,
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
-    clock: Clock = time.perf_counter,
-) -> np.ndarray:
+def measure(fn: Callable[[], object], timing: Timing = Timing(), *, clock: Clock = time.perf_counter) -> np.ndarray:
     """Wall time of ``fn`` per call in milliseconds, under the protocol (host-only timing)."""
 
     def once() -> float:
@@ -107,17 +114,7 @@ def measure(
         fn()
         return (clock() - t0) * 1e3
 
-    return np.asarray(
-        _loop(
-            once,
-            warmup_s=warmup_s,
-            min_duration_s=min_duration_s,
-            min_iters=min_iters,
-            max_iters=max_iters,
-            clock=clock,
-        ),
-        dtype=np.float64,
-    )
+    return np.asarray(_loop(once, timing, clock), dtype=np.float64)
 
 
 def _cuda_event() -> Any:
@@ -127,11 +124,8 @@ def _cuda_event() -> Any:
 def measure_device(
     runner: DeviceRunner,
     x: np.ndarray,
+    timing: Timing = Timing(),
     *,
-    warmup_s: float = MIN_WARMUP_S,
-    min_duration_s: float = DEFAULT_DURATION_S,
-    min_iters: int = DEFAULT_MIN_ITERS,
-    max_iters: int | None = None,
     clock: Clock = time.perf_counter,
     new_event: Callable[[], Any] = _cuda_event,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +147,7 @@ def measure_device(
         end.synchronize()
         return host_ms, float(start.elapsed_time(end))
 
-    pairs = _loop(
-        once, warmup_s=warmup_s, min_duration_s=min_duration_s, min_iters=min_iters, max_iters=max_iters, clock=clock
-    )
+    pairs = _loop(once, timing, clock)
     host, compute = zip(*pairs)
     return np.asarray(host, dtype=np.float64), np.asarray(compute, dtype=np.float64)
 
@@ -191,27 +183,19 @@ def summarize(
 
 
 def protocol_record(
-    *,
-    backend: str,
-    device: str,
-    warmup_s: float,
-    min_duration_s: float,
-    min_iters: int,
-    max_iters: int | None = None,
-    threads: int | None = None,
-    cuda_graph: bool = False,
-    rounds: int = 1,
+    *, backend: str, device: str, timing: Timing, threads: int | None = None, cuda_graph: bool = False, rounds: int = 1
 ) -> dict:
     """How the numbers were taken, stored next to them (report.json ``latency.<backend>.protocol``)."""
+    warmup_s = timing.warmup_s
     used = effective_warmup(warmup_s)
     gpu = device != "cpu"
     record = {
         "backend": backend,
         "device": device,
         "warmup_s": used,
-        "duration_s": float(min_duration_s),
-        "min_iters": int(min_iters),
-        "max_iters": max_iters,
+        "duration_s": float(timing.min_duration_s),
+        "min_iters": int(timing.min_iters),
+        "max_iters": timing.max_iters,
         "threads": threads,
         "cuda_graph": bool(cuda_graph),
         "timer": "perf_counter (host latency) + CUDA events (compute)" if gpu else "perf_counter",
@@ -240,20 +224,15 @@ def compare(teacher_prof: Mapping, student_prof: Mapping) -> dict[int, float]:
 
 
 def profile_interleaved(
-    profile_one: Callable[[str, float, int], Mapping[int, dict]],
-    names: Sequence[str],
-    *,
-    rounds: int,
-    min_duration_s: float,
-    min_iters: int,
+    profile_one: Callable[[str, Timing], Mapping[int, dict]], names: Sequence[str], *, rounds: int, timing: Timing
 ) -> tuple[dict[str, dict[int, dict]], dict[str, dict[int, list[float]]]]:
     """Time several models in alternation so that drift hits them alike.
 
     A shared or virtual CPU drifts over seconds (frequency, neighbours): timing the teacher
     for 3 s and then the student for 3 s can swing a small network's speed-up from 0.9x to
     1.5x between two identical runs. Here each model is timed ``rounds`` times, in turn, for
-    ``min_duration_s / rounds`` seconds and ``ceil(min_iters / rounds)`` runs each time;
-    ``profile_one(name, duration_s, min_iters)`` must return per-batch stats made with
+    ``min_duration_s / rounds`` seconds and ``ceil(min_iters / rounds)`` runs each time
+    (:meth:`Timing.share`); ``profile_one(name, timing)`` must return per-batch stats made with
     ``keep_samples=True``. The statistics pool every round's runs (so ``p50_ms`` is the median
     of all timed runs, ``iterations`` their count); the per-round speed-ups of every other model
     over the first (``ratios[name][batch]``, first p50 / its p50, one value per round) show how
@@ -261,14 +240,13 @@ def profile_interleaved(
     """
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise UserError(f"profile.rounds must be a positive integer, got {rounds!r}")
-    per_round_duration = float(min_duration_s) / rounds
-    per_round_iters = max(1, -(-int(min_iters) // rounds))
+    per_round = timing.share(rounds)
     samples: dict[str, dict[int, dict[str, list[float]]]] = {name: {} for name in names}
     ratios: dict[str, dict[int, list[float]]] = {name: {} for name in names[1:]}
     for _ in range(rounds):
         this_round: dict[str, Mapping[int, dict]] = {}
         for name in names:
-            this_round[name] = profile_one(name, per_round_duration, per_round_iters)
+            this_round[name] = profile_one(name, per_round)
             for b, stats in this_round[name].items():
                 if "samples_ms" not in stats:
                     raise ValueError("profile_interleaved needs per-batch stats made with keep_samples=True")

@@ -8,9 +8,11 @@ threshold ranks them all.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cascadec.prune.groups import GroupIndex
@@ -64,3 +66,29 @@ def l1_importance(model: nn.Module, index: GroupIndex) -> torch.Tensor:
         mean = s.mean()
         scores.append(s / mean if mean > 0 else s)
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One entry of ``prune.importance``: ``score(model, index, loader, device, batches)``
+    gives one score per unit; ``needs_data`` says whether it reads training batches (and
+    therefore takes its own sampler position and is averaged across ranks)."""
+
+    score: Callable[[nn.Module, GroupIndex, DataLoader, torch.device, int], torch.Tensor]
+    needs_data: bool
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+# prune.importance -> criterion; a new criterion is one function above and one entry here
+CRITERIA: dict[str, Criterion] = {
+    "taylor": Criterion(
+        lambda model, index, loader, device, batches: taylor_importance(
+            model, index, loader, _cross_entropy, device=device, batches=batches
+        ),
+        needs_data=True,
+    ),
+    "l1": Criterion(lambda model, index, _loader, _device, _batches: l1_importance(model, index), needs_data=False),
+}

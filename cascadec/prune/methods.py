@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,28 +23,16 @@ from cascadec.data.sampler import position
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
+from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cascade import CascadeTrainer
-from cascadec.prune.cost import CostModel
 from cascadec.prune.finetune import student_phase
-from cascadec.prune.groups import GroupIndex, build_groups
-from cascadec.prune.importance import l1_importance, taylor_importance
+from cascadec.prune.importance import CRITERIA
 from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
-from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.recipe import Recipe
 from cascadec.train.bn import recalibration_loader
 from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
 from cascadec.train.runtime import Runtime
-
-
-@dataclass
-class Analysis:
-    """What a network looks like to the pruner: groups, costs and the resolved budget."""
-
-    index: GroupIndex
-    cost: CostModel
-    solver: MaskSolver
-    budget: Budget
 
 
 @dataclass
@@ -54,21 +43,6 @@ class PruneResult:
     history: dict = field(default_factory=dict)
 
 
-def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
-    """Build the analysis once per run (``compress`` does it before the run directory exists,
-    so an infeasible target is refused early) and pass it on: group discovery on a large
-    network takes seconds to minutes. Groups and costs are keyed by module names, so the
-    analysis of one instance serves every instance of the same architecture."""
-    index = build_groups(model, example_input)
-    if not index.groups:
-        reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
-        raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
-    cost = CostModel.build(model, index, example_input)
-    p = recipe.prune
-    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to, allocation=p.allocation)
-    return Analysis(index, cost, solver, Budget.from_section(cost, p.target))
-
-
 def distill_loss(recipe: Recipe) -> DistillLoss:
     d = recipe.distill
     return DistillLoss(ce_weight=d.ce_weight, kd_weight=d.kd_weight if d.kd else 0.0, temperature=d.temperature)
@@ -77,18 +51,11 @@ def distill_loss(recipe: Recipe) -> DistillLoss:
 def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime | None = None) -> torch.Tensor:
     """Unit importance on the pretrained network; in a distributed run each rank scores its own
     slices of the batches and the ranks average, so every rank starts from the same scores."""
-    if recipe.prune.importance == "l1":
-        return l1_importance(model, analysis.index)
-    ce = DistillLoss(ce_weight=1.0, kd_weight=0.0)
+    criterion = CRITERIA[recipe.prune.importance]
+    if not criterion.needs_data:
+        return criterion.score(model, analysis.index, loader, device, recipe.prune.importance_batches)
     position(loader, 0, "importance")
-    importance = taylor_importance(
-        model,
-        analysis.index,
-        loader,
-        lambda logits, y: ce(logits, y),
-        device=device,
-        batches=recipe.prune.importance_batches,
-    )
+    importance = criterion.score(model, analysis.index, loader, device, recipe.prune.importance_batches)
     if runtime is not None and runtime.dist.active:
         importance = runtime.dist.all_reduce_mean(importance.to(runtime.device)).cpu()
     return importance
@@ -366,6 +333,10 @@ def run_cascade(
     return PruneResult(student, final_mask, analysis, history)
 
 
+# prune.method -> the function that runs it; a new method is one entry here and its module
+METHODS: dict[str, Callable[..., PruneResult]] = {"cascade": run_cascade, "oneshot": run_oneshot}
+
+
 def check_ladder(names: list[str], fractions: list[float], accuracies: list[float], policy: str) -> dict:
     """The TA ladder at the end of the joint phase: each model should be at least as accurate
     (on the selection split) as the one below it, or it cannot teach it. A broken ladder is
@@ -405,7 +376,7 @@ def prune_model(
     runtime = runtime or Runtime(device)
     teacher = runtime.prepare_model(teacher).eval()
     analysis = analysis or analyse(teacher, recipe, example_input.to(device))
-    runner = run_cascade if recipe.prune.method == "cascade" else run_oneshot
+    runner = METHODS[recipe.prune.method]
     if runtime.checkpoint_dir is None:
         return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)
     with runtime.stop.installed():

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from cascadec.profile.engines import profile_onnx, profile_torch
-from cascadec.profile.protocol import COMPUTE_FIELDS, FIELDS, HOST_FIELDS
+from cascadec.profile.protocol import COMPUTE_FIELDS, FIELDS, HOST_FIELDS, Timing
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch"),
 ]
-FAST = {"warmup_s": 0.2, "min_duration_s": 0.2, "min_iters": 20, "progress": False}
+FAST = {"timing": Timing(warmup_s=0.2, min_duration_s=0.2, min_iters=20), "progress": False}
 
 
 def net() -> nn.Module:

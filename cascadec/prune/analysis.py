@@ -1,0 +1,40 @@
+"""What a network looks like to the pruner: its coupled channel groups, the cost of every
+mask, and the budget the recipe's target sets. Built once per run and passed on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from cascadec.errors import UserError
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import GroupIndex, build_groups
+from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.recipe import Recipe
+
+
+@dataclass
+class Analysis:
+    """What a network looks like to the pruner: groups, costs and the resolved budget."""
+
+    index: GroupIndex
+    cost: CostModel
+    solver: MaskSolver
+    budget: Budget
+
+
+def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
+    """Build the analysis once per run (``compress`` does it before the run directory exists,
+    so an infeasible target is refused early) and pass it on: group discovery on a large
+    network takes seconds to minutes. Groups and costs are keyed by module names, so the
+    analysis of one instance serves every instance of the same architecture."""
+    index = build_groups(model, example_input)
+    if not index.groups:
+        reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
+        raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
+    cost = CostModel.build(model, index, example_input)
+    p = recipe.prune
+    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to, allocation=p.allocation)
+    return Analysis(index, cost, solver, Budget.from_section(cost, p.target))
