@@ -66,31 +66,31 @@ def export_run(
         raise UserError(f"--calib-images {calib_images}: must be a positive number of images")
     if triton_dir is not None and not triton:
         raise UserError("--triton-dir applies to --triton: add --triton")
-    run = RunDir.open(run_dir)
-    if trt:  # fail fast (one line) on machines without TensorRT or a GPU, before any work
-        get_backend("tensorrt").require()
-    recipe = run.recipe()
-    teacher, student, shape = _load_models(run)
-    stage_export(run, recipe, teacher, student, shape)
-    lines = [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
-    if trt:
-        images = calibration_images(recipe, calib_images) if int8 else None
-        meta = build_engine(
-            run.file("student.onnx"),
-            run.file("student.plan"),
-            fp16=fp16,
-            int8=int8,
-            batches=tuple(recipe.profile.batches),
-            calibration_images=images,
-        )
-        run.record("tensorrt", meta)
-        lines.append(
-            f"wrote {run.file('student.plan')} ({meta['precision']}, TensorRT {meta['tensorrt']}, {meta['gpu']})"
-        )
-    if triton:
-        written = write_model_repository(run.path, triton_dir)
-        lines += [f"wrote {p}" for p in written]
-    return lines
+    with RunDir.open(run_dir) as run:
+        if trt:  # fail fast (one line) on machines without TensorRT or a GPU, before any work
+            get_backend("tensorrt").require()
+        recipe = run.recipe()
+        teacher, student, shape = _load_models(run)
+        stage_export(run, recipe, teacher, student, shape)
+        lines = [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
+        if trt:
+            images = calibration_images(recipe, calib_images) if int8 else None
+            meta = build_engine(
+                run.file("student.onnx"),
+                run.file("student.plan"),
+                fp16=fp16,
+                int8=int8,
+                batches=tuple(recipe.profile.batches),
+                calibration_images=images,
+            )
+            run.record("tensorrt", meta)
+            lines.append(
+                f"wrote {run.file('student.plan')} ({meta['precision']}, TensorRT {meta['tensorrt']}, {meta['gpu']})"
+            )
+        if triton:
+            written = write_model_repository(run.path, triton_dir)
+            lines += [f"wrote {p}" for p in written]
+        return lines
 
 
 def calibration_images(recipe: Recipe, count: int) -> np.ndarray:
@@ -115,7 +115,7 @@ def report_runs(
         raise UserError(f"--batch {batch}: must be a positive integer")
     reports = []
     for run_dir in run_dirs:
-        run = RunDir.open(Path(run_dir))
+        run = RunDir.open(Path(run_dir), writable=False)  # reads report.json only: never waits or locks
         path = run.file("report.json")
         try:
             reports.append(json.loads(path.read_text()))
@@ -153,27 +153,27 @@ def verify_run(
     """Gate ``backends`` against the run's PyTorch student; ``overrides`` (``verify.tolerances.fp16.atol=0.05``)
     change the run's recipe for this check only (recipe.yaml is not rewritten)."""
     specs = [get_backend(b) for b in backends]  # a typo fails before models and data load
-    run = RunDir.open(run_dir)
-    if not run.file("student.onnx").is_file():
-        raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
-    recipe = run.recipe()
-    if overrides:
-        recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
-    for spec in specs:
-        spec.require()
-        if spec.runs == "engine" and not run.file("student.plan").is_file():
+    with RunDir.open(run_dir) as run:
+        if not run.file("student.onnx").is_file():
+            raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
+        recipe = run.recipe()
+        if overrides:
+            recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
+        for spec in specs:
+            spec.require()
+            if spec.runs == "engine" and not run.file("student.plan").is_file():
+                raise UserError(
+                    f"{run.file('student.plan')}: missing; build it with 'cascadec export {run_dir} --trt' first"
+                )
+        _, student, shape = _load_models(run)
+        bundle = load_data(recipe)
+        if bundle.input_shape != list(shape):
             raise UserError(
-                f"{run.file('student.plan')}: missing; build it with 'cascadec export {run_dir} --trt' first"
+                f"{run.file('recipe.yaml')}: data gives {bundle.input_shape} inputs but the student takes {list(shape)}"
             )
-    _, student, shape = _load_models(run)
-    bundle = load_data(recipe)
-    if bundle.input_shape != list(shape):
-        raise UserError(
-            f"{run.file('recipe.yaml')}: data gives {bundle.input_shape} inputs but the student takes {list(shape)}"
-        )
-    result = stage_verify(run, recipe, student, bundle.val, backends=[s.name for s in specs], samples=samples)
-    write_run_report(run)
-    return result
+        result = stage_verify(run, recipe, student, bundle.val, backends=[s.name for s in specs], samples=samples)
+        write_run_report(run)
+        return result
 
 
 def profile_path(
@@ -227,21 +227,21 @@ def profile_path(
                 backend=name, device=spec.device, threads=threads if spec.device == "cpu" else None, timing=timing
             ),
         }
-    run = RunDir.open(target)
-    spec.require(timing=True)  # before reading models or opening the stage: one line on machines without it
-    recipe = run.recipe()
-    shape = read_spec(run.file("student.widths.json"))["input_shape"]
-    models = None
-    if spec.runs == "torch":
-        teacher, student, shape = _load_models(run)
-        models = {"teacher": teacher, "student": student}
-    overrides = {
-        "warmup_s": warmup_s,
-        "duration_s": duration_s,
-        "min_iters": min_iters,
-        "threads": threads,
-        "cuda_graph": True if cuda_graph else None,
-    }
-    result = stage_profile(run, recipe, shape, batches, backend=name, overrides=overrides, models=models)
-    write_run_report(run)  # report.json/report.md and latency.png
-    return result
+    with RunDir.open(target) as run:
+        spec.require(timing=True)  # before reading models or opening the stage: one line on machines without it
+        recipe = run.recipe()
+        shape = read_spec(run.file("student.widths.json"))["input_shape"]
+        models = None
+        if spec.runs == "torch":
+            teacher, student, shape = _load_models(run)
+            models = {"teacher": teacher, "student": student}
+        overrides = {
+            "warmup_s": warmup_s,
+            "duration_s": duration_s,
+            "min_iters": min_iters,
+            "threads": threads,
+            "cuda_graph": True if cuda_graph else None,
+        }
+        result = stage_profile(run, recipe, shape, batches, backend=name, overrides=overrides, models=models)
+        write_run_report(run)  # report.json/report.md and latency.png
+        return result

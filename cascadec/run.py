@@ -37,8 +37,10 @@ from typing import Any
 
 import yaml
 
+from cascadec import locks
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_json_atomic
+from cascadec.locks import LOCK_NAME
 from cascadec.recipe import Recipe, recipe_to_yaml, validate_recipe
 from cascadec.train.distributed import Dist
 
@@ -100,33 +102,39 @@ class RunDir:
         # ranks other than 0 of a distributed run read the run directory but never write it:
         # their manifest changes stay in memory and stages skip artifact writes
         self.writable = writable
+        self._locked = False  # whether this object holds the directory's writer lock (see lock())
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ------------------------------------------------------------ one writer at a time
+    def lock(self) -> None:
+        """Become the directory's one writing process (cascadec.locks), or raise a one-line
+        UserError naming the process that is. Every writer takes it before its first write."""
+        if not self._locked:
+            locks.acquire(self.path / LOCK_NAME, what=f"run directory {self.path}")
+            self._locked = True
+
+    def release(self) -> None:
+        """Let another process write here (the kernel also releases the lock when this one ends)."""
+        if self._locked:
+            locks.release(self.path / LOCK_NAME)
+            self._locked = False
 
     # ------------------------------------------------------------ open / create
     @classmethod
     def create(cls, path: Path, recipe: Recipe, *, resume: bool = False, command: list[str] | None = None) -> RunDir:
+        """A new run directory, or (``resume``) the unfinished one at ``path``; either way locked
+        for this process before anything in it is written or trusted."""
         path = Path(path)
         manifest_path = path / "manifest.json"
         digest = recipe_digest(recipe)
-        if manifest_path.exists():
-            run = cls.open(path)
-            status = run.manifest.get("status")
-            if not resume:
-                if status == "finished":
-                    raise UserError(f"{path} holds a finished run; choose another run directory (--out) or delete it")
-                raise UserError(
-                    f"{path} holds an unfinished run; resume it (--resume) or choose another run directory (--out)"
-                )
-            if run.manifest.get("recipe_digest") != digest:
-                raise UserError(
-                    f"{path}: resuming with a different recipe than the run was started with; choose another run directory"
-                )
-            run.manifest["status"] = "running"
-            run.manifest.setdefault("resumed", []).append(_now())
-            run.save()
-            return run
         if path.exists() and not path.is_dir():
             raise UserError(f"run directory {path} is a file, not a directory")
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not manifest_path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
             raise UserError(f"{path} exists and is not a cascadec run directory; choose another run directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -134,11 +142,41 @@ class RunDir:
             raise UserError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
         if not os.access(path, os.W_OK):
             raise UserError(f"run directory {path} is not writable")
+        run = cls(path, {}, writable=True)
+        run.lock()  # a second process starting on the same directory stops here, before any write
         try:
-            (path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+            if manifest_path.exists():
+                run.manifest = _read_manifest(path)
+                run._resume(recipe, digest, resume)
+            else:
+                run._start(recipe, digest, command)
+        except BaseException:
+            run.release()
+            raise
+        return run
+
+    def _resume(self, recipe: Recipe, digest: str, resume: bool) -> None:
+        status = self.manifest.get("status")
+        if not resume:
+            if status == "finished":
+                raise UserError(f"{self.path} holds a finished run; choose another run directory (--out) or delete it")
+            raise UserError(
+                f"{self.path} holds an unfinished run; resume it (--resume) or choose another run directory (--out)"
+            )
+        if self.manifest.get("recipe_digest") != digest:
+            raise UserError(
+                f"{self.path}: resuming with a different recipe than the run was started with; choose another run directory"
+            )
+        self.manifest["status"] = "running"
+        self.manifest.setdefault("resumed", []).append(_now())
+        self.save()
+
+    def _start(self, recipe: Recipe, digest: str, command: list[str] | None) -> None:
+        try:
+            (self.path / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         except OSError as exc:  # read-only mount, full disk, quota: os.access cannot tell
-            raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
-        manifest = {
+            raise UserError(f"cannot write to run directory {self.path}: {exc.strerror or exc}") from None
+        self.manifest = {
             "format": MANIFEST_FORMAT,
             "created": _now(),
             "command": command or sys.argv,
@@ -149,28 +187,26 @@ class RunDir:
             "stages": {},
             "metrics": {},
         }
-        run = cls(path, manifest)
-        run.save()
-        return run
+        self.save()
 
     @classmethod
     def open(cls, path: Path, *, writable: bool = True) -> RunDir:
+        """An existing run directory. ``writable`` (the default) takes the writer lock first, so
+        that what is read is what the last writer finished; read-only opens never wait or lock."""
         path = Path(path)
-        manifest_path = path / "manifest.json"
         if not path.is_dir():
             raise UserError(f"run directory not found: {path}")
-        if not manifest_path.is_file():
+        if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is not a cascadec run directory (no manifest.json)")
+        run = cls(path, {}, writable=writable)
+        if writable:
+            run.lock()
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{manifest_path}: corrupted manifest") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            raise UserError(f"{manifest_path}: not a cascadec manifest")
-        for key in ("stages", "metrics"):
-            if not isinstance(manifest.get(key), dict):
-                raise UserError(f"{manifest_path}: corrupted manifest ({key!r} missing or not a mapping)")
-        return cls(path, manifest, writable=writable)
+            run.manifest = _read_manifest(path)
+        except BaseException:
+            run.release()
+            raise
+        return run
 
     # ------------------------------------------------------------ contents
     def recipe(self) -> Recipe:
@@ -222,9 +258,13 @@ class RunDir:
         self.save()
 
     def finish(self, status: str = "finished") -> None:
+        """Record how the run ended and let other processes write here again."""
         self.manifest["status"] = status
         self.manifest["finished"] = _now()
-        self.save()
+        try:
+            self.save()
+        finally:
+            self.release()
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -271,6 +311,22 @@ def closing_run(run: RunDir) -> Iterator[RunDir]:
         run.finish("failed")
         raise
     run.finish("finished")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{manifest_path}: corrupted manifest") from None
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a cascadec run directory (no manifest.json)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{manifest_path}: not a cascadec manifest")
+    for key in ("stages", "metrics"):
+        if not isinstance(manifest.get(key), dict):
+            raise UserError(f"{manifest_path}: corrupted manifest ({key!r} missing or not a mapping)")
+    return manifest
 
 
 def _now() -> str:

@@ -8,6 +8,7 @@ same recipe starts from the same teacher in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,12 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from cascadec import locks
 from cascadec.data.bundle import DataBundle
 from cascadec.data.loaders import Loaders, model_kwargs
 from cascadec.distill.losses import DistillLoss
+from cascadec.errors import first_line
 from cascadec.fileio import replacing
 from cascadec.models import create_model
 from cascadec.progress import log
@@ -91,30 +95,71 @@ def obtain_teacher(
     runtime: Runtime | None = None,
     write_cache: bool = True,
 ) -> tuple[nn.Module, str]:
-    """The teacher in eval mode on ``device`` and where it came from (weights, cache, training)."""
+    """The teacher in eval mode on ``device`` and where it came from (weights, cache, training).
+
+    A cache entry has one writer at a time: a second process that needs the same teacher waits
+    for the first and loads what it wrote instead of training it again. A damaged entry (a
+    crash of an older version, a full disk) is named, retrained and replaced. Ranks of a
+    distributed run train together, so only a single process takes the cache lock."""
     kwargs = model_kwargs(recipe, bundle)
     model = create_model(recipe.model.name, weights=recipe.model.weights, **kwargs).to(device)
-    source = recipe.model.weights or "random init"
-    if not recipe.model.weights and recipe.teacher.train_epochs > 0:
-        cached = cache_path(recipe, kwargs)
-        if recipe.teacher.cache and cached.is_file():
-            model.load_state_dict(load_file(str(cached)))
-            source = f"cache {cached}"
-            log(f"teacher: loaded from cache {cached}")
-        else:
-            log(f"teacher: no weights given; training {recipe.teacher.train_epochs} epoch(s) on {bundle.name}")
-            train_teacher(model, recipe, loaders.train, device, runtime=runtime)
-            source = f"trained by cascadec ({recipe.teacher.train_epochs} epochs)"
-            if recipe.teacher.cache and write_cache:
-                try:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    with replacing(cached) as tmp:  # a crash never leaves a half-written cache behind
-                        save_file(state_dict_for_safetensors(model), str(tmp))
-                except OSError:
-                    log(f"teacher: could not write cache {cached}; continuing")
-    elif not recipe.model.weights:
+    if recipe.model.weights:
+        return model.eval(), recipe.model.weights
+    if recipe.teacher.train_epochs <= 0:
         log(
             "[yellow]teacher has random weights (no model.weights, teacher.train_epochs 0): "
             "accuracy numbers will be meaningless[/]"
         )
-    return model.eval(), source
+        return model.eval(), "random init"
+    if not recipe.teacher.cache:
+        return _train(model, recipe, bundle, loaders, device, runtime), _trained(recipe)
+    cached = cache_path(recipe, kwargs)
+    single = runtime is None or not runtime.dist.active
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        single = write_cache = False  # an unwritable cache is used read-only, never locked
+    guard = (
+        locks.waiting(cached.with_name(cached.name + ".lock"), what=f"teacher cache {cached}")
+        if single
+        else contextlib.nullcontext()
+    )
+    with guard:
+        if cached.is_file() and _load_cached(model, cached):
+            return model.eval(), f"cache {cached}"
+        _train(model, recipe, bundle, loaders, device, runtime)
+        if write_cache:
+            try:
+                with replacing(cached) as tmp:  # a crash never leaves a half-written entry behind
+                    save_file(state_dict_for_safetensors(model), str(tmp))
+            except OSError:
+                log(f"teacher: could not write cache {cached}; continuing")
+    return model.eval(), _trained(recipe)
+
+
+def _trained(recipe: Recipe) -> str:
+    return f"trained by cascadec ({recipe.teacher.train_epochs} epochs)"
+
+
+def _train(
+    model: nn.Module,
+    recipe: Recipe,
+    bundle: DataBundle,
+    loaders: Loaders,
+    device: torch.device,
+    runtime: Runtime | None,
+) -> nn.Module:
+    log(f"teacher: no weights given; training {recipe.teacher.train_epochs} epoch(s) on {bundle.name}")
+    train_teacher(model, recipe, loaders.train, device, runtime=runtime)
+    return model
+
+
+def _load_cached(model: nn.Module, cached: Path) -> bool:
+    """Load a cache entry into ``model``; False (and a line saying why) when it is damaged."""
+    try:
+        model.load_state_dict(load_file(str(cached)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        log(f"teacher: cache {cached} is damaged ({first_line(exc)}); training the teacher again")
+        return False
+    log(f"teacher: loaded from cache {cached}")
+    return True

@@ -68,43 +68,43 @@ def write_model_repository(
 ) -> list[Path]:
     """Write the repository; returns the files written. ``max_batch_size`` defaults to the
     engine's profile maximum (``student.plan.json``), else the recipe's largest profile batch."""
-    run = RunDir.open(Path(run_dir))
-    onnx_path = run.file("student.onnx")
-    if not onnx_path.is_file():
-        raise UserError(f"{onnx_path}: missing; run cascadec export {run_dir} first")
-    spec = read_spec(run.file("student.widths.json"))
-    shape = [int(d) for d in spec["input_shape"]]
-    num_classes = spec["model_kwargs"].get("num_classes")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"{run.file('student.widths.json')}: model_kwargs.num_classes missing")
-    plan = run.file("student.plan")
-    engine_max = None
-    if plan.is_file() and metadata_path(plan).is_file():
+    with RunDir.open(Path(run_dir)) as run:
+        onnx_path = run.file("student.onnx")
+        if not onnx_path.is_file():
+            raise UserError(f"{onnx_path}: missing; run cascadec export {run_dir} first")
+        spec = read_spec(run.file("student.widths.json"))
+        shape = [int(d) for d in spec["input_shape"]]
+        num_classes = spec["model_kwargs"].get("num_classes")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise UserError(f"{run.file('student.widths.json')}: model_kwargs.num_classes missing")
+        plan = run.file("student.plan")
+        engine_max = None
+        if plan.is_file() and metadata_path(plan).is_file():
+            try:
+                engine_max = int(json.loads(metadata_path(plan).read_text())["max_batch"])
+            except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+                engine_max = None
+        if max_batch_size is None:
+            max_batch_size = engine_max or max(int(b) for b in run.recipe().profile.batches)
+        if max_batch_size < 1:
+            raise UserError(f"max_batch_size {max_batch_size}: must be positive")
+        out = Path(out_dir) if out_dir is not None else run.path / "triton"
+        name = name or repository_name(run.path)
+        written: list[Path] = []
+        models = [(f"{name}_onnx", "onnxruntime_onnx", onnx_path, "model.onnx", max_batch_size)]
+        if plan.is_file():
+            # a TensorRT engine cannot serve batches above its profile's maximum
+            models.append(
+                (f"{name}_trt", "tensorrt_plan", plan, "model.plan", min(max_batch_size, engine_max or max_batch_size))
+            )
         try:
-            engine_max = int(json.loads(metadata_path(plan).read_text())["max_batch"])
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            engine_max = None
-    if max_batch_size is None:
-        max_batch_size = engine_max or max(int(b) for b in run.recipe().profile.batches)
-    if max_batch_size < 1:
-        raise UserError(f"max_batch_size {max_batch_size}: must be positive")
-    out = Path(out_dir) if out_dir is not None else run.path / "triton"
-    name = name or repository_name(run.path)
-    written: list[Path] = []
-    models = [(f"{name}_onnx", "onnxruntime_onnx", onnx_path, "model.onnx", max_batch_size)]
-    if plan.is_file():
-        # a TensorRT engine cannot serve batches above its profile's maximum
-        models.append(
-            (f"{name}_trt", "tensorrt_plan", plan, "model.plan", min(max_batch_size, engine_max or max_batch_size))
-        )
-    try:
-        for model_name, platform, source, filename, mbs in models:
-            version_dir = out / model_name / "1"
-            version_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, version_dir / filename)
-            config = out / model_name / "config.pbtxt"
-            config.write_text(model_config(model_name, platform, mbs, shape, num_classes))
-            written += [version_dir / filename, config]
-    except OSError as exc:
-        raise UserError(f"--triton-dir {out}: cannot write the model repository ({exc})") from None
-    return written
+            for model_name, platform, source, filename, mbs in models:
+                version_dir = out / model_name / "1"
+                version_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, version_dir / filename)
+                config = out / model_name / "config.pbtxt"
+                config.write_text(model_config(model_name, platform, mbs, shape, num_classes))
+                written += [version_dir / filename, config]
+        except OSError as exc:
+            raise UserError(f"--triton-dir {out}: cannot write the model repository ({exc})") from None
+        return written
