@@ -373,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         if "Abort" in names:
             err.print("interrupted")
             return EXIT_INTERRUPTED
-        if "ClickException" in names and hasattr(exc, "show"):
-            exc.show()
+        if "ClickException" in names and hasattr(exc, "format_message"):
+            # a bad flag or value: one line like every other user error (click's usage block
+            # would be three), naming the command so the user knows which --help to read
+            context = getattr(exc, "ctx", None)
+            where = f"{context.command_path}: " if context is not None else ""
+            message = " ".join(str(exc.format_message()).split())
+            err.print(f"error: {where}{message}", highlight=False, markup=False, soft_wrap=True)
             return int(getattr(exc, "exit_code", 2) or 2)
         if os.environ.get("CASCADEC_DEBUG"):
             raise

@@ -26,11 +26,13 @@ from cascadec.plots import pareto_plot, student_p50
 from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, protocol_record
 from cascadec.prune.spec import load_student, read_spec
-from cascadec.recipe import Recipe, apply_overrides, validate_recipe
+from cascadec.recipe import Recipe, apply_overrides, parse_override, validate_recipe
 from cascadec.report import write_run_report
 from cascadec.run import RunDir
 from cascadec.stages import stage_export, stage_profile, stage_verify
 from cascadec.verify.results import ParityResult
+
+VERIFY_DATA_KEYS = ("data.root", "data.download", "data.workers")  # where the data is, not what it is
 
 
 def _load_models(run: RunDir) -> tuple[nn.Module, nn.Module, list[int]]:
@@ -158,6 +160,13 @@ def verify_run(
             raise UserError(f"{run.file('student.onnx')}: missing; run cascadec export {run_dir} first")
         recipe = run.recipe()
         if overrides:
+            for text in overrides:  # the run is finished: only the check and where its data lives can change
+                keys = parse_override(text)[0]
+                if keys[0] != "verify" and ".".join(keys[:2]) not in VERIFY_DATA_KEYS:
+                    raise UserError(
+                        f"override {'.'.join(keys)!r} cannot apply to a finished run; verify takes "
+                        f"verify.* and {', '.join(VERIFY_DATA_KEYS)}"
+                    )
             recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
         for spec in specs:
             spec.require()

@@ -2,16 +2,18 @@
 
 A crash, Ctrl-C or a full disk mid-write must never leave half a manifest, report,
 checkpoint or model behind, because ``--resume`` and the stages after it trust what they
-read. One protocol for all of them: write ``NAME.tmp`` next to ``NAME``, then
-``os.replace`` it over ``NAME`` (atomic on POSIX and Windows); on failure the temp file is
-removed. ``durable`` adds ``fsync`` of the file and its directory, for checkpoints that must
-survive a power cut, not just a crash.
+read. One protocol for all of them: write a fresh temp file next to ``NAME`` (a unique
+``.NAME.*.tmp`` created with ``O_EXCL``, so a file or symlink planted there is never followed),
+``fsync`` it, ``os.replace`` it over ``NAME`` (atomic on POSIX and Windows) and ``fsync`` the
+directory, so the new file survives a power cut and not just a crash; on failure the temp file
+is removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +36,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def replacing(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Path]:
+def replacing(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
     """Yield the temp path to write; on a clean exit it replaces ``path``, on an error it is removed.
 
     For writers that need a path (``onnx.save_model``, ``safetensors.torch.save_file``)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         if durable:
@@ -53,7 +57,7 @@ def replacing(path: str | os.PathLike[str], *, durable: bool = False) -> Iterato
         _fsync_dir(path.parent)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes, *, durable: bool = False) -> None:
+def write_bytes_atomic(path: str | os.PathLike[str], payload: bytes, *, durable: bool = True) -> None:
     with replacing(path, durable=durable) as tmp:
         tmp.write_bytes(payload)
 

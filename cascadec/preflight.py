@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cascadec import memory
 from cascadec.data.registry import input_geometry
 from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
@@ -52,7 +53,13 @@ def inspect_model(
         kwargs["num_classes"] = num_classes
     torch.manual_seed(0)  # random-init widths are reproducible from one dry run to the next
     model = create_model(model_name, weights=weights, **kwargs).eval()
-    example = torch.zeros(1, in_channels, image_size, image_size)
+    shape = (in_channels, image_size, image_size)
+    memory.require(
+        memory.activation_bytes(model, shape),
+        f"a {in_channels}x{image_size}x{image_size} input to {model_name}",
+        "use a smaller image size",
+    )
+    example = torch.zeros(1, *shape)
     try:
         with torch.no_grad():
             model(example)

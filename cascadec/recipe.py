@@ -7,6 +7,7 @@ never a bare percentage. Every validation error names the file and the dotted ke
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -51,6 +52,24 @@ class DataSection(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="data-set specific: synthetic sizes, augment (checked by the data set)"
     )
+
+    @field_validator("options")
+    @classmethod
+    def _no_common_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Keys every data set takes have their own recipe key; a copy here would collide with it."""
+        moved = {
+            "root": "data.root",
+            "image_size": "data.image_size",
+            "download": "data.download",
+            "seed": "train.seed",
+            "train_limit": "data.train_limit",
+            "val_limit": "data.val_limit",
+            "selection_size": "data.selection_size",
+        }
+        for key in value:
+            if key in moved:
+                raise ValueError(f"{key!r} is not a data-set option here; set {moved[key]} instead")
+        return value
 
 
 class TeacherSection(_Strict):
@@ -256,7 +275,7 @@ class ExportSection(_Strict):
 
 
 class Recipe(_Strict):
-    name: str
+    name: str = Field(description="names the default run directory: letters, digits, '.', '_', '-', '+'")
     description: str = ""
     model: ModelSection
     data: DataSection = Field(default_factory=DataSection)
@@ -268,6 +287,25 @@ class Recipe(_Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     verify: VerifySection = Field(default_factory=VerifySection)
     profile: ProfileSection = Field(default_factory=ProfileSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return safe_name(value, "recipe name")
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def safe_name(value: str, what: str) -> str:
+    """A name that becomes part of a path (the default run directory, a Triton model) must not
+    leave the directory it is put in: no separators, no '..', no leading dot, 128 characters."""
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(
+            f"{what} {str(value)[:60]!r} may hold only letters, digits, '.', '_', '-' and '+' "
+            "(at most 128, no '..', not starting with a dot): it names a directory"
+        )
+    return value
 
 
 # ---------------------------------------------------------------- loading

@@ -103,6 +103,7 @@ class RunDir:
         # their manifest changes stay in memory and stages skip artifact writes
         self.writable = writable
         self._locked = False  # whether this object holds the directory's writer lock (see lock())
+        self.was_finished = False  # a resume of a finished run: its outcome must never downgrade it
 
     def __enter__(self) -> RunDir:
         return self
@@ -167,7 +168,9 @@ class RunDir:
             raise UserError(
                 f"{self.path}: resuming with a different recipe than the run was started with; choose another run directory"
             )
-        self.manifest["status"] = "running"
+        self.was_finished = status == "finished"
+        if not self.was_finished:  # a finished run stays finished even if this process is killed
+            self.manifest["status"] = "running"
         self.manifest.setdefault("resumed", []).append(_now())
         self.save()
 
@@ -240,10 +243,17 @@ class RunDir:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict[str, Any]]:
-        """Time a stage and record its outcome; the yielded dict is stored with it."""
+        """Time a stage and record its outcome; the yielded dict is stored with it.
+
+        Re-running a stage that was done (``verify`` or ``profile`` on a finished run) and
+        failing keeps the done record and its artifacts' meaning: the failed attempt is stored
+        under ``last_attempt`` instead of replacing it."""
+        previous = self.manifest["stages"].get(name)
         info: dict[str, Any] = {"status": "running", "started": _now()}
-        self.manifest["stages"][name] = info
-        self.save()
+        if not (isinstance(previous, dict) and previous.get("status") == "done"):
+            previous = None
+            self.manifest["stages"][name] = info
+            self.save()
         start = time.perf_counter()
         try:
             yield info
@@ -251,16 +261,25 @@ class RunDir:
             info["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             info["error"] = first_line(exc)
             info["seconds"] = round(time.perf_counter() - start, 3)
+            if previous is not None:
+                previous["last_attempt"] = info
             self.save()
             raise
         info["status"] = "done"
         info["seconds"] = round(time.perf_counter() - start, 3)
+        self.manifest["stages"][name] = info
         self.save()
 
     def finish(self, status: str = "finished") -> None:
-        """Record how the run ended and let other processes write here again."""
-        self.manifest["status"] = status
-        self.manifest["finished"] = _now()
+        """Record how the run ended and let other processes write here again. A resume of a
+        finished run that fails (a damaged artifact, Ctrl-C) records that, and stays finished:
+        its artifacts are still the ones that finished."""
+        if self.was_finished and status != "finished":
+            self.manifest["status"] = "finished"
+            self.manifest["last_resume"] = {"status": status, "at": _now()}
+        else:
+            self.manifest["status"] = status
+            self.manifest["finished"] = _now()
         try:
             self.save()
         finally:

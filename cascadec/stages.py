@@ -10,6 +10,7 @@ and ``profile`` on an existing run are :mod:`cascadec.commands`.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,16 +18,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from cascadec import progress
+from cascadec import memory, progress
 from cascadec.backends import get_backend
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.backends.torch_backend import resolve_device
 from cascadec.data.bundle import DataBundle
 from cascadec.data.loaders import Loaders, load_data, make_loaders, model_kwargs
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
 from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
@@ -66,7 +68,12 @@ def stage_teacher(
     path = run.file(TEACHER_WEIGHTS)
     if run.is_done("teacher") and path.is_file():
         model = create_model(recipe.model.name, **model_kwargs(recipe, bundle))
-        model.load_state_dict(load_file(str(path)))
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+            raise UserError(
+                f"{path}: damaged teacher weights ({first_line(exc)}); delete it and resume to rebuild the teacher"
+            ) from None
         return model.to(device).eval()
     with run.stage("teacher") as info:
         model, source = obtain_teacher(recipe, bundle, loaders, device, runtime=runtime, write_cache=run.writable)
@@ -291,13 +298,25 @@ def check_target(recipe: Recipe, bundle: DataBundle) -> Analysis:
     on to the prune stage instead of being built again."""
     # loading the weights here too means a corrupt weights file is refused before any run exists
     model = create_model(recipe.model.name, weights=recipe.model.weights, **model_kwargs(recipe, bundle)).eval()
+    per_image = memory.activation_bytes(model, bundle.input_shape)
+    shape = "x".join(map(str, bundle.input_shape))
+    memory.require(per_image, f"a {shape} input to {recipe.model.name}", "lower data.image_size")
+    batch = min(recipe.data.batch_size, len(bundle.train))
+    memory.require(
+        memory.TRAINING_FACTOR * batch * per_image,
+        f"training {recipe.model.name} on batches of {batch} {shape} images",
+        "lower data.batch_size or data.image_size",
+    )
     analysis = analyse(model, recipe, torch.zeros(1, *bundle.input_shape))
     analysis.solver.check_feasible(analysis.budget)
     return analysis
 
 
 def default_out(model: str, recipe: Recipe) -> Path:
-    return Path("runs") / f"{model}-{recipe.name}"
+    """``runs/<model>-<recipe>``: one path component, whatever the model name holds (a
+    ``timm/...`` name, a ``file.py:fn`` builder), so a run never lands outside ``runs/``."""
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{model}-{recipe.name}").lstrip(".") or "run"
+    return Path("runs") / stem
 
 
 def prepare_recipe(

@@ -121,7 +121,7 @@ def test_full_disk_is_a_user_error_and_keeps_the_previous_checkpoint(tmp_path, m
     assert "\n" not in str(info.value)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert not path.with_name(path.name + ".tmp").exists()  # the partial temp file is cleaned up
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # the partial temp file is cleaned up
 
 
 _WRITER = textwrap.dedent("""

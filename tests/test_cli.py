@@ -381,7 +381,7 @@ def test_report_md_and_artifacts(finished_run):
     ):
         assert (run / name).is_file(), f"missing {name}"
     assert not [p.name for p in run.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    assert not list(run.rglob("*.tmp"))
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "finished"
     assert all(s["status"] == "done" for s in manifest["stages"].values())

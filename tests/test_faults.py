@@ -44,7 +44,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(cli, re
 
 
 def test_full_disk_during_a_checkpoint_is_exit_2_one_line(cli, recipe, tmp_path, isolated_cache, monkeypatch) -> None:
-    monkeypatch.setattr("cascadec.fileio.os.fsync", _no_space)
+    monkeypatch.setattr("cascadec.train.checkpoint.write_bytes_atomic", _no_space)  # the disk fills at a checkpoint
     result = cli("compress", "cifar_resnet8", "--recipe", recipe, "--out", tmp_path / "run")
     assert result.code == 2
     assert result.err_lines[-1].startswith("error: cannot write checkpoint") and "disk full" in result.err_lines[-1]

@@ -29,6 +29,7 @@ without a CUDA GPU get one line saying what to install.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from cascadec.errors import UserError
+from cascadec.fileio import write_bytes_atomic, write_text_atomic
 
 INSTALL_HINT = "pip install 'cascadec[gpu]' on a machine with an NVIDIA GPU (TensorRT needs CUDA)"
 WORKSPACE_BYTES = 1 << 30
@@ -113,7 +115,7 @@ def _make_calibrator(trt: ModuleType, images: np.ndarray, cache_path: Path, batc
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache) -> None:
-            cache_path.write_bytes(bytes(cache))
+            write_bytes_atomic(cache_path, bytes(cache))
 
     return EntropyCalibrator()
 
@@ -131,7 +133,7 @@ def build_engine(
     """Build ``engine_path`` from ``onnx_path``; write ``<engine>.json`` metadata; return it.
 
     Timing cache: ``<engine stem>.timing.cache`` next to the engine (or in ``cache_dir``);
-    INT8 calibration cache: ``<engine stem>.calib.cache`` in the same place."""
+    INT8 calibration cache: ``<engine stem>.calib-<images>-<digest>.cache`` in the same place."""
     trt = require_tensorrt(gpu=True)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
@@ -149,7 +151,13 @@ def build_engine(
     cache_root.mkdir(parents=True, exist_ok=True)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     timing_path = cache_root / f"{engine_path.stem}.timing.cache"
-    calib_path = cache_root / f"{engine_path.stem}.calib.cache"
+    # keyed by the images, so a cache made from other images (another --calib-images) is never reused
+    calib_key = (
+        f"{len(calibration_images)}-{hashlib.sha256(np.ascontiguousarray(calibration_images).tobytes()).hexdigest()[:12]}"
+        if int8
+        else "none"
+    )
+    calib_path = cache_root / f"{engine_path.stem}.calib-{calib_key}.cache"
     device = cuda_device()
     gpu_name, capability = device if device else (None, None)
 
@@ -201,8 +209,8 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
-    engine_path.write_bytes(bytes(memoryview(serialized)))
-    timing_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    write_bytes_atomic(engine_path, bytes(memoryview(serialized)))
+    write_bytes_atomic(timing_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     meta: dict[str, Any] = {
@@ -221,7 +229,7 @@ def build_engine(
         "calibration_cache": str(calib_path) if int8 else None,
         "calibration_images": int(len(calibration_images)) if int8 else 0,
     }
-    metadata_path(engine_path).write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(metadata_path(engine_path), json.dumps(meta, indent=2) + "\n")
     return meta
 
 

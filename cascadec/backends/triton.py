@@ -23,6 +23,7 @@ from pathlib import Path
 from cascadec.backends.tensorrt_backend import metadata_path
 from cascadec.errors import UserError
 from cascadec.prune.spec import read_spec
+from cascadec.recipe import safe_name
 from cascadec.run import RunDir
 
 INPUT_NAME = "input"
@@ -90,6 +91,10 @@ def write_model_repository(
             raise UserError(f"max_batch_size {max_batch_size}: must be positive")
         out = Path(out_dir) if out_dir is not None else run.path / "triton"
         name = name or repository_name(run.path)
+        try:
+            safe_name(name, "Triton model name")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         written: list[Path] = []
         models = [(f"{name}_onnx", "onnxruntime_onnx", onnx_path, "model.onnx", max_batch_size)]
         if plan.is_file():

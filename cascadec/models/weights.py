@@ -22,8 +22,11 @@ machines and tests get the "file X is missing" message immediately instead of a 
 from __future__ import annotations
 
 import os
+import pickletools
 import re
 import urllib.parse
+import warnings
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -190,16 +193,45 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
                 f"weights file {path} is not a readable safetensors file (truncated or corrupt: {first_line(exc)})"
             ) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice to retry with weights_only=False is not ours to give
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found:
+        foreign = _pickled_globals(path)
+        if foreign:
             raise UserError(
-                f"weights file {path} holds a pickled {found.group(1)}, not only tensors; "
-                "re-save it with torch.save(model.state_dict(), ...) or as .safetensors"
+                f"weights file {path} asks to run code when loaded ({', '.join(foreign[:3])}); it was not loaded. "
+                "Re-save weights you trust with torch.save(model.state_dict(), ...) or as .safetensors"
             ) from None
         raise UserError(f"weights file {path} cannot be read (truncated or corrupt: {first_line(exc)})") from None
     return _extract_state_dict(obj, path)
+
+
+# what a plain torch.save(state_dict) pickle references; anything else is code the file wants run
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray._reconstruct")
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The callables a pickle (plain, or inside torch.save's zip) names beyond tensor rebuilding,
+    read with pickletools, which only parses: nothing in the file is executed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - a file too damaged to parse is reported as damaged by the caller
+        return []
+    return [n for n in dict.fromkeys(names) if not n.startswith(_TENSOR_GLOBALS)]
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> WeightsReport:

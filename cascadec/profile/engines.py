@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from cascadec import memory
 from cascadec.backends import get_backend, tensorrt_backend
 from cascadec.backends.cuda_runners import DeviceRunner, OrtDeviceRunner, TorchCudaRunner
 from cascadec.backends.onnxruntime_backend import OrtRunner
@@ -49,6 +50,11 @@ def _run_protocol(label: str, per_batch: Callable[[int], dict], batches: list[in
             results[b] = per_batch(b)
             bar.advance(task)
     return results
+
+
+def _fits(per_image: int, batches: Sequence[int], label: str) -> None:
+    """The largest batch's inputs and activations must fit before any buffer is allocated."""
+    memory.require(per_image * max(batches), f"profiling {label} at batch {max(batches)}", "profile smaller batches")
 
 
 def profile_device(
@@ -107,6 +113,7 @@ def profile_onnx(
         if input_shape is None:
             input_shape = OrtRunner(path).static_input_shape()  # CPU session: only to read the graph
         shape = check_shape(input_shape)
+        _fits(memory.onnx_activation_bytes(path, shape), batches, label)
         runner = OrtDeviceRunner(path, shape, provider=device, threads=threads, cache_dir=cache_dir)
         return profile_device(
             runner.bind,
@@ -122,6 +129,7 @@ def profile_onnx(
         raise UserError(f"onnxruntime profile device {device!r}: use cpu, cuda or tensorrt")
     runner = OrtRunner(path, device="cpu", threads=threads)
     shape = check_shape(input_shape if input_shape is not None else runner.static_input_shape())
+    _fits(memory.onnx_activation_bytes(path, shape), batches, label)
     rng = np.random.default_rng(seed)
 
     def per_batch(b: int) -> dict:
@@ -159,6 +167,7 @@ def profile_torch(
     if cuda_graph and dev.type != "cuda":
         raise UserError("CUDA graphs (cuda_graph) need a CUDA device")
     label = type(model).__name__
+    _fits(memory.activation_bytes(model, shape), batches, label)
     if dev.type == "cuda":
 
         def make_runner(b: int) -> DeviceRunner:
@@ -217,6 +226,7 @@ def profile_tensorrt(
     runner = tensorrt_backend.TrtRunner(engine_path, device=device)
     if input_shape is None:
         input_shape = tuple(int(d) for d in runner.input_shape)  # TrtRunner's shape excludes the batch axis
+    _fits(memory.image_bytes(input_shape), batches, os.path.basename(os.fspath(engine_path)))  # host buffers
     return profile_device(
         lambda b: runner,
         input_shape,

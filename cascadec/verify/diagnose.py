@@ -121,11 +121,27 @@ def _param_modules(node: onnx.NodeProto, initializers: set[str], modules: set[st
 
 
 def _exceeds(reference: np.ndarray, candidate: np.ndarray, tolerance: Tolerance) -> tuple[bool, float, float]:
+    """Whether a node's output fails the tolerance, and its max abs/rel error; a non-finite
+    value anywhere makes both errors infinite, so NaN can never hide behind a small number."""
     absdiff, reldiff = tensor_errors(reference, candidate)
-    bad = bool(np.any(mismatches(absdiff, reldiff, tolerance))) or not np.all(np.isfinite(candidate))
-    max_abs = float(np.nanmax(absdiff)) if absdiff.size else 0.0
-    max_rel = float(np.nanmax(reldiff)) if reldiff.size else 0.0
+    if not (np.all(np.isfinite(candidate)) and np.all(np.isfinite(reference))):
+        return True, float("inf"), float("inf")
+    bad = bool(np.any(mismatches(absdiff, reldiff, tolerance)))
+    max_abs = float(absdiff.max()) if absdiff.size else 0.0
+    max_rel = float(reldiff.max()) if reldiff.size else 0.0
     return bad, max_abs, max_rel
+
+
+def nonfinite_parameters(model: nn.Module, limit: int = 5) -> list[str]:
+    """Names of the parameters and buffers that hold NaN or inf (at most ``limit``): weights like
+    that make every backend "diverge" exactly as PyTorch does, so they are named first."""
+    found = []
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            found.append(name)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def find_first_divergence(
@@ -180,7 +196,9 @@ def find_first_divergence(
         else:
             continue
         if bad:
+            nonfinite = not bool(np.all(np.isfinite(got)))
             return {
+                "nonfinite": nonfinite,
                 "node": node.name or value,
                 "op_type": node.op_type,
                 "output": value,

@@ -21,7 +21,7 @@ from cascadec.backends import canonical_name, get_backend, get_runner
 from cascadec.backends.torch_backend import TorchRunner
 from cascadec.errors import UserError
 from cascadec.verify.compare import as_2d, compare_outputs
-from cascadec.verify.diagnose import DIVERGENCE_SAMPLES, conditioning, first_divergence
+from cascadec.verify.diagnose import DIVERGENCE_SAMPLES, conditioning, first_divergence, nonfinite_parameters
 from cascadec.verify.gates import Gate
 from cascadec.verify.results import BackendParity, ParityResult
 
@@ -129,6 +129,7 @@ def verify_backends(
     torch_accuracy = None if y_all is None else float(np.mean(as_2d(ref).argmax(axis=1) == y_all))
     results: dict[str, BackendParity] = {}
     x_probe = np.concatenate(probe)
+    broken = nonfinite_parameters(model)  # every backend then "fails" as PyTorch does: no search helps
     for n in names:
         precision = precisions[n]
         tolerance = gate.tolerance(precision)
@@ -141,14 +142,20 @@ def verify_backends(
             thresholds=gate.thresholds(precision),
             failures=gate.check(metrics, precision),
         )
-        if result.tensor_failed and get_backend(n).runs != "torch":
+        if result.tensor_failed and get_backend(n).runs != "torch" and not broken:
             if find_divergence and onnx_path is not None:
                 result.first_divergence = first_divergence(model, onnx_path, x_probe, n, tolerance)
             result.conditioning = conditioning(
                 model, x_probe, ref[: len(x_probe)], candidate[: len(x_probe)], tolerance
             )
         results[n] = result
-    return ParityResult(samples=int(ref.shape[0]), torch_accuracy=torch_accuracy, gate=gate.as_dict(), backends=results)
+    return ParityResult(
+        samples=int(ref.shape[0]),
+        torch_accuracy=torch_accuracy,
+        gate=gate.as_dict(),
+        backends=results,
+        nonfinite_weights=broken,
+    )
 
 
 def _run_within_profile(runner: object, x: np.ndarray) -> np.ndarray:

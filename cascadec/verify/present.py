@@ -90,6 +90,11 @@ def describe_divergence(backend: str, found: Mapping | None) -> str | None:
     module = found.get("torch_module")
     where = f", torch module {module}" if module else ""
     tol = found.get("tolerance") or {}
+    if found.get("nonfinite"):
+        return (
+            f"first divergent layer ({backend}): ONNX node {found['node']!r} ({found.get('op_type')}{where}) "
+            f"output {found.get('output')!r} is the first to hold NaN/inf"
+        )
     return (
         f"first divergent layer ({backend}): ONNX node {found['node']!r} ({found.get('op_type')}{where}) "
         f"output {found.get('output')!r}: max|diff| {found.get('max_abs_diff', float('nan')):.3g} vs "
@@ -118,6 +123,11 @@ def raise_on_failure(result: ParityResult | Mapping) -> None:
         for r in rows
     ]
     lines = _text_table(header, cells)
+    if result.nonfinite_weights:
+        lines.append(
+            f"the PyTorch model's weights hold NaN/inf ({', '.join(result.nonfinite_weights)}): every backend computes "
+            "what it was given; the weights, not the export, are at fault"
+        )
     for name in result.failed:
         b = result.backends[name]
         for line in (describe_divergence(name, b.first_divergence), describe_conditioning(name, b.conditioning)):

@@ -72,6 +72,7 @@ class ParityResult:
     torch_accuracy: float | None
     gate: dict[str, Any]
     backends: dict[str, BackendParity]
+    nonfinite_weights: list[str] = field(default_factory=list)  # the reference itself is broken: named first
 
     @property
     def passed(self) -> bool:
@@ -91,15 +92,20 @@ class ParityResult:
         """This result with the backends of ``earlier`` it did not check kept (verifying one
         backend keeps the other backends' last results in the report)."""
         kept = dict(earlier.backends) if earlier is not None else {}
-        return ParityResult(self.samples, self.torch_accuracy, self.gate, {**kept, **self.backends})
+        return ParityResult(
+            self.samples, self.torch_accuracy, self.gate, {**kept, **self.backends}, self.nonfinite_weights
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "samples": self.samples,
             "torch_accuracy": self.torch_accuracy,
             "gate": self.gate,
             "backends": {name: b.to_dict() for name, b in self.backends.items()},
         }
+        if self.nonfinite_weights:
+            out["nonfinite_weights"] = self.nonfinite_weights
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParityResult:
@@ -111,4 +117,5 @@ class ParityResult:
             backends={
                 str(n): BackendParity.from_dict(str(n), r) for n, r in backends.items() if isinstance(r, Mapping)
             },
+            nonfinite_weights=list(data.get("nonfinite_weights") or []),
         )
