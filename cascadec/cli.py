@@ -21,7 +21,7 @@ from cascadec.backends import list_backends
 from cascadec.commands import export_run, profile_path, report_runs, verify_run
 from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed, first_line
 from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_ms, fmt_params, speedup_range
-from cascadec.models import list_models
+from cascadec.models.registry import model_sources
 from cascadec.preflight import dry_run as run_dry
 from cascadec.preflight import inspect_model
 from cascadec.recipe import list_recipes, load_recipe, recipe_to_yaml
@@ -61,7 +61,9 @@ def compress(
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe name (cascadec recipes list) or YAML path."),
     data: Optional[str] = typer.Option(None, "--data", help="Data set root (overrides data.root)."),
     weights: Optional[str] = typer.Option(
-        None, "--weights", help="torchvision weights name, .pt/.pth or .safetensors."
+        None,
+        "--weights",
+        help="torchvision weights name, .pt/.pth or .safetensors; 'random' for a randomly initialised model.",
     ),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run directory (default runs/<model>-<recipe>)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a recipe key: key.sub=value (repeatable)."),
@@ -85,7 +87,7 @@ def compress(
 ) -> None:
     """Prune MODEL with a recipe, then export, verify and profile the student."""
     if dry_run:
-        resolved = stages.prepare_recipe(model, recipe, data=data, weights=None, overrides=overrides)
+        resolved = stages.prepare_recipe(model, recipe, data=data, weights=stages.RANDOM_WEIGHTS, overrides=overrides)
         _print_inspect(run_dry(model, resolved))
         return
     if nproc > 1 and not launched_by_torchrun():
@@ -265,11 +267,16 @@ def recipes_show(name: str = typer.Argument(..., help="Recipe name or path.")) -
 
 
 @models_app.command("list")
-def models_list(contains: Optional[str] = typer.Argument(None, help="Only names containing this.")) -> None:
-    """Every model name create_model accepts."""
-    for name in list_models():
+def models_list(
+    contains: Optional[str] = typer.Argument(None, help="Only names containing this."),
+    source: bool = typer.Option(False, "--source", help="Show where each name comes from."),
+    timm: bool = typer.Option(False, "--timm", help="Also list timm/NAME models (needs timm installed)."),
+) -> None:
+    """Every model name create_model accepts. Any timm model is timm/NAME, and your own code is
+    path/to/file.py:builder or package.module:builder."""
+    for name, origin in model_sources(include_timm=timm):
         if not contains or contains in name:
-            out.print(name, highlight=False)
+            out.print(f"{name}\t{origin}" if source else name, highlight=False)
 
 
 # ---------------------------------------------------------------- printing

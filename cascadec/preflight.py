@@ -37,6 +37,25 @@ def input_spec(recipe: Recipe) -> InputSpec:
     )
 
 
+def check_input_memory(recipe: Recipe) -> None:
+    """Refuse an image size one image of which does not fit in memory, from what the data builders
+    know, before any data is read or built (a data set may build its images eagerly)."""
+    try:
+        spec = input_spec(recipe)
+    except UserError:
+        return  # an unknown data set: load_data names it, with close matches
+    kwargs: dict[str, Any] = {"in_channels": spec.in_channels, "options": recipe.model.options}
+    if spec.num_classes:
+        kwargs["num_classes"] = spec.num_classes
+    model = create_model(recipe.model.name, **kwargs).eval()  # random weights: only shapes matter here
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    memory.require(
+        memory.activation_bytes(model, shape),
+        f"a {'x'.join(map(str, shape))} input to {recipe.model.name}",
+        "lower data.image_size",
+    )
+
+
 def inspect_model(
     model_name: str,
     *,
@@ -51,6 +70,8 @@ def inspect_model(
     kwargs: dict[str, Any] = {"in_channels": in_channels}
     if num_classes:
         kwargs["num_classes"] = num_classes
+    if recipe is not None and recipe.model.options:
+        kwargs["options"] = recipe.model.options
     torch.manual_seed(0)  # random-init widths are reproducible from one dry run to the next
     model = create_model(model_name, weights=weights, **kwargs).eval()
     shape = (in_channels, image_size, image_size)

@@ -29,6 +29,9 @@ class ModelSection(_Strict):
     weights: Optional[str] = Field(None, description="torchvision weights name, .pt/.pth state dict or .safetensors")
     num_classes: Optional[int] = Field(None, ge=1, description="defaults to the data set's")
     in_channels: Optional[int] = Field(None, ge=1, description="defaults to the data set's")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a timm/ or file.py:builder model's builder"
+    )
 
 
 class DataSection(_Strict):

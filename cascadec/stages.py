@@ -30,6 +30,8 @@ from cascadec.data.bundle import DataBundle
 from cascadec.data.loaders import Loaders, load_data, make_loaders, model_kwargs
 from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
+from cascadec.models.external import canonical_name
+from cascadec.preflight import check_input_memory
 from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
 from cascadec.progress import log, track
@@ -319,16 +321,26 @@ def default_out(model: str, recipe: Recipe) -> Path:
     return Path("runs") / stem
 
 
+RANDOM_WEIGHTS = "random"  # --weights random: prune a randomly initialised model on purpose
+
+
 def prepare_recipe(
     model: str, recipe_name: str, *, data: str | None = None, weights: str | None = None, overrides: Sequence[str] = ()
 ) -> Recipe:
-    """The recipe with the command's data root, weights and ``key=value`` overrides applied."""
-    recipe = load_recipe(recipe_name, list(overrides), model=model)
+    """The recipe with the command's data root, weights and ``key=value`` overrides applied.
+
+    A recipe's weights belong to the recipe's model: asked to prune another model with them and
+    nothing else to start from (no ``--weights``, no teacher training), this refuses before any
+    work, instead of spending minutes pruning a random network; ``--weights random`` says that
+    a random network is what is wanted."""
+    recipe = load_recipe(recipe_name, list(overrides), model=canonical_name(model))
     if data is not None:
         if not Path(data).exists():
             raise UserError(f"data root {data}: path does not exist")
         recipe.data.root = str(Path(data).resolve())
-    if weights is not None:
+    if weights == RANDOM_WEIGHTS:
+        recipe.model.weights = None
+    elif weights is not None:
         if (
             "." in Path(weights).name
             and not Path(weights).exists()
@@ -336,6 +348,14 @@ def prepare_recipe(
         ):
             raise UserError(f"weights {weights}: file not found")
         recipe.model.weights = str(Path(weights).resolve()) if Path(weights).exists() else weights
+    elif not recipe.model.weights and recipe.teacher.train_epochs == 0:
+        own = load_recipe(recipe_name, list(overrides)).model
+        if own.name != recipe.model.name and own.weights:
+            raise UserError(
+                f"recipe {recipe.name} brings weights for {own.name} ({own.weights}), not for {model}: give --weights "
+                f"for {model}, use a recipe that trains its teacher (teacher.train_epochs), or --weights "
+                f"{RANDOM_WEIGHTS} to prune a randomly initialised {model}"
+            )
     return recipe
 
 
@@ -360,6 +380,7 @@ def compress(
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dist, dev = init_from_env(resolve_device(device))
     try:
+        check_input_memory(recipe)  # an image size past the machine is refused before data is built
         bundle = load_data(recipe)  # fail on missing data before creating anything
         analysis = check_target(recipe, bundle)
         run = open_run(dist, Path(out) if out else default_out(model, recipe), recipe, resume, command)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from helpers.cli import write_recipe  # noqa: E402 - the tests' tiny recipe, one definition
+from helpers.cli import compress_command, write_recipe  # noqa: E402 - the tests' tiny recipe, one definition
 
 ARTIFACTS = ("student.safetensors", "student.widths.json", "teacher.safetensors")
 
@@ -50,18 +50,7 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 def _start(recipe: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cascadec",
-        "compress",
-        "cifar_resnet8",
-        "--recipe",
-        str(recipe),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    cmd = compress_command(recipe, out, *extra)
     return subprocess.Popen(
         cmd, env=_env(cache), cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

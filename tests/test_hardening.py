@@ -134,3 +134,14 @@ def test_a_pickle_that_asks_to_run_code_is_refused_and_named(tmp_path, writer) -
     message = str(refused.value)
     assert "asks to run code when loaded" in message and "system" in message and "was not loaded" in message
     assert "weights_only" not in message and "\n" not in message
+
+
+def test_recipe_weights_for_another_model_are_refused_before_any_work(cli, tmp_path, monkeypatch) -> None:
+    from cascadec.stages import RANDOM_WEIGHTS, prepare_recipe
+
+    monkeypatch.chdir(tmp_path)
+    result = cli("compress", "cifar_resnet20", "--recipe", "fmnist_quick")
+    _one_line_error(result, "brings weights for cifar_resnet8", "--weights", "teacher.train_epochs")
+    assert not (tmp_path / "runs").exists()
+    assert prepare_recipe("cifar_resnet20", "fmnist_quick", weights=RANDOM_WEIGHTS).model.weights is None
+    assert cli("compress", "cifar_resnet20", "--recipe", "fmnist_quick", "--dry-run").code == 0  # dry runs need none

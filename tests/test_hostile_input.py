@@ -546,8 +546,9 @@ def test_non_utf8_run_recipe_is_a_user_error(cli, copy_run):
 def test_run_recipe_with_other_channels_is_a_user_error(cli, copy_run):
     run = copy_run()
     path = run / "recipe.yaml"
-    path.write_text(path.read_text().replace("options: {}", "options: {in_channels: 1}", 1))
-    assert "in_channels: 1" in path.read_text()
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["options"] = {"in_channels": 1}  # the synthetic data now gives 1-channel images
+    path.write_text(yaml.safe_dump(recipe))
     _check_cli(cli("verify", str(run)), allowed=(2,))
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
+from helpers.cli import REPO_ROOT, cli_subprocess, compress_command, write_recipe
 
 from cascadec import locks
 from cascadec.errors import UserError
@@ -94,18 +94,7 @@ def test_cli_exit_2_while_another_process_writes_the_run(tmp_path) -> None:
 
 
 def _compress(recipe: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cascadec",
-        "compress",
-        "cifar_resnet8",
-        "--recipe",
-        str(recipe),
-        "--out",
-        str(out),
-        *extra,
-    ]
+    cmd = compress_command(recipe, out, *extra)
     return subprocess.Popen(
         cmd,
         env={**os.environ, "COLUMNS": "80", "CASCADEC_NO_PROGRESS": "1", **env},

@@ -85,8 +85,11 @@ def make_loaders(bundle: DataBundle, recipe: Recipe, device: torch.device, dist:
     return Loaders(train, val, selection)
 
 
-def model_kwargs(recipe: Recipe, bundle_or_shape: Any) -> dict[str, int]:
+def model_kwargs(recipe: Recipe, bundle_or_shape: Any) -> dict[str, Any]:
     """The constructor arguments the data decides (classes, input channels), unless the recipe fixes them."""
     num_classes = recipe.model.num_classes or bundle_or_shape.num_classes
     in_channels = recipe.model.in_channels or bundle_or_shape.in_channels
-    return {"num_classes": int(num_classes), "in_channels": int(in_channels)}
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_channels": int(in_channels)}
+    if recipe.model.options:  # stored with the student, so a fresh process builds the same network
+        kwargs["options"] = dict(recipe.model.options)
+    return kwargs

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cascadec import memory
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import TensorImageDataset
 from cascadec.errors import UserError
@@ -40,6 +41,12 @@ def make_synthetic(
     for key, value in (("n", n), ("channels", channels), ("size", size), ("num_classes", num_classes)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"synthetic data: {key} must be a positive integer, got {value!r}")
+    # made eagerly, in float32: the noise, the prototypes picked per image and their sum at once
+    memory.require(
+        3 * n * memory.image_bytes((channels, size, size)),
+        f"synthetic data: {n} images of {channels}x{size}x{size}",
+        "lower data.image_size or the synthetic sizes",
+    )
     base = torch.Generator().manual_seed(seed)
     coarse = torch.randn(num_classes, channels, 4, 4, generator=base)
     prototypes = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)

@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models.mnasnet import MNASNet
 
 from cascadec.errors import UserError
-from cascadec.models import cifar
+from cascadec.models import cifar, external
 from cascadec.models.adapt import adapt_input_channels, adapt_num_classes
 from cascadec.models.weights import (
     WeightsReport,
@@ -149,18 +149,47 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
+def model_sources(*, include_timm: bool = False) -> list[tuple[str, str]]:
+    """(name, where it comes from) for every registry model, and timm's when asked."""
+    rows = [(name, _entry(name).source) for name in list_models()]
+    if include_timm:
+        timm = external.import_timm()
+        rows += [(external.TIMM_PREFIX + name, f"timm {timm.__version__}") for name in timm.list_models()]
+    return rows
+
+
 def create_model(
-    name: str, *, num_classes: int | None = None, in_channels: int | None = None, weights: str | Path | None = None
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    weights: str | Path | None = None,
+    options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build ``name``, adapt its head/stem, load ``weights``; the model is in train mode.
 
-    The load report is kept on the model as ``cascadec_weights_report`` (or ``None``) and
-    the registry name as ``cascadec_model_name``, so later stages can report them.
+    ``name`` is a registry name, ``timm/NAME`` or user code ``file.py:builder`` /
+    ``package.module:builder`` (:mod:`cascadec.models.external`; ``options`` are the builder's
+    keyword arguments). The load report is kept on the model as ``cascadec_weights_report`` (or
+    ``None``) and the name as ``cascadec_model_name``, so later stages can report them.
     """
-    entry = _entry(name)
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UserError(f"{key} must be a positive integer, got {value!r}")
+    if external.is_external(name):
+        pretrained = str(weights or "").strip() == external.TIMM_PRETRAINED and name.startswith(external.TIMM_PREFIX)
+        if name.startswith(external.TIMM_PREFIX):
+            model = external.build_timm(name, num_classes, in_channels, options or {}, pretrained)
+        else:
+            model = external.build_from_code(name, num_classes, in_channels, options or {})
+        if in_channels is not None:
+            adapt_input_channels(model, in_channels)
+        if num_classes is not None:
+            adapt_num_classes(model, num_classes)
+        return _finish(model, name, None if pretrained else weights)
+    if options:
+        raise UserError(f"model.options apply to timm/ and file.py:builder models, not {name!r}")
+    entry = _entry(name)
     classes = num_classes if num_classes is not None else entry.num_classes
     channels = in_channels if in_channels is not None else entry.input_size[0]
     if entry.source == "torchvision":
@@ -171,6 +200,10 @@ def create_model(
         # Third-party builders may ignore the kwargs; make sure the contract still holds.
         adapt_input_channels(model, channels)
         adapt_num_classes(model, classes)
+    return _finish(model, name, weights)
+
+
+def _finish(model: nn.Module, name: str, weights: str | Path | None) -> nn.Module:
     # Plain attributes (not buffers): they ride along with deepcopy and never reach ONNX.
     setattr(model, "cascadec_model_name", name)  # noqa: B010
     setattr(model, "cascadec_weights_report", None)  # noqa: B010

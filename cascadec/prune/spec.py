@@ -68,11 +68,13 @@ def read_spec(path: Path) -> dict[str, Any]:
     for key, kind in (("model", str), ("model_kwargs", dict), ("input_shape", list), ("removed_channels", dict)):
         if not isinstance(spec.get(key), kind):
             raise UserError(f"{path}: key {key!r} missing or not a {kind.__name__}")
-    unknown = set(spec["model_kwargs"]) - {"num_classes", "in_channels"}
-    if unknown or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in spec["model_kwargs"].values()
-    ):
+    kwargs = spec["model_kwargs"]
+    counts = {k: v for k, v in kwargs.items() if k != "options"}
+    unknown = set(counts) - {"num_classes", "in_channels"}
+    if unknown or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in counts.values()):
         raise UserError(f"{path}: model_kwargs must hold positive integers num_classes / in_channels")
+    if not isinstance(kwargs.get("options", {}), dict):
+        raise UserError(f"{path}: model_kwargs.options must be a mapping (the builder's keyword arguments)")
     shape = spec["input_shape"]
     if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 100_000 for v in shape):
         raise UserError(f"{path}: input_shape must be three positive integers [C, H, W]")

@@ -83,6 +83,12 @@ def invoke_cli(*args: str) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def compress_command(recipe: Path | str, out: Path | str, *extra: str, model: str = "cifar_resnet8") -> list[str]:
+    """``python -m cascadec compress MODEL --recipe RECIPE --out OUT ...``, for tests and scripts that
+    start (and race, kill or time) real compress processes."""
+    return [sys.executable, "-m", "cascadec", "compress", model, "--recipe", str(recipe), "--out", str(out), *extra]
+
+
 def cli_subprocess(*args: str, env: dict | None = None, timeout: float = 300) -> CliResult:
     """``python -m cascadec ARGS`` in a fresh interpreter: what a shell user sees."""
     full_env = {**os.environ, "COLUMNS": "80", "CASCADEC_NO_PROGRESS": "1", **(env or {})}
