@@ -34,6 +34,11 @@ class ModelSection(_Strict):
     )
 
 
+# the data sets cascadec.data.registry builds (tests/test_architecture.py keeps the two in step);
+# named here so that a typo is a recipe error naming the file and the key, with close matches
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "synthetic")
+
+
 class DataSection(_Strict):
     name: str = "fashion_mnist"
     root: Optional[str] = None
@@ -55,6 +60,15 @@ class DataSection(_Strict):
     options: dict[str, Any] = Field(
         default_factory=dict, description="data-set specific: synthetic sizes, augment (checked by the data set)"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            close = difflib.get_close_matches(str(value), DATASETS, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"unknown dataset {str(value)[:60]!r}; {hint}known: {', '.join(DATASETS)}")
+        return value
 
     @field_validator("options")
     @classmethod

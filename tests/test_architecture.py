@@ -50,6 +50,12 @@ def test_method_and_criterion_registries_match_the_schema() -> None:
     assert set(CRITERIA) == _literal("importance")
 
 
+def test_the_schema_knows_every_dataset_the_registry_builds() -> None:
+    from cascadec.recipe import DATASETS
+
+    assert set(DATASETS) == set(list_datasets())
+
+
 def test_every_dataset_has_a_geometry() -> None:
     for name in list_datasets():
         channels, size, classes = input_geometry(name)
