@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -394,3 +395,65 @@ def test_tensorrt_backend_without_tensorrt_is_one_line(monkeypatch, tmp_path):
         trtb.TrtRunner(tmp_path / "student.plan")
     with pytest.raises(UserError, match="TensorRT is not installed"):
         get_runner("tensorrt", onnx_path=tmp_path / "student.onnx")
+
+
+# ---------------------------------------------------------------- against the strict TensorRT 10 fake
+
+
+@pytest.fixture
+def strict(monkeypatch, tmp_path):
+    """build_engine against tests/helpers/strict_tensorrt.py; calibration batches live on the CPU,
+    registered by address so the fake can check what get_batch hands TensorRT."""
+    import torch
+    from helpers import strict_tensorrt
+
+    pointers: dict = {}
+
+    def to_device(host):
+        tensor = torch.from_numpy(np.ascontiguousarray(host)).contiguous()
+        pointers[int(tensor.data_ptr())] = tensor.numpy()
+        return tensor
+
+    monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 0)))
+    monkeypatch.setattr(trtb, "_to_device", to_device)
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(b"onnx-bytes")
+
+    def build(*, parse_ok=True, build_ok=True, **kwargs):
+        trt = strict_tensorrt.make(parse_ok=parse_ok, build_ok=build_ok, pointers=pointers)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        return trt, trtb.build_engine(onnx, tmp_path / "student.plan", **kwargs)
+
+    return build, tmp_path
+
+
+def test_strict_fp32_and_fp16_builds(strict):
+    build, tmp_path = strict
+    trt, meta = build(batches=(1, 8, 32))
+    assert trt.events == [("build", [])] and meta["precision"] == "fp32"  # TF32 cleared
+    trt, meta = build(fp16=True, batches=(1, 8, 32))
+    assert trt.events == [("build", ["FP16"])] and meta["precision"] == "fp16"
+    assert (tmp_path / "student.plan").read_bytes() == b"PLAN"
+    assert (tmp_path / "student.timing.cache").read_bytes() == b"TIMING"
+
+
+def test_strict_int8_calibrates_then_reuses_only_its_own_cache(strict):
+    build, tmp_path = strict
+    images = np.random.default_rng(0).standard_normal((40, 1, 28, 28), dtype=np.float32)
+    trt, meta = build(int8=True, batches=(1, 8, 16), calibration_images=images)
+    assert ("calibrated", 2) in trt.events  # 40 images in batches of 16 (the profile's maximum): 2 full batches
+    cache = Path(meta["calibration_cache"])
+    assert cache.read_bytes() == b"CALIB2" and meta["calibration_images"] == 40
+    trt, again = build(int8=True, batches=(1, 8, 16), calibration_images=images)
+    assert ("calibration cache read", 6) in trt.events and again["calibration_cache"] == str(cache)
+    trt, other = build(int8=True, batches=(1, 8, 16), calibration_images=images[:20])
+    assert ("calibrated", 1) in trt.events and other["calibration_cache"] != str(cache)  # other images: recalibrated
+
+
+def test_strict_parse_and_build_failures_are_user_errors(strict):
+    build, tmp_path = strict
+    with pytest.raises(UserError, match="cannot parse this ONNX file.*Unsupported ONNX op: FancyOp"):
+        build(parse_ok=False)
+    with pytest.raises(UserError, match="failed to build an engine"):
+        build(build_ok=False)
+    assert not list(tmp_path.glob("student.plan*"))  # a failed build leaves no engine and no metadata

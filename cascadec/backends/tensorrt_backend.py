@@ -85,6 +85,11 @@ def profile_batches(batches: Sequence[int]) -> tuple[int, int, int]:
     return values[0], values[len(values) // 2], values[-1]
 
 
+def _to_device(host: np.ndarray) -> Any:
+    """A contiguous CUDA copy of ``host`` (a torch tensor, so ``data_ptr()`` is its address)."""
+    return torch.from_numpy(np.ascontiguousarray(host)).to("cuda").contiguous()
+
+
 def _make_calibrator(trt: ModuleType, images: np.ndarray, cache_path: Path, batch_size: int):
     """An IInt8EntropyCalibrator2 over ``images`` (N x C x H x W float32), cached in ``cache_path``.
 
@@ -108,7 +113,7 @@ def _make_calibrator(trt: ModuleType, images: np.ndarray, cache_path: Path, batc
 
             host = self.images[self.index : self.index + self.batch_size]
             self.index += self.batch_size
-            self.device_batch = torch.from_numpy(host).to("cuda").contiguous()
+            self.device_batch = _to_device(host)  # kept alive on self while TensorRT reads it
             return [int(self.device_batch.data_ptr())]
 
         def read_calibration_cache(self):

@@ -1,0 +1,139 @@
+"""Do the TensorRT tests catch mistakes in the TensorRT code? (run on demand, not in CI)
+
+    python scripts/mutate_tensorrt.py [--out bench/results/tensorrt-mutations.md]
+
+TensorRT cannot run on a machine without an NVIDIA GPU, so ``cascadec/backends/tensorrt_backend.py``
+is tested against fakes (tests/test_tensorrt.py, tests/helpers/strict_tensorrt.py). A fake that
+accepts any call proves nothing; this script measures what the tests catch. Each mutation below
+is a plausible slip (a swapped argument, a misspelled method, an ignored failure), applied to a
+copy of the package; ``tests/test_tensorrt.py`` then runs against the copy. A mutation is caught
+when the tests fail. The table lists each mutation and whether it was caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = Path("cascadec/backends/tensorrt_backend.py")
+
+MUTATIONS: list[tuple[str, str, str]] = [
+    (
+        "set_memory_pool_limit arguments swapped",
+        "config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)",
+        "config.set_memory_pool_limit(WORKSPACE_BYTES, trt.MemoryPoolType.WORKSPACE)",
+    ),
+    ("calibrator base class that does not exist", "trt.IInt8EntropyCalibrator2", "trt.IInt8EntropyCalibrator3"),
+    ("set_calibration_profile misspelled", "config.set_calibration_profile(", "config.set_calibration_profil("),
+    (
+        "get_batch returns a tensor, not pointers",
+        "return [int(self.device_batch.data_ptr())]",
+        "return [self.device_batch]",
+    ),
+    (
+        "create_timing_cache() without its blob",
+        'config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")',
+        "config.create_timing_cache()",
+    ),
+    (
+        "a parse failure ignored",
+        "if not parser.parse(onnx_path.read_bytes()):",
+        "if not parser.parse(onnx_path.read_bytes()) and False:",
+    ),
+    ("a failed build unchecked", "if serialized is None:", "if serialized is None and False:"),
+    (
+        "input shape reversed",
+        "chw = [int(d) for d in tuple(inp.shape)[1:]]",
+        "chw = [int(d) for d in tuple(inp.shape)[1:]][::-1]",
+    ),
+    ("INT8 flag never set", "config.set_flag(trt.BuilderFlag.INT8)", "pass"),
+    (
+        "optimisation profile min and max swapped",
+        'profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])',
+        'profile.set_shape(inp.name, shapes["max"], shapes["opt"], shapes["min"])',
+    ),
+    (
+        "TF32 left on for an fp32 engine",
+        "config.clear_flag(trt.BuilderFlag.TF32)",
+        "config.set_flag(trt.BuilderFlag.TF32)",
+    ),
+    ("calibration cache never written", "write_bytes_atomic(cache_path, bytes(cache))", "pass"),
+    (
+        "timing cache accepts other GPUs' entries",
+        "config.set_timing_cache(timing, False)",
+        "config.set_timing_cache(timing, True)",
+    ),
+    (
+        "calibration batch not capped by the profile",
+        "cal_batch = max(1, min(CALIBRATION_BATCH, bmax, len(calibration_images)))",
+        "cal_batch = CALIBRATION_BATCH",
+    ),
+    (
+        "calibration reads a stale cache whatever the images",
+        'calib_path = cache_root / f"{engine_path.stem}.calib-{calib_key}.cache"',
+        'calib_path = cache_root / f"{engine_path.stem}.calib.cache"',
+    ),
+    (
+        "engine written before the build is checked",
+        "    if serialized is None:\n",
+        "    write_bytes_atomic(engine_path, b'') if serialized is None else None\n    if serialized is None:\n",
+    ),
+]
+
+
+def run_tests(package_root: Path) -> bool:
+    """True when tests/test_tensorrt.py passes against the package in ``package_root``."""
+    env = {**os.environ, "PYTHONPATH": str(package_root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(  # run from the copy: `python -m` puts the working directory first on sys.path
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_tensorrt.py"],
+        cwd=package_root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tensorrt-mutations.md")
+    args = parser.parse_args()
+    source = (REPO / TARGET).read_text()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cascadec-mutants-") as tmp:
+        root = Path(tmp)
+        for part in ("cascadec", "tests", "recipes"):
+            shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+        assert run_tests(root), "the tests fail on the unmutated copy: fix them first"
+        for name, old, new in MUTATIONS:
+            assert old in source, f"mutation {name!r} no longer applies: {old!r} is not in {TARGET}"
+            (root / TARGET).write_text(source.replace(old, new))
+            shutil.rmtree(root / TARGET.parent / "__pycache__", ignore_errors=True)  # same-size edits: no stale .pyc
+            caught = not run_tests(root)
+            rows.append((name, caught))
+            print(f"{'caught' if caught else 'MISSED'}: {name}", flush=True)
+        (root / TARGET).write_text(source)
+    caught = sum(c for _, c in rows)
+    lines = [
+        "# TensorRT mutations (scripts/mutate_tensorrt.py)",
+        "",
+        f"`python scripts/mutate_tensorrt.py`: {caught} of {len(rows)} mutations of "
+        f"`{TARGET}` make `tests/test_tensorrt.py` fail ({100 * caught / len(rows):.0f} %), on a CPU machine "
+        "(the tests run against fakes of the TensorRT 10 API; no GPU is involved).",
+        "",
+        "| mutation | caught |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {'yes' if c else '**no**'} |" for name, c in rows]
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
