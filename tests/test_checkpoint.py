@@ -8,15 +8,13 @@ import errno
 import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.cli import kill_writer_midway
 
 from cascadec.data.sampler import EpochBatchSampler, position
 from cascadec.errors import UserError
@@ -141,20 +139,7 @@ def test_sigkill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path,
     """A writer saving in a loop is killed -9 at an arbitrary moment: what remains under the
     checkpoint's name is always one whole checkpoint, consistent with itself."""
     path = tmp_path / "c.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], env=env, cwd=str(REPO_ROOT))
-    try:
-        deadline = time.monotonic() + 60
-        while not path.exists():
-            assert proc.poll() is None, "the writer died before writing"
-            assert time.monotonic() < deadline, "no checkpoint after 60 s"
-            time.sleep(0.005)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_writer_midway(_WRITER, path, path.exists, delay) == -signal.SIGKILL
     state = load_checkpoint(path)
     assert state["values"].shape == (2_000_000,)
     assert bool((state["values"] == float(state["i"])).all())

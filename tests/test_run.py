@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import yaml
-from helpers.cli import REPO_ROOT
+from helpers.cli import kill_writer_midway
 
 from cascadec.errors import UserError
 from cascadec.recipe import load_recipe, recipe_to_yaml
@@ -176,18 +173,7 @@ def test_sigkill_during_manifest_writes_leaves_a_whole_manifest(tmp_path, delay)
     """Atomicity tested as it matters: a writer killed -9 at an arbitrary moment leaves, under
     manifest.json, one whole manifest consistent with itself, and a run that resumes."""
     path = tmp_path / "r" / "manifest.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _MANIFEST_WRITER, str(path.parent)], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while not (path.exists() and "big" in path.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "the writer never wrote"
-            time.sleep(0.005)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_writer_midway(_MANIFEST_WRITER, path.parent, lambda: path.exists() and "big" in path.read_text(), delay)
     manifest = json.loads(path.read_text())
     big = manifest["metrics"]["big"]
     assert len(big) == 300_000 and len(set(big)) == 1 and manifest["format"] == MANIFEST_FORMAT

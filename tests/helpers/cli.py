@@ -101,3 +101,25 @@ def cli_subprocess(*args: str, env: dict | None = None, timeout: float = 300) ->
         cwd=str(REPO_ROOT),
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def kill_writer_midway(script: str, arg: Path, ready, delay: float) -> int:
+    """Run ``python -c script arg``, wait until ``ready()`` says it has written once, let it write
+    on for ``delay`` seconds, then SIGKILL it: a crash at an arbitrary moment of a write loop.
+    Returns the exit status (``-SIGKILL``)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(arg)], env=env, cwd=str(REPO_ROOT))
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode
