@@ -2,6 +2,12 @@
 
 Exit codes: 0 success, 2 bad input (one line, no traceback), 3 a parity gate failed,
 130 interrupted.
+
+The library modules that load torch and ONNX Runtime (stages, commands, preflight, the model
+registry) are imported inside the command that needs them: `cascadec --help`, a typo in a flag
+or `recipes list` answer in a fraction of a second instead of the five seconds those imports
+take. The modules imported at the top are the light ones (recipe schema, formatting, parity
+presentation, the backend table).
 """
 
 from __future__ import annotations
@@ -16,17 +22,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cascadec import stages
 from cascadec.backends import list_backends
-from cascadec.commands import export_run, profile_path, report_runs, verify_run
 from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed, first_line
 from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_ms, fmt_params, speedup_range
-from cascadec.models.registry import model_sources
-from cascadec.preflight import dry_run as run_dry
-from cascadec.preflight import inspect_model
 from cascadec.recipe import list_recipes, load_recipe, recipe_to_yaml
 from cascadec.report_render import summary_table
-from cascadec.train.distributed import launched_by_torchrun, relaunch_compress
 from cascadec.verify.present import PARITY_COLUMNS, parity_rows, raise_on_failure
 from cascadec.verify.results import ParityResult
 
@@ -86,6 +86,10 @@ def compress(
     ),
 ) -> None:
     """Prune MODEL with a recipe, then export, verify and profile the student."""
+    from cascadec import stages
+    from cascadec.preflight import dry_run as run_dry
+    from cascadec.train.distributed import launched_by_torchrun, relaunch_compress
+
     if dry_run:
         resolved = stages.prepare_recipe(model, recipe, data=data, weights=stages.RANDOM_WEIGHTS, overrides=overrides)
         _print_inspect(run_dry(model, resolved))
@@ -140,6 +144,8 @@ def export(
     ),
 ) -> None:
     """Re-export the run's ONNX models; --trt builds a TensorRT engine, --triton a Triton model repository."""
+    from cascadec.commands import export_run
+
     for line in export_run(
         run_dir, trt=trt, fp16=fp16, int8=int8, calib_images=calib_images, triton=triton, triton_dir=triton_dir
     ):
@@ -156,6 +162,8 @@ def report(
     batch: int = typer.Option(1, "--batch", min=1, help="Batch size whose student p50 is plotted."),
 ) -> None:
     """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot."""
+    from cascadec.commands import report_runs
+
     result = report_runs(run_dirs, out_path, backend=backend, batch=batch)
     table = Table(
         "run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})", title="runs"
@@ -189,6 +197,8 @@ def verify(
     ),
 ) -> None:
     """Check backends against the PyTorch student on real validation images (exit 3 on failure)."""
+    from cascadec.commands import verify_run
+
     result = verify_run(run_dir, backends=backend, samples=samples, overrides=overrides)
     _print_parity(result)
     raise_on_failure(result)
@@ -215,6 +225,8 @@ def profile(
 ) -> None:
     """Latency per batch size (trtexec's protocol): warm-up, then p50/p90/p95/p99, mean and throughput;
     on GPUs host latency and GPU compute time separately."""
+    from cascadec.commands import profile_path
+
     result = profile_path(
         target,
         backend=backend,
@@ -239,6 +251,8 @@ def inspect(
 ) -> None:
     """Pre-flight: prunable groups, layers that cannot be pruned and why, FLOPs/params."""
     resolved = load_recipe(recipe, model=model) if recipe else None
+    from cascadec.preflight import inspect_model
+
     result = inspect_model(
         model, in_channels=in_channels, image_size=image_size, num_classes=num_classes, recipe=resolved
     )
@@ -274,6 +288,8 @@ def models_list(
 ) -> None:
     """Every model name create_model accepts. Any timm model is timm/NAME, and your own code is
     path/to/file.py:builder or package.module:builder."""
+    from cascadec.models.registry import model_sources
+
     for name, origin in model_sources(include_timm=timm):
         if not contains or contains in name:
             out.print(f"{name}\t{origin}" if source else name, highlight=False)

@@ -13,6 +13,7 @@ available now (``MemAvailable``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -105,7 +106,17 @@ def activation_bytes(model: nn.Module, shape: Sequence[int]) -> int:
 
 def onnx_activation_bytes(path: str | os.PathLike[str], shape: Sequence[int]) -> int:
     """Upper bound on the memory one image of ``shape`` needs in an ONNX graph: every float
-    value's size from shape inference at batch 1 (the input included)."""
+    value's size from shape inference at batch 1 (the input included). Remembered per file
+    version, because interleaved profiling asks again for the same file every round."""
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None  # the session that opens it next reports the missing file
+    return _onnx_activation_bytes(os.fspath(path), stamp, tuple(int(d) for d in shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _onnx_activation_bytes(path: str, _stamp: int | None, shape: tuple[int, ...]) -> int:
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
         graph_input = model.graph.input[0]

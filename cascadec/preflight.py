@@ -37,23 +37,19 @@ def input_spec(recipe: Recipe) -> InputSpec:
     )
 
 
-def check_input_memory(recipe: Recipe) -> None:
+def check_input_memory(recipe: Recipe) -> int:
     """Refuse an image size one image of which does not fit in memory, from what the data builders
-    know, before any data is read or built (a data set may build its images eagerly)."""
-    try:
-        spec = input_spec(recipe)
-    except UserError:
-        return  # an unknown data set: load_data names it, with close matches
+    know, before any data is read or built (a data set may build its images eagerly). Returns the
+    estimate (bytes per image), which the training-batch check reuses."""
+    spec = input_spec(recipe)
     kwargs: dict[str, Any] = {"in_channels": spec.in_channels, "options": recipe.model.options}
     if spec.num_classes:
         kwargs["num_classes"] = spec.num_classes
     model = create_model(recipe.model.name, **kwargs).eval()  # random weights: only shapes matter here
     shape = (spec.in_channels, spec.image_size, spec.image_size)
-    memory.require(
-        memory.activation_bytes(model, shape),
-        f"a {'x'.join(map(str, shape))} input to {recipe.model.name}",
-        "lower data.image_size",
-    )
+    per_image = memory.activation_bytes(model, shape)
+    memory.require(per_image, f"a {'x'.join(map(str, shape))} input to {recipe.model.name}", "lower data.image_size")
+    return per_image
 
 
 def inspect_model(

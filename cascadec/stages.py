@@ -294,15 +294,16 @@ def stage_profile(
 # ---------------------------------------------------------------- compress
 
 
-def check_target(recipe: Recipe, bundle: DataBundle) -> Analysis:
+def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = None) -> Analysis:
     """Analyse the architecture (no data, no training) so that an unknown model or an
-    infeasible target is refused before a run directory exists; the analysis is then passed
-    on to the prune stage instead of being built again."""
+    infeasible target, or training batches past the machine's memory, are refused before a run
+    directory exists; the analysis is then passed on to the prune stage instead of being built
+    again. ``per_image``: the activation estimate ``check_input_memory`` already made."""
     # loading the weights here too means a corrupt weights file is refused before any run exists
     model = create_model(recipe.model.name, weights=recipe.model.weights, **model_kwargs(recipe, bundle)).eval()
-    per_image = memory.activation_bytes(model, bundle.input_shape)
+    if per_image is None:
+        per_image = check_input_memory(recipe)
     shape = "x".join(map(str, bundle.input_shape))
-    memory.require(per_image, f"a {shape} input to {recipe.model.name}", "lower data.image_size")
     batch = min(recipe.data.batch_size, len(bundle.train))
     memory.require(
         memory.TRAINING_FACTOR * batch * per_image,
@@ -380,9 +381,9 @@ def compress(
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dist, dev = init_from_env(resolve_device(device))
     try:
-        check_input_memory(recipe)  # an image size past the machine is refused before data is built
+        per_image = check_input_memory(recipe)  # an image size past the machine: refused before data is built
         bundle = load_data(recipe)  # fail on missing data before creating anything
-        analysis = check_target(recipe, bundle)
+        analysis = check_target(recipe, bundle, per_image)
         run = open_run(dist, Path(out) if out else default_out(model, recipe), recipe, resume, command)
         torch.manual_seed(recipe.train.seed)
         loaders = make_loaders(bundle, recipe, dev, dist)

@@ -22,19 +22,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import onnxruntime as ort
-from torch import nn
-
-from cascadec.backends import tensorrt_backend
-from cascadec.backends.cuda_runners import require_cuda
-from cascadec.backends.onnxruntime_backend import OrtRunner, require_providers
-from cascadec.backends.torch_backend import TorchRunner
 from cascadec.errors import UserError
 
-Runner = Callable[[np.ndarray], np.ndarray]
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+# The table is read when the CLI starts (its --backend help lists the names), so this module
+# imports no engine: the runner modules (torch, onnxruntime, tensorrt) load in require() and
+# get_runner(), when a backend is actually used. `cascadec --help` then answers in a fraction
+# of a second instead of the five it takes to import torch and ONNX Runtime.
+Runner = Callable[["np.ndarray"], "np.ndarray"]
 Artifact = Literal["torch", "onnx", "engine"]
 Place = Literal["cpu", "cuda", "tensorrt"]
 
@@ -64,12 +64,14 @@ class Backend:
 
         ``timing``: the latency protocol also needs CUDA through torch (streams and events),
         which verification on an ONNX Runtime GPU provider does not."""
+        from cascadec.backends import cuda_runners, onnxruntime_backend, tensorrt_backend
+
         if self.runs == "onnx" and self.gpu:
-            require_providers(self.device)
+            onnxruntime_backend.require_providers(self.device)
             if timing:
-                require_cuda(f"backend {self.name}")
+                cuda_runners.require_cuda(f"backend {self.name}")
         elif self.runs == "torch" and self.gpu:
-            require_cuda(f"backend {self.name}")
+            cuda_runners.require_cuda(f"backend {self.name}")
         elif self.runs == "engine":
             tensorrt_backend.require_tensorrt(gpu=True)  # imports tensorrt (heavy, optional) only here
 
@@ -130,6 +132,8 @@ def divergence_device(name: str) -> str:
     backend = get_backend(name)
     if not backend.gpu or backend.runs == "torch":
         return "cpu"
+    import onnxruntime as ort
+
     return "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
 
 
@@ -147,12 +151,14 @@ def get_runner(
     ``device`` is the PyTorch device of the run; GPU backends pick CUDA (``cuda:N`` is kept
     when given). ``engine_path`` defaults to the ``.plan`` next to ``onnx_path``.
     """
+    from cascadec.backends import onnxruntime_backend, tensorrt_backend, torch_backend
+
     backend = get_backend(name)
     gpu_device = device if str(device).startswith("cuda") else "cuda:0"
     if backend.runs == "torch":
         if model is None:
             raise UserError(f"the {backend.name} backend needs a model")
-        return TorchRunner(model, device=gpu_device if backend.gpu else device)
+        return torch_backend.TorchRunner(model, device=gpu_device if backend.gpu else device)
     if backend.runs == "engine":
         backend.require()  # one clear line on machines without TensorRT or a GPU
         if engine_path is None:
@@ -168,4 +174,4 @@ def get_runner(
         ort_device = gpu_device
     else:
         ort_device = backend.device
-    return OrtRunner(onnx_path, device=ort_device)
+    return onnxruntime_backend.OrtRunner(onnx_path, device=ort_device)
