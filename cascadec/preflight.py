@@ -17,6 +17,7 @@ from cascadec.prune.analysis import analyse
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
+from cascadec.prune.trial import prove_groups
 from cascadec.recipe import Recipe
 
 
@@ -85,7 +86,7 @@ def inspect_model(
             f"{model_name} does not accept a {in_channels}x{image_size}x{image_size} input: {first_line(exc)}"
         ) from None
     analysis = analyse(model, recipe, example) if recipe is not None else None
-    index = analysis.index if analysis else build_groups(model, example)
+    index = analysis.index if analysis else prove_groups(model, build_groups(model, example), example)
     cost = analysis.cost if analysis else CostModel.build(model, index, example)
     out: dict[str, Any] = {
         "model": model_name,

@@ -148,6 +148,11 @@ class PruneSection(_Strict):
         "global",
         description="global: one threshold over all layers (the paper); uniform: the same kept fraction per group",
     )
+    analysis_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds the channel analysis (groups and the exactness trial) may take before the model is refused",
+    )
 
 
 class CascadeSection(_Strict):

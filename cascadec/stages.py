@@ -40,6 +40,7 @@ from cascadec.prune.cost import count_macs, count_params
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
+from cascadec.prune.trial import check_shrunk
 from cascadec.recipe import ProfileSection, Recipe, load_recipe, validate_recipe
 from cascadec.report import write_run_report
 from cascadec.run import RunDir, closing_run, open_run
@@ -131,6 +132,7 @@ def stage_prune(
         student = shrink(
             result.student.cpu().to(memory_format=torch.contiguous_format), result.analysis.index, result.mask, example
         )
+        info["masked_vs_shrunk"] = check_shrunk(result.student, result.analysis.index, result.mask, student, example)
         removals = pruned_root_idxs(result.analysis.index, result.mask)
         if run.writable:
             save_student(

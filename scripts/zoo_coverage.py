@@ -279,13 +279,22 @@ def _limit_memory(limit_bytes: int):
     return preexec
 
 
-def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run the child for ``name`` and turn whatever happened into one result row."""
+def run_one(
+    name: str,
+    args: argparse.Namespace,
+    workdir: Path,
+    *,
+    script: Path | None = None,
+    extra_args: list[str] | None = None,
+) -> dict:
+    """Run the child for ``name`` and turn whatever happened into one result row.
+
+    ``script`` and ``extra_args``: another sweep (scripts/timm_coverage.py) reusing this machinery."""
     result_path = workdir / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        str(script or Path(__file__).resolve()),
         "--child",
         name,
         "--result",
@@ -294,8 +303,7 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         str(workdir),
         "--recipe",
         str(args.recipe),
-        "--max-params",
-        str(int(args.max_params * 1e6)),
+        *(extra_args if extra_args is not None else ["--max-params", str(int(args.max_params * 1e6))]),
     ]
     env = dict(
         os.environ,

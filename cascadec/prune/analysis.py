@@ -3,6 +3,7 @@ mask, and the budget the recipe's target sets. Built once per run and passed on.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex, build_groups
 from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.prune.trial import prove_groups
 from cascadec.recipe import Recipe
 
 
@@ -27,10 +29,13 @@ class Analysis:
 
 def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
     """Build the analysis once per run (``compress`` does it before the run directory exists,
-    so an infeasible target is refused early) and pass it on: group discovery on a large
-    network takes seconds to minutes. Groups and costs are keyed by module names, so the
+    so an infeasible target is refused early) and pass it on: group discovery and the exactness
+    trial take seconds, and ``prune.analysis_timeout_s`` bounds them together. Groups and costs are keyed by module names, so the
     analysis of one instance serves every instance of the same architecture."""
-    index = build_groups(model, example_input)
+    limit = recipe.prune.analysis_timeout_s
+    start = time.monotonic()
+    index = build_groups(model, example_input, timeout_s=limit)
+    index = prove_groups(model, index, example_input, timeout_s=max(1.0, limit - (time.monotonic() - start)))
     if not index.groups:
         reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"
         raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")

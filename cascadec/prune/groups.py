@@ -41,13 +41,17 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning.dependency import constants, index_mapping
+from torch_pruning.dependency import group as tp_groups
 
 from cascadec.errors import UserError, first_line
 from cascadec.train.bn import BATCHNORMS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
-EXPLODING_REASON = "its channels are reshaped into windows/heads wider than any layer; Torch-Pruning cannot follow them"
+EXPLODING_REASON = (
+    "Torch-Pruning's walk of its channels does not converge (a reshape into windows/heads wider than any "
+    "layer, or a slice-add that pads channels)"
+)
 OPAQUE_RESHAPE_REASON = (
     "passes a reshape or concat Torch-Pruning cannot map (a channel shuffle, a head/window split, "
     "a concat of unknown widths)"
@@ -86,6 +90,22 @@ class ChannelGroup:
     @property
     def layers(self) -> list[str]:
         return sorted({m.module for m in self.members})
+
+    def segments(self) -> list[int]:
+        """Segment id of each unit: units reach exactly the same layers within a segment.
+
+        Most groups are one segment. A group that is split (MixNet's mixed conv takes channels
+        0..59 into one kernel size and 60..119 into another, MobileViTv2 splits query, key and
+        value) has one segment per part; removing every unit of a segment leaves a layer with
+        zero channels, so the solver keeps at least one unit of each."""
+        reach: list[list[int]] = [[] for _ in range(self.size)]
+        for number, member in enumerate(self.members):
+            roots = set(member.root_idxs)
+            if len(roots) < self.size:
+                for r in roots:
+                    reach[r].append(number)
+        ids: dict[tuple[int, ...], int] = {}
+        return [ids.setdefault(tuple(r), len(ids)) for r in reach]
 
 
 @dataclass
@@ -177,7 +197,11 @@ def _widest_layer(model: nn.Module) -> int:
 
 @contextmanager
 def _guarded_index_mapping(
-    opaque_reshapes: set, max_indices: int, walk_budget: int | None = None, failed_concats: set | None = None
+    opaque_reshapes: set,
+    max_indices: int,
+    walk_budget: int | None = None,
+    failed_concats: set | None = None,
+    max_deps: int | None = None,
 ):
     """Patch Torch-Pruning's index mapping for the duration of one analysis: reshapes whose
     mapping cannot be inferred are recorded in ``opaque_reshapes`` (their groups get frozen)
@@ -189,7 +213,12 @@ def _guarded_index_mapping(
     head reshapes around residual loops blow past that within a hop or two.
 
     ``walk_budget`` replaces Torch-Pruning's shape-walk step budget for the duration;
-    concats that fail on a None width are also added to ``failed_concats``."""
+    concats that fail on a None width are also added to ``failed_concats``.
+
+    ``max_deps`` caps the dependencies one group may collect: Torch-Pruning's walk re-enters a
+    node whenever it arrives with other indices, and a slice-add that pads channels (ReXNet's
+    ``x[:, :c] += shortcut``) sends it round the same residual loop with ever new index lists,
+    for minutes. A real group has a few entries per layer."""
     original_reshape = index_mapping.update_reshape_index_mapping
     original_concat = index_mapping.update_concat_index_mapping
     original_call = index_mapping._FlattenIndexMapping.__call__
@@ -214,9 +243,17 @@ def _guarded_index_mapping(
             raise _IndexExplosion
         return original_call(self, idxs)
 
+    original_add_dep = tp_groups.Group.add_dep
+
+    def bounded_add_dep(self, dep, idxs):
+        if max_deps is not None and len(self._group) >= max_deps:
+            raise _IndexExplosion
+        return original_add_dep(self, dep, idxs)
+
     index_mapping.update_reshape_index_mapping = reshape_mapping
     index_mapping.update_concat_index_mapping = concat_mapping
     index_mapping._FlattenIndexMapping.__call__ = bounded_call
+    tp_groups.Group.add_dep = bounded_add_dep
     constants.MAX_RECURSION_DEPTH = original_budget if walk_budget is None else walk_budget
     try:
         with warnings.catch_warnings():
@@ -228,6 +265,7 @@ def _guarded_index_mapping(
         index_mapping.update_reshape_index_mapping = original_reshape
         index_mapping.update_concat_index_mapping = original_concat
         index_mapping._FlattenIndexMapping.__call__ = original_call
+        tp_groups.Group.add_dep = original_add_dep
         constants.MAX_RECURSION_DEPTH = original_budget
 
 
@@ -277,8 +315,10 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     # too), so the guard must wrap each call, not only the trace.
     unguarded = dg.get_pruning_group
 
+    max_deps = 8 * sum(1 for _ in model.modules()) + 100
+
     def get_pruning_group(*args, **kwargs):
-        with _guarded_index_mapping(opaque, widest, budget):
+        with _guarded_index_mapping(opaque, widest, budget, max_deps=max_deps):
             return unguarded(*args, **kwargs)
 
     dg.get_pruning_group = get_pruning_group
@@ -362,6 +402,38 @@ def _freeze_reason(
     return None
 
 
+def channel_width(module: nn.Module, role: str) -> int | None:
+    """How many channels ``module`` has on the side a group member touches (None: not a layer)."""
+    if isinstance(module, BATCHNORMS):
+        return module.num_features
+    if isinstance(module, _CONV):
+        return module.out_channels if role == "out" else module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features if role == "out" else module.in_features
+    return None
+
+
+def _mapping_problem(group_members: list[tuple[nn.Module, Member]], size: int) -> str | None:
+    """A group whose index lists cannot be right: Torch-Pruning followed the channels through a
+    split and a concat of the same tensor (timm's CSP stages, DPN) and produced indices past a
+    layer's width, repeated indices, or more root channels than the group has. Masking such a
+    group indexes out of range and pruning it removes the wrong channels, so it is never pruned."""
+    for module, member in group_members:
+        width = channel_width(module, member.role)
+        idxs, roots = member.idxs, member.root_idxs
+        if (
+            len(idxs) != len(roots)
+            or len(set(idxs)) != len(idxs)
+            or (width is not None and any(not 0 <= i < width for i in idxs))
+            or any(not 0 <= r < size for r in roots)
+        ):
+            return (
+                f"Torch-Pruning maps its channels inconsistently at '{member.module}' "
+                f"({len(idxs)} indices for a layer of {width} channels): a split and concat it cannot follow"
+            )
+    return None
+
+
 def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Member]:
     """Where the mask multiplies a channel: every BatchNorm in the group, plus every conv/linear
     producer whose output does not go only into the group's BatchNorms.
@@ -404,16 +476,25 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
         root_module = tp_group[0].dep.target.module
         root = name_of.get(root_module, str(root_module))
         members: list[tuple[nn.Module, Member]] = []
+        unmapped = None
         for item in tp_group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in name_of:
                 continue  # element-wise ops and reshapes carry no weights
             role = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            if item.idxs is None or item.root_idxs is None or None in item.idxs or None in item.root_idxs:
+                unmapped = unmapped or name_of[module]  # e.g. bat_resnext26ts's attention: no index mapping
+                continue
             members.append(
                 (module, Member(name_of[module], role, list(map(int, item.idxs)), list(map(int, item.root_idxs))))
             )
         size = len(tp_group[0].idxs)
-        reason = _freeze_reason(members, first_conv, classifier) or _graph_freeze_reason(dg, tp_group, param_names)
+        reason = (
+            (f"Torch-Pruning gives no channel mapping for '{unmapped}'" if unmapped else None)
+            or _freeze_reason(members, first_conv, classifier)
+            or _graph_freeze_reason(dg, tp_group, param_names)
+            or _mapping_problem(members, size)
+        )
         if reason is not None:
             frozen.append(FrozenGroup(root, size, reason))
             continue

@@ -78,17 +78,43 @@ class MaskSolver:
         self.sizes = sizes
         self.group_of_unit = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
         self.offsets = torch.cumsum(sizes, 0) - sizes
+        # split groups: one segment per part, each keeps its best unit (see ChannelGroup.segments)
+        segment, counts, first = [], [], 0
+        for g in index.groups:
+            ids = g.segments()
+            segment += [first + i for i in ids]
+            counts.append(max(ids) + 1 if ids else 1)
+            first += counts[-1]
+        self.segment_of_unit = torch.tensor(segment, dtype=torch.long)
+        self.num_segments = first
+        self.floor = torch.minimum(sizes, torch.maximum(torch.tensor(counts), torch.tensor(min_channels)))
+
+    def _leaders(self, scores: torch.Tensor) -> torch.Tensor:
+        """True for the best unit of each segment (the first one on ties)."""
+        best = torch.full((self.num_segments,), -torch.inf).scatter_reduce(
+            0, self.segment_of_unit, scores, "amax", include_self=True
+        )
+        position = torch.arange(len(scores))
+        candidate = torch.where(scores >= best[self.segment_of_unit], position, len(scores))
+        first = torch.full((self.num_segments,), len(scores)).scatter_reduce(
+            0, self.segment_of_unit, candidate, "amin", include_self=True
+        )
+        return first[self.segment_of_unit] == position
 
     def _ranks_within_group(self, scores: torch.Tensor) -> torch.Tensor:
-        """Rank 0 = best unit of its group (ties broken by position, deterministic)."""
+        """Rank 0 = best unit of its group (ties broken by position, deterministic). In a split
+        group the best unit of every segment ranks first, so the group's floor keeps them all."""
         by_score = torch.argsort(scores, descending=True, stable=True)
+        if self.num_segments > len(self.sizes):
+            leaders = self._leaders(scores)
+            by_score = by_score[torch.argsort((~leaders[by_score]).long(), stable=True)]
         order = by_score[torch.argsort(self.group_of_unit[by_score], stable=True)]
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(len(order))
         return ranks - self.offsets[self.group_of_unit]
 
     def widths(self, per_group_kept: torch.Tensor) -> torch.Tensor:
-        kept = torch.maximum(per_group_kept, torch.minimum(self.sizes, torch.tensor(self.min_channels)))
+        kept = torch.maximum(per_group_kept, self.floor)
         if self.round_to:
             kept = torch.minimum(self.sizes, ((kept + self.round_to - 1) // self.round_to) * self.round_to)
         return kept
