@@ -18,7 +18,7 @@ weights (nothing is downloaded):
    ratio of 0.3 (about half the FLOPs), ``round_to=8``, the classifier ignored; then a forward
    pass, ONNX export and ONNX Runtime parity. Torch-Pruning has no masked reference, so for it
    "correct" means the pruned network runs and exports with parity; whether it computes the
-   masked network is not checked (cascadec's step 3 is that check).
+   masked network is not checked (cascadec's step 3 is that check). It gets 180 s.
 
 With ``--compress`` the child also runs the whole ``compress`` (recipes/zoo_smoke.yaml settings:
 cascade with one TA, two training steps per phase) and ``verify`` on models that passed.
@@ -59,6 +59,7 @@ NUM_CLASSES = 10
 PASS_GOAL = 0.90
 ANALYSIS_LIMIT_S = 60.0
 TP_RATIO = 0.3
+TP_LIMIT_S = 180.0  # Torch-Pruning's own walk can take minutes (ecaresnet26t: 165 s); past this it counts as failed
 
 # Families, so the sweep is not just the ones that pass: plain and SE/ECA/GC/attention ResNets,
 # ResNeXt, selective kernel, Res2Net, ResNeSt, RegNets, EfficientNet/MobileNet/MixNet/NAS nets,
@@ -215,10 +216,18 @@ def _cascadec(name: str, size: int, recipe_path: Path, workdir: Path, result: di
 
 def _torch_pruning_alone(name: str, size: int, workdir: Path) -> dict:
     """Torch-Pruning's own pruner on the same model: the reference a user would compare with."""
+    import signal
+
     import torch
     import torch_pruning as tp
 
     out: dict[str, Any] = {"status": "failed"}
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"Torch-Pruning took longer than {TP_LIMIT_S:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(int(TP_LIMIT_S))
     try:
         model = _build(name)
         x = torch.randn(1, 3, size, size)
@@ -250,6 +259,9 @@ def _torch_pruning_alone(name: str, size: int, workdir: Path) -> dict:
         out["reason"] = "MemoryError"
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's failures are data here
         out["reason"] = _error(exc)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return out
 
 

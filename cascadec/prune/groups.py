@@ -195,6 +195,30 @@ def _widest_layer(model: nn.Module) -> int:
     return widest
 
 
+def _order_split_outputs(split_node) -> None:
+    """Put a split's consumers in the order of the split's outputs.
+
+    Torch-Pruning gives the i-th consumer in its node list the channel offsets of the split's i-th
+    output, but the list is in the order the trace met the consumers, not the order of the outputs:
+    timm's MixedConv2d (MixNet) feeds output 0 to ``conv.0`` and output 1 to ``conv.1``, the trace
+    lists them the other way round, and every channel of one half was mapped onto the other half.
+    Autograd knows which output each consumer reads (``output_nr`` of the edge); a consumer that
+    reads several outputs of the same split keeps its place (the exactness trial then decides)."""
+    grad_fn = getattr(split_node, "grad_fn", None)
+    outputs = getattr(split_node, "outputs", None)
+    if grad_fn is None or not outputs:
+        return
+    numbers = []
+    for out in outputs:
+        edges = getattr(getattr(out, "grad_fn", None), "next_functions", None) or ()
+        found = {nr for fn, nr in edges if fn is grad_fn}
+        if len(found) != 1:
+            return
+        numbers.append(found.pop())
+    if len(set(numbers)) == len(numbers):
+        split_node.outputs = [out for _, out in sorted(zip(numbers, outputs), key=lambda pair: pair[0])]
+
+
 @contextmanager
 def _guarded_index_mapping(
     opaque_reshapes: set,
@@ -243,6 +267,12 @@ def _guarded_index_mapping(
             raise _IndexExplosion
         return original_call(self, idxs)
 
+    original_split = index_mapping.update_split_index_mapping
+
+    def split_mapping(graph, node):
+        _order_split_outputs(node)
+        original_split(graph, node)
+
     original_add_dep = tp_groups.Group.add_dep
 
     def bounded_add_dep(self, dep, idxs):
@@ -252,6 +282,7 @@ def _guarded_index_mapping(
 
     index_mapping.update_reshape_index_mapping = reshape_mapping
     index_mapping.update_concat_index_mapping = concat_mapping
+    index_mapping.update_split_index_mapping = split_mapping
     index_mapping._FlattenIndexMapping.__call__ = bounded_call
     tp_groups.Group.add_dep = bounded_add_dep
     constants.MAX_RECURSION_DEPTH = original_budget if walk_budget is None else walk_budget
@@ -264,6 +295,7 @@ def _guarded_index_mapping(
     finally:
         index_mapping.update_reshape_index_mapping = original_reshape
         index_mapping.update_concat_index_mapping = original_concat
+        index_mapping.update_split_index_mapping = original_split
         index_mapping._FlattenIndexMapping.__call__ = original_call
         tp_groups.Group.add_dep = original_add_dep
         constants.MAX_RECURSION_DEPTH = original_budget
