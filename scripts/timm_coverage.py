@@ -116,19 +116,6 @@ def _smallest_size(model) -> tuple[int | None, str]:
     return None, last
 
 
-def _randomise_bn(model, seed: int = 0) -> None:
-    import torch
-
-    from cascadec.train.bn import BATCHNORMS
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BATCHNORMS) and m.running_mean is not None:
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-
-
 def _onnx_parity(model, size: int, path: Path) -> dict:
     """Export ``model`` with cascadec's exporter; compare ONNX Runtime with PyTorch on 4 images."""
     import torch
@@ -160,6 +147,7 @@ def _cascadec(name: str, size: int, recipe_path: Path, workdir: Path, result: di
     from cascadec.prune.analysis import analyse
     from cascadec.prune.masks import masked
     from cascadec.prune.shrink import shrink
+    from cascadec.prune.trial import randomise_batchnorm
     from cascadec.stages import prepare_recipe
 
     overrides = [f"data.image_size={size}", f"model.num_classes={NUM_CLASSES}"]
@@ -184,7 +172,7 @@ def _cascadec(name: str, size: int, recipe_path: Path, workdir: Path, result: di
 
     def exactness() -> tuple[float, Any, float]:
         model = _build(name)
-        _randomise_bn(model)
+        randomise_batchnorm(model)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, size, size, generator=gen)
         analysis = analyse(model, recipe, x[:1])
@@ -347,10 +335,6 @@ def totals(results: dict[str, dict]) -> dict[str, Any]:
     return t
 
 
-def _cell(value: Any, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def write_markdown(data: dict, path: Path) -> None:
     results: dict[str, dict] = data["results"]
     t = totals(results)
@@ -435,10 +419,10 @@ def write_markdown(data: dict, path: Path) -> None:
         note = note.replace("|", "\\|").replace("\n", " ")[:420]
         frozen = "" if r.get("frozen_groups") is None else f"{r['frozen_groups']} ({r.get('frozen_by_trial', 0)})"
         lines.append(
-            f"| {name} | {r.get('status')} | {_cell(r.get('image_size'), 'd')} | {_cell(r.get('analysis_seconds'), '.1f')} | "
-            f"{_cell(r.get('groups'), 'd')} | {frozen} | {_cell(r.get('flops_reduction'), '.1%')} | "
-            f"{_cell(r.get('masked_vs_shrunk'), '.0e')} | {_cell(r.get('max_rel_diff'), '.0e')} | "
-            f"{tpr.get('status', '')} | {_cell(tpr.get('flops_reduction'), '.1%')} | {note} |"
+            f"| {name} | {r.get('status')} | {zoo._fmt(r.get('image_size'), 'd')} | {zoo._fmt(r.get('analysis_seconds'), '.1f')} | "
+            f"{zoo._fmt(r.get('groups'), 'd')} | {frozen} | {zoo._fmt(r.get('flops_reduction'), '.1%')} | "
+            f"{zoo._fmt(r.get('masked_vs_shrunk'), '.0e')} | {zoo._fmt(r.get('max_rel_diff'), '.0e')} | "
+            f"{tpr.get('status', '')} | {zoo._fmt(tpr.get('flops_reduction'), '.1%')} | {note} |"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

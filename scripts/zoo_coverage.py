@@ -118,15 +118,11 @@ def _masked_vs_shrunk(name: str, size: int) -> float:
     from cascadec.prune.masks import masked
     from cascadec.prune.shrink import shrink
     from cascadec.prune.targets import Budget, MaskSolver
+    from cascadec.prune.trial import randomise_batchnorm
 
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = create_model(name, num_classes=NUM_CLASSES).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    model = randomise_batchnorm(create_model(name, num_classes=NUM_CLASSES).eval())
     x = torch.randn(2, 3, size, size, generator=gen)
     index = build_groups(model, x[:1])
     if not index.groups:

@@ -36,15 +36,20 @@ TOLERANCE = 1e-4  # relative max |masked - shrunk|; float32 reassociation stays 
 TRIAL_REASON = "pruning it does not give the masked network"
 
 
-def _randomised_copy(model: nn.Module, seed: int) -> nn.Module:
-    twin = copy.deepcopy(model).eval()
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics, in place: with a fresh model's (mean 0, variance 1) a channel
+    mapped to the wrong place can compute the same thing by accident; with these it cannot."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in twin.modules():
+        for m in model.modules():
             if isinstance(m, BATCHNORMS) and m.running_mean is not None:
                 m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-    return twin
+    return model
+
+
+def _randomised_copy(model: nn.Module, seed: int) -> nn.Module:
+    return randomise_batchnorm(copy.deepcopy(model).eval(), seed)
 
 
 def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
