@@ -20,8 +20,9 @@ weights (nothing is downloaded):
    "correct" means the pruned network runs and exports with parity; whether it computes the
    masked network is not checked (cascadec's step 3 is that check). It gets 180 s.
 
-With ``--compress`` the child also runs the whole ``compress`` (recipes/zoo_smoke.yaml settings:
-cascade with one TA, two training steps per phase) and ``verify`` on models that passed.
+With ``--compress`` the child also runs the whole ``compress`` with the same recipe (cascade with
+one TA, two training steps per phase on synthetic images, shrink, export, parity, profile) and
+``verify`` on models that passed.
 
 Results go to ``bench/results/timm-coverage.json`` (after every model; ``--resume`` continues)
 and ``docs/timm-coverage.md``. Child isolation, memory and time limits are
@@ -291,14 +292,14 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
             result.update(status="failed", error=type(exc).__name__, reason=_error(exc))
         result["torch_pruning"] = timed("torch_pruning", lambda: _torch_pruning_alone(name, size, workdir))
         if compress and result["status"] == "pass":
-            _compress(name, size, workdir, result, timed)
+            _compress(name, size, recipe, workdir, result, timed)
         return 0
     finally:
         result.pop("stage", None) if result.get("status") in ("pass", "refused", "not_run") else None
         zoo._write(result, result_path)
 
 
-def _compress(name: str, size: int, workdir: Path, result: dict, timed) -> None:
+def _compress(name: str, size: int, recipe: Path, workdir: Path, result: dict, timed) -> None:
     """The whole pipeline (training steps, run directory, export, verify) on a model that passed."""
     import shutil
 
@@ -310,11 +311,9 @@ def _compress(name: str, size: int, workdir: Path, result: dict, timed) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [f"data.image_size={size}", f"model.num_classes={NUM_CLASSES}"]
     try:
-        timed(
-            "compress", lambda: compress(f"timm/{name}", str(zoo.DEFAULT_RECIPE), out=str(run_dir), overrides=overrides)
-        )
+        timed("compress", lambda: compress(f"timm/{name}", str(recipe), out=str(run_dir), overrides=overrides))
         verified = timed("verify", lambda: verify_run(run_dir))
-        result["compress"] = "pass" if verified["backends"]["onnxruntime"].get("passed") else "parity failed"
+        result["compress"] = "pass" if verified.backends["onnxruntime"].passed else "parity failed"
     except (GateFailed, UserError) as exc:
         result["compress"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     except Exception as exc:  # noqa: BLE001
@@ -333,6 +332,33 @@ def totals(results: dict[str, dict]) -> dict[str, Any]:
     t["tp_pass_cascadec_not"] = sorted(r["model"] for r in tp_pass if r.get("status") != "pass")
     t["slowest_analysis"] = max((r.get("analysis_seconds") or 0 for r in attempted), default=0)
     return t
+
+
+COMPRESS_JSON = REPO / "bench" / "results" / "timm-coverage-compress.json"
+
+
+def _compress_section(path: Path = COMPRESS_JSON) -> list[str]:
+    """The ``--compress`` sample (its own JSON, so the sweep's rows keep their analysis times)."""
+    if not path.is_file():
+        return []
+    data = zoo._load(path)
+    rows = [r for r in data["results"].values() if r.get("compress")]
+    if not rows:
+        return []
+    lines = ["## Whole pipeline on a sample (`--compress`)", ""]
+    lines += [f"    {run['command']}    # {run['date']}" for run in data.get("runs", [])]
+    lines += [
+        "",
+        "`compress` with the same recipe (cascade with one TA, two training steps per phase on",
+        "synthetic images, shrink, ONNX export, parity, profile), then `verify` of the reloaded student:",
+        "",
+        "| model | compress + verify | compress s |",
+        "|---|---|---:|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['compress']} | {zoo._fmt(r.get('seconds', {}).get('compress'), '.0f')} |" for r in rows
+    ]
+    return lines + [""]
 
 
 def write_markdown(data: dict, path: Path) -> None:
@@ -395,6 +421,7 @@ def write_markdown(data: dict, path: Path) -> None:
             if (r := results.get(name)) is not None and r.get("status") != "pass"
         ],
         "",
+        *_compress_section(),
         "## Per model",
         "",
         "Columns: *px* input size used; *analysis s* groups + exactness trial + target (refusals included);",

@@ -237,7 +237,7 @@ def run_child(name: str, result_path: Path, workdir: Path, recipe: Path, max_par
         except (GateFailed, UserError) as exc:
             result.update(status="failed", error=type(exc).__name__, reason=_gate_reason(exc))
             return 0
-        ort = verified["backends"]["onnxruntime"]
+        ort = verified.backends["onnxruntime"].to_dict()  # a ParityResult
         result["max_abs_diff"] = ort.get("max_abs_diff")
         result["max_rel_diff"] = ort.get("max_rel_diff")
         result["top1_agreement"] = ort.get("top1_agreement")
