@@ -140,6 +140,11 @@ class MaskSolver:
             raise UserError(
                 f"target infeasible: keeping {max(self.min_channels, self.round_to or 1)} channel(s) per prunable group already costs "
                 f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
+                + (
+                    f"; {len(self.index.frozen)} channel groups are frozen (`cascadec inspect` lists them and why)"
+                    if self.index.frozen
+                    else ""
+                )
             )
 
     def mask_for_fraction(self, ranks: torch.Tensor, fraction: float) -> torch.Tensor:
