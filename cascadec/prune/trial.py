@@ -138,8 +138,8 @@ def prove_groups(
     of each (a typical one: Torch-Pruning's split mappings can be right at one and wrong at the
     other). For each, every group is removed at once first: on most networks that one shrink
     proves them all and costs about as much as the analysis itself. Only when it fails are groups
-    removed one at a time on one copy (a Torch-Pruning graph stays valid across prunes), and the
-    copy is rebuilt after each group that breaks it.
+    removed one at a time on one copy (a Torch-Pruning graph stays valid across prunes), rolled
+    back after each group that breaks it.
     """
     deadline = time.monotonic() + timeout_s
     was_training = model.training
@@ -154,68 +154,55 @@ def prove_groups(
     return index
 
 
+def _exact_together(trial: _Trial, groups: list[int]) -> bool:
+    """Remove ``groups`` from a fresh copy, all of them; True when it computes the masked network."""
+    try:
+        twin, _ = trial.fresh_copy(groups)
+        with torch.no_grad():
+            return _relative_gap(twin(trial.x), trial.masked_output(set(groups))) <= TOLERANCE
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception:  # noqa: BLE001 - some group breaks the network
+        return False
+
+
 def _culprits(trial: _Trial, deadline: float, timeout_s: float) -> dict[int, str]:
-    groups = trial.index.groups
-    everything = set(range(len(groups)))
-    twin, dg = trial.fresh_copy([])
-    try:
-        with torch.no_grad():
-            for gpos in sorted(everything):
-                trial._remove(twin, dg, gpos)
-            if _relative_gap(twin(trial.x), trial.masked_output(everything)) <= TOLERANCE:
-                return {}
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception:  # noqa: BLE001 - some group breaks the network: find which, one at a time
-        pass
+    everything = list(range(len(trial.index.groups)))
+    if _exact_together(trial, everything):
+        return {}
+    # one group at a time, rolled back after each culprit instead of rebuilt (a rebuild traces the
+    # network again: seconds per culprit); one rebuild then proves the rollbacks left nothing behind,
+    # and if they did, the slow, sure path rebuilds after every culprit
+    proven, culprits = _one_at_a_time(trial, deadline, timeout_s, rollback=True)
+    if _exact_together(trial, proven):
+        return culprits
+    return _one_at_a_time(trial, deadline, timeout_s, rollback=False)[1]
+
+
+def _one_at_a_time(
+    trial: _Trial, deadline: float, timeout_s: float, *, rollback: bool
+) -> tuple[list[int], dict[int, str]]:
     proven: list[int] = []
     culprits: dict[int, str] = {}
+    total = len(trial.index.groups)
     twin, dg = trial.fresh_copy([])
-    for gpos in range(len(groups)):
+    for gpos in range(total):
         if time.monotonic() > deadline:
             raise UserError(
                 f"checking which channel groups prune exactly took longer than {timeout_s:.0f} s "
-                f"({gpos} of {len(groups)} groups done); this model is not supported"
+                f"({gpos} of {total} groups done); this model is not supported"
             )
-        saved = _snapshot(twin, dg)
+        saved = _snapshot(twin, dg) if rollback else None
         problem = trial.attempt(twin, dg, gpos, set(proven))
         if problem is None:
             proven.append(gpos)
-        else:
-            culprits[gpos] = problem
+            continue
+        culprits[gpos] = problem
+        if saved is not None:
             _restore(saved)
-    # the copy was rolled back after each culprit instead of rebuilt (a rebuild traces the network
-    # again: seconds per culprit); one rebuild proves the rollbacks left nothing behind
-    try:
-        twin, dg = trial.fresh_copy(proven)
-        with torch.no_grad():
-            if _relative_gap(twin(trial.x), trial.masked_output(set(proven))) <= TOLERANCE:
-                return culprits
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception:  # noqa: BLE001 - fall back to proving one group at a time on fresh copies
-        pass
-    return _culprits_rebuilding(trial, deadline, timeout_s)
-
-
-def _culprits_rebuilding(trial: _Trial, deadline: float, timeout_s: float) -> dict[int, str]:
-    """The slow, sure path: a fresh copy after every culprit."""
-    proven: list[int] = []
-    culprits: dict[int, str] = {}
-    twin, dg = trial.fresh_copy([])
-    for gpos in range(len(trial.index.groups)):
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"checking which channel groups prune exactly took longer than {timeout_s:.0f} s "
-                f"({gpos} of {len(trial.index.groups)} groups done); this model is not supported"
-            )
-        problem = trial.attempt(twin, dg, gpos, set(proven))
-        if problem is None:
-            proven.append(gpos)
         else:
-            culprits[gpos] = problem
             twin, dg = trial.fresh_copy(proven)
-    return culprits
+    return proven, culprits
 
 
 def _snapshot(twin: nn.Module, dg) -> list[tuple[nn.Module, dict, dict, dict]]:
