@@ -30,8 +30,9 @@ class Analysis:
 def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
     """Build the analysis once per run (``compress`` does it before the run directory exists,
     so an infeasible target is refused early) and pass it on: group discovery and the exactness
-    trial take seconds, and ``prune.analysis_timeout_s`` bounds them together. Groups and costs are keyed by module names, so the
-    analysis of one instance serves every instance of the same architecture."""
+    trial take seconds, and ``prune.analysis_timeout_s`` bounds them together. Groups and costs
+    are keyed by module names, so the analysis of one instance serves every instance of the same
+    architecture."""
     limit = recipe.prune.analysis_timeout_s
     start = time.monotonic()
     index = build_groups(model, example_input, timeout_s=limit)
