@@ -9,10 +9,12 @@ from torch import nn
 
 from cascadec.models import create_model
 from cascadec.prune.groups import build_groups
+from cascadec.prune.masks import masked
+from cascadec.prune.shrink import shrink
 
 
 class GroupNormNet(nn.Module):
-    """conv2 feeds a GroupNorm: its channels cannot be masked exactly."""
+    """conv2 feeds a GroupNorm(2, 8): its channels prune a whole norm group at a time."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,26 +48,6 @@ class LayerNormNet(nn.Module):
         x = torch.relu(self.conv1(x))
         x = self.ln(self.conv2(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = torch.relu(self.bn(self.conv3(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class GroupedConvNet(nn.Module):
-    """A non-depthwise grouped conv (groups=2) consumes/produces conv2's channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = torch.relu(self.bn3(self.conv3(x)))
         return self.fc(x.mean((2, 3)))
 
 
@@ -188,22 +170,132 @@ def test_resnet20_couples_all_blocks_of_a_stage() -> None:
 # --------------------------------------------------------------------------- frozen by normalisation / grouping
 
 
-@pytest.mark.parametrize("net_cls, norm", [(GroupNormNet, "GroupNorm"), (LayerNormNet, "LayerNorm")])
-def test_channel_mixing_norm_group_is_frozen(net_cls, norm) -> None:
+def test_layer_norm_group_is_frozen() -> None:
     torch.manual_seed(0)
-    idx = build_groups(net_cls(), EX)
+    idx = build_groups(LayerNormNet(), EX)
     frozen = {f.root: f.reason for f in idx.frozen}
-    assert "conv2" in frozen
-    assert norm in frozen["conv2"] and "across channels" in frozen["conv2"]
+    assert "LayerNorm" in frozen["conv2"] and "across channels" in frozen["conv2"]
     prunable_outs = set().union(*(_outs(g) for g in idx.groups))
     assert "conv2" not in prunable_outs
     # the unaffected group (conv3 -> BN) stays prunable
     assert "conv3" in idx.by_root()
 
 
-def test_grouped_conv_is_frozen_with_reason() -> None:
+def _masked_equals_shrunk(model: nn.Module, idx, keep: torch.Tensor, x: torch.Tensor) -> nn.Module:
+    student = shrink(model, idx, keep, x).eval()
+    with torch.no_grad(), masked(model, idx, keep):
+        expected = model(x)
+    with torch.no_grad():
+        got = student(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    return student
+
+
+def test_group_norm_units_are_whole_groups() -> None:
+    """GroupNorm(2, 8): a unit is one group of 4 channels; removing it leaves the other group's
+    statistics as they were, so masked == shrunk, and the norm keeps 1 group of 4 channels."""
     torch.manual_seed(0)
-    idx = build_groups(GroupedConvNet(), EX)
-    reasons = " | ".join(f.reason for f in idx.frozen)
-    assert "grouped conv 'conv2'" in reasons and "groups=2" in reasons
-    assert "conv3" in idx.by_root()
+    model = GroupNormNet().eval()
+    idx = build_groups(model, EX)
+    group = idx.by_root()["conv2"]
+    assert group.size == 2 and group.root_units == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert {p.module for p in group.mask_points} == {"gn"}  # after the norm, so its bias is masked too
+    keep = torch.ones(idx.num_units)
+    keep[idx.offsets()[group.index] + 1] = 0.0
+    student = _masked_equals_shrunk(model, idx, keep, torch.randn(2, 1, 16, 16))
+    assert (student.gn.num_groups, student.gn.num_channels, student.conv2.out_channels) == (1, 4, 4)
+
+
+def test_single_group_norm_is_frozen() -> None:
+    torch.manual_seed(0)
+    model = GroupNormNet()
+    model.gn = nn.GroupNorm(1, 8)
+    frozen = {f.root: f.reason for f in build_groups(model, EX).frozen}
+    assert "GroupNorm 'gn'" in frozen["conv2"] and "across channels" in frozen["conv2"]
+
+
+class GroupedConvNet(nn.Module):
+    """A non-depthwise grouped conv (groups=2) between two prunable groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.conv3 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        x = torch.relu(self.bn1(x))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_grouped_conv_units_take_one_position_from_every_group() -> None:
+    """Both sides of conv2 (groups=2) prune by the same position in each group, which keeps it one
+    grouped conv with equal groups (how Torch-Pruning slices it), and masked == shrunk."""
+    torch.manual_seed(0)
+    model = GroupedConvNet().eval()
+    idx = build_groups(model, EX)
+    by_root = idx.by_root()
+    assert by_root["conv1"].root_units == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert by_root["conv2"].root_units == [[0, 3], [1, 4], [2, 5]]
+    keep = torch.ones(idx.num_units)
+    for root, unit in (("conv1", 2), ("conv1", 3), ("conv2", 0)):
+        keep[idx.offsets()[by_root[root].index] + unit] = 0.0
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    student = _masked_equals_shrunk(model, idx, keep, torch.randn(2, 1, 16, 16))
+    assert (student.conv2.in_channels, student.conv2.out_channels, student.conv2.groups) == (4, 4, 2)
+
+
+def test_grouped_conv_fed_by_a_concat_of_two_groups_is_frozen() -> None:
+    """Each half of conv's input comes from another producer: position p of group 0 and of group 1
+    lie in different groups, so neither can remove it alone."""
+
+    class ConcatIntoGroupedConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv0 = nn.Conv2d(1, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.conv0(x))
+            x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    idx = build_groups(ConcatIntoGroupedConv(), EX)
+    frozen = {f.root: f.reason for f in idx.frozen}
+    assert "grouped conv 'conv' (groups=2)" in frozen["a"] and "another layer" in frozen["a"]
+    assert "b" in frozen
+
+
+def test_round_to_counts_channels_in_tied_units() -> None:
+    """round_to=4 on conv1's group (units of 2 channels, one per group of conv2) rounds to 2 units,
+    so every kept width is a multiple of 4 channels, not of 4 units (8 channels)."""
+    from cascadec.prune.cost import CostModel
+    from cascadec.prune.targets import Budget, MaskSolver
+
+    torch.manual_seed(0)
+    model = GroupedConvNet().eval()
+    idx = build_groups(model, EX)
+    group = idx.by_root()["conv1"]
+    assert group.unit_channels == 2
+    cost = CostModel.build(model, idx, EX)
+    solver = MaskSolver(idx, cost, round_to=4)
+    assert int(solver.step[group.index]) == 2
+    start = idx.offsets()[group.index]
+    for reduction in (0.1, 0.3, 0.5):
+        keep = solver.solve(torch.rand(idx.num_units), Budget.from_target(cost, flops_reduction=reduction))
+        channels = len(group.root_channels(torch.nonzero(keep[start : start + group.size]).flatten().tolist()))
+        assert channels % 4 == 0 and channels > 0

@@ -6,6 +6,8 @@ check the same on the architectures where the classes were found."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers.nets import Chain
@@ -15,11 +17,12 @@ from cascadec.errors import CascadecError
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.masks import masked
-from cascadec.prune.shrink import shrink
+from cascadec.prune.shrink import fold_weight_standardisation, shrink
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.prune.trial import TRIAL_REASON, _randomised_copy, check_shrunk, prove_groups
 
 timm = pytest.importorskip("timm")
+GlobalResponseNorm = pytest.importorskip("timm.layers.grn").GlobalResponseNorm
 
 
 class StoredSplitNet(nn.Module):
@@ -156,14 +159,95 @@ def test_split_group_keeps_a_channel_in_every_segment() -> None:
     assert all(c.in_channels > 0 for c in student.conv_dw.values())
 
 
-def test_per_channel_parameters_of_conv_subclasses_are_sliced() -> None:
-    """conv2's outputs prune exactly once its ``gain`` is sliced with its weight. conv1's do not:
-    conv2 standardises each filter over its input channels, so removing one changes the others,
-    and the trial freezes that group."""
-    index, gap = _exact_at(ScaledStdConvNet(), 16, reduction=0.2)
-    assert "conv2" in index.by_root(), _frozen(index)
-    assert _frozen(index)["conv1"].startswith(TRIAL_REASON)
+def test_weight_standardised_convs_prune_exactly_once_folded() -> None:
+    """conv2's outputs prune exactly once its ``gain`` is sliced with its weight. conv1's prune
+    exactly only because the shrunk copy's convs are plain convs holding the standardised weights:
+    conv2 standardises each filter over its input channels, so removing one from a
+    ScaledStdConv2d would change every kept weight of that filter."""
+    index, gap = _exact_at(ScaledStdConvNet(), 16, reduction=0.3)
+    assert {"conv1", "conv2"} <= set(index.by_root()), _frozen(index)
     assert gap < 1e-5
+    model = ScaledStdConvNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        folded = fold_weight_standardisation(copy.deepcopy(model))
+        assert all(type(m) is nn.Conv2d for m in (folded.conv0, folded.conv1, folded.conv2))
+        assert torch.allclose(folded(x), expected, atol=1e-6)
+
+
+class GhostNet(nn.Module):
+    """GhostNet's module: ``cat([x1, dw(x1)])`` on a residual stream. Channel j of ``primary`` is
+    channels j and 4 + j of the stream, so the group is rooted at a 4-channel layer (4 units)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.stem = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.primary = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn_p = nn.BatchNorm2d(4)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn_c = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        s = torch.relu(self.bn0(self.stem(torch.relu(self.conv_in(x)))))
+        x1 = self.bn_p(self.primary(s))
+        y = torch.cat([x1, self.bn_c(self.cheap(x1))], 1)[:, :8]
+        return self.fc((y + s).mean((2, 3)))
+
+
+def test_ghost_module_group_is_rooted_where_one_channel_feeds_two() -> None:
+    index, gap = _exact_at(GhostNet(), 16, reduction=0.3)
+    (group,) = [g for g in index.groups if any(m.module == "primary" and m.role == "out" for m in g.members)]
+    assert group.root in ("primary", "cheap") and group.size == 4  # cheap is depthwise: the same channels
+    stream = {m.module: m for m in group.members if m.role == "out"}["bn0"]
+    assert sorted(zip(stream.root_idxs, stream.idxs)) == [(j, c) for j in range(4) for c in (j, 4 + j)]
+    assert gap < 1e-5
+
+
+class ResponseNormNet(nn.Module):
+    """ConvNeXt-V2's MLP: fc1 -> GELU -> GRN -> fc2. GRN divides by the mean response over
+    channels, so shrinking must rescale it (shrink._rescale_response_norm), and it adds a bias
+    per channel, so the mask sits after it too."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.channels_last = channels_last
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        if channels_last:
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        else:
+            self.fc1, self.fc2 = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
+        self.grn = GlobalResponseNorm(16, channels_last=channels_last)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        y = x.permute(0, 2, 3, 1) if self.channels_last else x
+        y = self.fc2(self.grn(nn.functional.gelu(self.fc1(y))))
+        y = y.permute(0, 3, 1, 2) if self.channels_last else y
+        return self.fc((x + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_response_norm_prunes_exactly(channels_last: bool) -> None:
+    index, gap = _exact_at(ResponseNormNet(channels_last), 8, reduction=0.3)
+    group = index.by_root()["fc1"]
+    assert "grn" in {p.module for p in group.mask_points}
+    assert gap < 1e-5
+
+
+def test_global_response_norm_without_rescaling_is_caught_by_the_trial(monkeypatch) -> None:
+    """The trial's random GRN parameters (a fresh GRN is the identity) make a wrong shrink visible."""
+    import cascadec.prune.shrink as shrink_module
+
+    monkeypatch.setattr(shrink_module, "_rescale_response_norm", lambda norm, before: None)
+    model = ResponseNormNet(channels_last=False).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    index = prove_groups(model, build_groups(model, x), x)
+    assert _frozen(index)["fc1"].startswith(TRIAL_REASON)
 
 
 def test_exact_models_pay_one_trial_and_lose_no_group() -> None:
@@ -197,6 +281,9 @@ def test_check_shrunk_refuses_a_student_that_computes_something_else() -> None:
             "maps its channels inconsistently",
         ),  # split + concat of one tensor: TP indices past a layer
         ("rexnet_100", 64, None),  # padded slice-add: TP's walk never converged (minutes), now bounded
+        ("ghostnet_100", 64, None),  # cat([x1, dw(x1)]): rooted at x1's conv, not the 2C stream
+        ("resnetv2_50x1_bit", 64, None),  # GroupNorm units and weight-standardised convs
+        ("convnextv2_atto", 64, "LayerNorm"),  # GRN in the MLP; the LayerNorm stream stays frozen
     ],
 )
 def test_timm_models_where_the_failure_classes_were_found(name: str, size: int, why: str | None) -> None:

@@ -47,7 +47,10 @@ from cascadec.errors import UserError, first_line
 from cascadec.train.bn import BATCHNORMS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CHANNEL_MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm)
+_CHANNEL_MIXING_NORMS = (nn.LayerNorm,)
+# layers whose output the mask multiplies (the channel-wise norms): masking after them, not after
+# the conv before them, is what leaves a removed channel nothing (not even the norm's bias) to emit
+MASKED_NORMS = (*BATCHNORMS, nn.GroupNorm)
 EXPLODING_REASON = (
     "Torch-Pruning's walk of its channels does not converge (a reshape into windows/heads wider than any "
     "layer, or a slice-add that pads channels)"
@@ -86,6 +89,20 @@ class ChannelGroup:
     size: int
     members: list[Member]
     mask_points: list[Member] = field(default_factory=list)
+    # Torch-Pruning root channels behind each unit, where a unit is several of them (one GroupNorm
+    # group, one position in every group of a grouped conv); None: unit i is root channel i
+    root_units: list[list[int]] | None = None
+
+    @property
+    def unit_channels(self) -> int:
+        """Root channels per unit (the fewest, where tied units differ)."""
+        return 1 if self.root_units is None else min(len(u) for u in self.root_units)
+
+    def root_channels(self, units) -> list[int]:
+        """The root channels Torch-Pruning removes for these units."""
+        if self.root_units is None:
+            return sorted(units)
+        return sorted(c for u in units for c in self.root_units[u])
 
     @property
     def layers(self) -> list[str]:
@@ -357,6 +374,39 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     return dg
 
 
+def _narrowest_producer(dg, group, channels: int) -> tuple[nn.Module, int] | None:
+    """A conv/linear in ``group`` that produces fewer channels than the root does, if any: a
+    candidate root, kept where ``_feeds_two`` says one of its channels feeds two of the group's.
+
+    Where one layer's channel feeds two channels of the group, the group must be rooted at that
+    layer: GhostNet's module concatenates ``x1`` (a 1x1 conv) with ``dw(x1)`` (a depthwise conv
+    of it), so channel j of ``x1`` is channels j and C + j of the block's output. Rooted at the
+    output's 2C channels, Torch-Pruning maps the concat backwards onto the wrong halves and
+    misses that j and C + j go together; rooted at the C channels of ``x1`` it removes both."""
+    best = None
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, (ops.TORCH_CONV, ops.TORCH_LINEAR)) or not dg.is_out_channel_pruning_fn(
+            item.dep.handler
+        ):
+            continue
+        width = dg.get_pruner_of_module(module).get_out_channels(module)
+        if width is not None and width < channels and (best is None or width < best[1]):
+            best = (module, width)
+    return best
+
+
+def _feeds_two(group) -> bool:
+    """Some layer of ``group`` has two channels behind one root channel (GhostNet's concat): the
+    root is then the layer whose channel feeds both, not a split's part (MixNet's halves, where
+    each root channel stays one channel everywhere)."""
+    for item in group:
+        if item.idxs is not None and item.root_idxs is not None and None not in item.root_idxs:
+            if len(item.idxs) > len(set(item.root_idxs)):
+                return True
+    return False
+
+
 def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[FrozenGroup]]:
     """Torch-Pruning's ``get_all_groups`` (conv/linear roots, every output channel), root by
     root, so that one root whose group explodes is frozen instead of failing the model."""
@@ -379,6 +429,13 @@ def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[
                 root = name_of.get(module, str(module))
                 try:
                     group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+                    narrow = _narrowest_producer(dg, group, channels)
+                    if narrow is not None:
+                        prune_out = dg.get_pruner_of_module(narrow[0]).prune_out_channels
+                        regrouped = dg.get_pruning_group(narrow[0], prune_out, list(range(narrow[1])))
+                        if _feeds_two(regrouped):
+                            (module, channels), group = narrow, regrouped
+                            root = name_of.get(module, str(module))
                 except _IndexExplosion:
                     visited.add(id(module))
                     frozen.append(FrozenGroup(root, channels, EXPLODING_REASON))
@@ -402,13 +459,28 @@ def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[
     return groups, frozen
 
 
-def _graph_freeze_reason(dg, tp_group, param_names: dict) -> str | None:
+# Modules Torch-Pruning has no pruner for but whose parameters are one value per channel, pruned
+# along that axis, and whose channel-mixing statistics shrink.py rescales exactly (see there)
+CHANNEL_PARAMETER_MODULES = ("GlobalResponseNorm",)
+
+
+def _channel_parameter_owners(model: nn.Module) -> dict[nn.Parameter, tuple[str, nn.Module]]:
+    return {
+        p: (name, m)
+        for name, m in model.named_modules()
+        if type(m).__name__ in CHANNEL_PARAMETER_MODULES
+        for p in m.parameters(recurse=False)
+        if p.dim() == 1
+    }
+
+
+def _graph_freeze_reason(dg, tp_group, param_names: dict, owners: dict) -> str | None:
     """Reasons visible only in the traced graph: opaque reshapes and loose parameters."""
     for item in tp_group:
         node = item.dep.target
         if node in dg.opaque_reshapes:
             return OPAQUE_RESHAPE_REASON
-        if isinstance(node.module, nn.Parameter):
+        if isinstance(node.module, nn.Parameter) and node.module not in owners:
             # e.g. Swin's relative-position tables, MaxViT's: pruned along a guessed axis
             name = param_names.get(node.module, "a parameter")
             return f"includes '{name}', a parameter used outside any layer (pruning axis unknown)"
@@ -423,21 +495,88 @@ def _freeze_reason(
             return f"holds the output channels of the first conv '{first_conv}' (never pruned)"
         if member.role == "out" and member.module == classifier:
             return f"holds the outputs of the classifier '{classifier}'"
-        if isinstance(module, _CHANNEL_MIXING_NORMS):
+        if isinstance(module, _CHANNEL_MIXING_NORMS) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1):
             return f"passes through {type(module).__name__} '{member.module}', which normalises across channels"
-        if isinstance(module, _CONV) and module.groups > 1:
-            depthwise = module.groups == module.in_channels == module.out_channels
-            if not depthwise:
-                return f"passes through grouped conv '{member.module}' (groups={module.groups}), not supported yet"
         if isinstance(module, nn.MultiheadAttention):
             return f"passes through attention '{member.module}'"
     return None
+
+
+def _ties(module: nn.Module, member: Member) -> list[list[int]] | str:
+    """Channels of ``member`` (positions in its lists) that can only be removed together.
+
+    GroupNorm normalises each group of C/G channels by that group's statistics: removing a whole
+    group leaves the others' statistics as they were (GroupNorm then has G-1 groups), removing part
+    of one does not. A grouped conv (G groups, not depthwise) stays one grouped conv only if every
+    group loses the same positions, which is also how Torch-Pruning slices it. A string: the member
+    holds part of such a set and the rest lies in another group (a concat), so it cannot be pruned."""
+    if isinstance(module, nn.GroupNorm):
+        span, what = module.num_channels // module.num_groups, f"GroupNorm '{member.module}'"
+        key = [i // span for i in member.idxs]
+        expected = span
+    elif (
+        isinstance(module, _CONV)
+        and module.groups > 1
+        and not (module.groups == module.in_channels == module.out_channels)
+    ):
+        width = module.in_channels if member.role == "in" else module.out_channels
+        span, what = width // module.groups, f"grouped conv '{member.module}' (groups={module.groups})"
+        key = [i % span for i in member.idxs]
+        expected = module.groups
+    else:
+        return []
+    sets: dict[int, list[int]] = {}
+    for position, k in enumerate(key):
+        sets.setdefault(k, []).append(position)
+    if any(len(v) != expected for v in sets.values()):
+        return f"holds part of a channel set of {what} that must be removed whole; the rest comes from another layer"
+    return [v for v in sets.values() if len(v) > 1]
+
+
+def _tie_units(group_members: list[tuple[nn.Module, Member]], size: int) -> tuple[list[list[int]] | None, str | None]:
+    """Merge the units that ``_ties`` binds (union-find over root channels), renumbering every
+    member's ``root_idxs`` in place. Returns the root channels of each new unit (None when nothing
+    was merged), or a reason to freeze the group."""
+    parent = list(range(size))
+
+    def find(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    merged = False
+    for module, member in group_members:
+        ties = _ties(module, member)
+        if isinstance(ties, str):
+            return None, ties
+        for positions in ties:
+            first = find(member.root_idxs[positions[0]])
+            for p in positions[1:]:
+                other = find(member.root_idxs[p])
+                if other != first:
+                    parent[other] = first
+                    merged = True
+    if not merged:
+        return None, None
+    unit_of: dict[int, int] = {}
+    units: list[list[int]] = []
+    for r in range(size):
+        u = unit_of.setdefault(find(r), len(units))
+        if u == len(units):
+            units.append([])
+        units[u].append(r)
+    for _, member in group_members:
+        member.root_idxs = [unit_of[find(r)] for r in member.root_idxs]
+    return units, None
 
 
 def channel_width(module: nn.Module, role: str) -> int | None:
     """How many channels ``module`` has on the side a group member touches (None: not a layer)."""
     if isinstance(module, BATCHNORMS):
         return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
     if isinstance(module, _CONV):
         return module.out_channels if role == "out" else module.in_channels
     if isinstance(module, nn.Linear):
@@ -467,8 +606,8 @@ def _mapping_problem(group_members: list[tuple[nn.Module, Member]], size: int) -
 
 
 def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Member]:
-    """Where the mask multiplies a channel: every BatchNorm in the group, plus every conv/linear
-    producer whose output does not go only into the group's BatchNorms.
+    """Where the mask multiplies a channel: every BatchNorm (and GroupNorm) in the group, plus every
+    conv/linear producer whose output does not go only into the group's norms.
 
     Masking after BN (not after the conv) is what makes masked == shrunk: a filter zeroed
     before BN would still emit BN's bias.
@@ -476,6 +615,9 @@ def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Memb
     in_group = {id(m) for m, _ in group_members}
     points: list[Member] = []
     for module, member in group_members:
+        if isinstance(module, nn.GroupNorm) or type(module).__name__ in CHANNEL_PARAMETER_MODULES:
+            points.append(member)  # channel-wise: its "in" and "out" channels are the same
+            continue
         if member.role != "out":
             continue
         if isinstance(module, BATCHNORMS):
@@ -485,7 +627,7 @@ def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Memb
             # Only a producer whose *every* consumer is one of the group's BatchNorms is covered
             # by their masks: MaxViT's stem conv also feeds the block's shortcut directly.
             only_bn = bool(node.outputs) and all(
-                isinstance(o.module, BATCHNORMS) and id(o.module) in in_group for o in node.outputs
+                isinstance(o.module, MASKED_NORMS) and id(o.module) in in_group for o in node.outputs
             )
             if not only_bn:
                 points.append(member)
@@ -501,6 +643,7 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
     name_of = {m: n for n, m in model.named_modules()}
 
     param_names = {p: n for n, p in model.named_parameters()}
+    owners = _channel_parameter_owners(model)
 
     groups: list[ChannelGroup] = []
     all_groups, frozen = _all_groups(dg, name_of, timeout_s)
@@ -511,6 +654,14 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
         unmapped = None
         for item in tp_group:
             module = item.dep.target.module
+            if isinstance(module, nn.Parameter) and module in owners and item.idxs is not None:
+                # ConvNeXt-V2's GRN: a member (and a mask point: it emits its bias) like a norm
+                name, module = owners[module]
+                if all(m.module != name for _, m in members):
+                    members.append(
+                        (module, Member(name, "out", list(map(int, item.idxs)), list(map(int, item.root_idxs))))
+                    )
+                continue
             if not isinstance(module, nn.Module) or module not in name_of:
                 continue  # element-wise ops and reshapes carry no weights
             role = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
@@ -524,16 +675,21 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
         reason = (
             (f"Torch-Pruning gives no channel mapping for '{unmapped}'" if unmapped else None)
             or _freeze_reason(members, first_conv, classifier)
-            or _graph_freeze_reason(dg, tp_group, param_names)
+            or _graph_freeze_reason(dg, tp_group, param_names, owners)
             or _mapping_problem(members, size)
         )
+        root_units = None
+        if reason is None:
+            root_units, reason = _tie_units(members, size)
         if reason is not None:
             frozen.append(FrozenGroup(root, size, reason))
             continue
-        if size < 2:
-            frozen.append(FrozenGroup(root, size, "a single channel"))
+        units = size if root_units is None else len(root_units)
+        if units < 2:
+            why = "a single channel" if size < 2 else f"its {size} channels form one GroupNorm/grouped-conv unit"
+            frozen.append(FrozenGroup(root, size, why))
             continue
-        group = ChannelGroup(len(groups), root, size, [m for _, m in members])
+        group = ChannelGroup(len(groups), root, units, [m for _, m in members], root_units=root_units)
         group.mask_points = _mask_points(dg, members)
         if not group.mask_points:
             frozen.append(FrozenGroup(root, size, "no BatchNorm, conv or linear output to mask"))

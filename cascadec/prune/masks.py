@@ -17,9 +17,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from cascadec.prune.groups import GroupIndex
+from cascadec.prune.groups import MASKED_NORMS, GroupIndex
 
-_BN_OR_CONV = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_OR_CONV = (*MASKED_NORMS, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def split_units(index: GroupIndex, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -74,7 +74,8 @@ class ChannelMasks:
         self.remove()
 
     def _make_hook(self, module: nn.Module, plan):
-        channel_dim_last = not isinstance(module, _BN_OR_CONV)  # Linear (and channels-last MLPs)
+        # Linear (and channels-last MLPs) carry channels last; GRN says where it keeps them
+        channel_dim_last = not isinstance(module, _BN_OR_CONV) and getattr(module, "channel_dim", -1) == -1
 
         def hook(mod, inputs, output):
             full = None

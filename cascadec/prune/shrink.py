@@ -25,7 +25,7 @@ def pruned_root_idxs(index: GroupIndex, keep: torch.Tensor) -> dict[str, list[in
         start += group.size
         removed = torch.nonzero(part < 0.5).flatten().tolist()
         if removed:
-            out[group.root] = removed
+            out[group.root] = group.root_channels(removed)
     return out
 
 
@@ -63,12 +63,106 @@ def _sync_split_sizes(model: nn.Module) -> None:
             module.out_channels = sum(c.out_channels for c in convs)
 
 
+# timm's weight-standardised convs (BiT's ResNetV2, NF-Nets): each filter is normalised over its
+# input channels on every call, so removing an input channel would change every kept weight
+_STANDARDISED_CONVS = ("StdConv2d", "ScaledStdConv2d")
+
+
+def _computed_weight(conv: nn.Module) -> torch.Tensor | None:
+    """The weight ``conv`` hands to ``F.conv2d`` (read by running it once on a tiny input)."""
+    captured: dict[str, torch.Tensor] = {}
+    original = nn.functional.conv2d
+
+    def capture(x, weight, bias=None, *args, **kwargs):
+        captured["weight"] = weight
+        return original(x, weight, bias, *args, **kwargs)
+
+    nn.functional.conv2d = capture
+    try:
+        with torch.no_grad():
+            conv(torch.zeros(1, conv.in_channels, *conv.kernel_size, dtype=conv.weight.dtype))
+    finally:
+        nn.functional.conv2d = original
+    weight = captured.get("weight")
+    return weight if weight is not None and weight.shape == conv.weight.shape else None
+
+
+def fold_weight_standardisation(model: nn.Module) -> nn.Module:
+    """Replace weight-standardised convs by plain convs holding the weights they compute, in place.
+
+    In eval the two are the same function; only the plain one stays that function when input
+    channels are removed (the masked network standardised over all of them, zeros included). The
+    shrunk student is exported and served, never trained again, so nothing is lost."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ not in _STANDARDISED_CONVS or not isinstance(child.padding, tuple):
+                continue
+            weight = _computed_weight(child)
+            if weight is None:
+                continue
+            plain = nn.Conv2d(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                stride=child.stride,
+                padding=child.padding,
+                dilation=child.dilation,
+                groups=child.groups,
+                bias=child.bias is not None,
+                padding_mode=child.padding_mode,
+            ).to(child.weight.device, child.weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if child.bias is not None:
+                    plain.bias.copy_(child.bias)
+            plain.train(child.training)
+            setattr(parent, name, plain)
+    return model
+
+
+def _response_norms(model: nn.Module, group) -> list[tuple[nn.Module, int]]:
+    """Global response norms (ConvNeXt-V2) whose channels ``group`` removes, with their width now."""
+    owners = {id(p): m for m in model.modules() if type(m).__name__ == "GlobalResponseNorm" for p in m.parameters()}
+    found = {
+        id(owners[id(item.dep.target.module)]): owners[id(item.dep.target.module)]
+        for item in group
+        if id(item.dep.target.module) in owners
+    }
+    return [(m, m.weight.shape[0]) for m in found.values()]
+
+
+def _rescale_response_norm(norm: nn.Module, before: int) -> None:
+    """GRN divides each channel's response by the mean response over channels. The masked network
+    averaged over all ``before`` channels, zeros included; the shrunk one averages over the kept
+    ``after``. Multiplying the weight and eps by before/after gives the masked network's output
+    exactly: g / (S/after + eps*before/after) * w*before/after = g / (S/before + eps) * w."""
+    after = norm.weight.shape[0]
+    if after == before:
+        return
+    factor = before / after
+    with torch.no_grad():
+        norm.weight.mul_(factor)
+    norm.eps = norm.eps * factor
+
+
 def remove_channels(model: nn.Module, dg, root: str, idxs: list[int]) -> None:
     """Remove root channels ``idxs`` of group ``root`` and everything coupled to them, in place."""
     module = model.get_submodule(root)
     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, idxs)
     extras = _channel_parameters(dg, group)
+    # Torch-Pruning keeps a GroupNorm's num_groups; the units remove whole groups (groups.py), so
+    # the norm keeps its group size and loses groups
+    spans = [
+        (m, m.num_channels // m.num_groups)
+        for m in {id(item.dep.target.module): item.dep.target.module for item in group}.values()
+        if isinstance(m, nn.GroupNorm)
+    ]
+    responses = _response_norms(model, group)
     group.prune()
+    for norm, span in spans:
+        norm.num_groups = norm.num_channels // span
+    for norm, before in responses:
+        _rescale_response_norm(norm, before)
     for layer, name, width, removed in extras:
         param = getattr(layer, name)
         if param.shape[0] != width:  # a Torch-Pruning version that already sliced it
@@ -83,6 +177,7 @@ def apply_removals(model: nn.Module, removals: dict[str, list[int]], example_inp
     """Remove channels in place, group by group, through Torch-Pruning's handlers."""
     if not removals:
         return model
+    fold_weight_standardisation(model)
     dg = build_dependency_graph(model, example_input)
     for root, idxs in removals.items():
         remove_channels(model, dg, root, idxs)

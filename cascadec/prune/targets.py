@@ -88,6 +88,12 @@ class MaskSolver:
         self.segment_of_unit = torch.tensor(segment, dtype=torch.long)
         self.num_segments = first
         self.floor = torch.minimum(sizes, torch.maximum(torch.tensor(counts), torch.tensor(min_channels)))
+        # round_to counts channels; a tied unit (a GroupNorm group, one position of every group of a
+        # grouped conv) is several, so its group rounds in fewer units
+        per_unit = torch.tensor([g.unit_channels for g in index.groups], dtype=torch.long)
+        self.step = (
+            torch.clamp((self.round_to + per_unit - 1) // per_unit, min=1) if self.round_to else torch.ones_like(sizes)
+        )
 
     def _leaders(self, scores: torch.Tensor) -> torch.Tensor:
         """True for the best unit of each segment (the first one on ties)."""
@@ -116,7 +122,7 @@ class MaskSolver:
     def widths(self, per_group_kept: torch.Tensor) -> torch.Tensor:
         kept = torch.maximum(per_group_kept, self.floor)
         if self.round_to:
-            kept = torch.minimum(self.sizes, ((kept + self.round_to - 1) // self.round_to) * self.round_to)
+            kept = torch.minimum(self.sizes, ((kept + self.step - 1) // self.step) * self.step)
         return kept
 
     def mask_for_count(
@@ -184,7 +190,6 @@ class MaskSolver:
     def _fill(self, scores: torch.Tensor, keep: torch.Tensor, ranks: torch.Tensor, budget: Budget) -> torch.Tensor:
         """Spend what rounding left of the budget: widen groups one step at a time, best next
         unit first, while the cost stays within budget (keeps coarse round_to near the target)."""
-        step = self.round_to or 1
         kept = torch.bincount(self.group_of_unit, weights=keep, minlength=len(self.sizes)).long()
         while True:
             candidates = []
@@ -194,7 +199,7 @@ class MaskSolver:
             grown = False
             for _, g in sorted(candidates, reverse=True):
                 trial_kept = kept.clone()
-                trial_kept[g] = min(int(self.sizes[g]), int(kept[g]) + step)
+                trial_kept[g] = min(int(self.sizes[g]), int(kept[g]) + int(self.step[g]))
                 trial = (ranks < trial_kept[self.group_of_unit]).float()
                 if self.cost.metric(budget.metric, trial) <= budget.value:
                     kept, keep, grown = trial_kept, trial, True

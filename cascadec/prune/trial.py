@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from cascadec.errors import CascadecError, UserError, first_line
-from cascadec.prune.groups import FrozenGroup, GroupIndex, build_dependency_graph
+from cascadec.prune.groups import CHANNEL_PARAMETER_MODULES, FrozenGroup, GroupIndex, build_dependency_graph
 from cascadec.prune.masks import masked
-from cascadec.prune.shrink import remove_channels
+from cascadec.prune.shrink import fold_weight_standardisation, remove_channels
 from cascadec.train.bn import BATCHNORMS
 
 TOLERANCE = 1e-4  # relative max |masked - shrunk|; float32 reassociation stays near 1e-6
@@ -37,14 +37,19 @@ TRIAL_REASON = "pruning it does not give the masked network"
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics, in place: with a fresh model's (mean 0, variance 1) a channel
-    mapped to the wrong place can compute the same thing by accident; with these it cannot."""
+    """Random BatchNorm statistics (and GRN parameters), in place: with a fresh model's (mean 0,
+    variance 1) a channel mapped to the wrong place can compute the same thing by accident; with
+    these it cannot."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, BATCHNORMS) and m.running_mean is not None:
                 m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+            elif type(m).__name__ in CHANNEL_PARAMETER_MODULES:
+                # ConvNeXt-V2's GRN starts as the identity (weight = bias = 0): nothing to check
+                for p in m.parameters(recurse=False):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     return model
 
 
@@ -98,11 +103,12 @@ class _Trial:
             return self.reference(self.x)
 
     def removals(self, gpos: int) -> list[int]:
-        return [i for i in range(self.index.groups[gpos].size) if i not in self.kept_units[gpos]]
+        group = self.index.groups[gpos]
+        return group.root_channels(i for i in range(group.size) if i not in self.kept_units[gpos])
 
     def fresh_copy(self, pruned: list[int]):
         """A copy of the reference with ``pruned`` groups already removed (each proven before)."""
-        twin = copy.deepcopy(self.reference)
+        twin = fold_weight_standardisation(copy.deepcopy(self.reference))
         dg = build_dependency_graph(twin, self.example)
         with torch.no_grad():
             for gpos in pruned:
