@@ -248,13 +248,22 @@ def inspect(
     image_size: int = typer.Option(224, "--image-size", min=8),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    latency: bool = typer.Option(
+        False, "--latency", help="Build (or load from the cache) the latency table and summarise it."
+    ),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Backend the latency table is measured on."),
 ) -> None:
     """Pre-flight: prunable groups, layers that cannot be pruned and why, FLOPs/params."""
     resolved = load_recipe(recipe, model=model) if recipe else None
     from cascadec.preflight import inspect_model
 
     result = inspect_model(
-        model, in_channels=in_channels, image_size=image_size, num_classes=num_classes, recipe=resolved
+        model,
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        recipe=resolved,
+        latency_backend=backend if latency else None,
     )
     if as_json:
         out.print_json(json.dumps(result))
@@ -313,10 +322,24 @@ def _print_inspect(r: dict) -> None:
         for f in r["frozen"]:
             frozen.add_row(f["root"], str(f["channels"]), f["reason"])
         out.print(frozen)
+    lat = r.get("latency")
+    if lat:
+        measured = f"; whole network measured {lat['network_ms']:.3g} ms" if lat.get("network_ms") else ""
+        origin = "loaded from the cache" if lat["cached"] else f"built in {lat['build_seconds']:.0f} s"
+        out.print(
+            f"latency table ({lat['backend']}, batch {lat['batch']}): {lat['layers']} layers in "
+            f"{lat['configurations']} configurations, {lat['grid_points']} widths timed, {origin}{measured}",
+            highlight=False,
+        )
     if target:
+        predicted = (
+            f", predicted {target['latency_ms']:.3g} ms ({lat['predicted_ms'] / target['latency_ms']:.2f}x faster)"
+            if lat and "latency_ms" in target
+            else ""
+        )
         out.print(
             f"target {target['description']}: {fmt_flops(target['flops'])} ({target['flops'] / r['flops']:.1%} of FLOPs), "
-            f"{fmt_params(target['params'])} params ({target['params'] / r['params']:.1%}); {target['note']}"
+            f"{fmt_params(target['params'])} params ({target['params'] / r['params']:.1%}){predicted}; {target['note']}"
         )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cascadec import memory
+from cascadec import memory, progress
 from cascadec.data.registry import input_geometry
 from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
@@ -17,8 +17,9 @@ from cascadec.prune.analysis import analyse
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
+from cascadec.prune.latency import attach_latency_model
 from cascadec.prune.trial import prove_groups
-from cascadec.recipe import Recipe
+from cascadec.recipe import LatencySection, Recipe
 
 
 @dataclass
@@ -61,9 +62,11 @@ def inspect_model(
     num_classes: int | None = None,
     recipe: Recipe | None = None,
     weights: str | None = None,
+    latency_backend: str | None = None,
 ) -> dict[str, Any]:
     """Groups, frozen groups with reasons, FLOPs/params, and (with a recipe) the target's
-    meaning: per-group widths chosen by L1 importance of the given (or random) weights."""
+    meaning: per-group widths chosen by L1 importance of the given (or random) weights.
+    ``latency_backend`` (or a recipe with a latency target) adds the latency table's summary."""
     kwargs: dict[str, Any] = {"in_channels": in_channels}
     if num_classes:
         kwargs["num_classes"] = num_classes
@@ -88,6 +91,18 @@ def inspect_model(
     analysis = analyse(model, recipe, example) if recipe is not None else None
     index = analysis.index if analysis else prove_groups(model, build_groups(model, example), example)
     cost = analysis.cost if analysis else CostModel.build(model, index, example)
+    if latency_backend is not None and cost.latency is None:
+        lat = recipe.prune.latency if recipe is not None else LatencySection(backend=latency_backend)
+        attach_latency_model(
+            model,
+            example,
+            cost,
+            backend=latency_backend,
+            batch=lat.batch,
+            grid_points=lat.grid_points,
+            threads=recipe.profile.threads if recipe is not None else None,
+            progress=progress.enabled(),
+        )
     out: dict[str, Any] = {
         "model": model_name,
         "input_shape": [in_channels, image_size, image_size],
@@ -97,6 +112,8 @@ def inspect_model(
         "groups": [{"root": g.root, "channels": g.size, "layers": len(g.layers)} for g in index.groups],
         "frozen": [{"root": f.root, "channels": f.size, "reason": f.reason} for f in index.frozen],
     }
+    if cost.latency is not None:
+        out["latency"] = {**cost.latency.table.summary(), "predicted_ms": cost.latency.base_ms}
     if analysis is not None:
         budget = analysis.budget
         keep = analysis.solver.solve(l1_importance(model, index), budget)
@@ -110,6 +127,7 @@ def inspect_model(
             "flops": cost.macs(keep),
             "params": cost.params(keep),
             "kept_units": int(keep.sum()),
+            **({"latency_ms": cost.latency.predict(keep)} if cost.latency is not None else {}),
             "note": "widths from L1 importance of these weights; the recipe's method learns its own",
         }
     return out

@@ -98,19 +98,42 @@ class TeacherSection(_Strict):
 
 
 def target_budget(
-    flops_reduction: float | None = None, params_reduction: float | None = None, keep_ratio: float | None = None
+    flops_reduction: float | None = None,
+    params_reduction: float | None = None,
+    keep_ratio: float | None = None,
+    latency_reduction: float | None = None,
+    latency_ms: float | None = None,
+    base_latency_ms: float | None = None,
 ) -> tuple[str, float]:
-    """The one rule for a pruning target: exactly one of the three, as (metric, kept fraction in
-    (0, 1]) with metric ``flops``, ``params`` or ``units``. The schema and
-    :meth:`cascadec.prune.targets.Budget.from_target` both apply it; ValueError names the problem."""
+    """The one rule for a pruning target: exactly one of them, as (metric, kept fraction in
+    (0, 1]) with metric ``flops``, ``params``, ``units`` or ``latency``. The schema and
+    :meth:`cascadec.prune.targets.Budget.from_target` both apply it; ValueError names the problem.
+    ``latency_ms`` is absolute: its fraction needs the unpruned network's latency (unknown to the
+    schema, which then only counts the targets)."""
     given = [
         (k, v)
-        for k, v in (("flops", flops_reduction), ("params", params_reduction), ("units", keep_ratio))
+        for k, v in (
+            ("flops", flops_reduction),
+            ("params", params_reduction),
+            ("units", keep_ratio),
+            ("latency", latency_reduction),
+            ("latency_ms", latency_ms),
+        )
         if v is not None
     ]
     if len(given) != 1:
-        raise ValueError("give exactly one of flops_reduction, params_reduction, keep_ratio")
+        raise ValueError(
+            "give exactly one of flops_reduction, params_reduction, keep_ratio, latency_reduction, latency_ms"
+        )
     metric, value = given[0]
+    if metric == "latency_ms":
+        if base_latency_ms is None:
+            return "latency", 1.0
+        if value >= base_latency_ms:
+            raise ValueError(
+                f"latency_ms {value:g}: the unpruned network already takes {base_latency_ms:.3g} ms on this backend"
+            )
+        return "latency", value / base_latency_ms
     fraction = value if metric == "units" else 1.0 - value
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"{metric} value {value} is outside (0, 1)")
@@ -121,18 +144,53 @@ class TargetSection(_Strict):
     flops_reduction: Optional[float] = Field(None, gt=0, lt=1)
     params_reduction: Optional[float] = Field(None, gt=0, lt=1)
     keep_ratio: Optional[float] = Field(None, gt=0, le=1)
+    latency_reduction: Optional[float] = Field(
+        None, gt=0, lt=1, description="0.5 = half the latency (2x faster) on prune.latency's backend, as measured"
+    )
+    latency_ms: Optional[float] = Field(None, gt=0, description="milliseconds per batch on prune.latency's backend")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> TargetSection:
-        target_budget(self.flops_reduction, self.params_reduction, self.keep_ratio)
+        target_budget(
+            self.flops_reduction, self.params_reduction, self.keep_ratio, self.latency_reduction, self.latency_ms
+        )
         return self
 
+    @property
+    def is_latency(self) -> bool:
+        return self.latency_reduction is not None or self.latency_ms is not None
+
     def describe(self) -> str:
+        if self.latency_reduction is not None:
+            return f"{1 / (1 - self.latency_reduction):.3g}x lower latency"
+        if self.latency_ms is not None:
+            return f"{self.latency_ms:g} ms latency"
         if self.flops_reduction is not None:
             return f"{self.flops_reduction:.0%} fewer FLOPs"
         if self.params_reduction is not None:
             return f"{self.params_reduction:.0%} fewer parameters"
         return f"keep {self.keep_ratio:.0%} of prunable channels"
+
+
+class LatencySection(_Strict):
+    """Where a latency target is measured (the latency table: prune/latency.py) and how strictly
+    the profiled student is held to it."""
+
+    backend: Literal["onnxruntime", "onnxruntime-cuda"] = "onnxruntime"
+    batch: int = Field(1, ge=1)
+    grid_points: int = Field(4, ge=2, le=16, description="widths timed per prunable axis of each layer")
+    multiple: int = Field(
+        8,
+        ge=1,
+        description="widths the table times, and the rounding a latency target applies when round_to is unset: "
+        "ONNX Runtime's CPU kernels block channels by 8, and other widths take a slower path",
+    )
+    tolerance: Optional[float] = Field(
+        0.1,
+        ge=0,
+        description="fail the run when the measured speed-up falls short of the target's by more than this "
+        "fraction (null: report only)",
+    )
 
 
 class PruneSection(_Strict):
@@ -148,6 +206,7 @@ class PruneSection(_Strict):
         "global",
         description="global: one threshold over all layers (the paper); uniform: the same kept fraction per group",
     )
+    latency: LatencySection = Field(default_factory=LatencySection)
     analysis_timeout_s: float = Field(
         120.0,
         gt=0,

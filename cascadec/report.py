@@ -84,6 +84,10 @@ def build_report(run: RunDir) -> dict:
         }
         report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
         report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
+    if m.get("prune.latency"):
+        report["latency_prediction"] = m["prune.latency"]
+    if m.get("latency_target"):
+        report["latency_target"] = m["latency_target"]
     history = m.get("prune.history")
     if history:
         report["prune"] = history_summary(history)

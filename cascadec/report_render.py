@@ -319,6 +319,35 @@ def _training_md(prune: Mapping) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _latency_target_md(check: Mapping, prediction: Mapping) -> list[str]:
+    """Predicted against measured for a latency target (stages.check_latency_target)."""
+    table = prediction.get("table") or {}
+    rows = [
+        [
+            "speed-up (teacher / student p50)",
+            f"{check['target_speedup']:.2f}x",
+            f"{check['predicted_speedup']:.2f}x",
+            f"{check['measured_speedup']:.2f}x",
+        ],
+        ["student latency (ms)", "", f"{check['predicted_ms']:.3g}", f"{check['measured_ms']:.3g}"],
+    ]
+    tolerance = check.get("tolerance")
+    gate = "report only" if tolerance is None else f"at most {tolerance:.0%} short of the target"
+    lines = [f"## Latency target ({check['backend']}, batch {check['batch']})", ""]
+    lines += _md_table(["", "target", "predicted", "measured"], rows)
+    lines += [
+        "",
+        f"- prediction error: {check['prediction_error']:+.1%}; gate ({gate}): "
+        f"{'passed' if check['passed'] else 'FAILED'}",
+    ]
+    if table:
+        origin = "loaded from the cache" if table.get("cached") else f"built in {table.get('build_seconds', 0):.0f} s"
+        lines.append(
+            f"- latency table: {table.get('layers')} layers, {table.get('grid_points')} widths timed, {origin}"
+        )
+    return lines + [""]
+
+
 def render_markdown(report: Mapping) -> str:
     """The human-readable report; any section that is absent is simply left out."""
     lines = [f"# cascadec report{': ' + str(report['name']) if report.get('name') else ''}", ""]
@@ -335,6 +364,8 @@ def render_markdown(report: Mapping) -> str:
         lines += _parity_md(report["parity"])
     if isinstance(report.get("latency"), Mapping) and report["latency"]:
         lines += _latency_md(report["latency"], report.get("speedup_rounds"))
+    if isinstance(report.get("latency_target"), Mapping):
+        lines += _latency_target_md(report["latency_target"], report.get("latency_prediction") or {})
     if isinstance(report.get("environment"), Mapping) and report["environment"]:
         lines += _environment_md(report["environment"])
     return "\n".join(lines).rstrip() + "\n"

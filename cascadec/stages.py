@@ -28,7 +28,7 @@ from cascadec.backends.onnx_export import export_onnx
 from cascadec.backends.torch_backend import resolve_device
 from cascadec.data.bundle import DataBundle
 from cascadec.data.loaders import Loaders, load_data, make_loaders, model_kwargs
-from cascadec.errors import UserError, first_line
+from cascadec.errors import GateFailed, UserError, first_line
 from cascadec.models import create_model
 from cascadec.models.external import canonical_name
 from cascadec.preflight import check_input_memory
@@ -37,6 +37,7 @@ from cascadec.profile.protocol import Timing, compare, profile_interleaved, prot
 from cascadec.progress import log, track
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cost import count_macs, count_params
+from cascadec.prune.latency import latency_prediction
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
@@ -159,6 +160,9 @@ def stage_prune(
         student.to(device)
         for k, v in metrics.items():
             run.record(k, v)
+        latency = result.analysis.cost.latency
+        if latency is not None:
+            run.record("prune.latency", latency_prediction(latency, result.mask, result.analysis.budget))
         run.record("prune.history", result.history)
         info.update(method=recipe.prune.method, groups=len(result.analysis.index.groups))
         info.pop("checkpoints")  # the student is saved: the training checkpoints have served their purpose
@@ -317,6 +321,52 @@ def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = Non
     return analysis
 
 
+def check_latency_target(run: RunDir, recipe: Recipe) -> dict | None:
+    """Predicted against measured, for a latency target: the prune stage's prediction and the
+    profile stage's interleaved teacher/student timing at the target's batch on its backend.
+    Recorded as ``latency_target``; ``passed`` is False when the measured speed-up falls short of
+    the target's by more than ``prune.latency.tolerance`` (None: reported, never failed)."""
+    lat = recipe.prune.latency
+    predicted = run.metric("prune.latency")
+    profiled = run.metric(f"latency.{lat.backend}")
+    if not predicted or not profiled:
+        return None
+    key = str(lat.batch)
+    student = (profiled.get("student") or {}).get(key) or {}
+    measured_speedup = (profiled.get("speedup") or {}).get(key)
+    if measured_speedup is None or "p50_ms" not in student:
+        return None
+    target = predicted["target_speedup"]
+    shortfall = 1 - measured_speedup / target
+    tolerance = lat.tolerance
+    passed = tolerance is None or shortfall <= tolerance
+    out = {
+        "backend": lat.backend,
+        "batch": lat.batch,
+        "target_speedup": target,
+        "predicted_speedup": predicted["predicted_speedup"],
+        "measured_speedup": measured_speedup,
+        "predicted_ms": predicted["predicted_ms"],
+        "measured_ms": student["p50_ms"],
+        "prediction_error": student["p50_ms"] / predicted["predicted_ms"] - 1,
+        "shortfall": shortfall,
+        "tolerance": tolerance,
+        "passed": passed,
+    }
+    out["message"] = (
+        f"latency target: measured {measured_speedup:.2f}x faster on {lat.backend} at batch {lat.batch}, "
+        f"target {target:.2f}x (predicted {predicted['predicted_speedup']:.2f}x)"
+        + (
+            ""
+            if passed
+            else f": {shortfall:.0%} short, more than the tolerance {tolerance:.0%} (prune.latency.tolerance)"
+        )
+    )
+    run.record("latency_target", out)
+    log(out["message"])
+    return out
+
+
 def default_out(model: str, recipe: Recipe) -> Path:
     """``runs/<model>-<recipe>``: one path component, whatever the model name holds (a
     ``timm/...`` name, a ``file.py:fn`` builder), so a run never lands outside ``runs/``."""
@@ -382,6 +432,7 @@ def compress(
     the other ranks return an empty dict once the prune stage is done."""
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dist, dev = init_from_env(resolve_device(device))
+    target_check: dict | None = None
     try:
         per_image = check_input_memory(recipe)  # an image size past the machine: refused before data is built
         bundle = load_data(recipe)  # fail on missing data before creating anything
@@ -399,10 +450,17 @@ def compress(
             if not run.is_done("export"):
                 stage_export(run, recipe, teacher, student, shape)
             parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
+            lat = recipe.prune.latency if recipe.prune.target.is_latency else None
             if not run.is_done("profile"):
-                stage_profile(run, recipe, shape)
+                batches = sorted({*recipe.profile.batches, lat.batch}) if lat else None
+                stage_profile(run, recipe, shape, batches)
+            if lat and lat.backend != "onnxruntime" and not run.is_done(f"profile.{lat.backend}"):
+                stage_profile(run, recipe, shape, [lat.batch], backend=lat.backend)
+            target_check = check_latency_target(run, recipe) if lat else None
             report = write_run_report(run)
     finally:
         shutdown(dist)
     raise_on_failure(parity)
+    if target_check is not None and not target_check["passed"]:
+        raise GateFailed(target_check["message"])
     return report

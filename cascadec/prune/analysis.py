@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from cascadec import progress
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex, build_groups
+from cascadec.prune.latency import attach_latency_model
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.prune.trial import prove_groups
 from cascadec.recipe import Recipe
@@ -42,5 +44,20 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
         raise UserError(f"{type(model).__name__}: no prunable channel groups ({reasons})")
     cost = CostModel.build(model, index, example_input)
     p = recipe.prune
-    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=p.round_to, allocation=p.allocation)
-    return Analysis(index, cost, solver, Budget.from_section(cost, p.target))
+    latency = None
+    if p.target.is_latency:
+        latency = attach_latency_model(
+            model,
+            example_input,
+            cost,
+            backend=p.latency.backend,
+            batch=p.latency.batch,
+            grid_points=p.latency.grid_points,
+            threads=recipe.profile.threads,
+            progress=progress.enabled(),
+        )
+    # a latency target keeps widths at the multiples the backend's kernels block by (prune.latency)
+    round_to = p.round_to or (p.latency.multiple if latency is not None else None)
+    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=round_to, allocation=p.allocation)
+    budget = Budget.from_section(cost, p.target)
+    return Analysis(index, cost, solver, budget)

@@ -9,7 +9,8 @@ real module is the ground truth the analytic model is tested against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -88,6 +89,9 @@ class CostModel:
     # per-channel parameters of other modules (BatchNorm, PReLU...) per unit
     other_params_per_unit: torch.Tensor  # [units]
     num_units: int
+    layer_names: list[str] = field(default_factory=list)  # the rows of coef, a_in, a_out
+    # milliseconds on a backend (prune.latency.LatencyModel), attached for a latency target
+    latency: Any = None
 
     @classmethod
     def build(cls, model: nn.Module, index: GroupIndex, example_input: torch.Tensor) -> CostModel:
@@ -145,6 +149,7 @@ class CostModel:
             a_out=a_out.double(),
             other_params_per_unit=other.double(),
             num_units=units,
+            layer_names=names,
         )
         cost.base_macs = cost.macs(torch.ones(units))
         return cost
@@ -173,9 +178,18 @@ class CostModel:
             return self.params(keep)
         if name == "units":
             return float(keep.double().sum())
+        if name == "latency":
+            return self._latency().predict(keep)
         raise ValueError(name)
 
+    def _latency(self):
+        if self.latency is None:
+            raise ValueError("no latency model attached (a latency target builds one: prune.latency)")
+        return self.latency
+
     def base(self, name: str) -> float:
+        if name == "latency":
+            return self._latency().base_ms
         return {"flops": self.base_macs, "params": self.base_params, "units": float(self.num_units)}[name]
 
 

@@ -18,7 +18,7 @@ from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import GroupIndex
 from cascadec.recipe import TargetSection, target_budget
 
-METRICS = ("flops", "params", "units")
+METRICS = ("flops", "params", "units", "latency")
 # global: one threshold over all units (the paper); uniform: every group keeps the same fraction of
 # its channels, ranked within the group (Torch-Pruning's default local pruning), the fraction found
 # by bisection so the cost meets the budget, then widened channel by channel up to the budget
@@ -34,9 +34,23 @@ class Budget:
     keep_fraction: float  # of the metric's unpruned value
 
     @classmethod
-    def from_target(cls, cost: CostModel, *, flops_reduction=None, params_reduction=None, keep_ratio=None) -> Budget:
+    def from_target(
+        cls,
+        cost: CostModel,
+        *,
+        flops_reduction=None,
+        params_reduction=None,
+        keep_ratio=None,
+        latency_reduction=None,
+        latency_ms=None,
+    ) -> Budget:
         try:
-            metric, fraction = target_budget(flops_reduction, params_reduction, keep_ratio)
+            base_ms = cost.latency.base_ms if latency_ms is not None and cost.latency is not None else None
+            if (latency_ms is not None or latency_reduction is not None) and cost.latency is None:
+                raise ValueError("a latency target needs a latency table (prune.latency; analysis builds it)")
+            metric, fraction = target_budget(
+                flops_reduction, params_reduction, keep_ratio, latency_reduction, latency_ms, base_ms
+            )
         except ValueError as exc:
             raise UserError(f"target: {exc}") from None
         return cls(metric, fraction * cost.base(metric), fraction)
@@ -49,6 +63,8 @@ class Budget:
             flops_reduction=target.flops_reduction,
             params_reduction=target.params_reduction,
             keep_ratio=target.keep_ratio,
+            latency_reduction=target.latency_reduction,
+            latency_ms=target.latency_ms,
         )
 
     def scaled(self, fraction: float, cost: CostModel) -> Budget:
@@ -171,6 +187,9 @@ class MaskSolver:
     def solve(self, scores: torch.Tensor, budget: Budget) -> torch.Tensor:
         """The largest mask whose cost is within the budget: global top-k, or one fraction per group."""
         scores = scores.detach().float().cpu()
+        if budget.metric == "latency" and self.cost.latency is not None:
+            # HALP's knapsack, greedily: importance per millisecond a unit costs
+            scores = scores / self.cost.latency.unit_weights()
         order = torch.argsort(scores, descending=True, stable=True)
         ranks = self._ranks_within_group(scores)
         self.check_feasible(budget)

@@ -1,0 +1,413 @@
+"""Latency targets on this CPU (issue 13): does "2x faster" come out 2x faster, and what does a
+latency-targeted student keep against a FLOPs-targeted one of the same measured latency?
+
+    python bench/latency_targets.py [--models resnet50 mobilenet_v2] [--targets 1.5 2 3] [--resume]
+
+Random weights (latency does not depend on them), 224 px, batch 1, ONNX Runtime on the CPU with
+its default threads; widths from the weights' L1 importance (the same scores for every solve).
+Per model: the latency table is built (or loaded from the cache: the build time and whether it
+was cached are recorded), then per target speed-up t:
+
+* the latency-targeted student (``prune.target.latency_reduction = 1 - 1/t``; widths at
+  multiples of 8, as a latency target sets them) is shrunk, exported and timed against the
+  unpruned network in interleaved rounds (cascadec's profile protocol: 0.2 s warm-up, then at
+  least --duration s and 10 runs per round, --rounds rounds, pooled p50): measured speed-up;
+* FLOPs-targeted students, with round_to 8 and without, are searched (secant steps on the FLOPs
+  fraction, each step measured) until their measured latency brackets the latency-targeted
+  student's; FLOPs and parameters at that equal latency are interpolated between the two
+  nearest measured students.
+
+Results are written after every target (JSON and Markdown), and --resume skips what is done:
+bench/results/latency-targets-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascadec.backends.onnx_export import export_onnx
+from cascadec.envinfo import environment
+from cascadec.models import create_model
+from cascadec.profile.engines import profile_onnx
+from cascadec.profile.protocol import Timing, profile_interleaved
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import build_groups
+from cascadec.prune.importance import l1_importance
+from cascadec.prune.latency import attach_latency_model
+from cascadec.prune.shrink import shrink
+from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.run import git_commit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JSON_PATH = RESULTS / "latency-targets-cpu.json"
+MD_PATH = RESULTS / "latency-targets-cpu.md"
+GOAL_SPEEDUP_ERROR = 0.10
+GOAL_MORE_FLOPS = 0.10
+GOAL_TABLE_SECONDS = 300.0
+
+
+class Bench:
+    """One model: its table, solver inputs, and a timer for any mask."""
+
+    def __init__(self, name: str, size: int, args: argparse.Namespace, work: Path) -> None:
+        torch.manual_seed(0)
+        self.name = name
+        self.model = create_model(name, num_classes=1000).eval()
+        self.example = torch.zeros(1, 3, size, size)
+        self.size = size
+        self.index = build_groups(self.model, self.example)
+        self.cost = CostModel.build(self.model, self.index, self.example)
+        start = time.perf_counter()
+        self.latency = attach_latency_model(
+            self.model, self.example, self.cost, backend="onnxruntime", batch=1, grid_points=4, threads=None
+        )
+        self.table_seconds = time.perf_counter() - start
+        self.scores = l1_importance(self.model, self.index)
+        self.args = args
+        self.work = work
+        export_onnx(self.model, self.example, work / f"{name}-full.onnx")
+
+    def solve(self, metric: str, fraction: float, round_to: int | None) -> torch.Tensor:
+        solver = MaskSolver(self.index, self.cost, round_to=round_to)
+        if metric == "latency":
+            budget = Budget.from_target(self.cost, latency_reduction=1 - fraction)
+        else:
+            budget = Budget.from_target(self.cost, flops_reduction=1 - fraction)
+        return solver.solve(self.scores, budget)
+
+    def measure(self, keep: torch.Tensor, tag: str) -> dict[str, Any]:
+        """Interleaved rounds against the unpruned network: both p50s and the pooled speed-up."""
+        student = shrink(self.model, self.index, keep, self.example)
+        path = self.work / f"{self.name}-{tag}.onnx"
+        export_onnx(student, self.example, path)
+        files = {"full": self.work / f"{self.name}-full.onnx", "student": path}
+
+        def profile_one(which: str, share: Timing) -> dict:
+            return profile_onnx(
+                files[which], [3, self.size, self.size], [1], timing=share, progress=False, keep_samples=True
+            )
+
+        timing = Timing(warmup_s=0.2, min_duration_s=self.args.duration, min_iters=10)
+        pooled, ratios = profile_interleaved(profile_one, ["full", "student"], rounds=self.args.rounds, timing=timing)
+        full_ms, student_ms = pooled["full"][1]["p50_ms"], pooled["student"][1]["p50_ms"]
+        return {
+            "student_ms": student_ms,
+            "full_ms": full_ms,
+            "speedup": full_ms / student_ms,
+            "speedup_rounds": ratios["student"][1],
+            "predicted_ms": self.latency.predict(keep),
+            "predicted_speedup": self.latency.base_ms / self.latency.predict(keep),
+            "flops_kept": self.cost.macs(keep) / self.cost.base_macs,
+            "params_kept": self.cost.params(keep) / self.cost.base_params,
+        }
+
+    def flops_at_latency(self, target_ms: float, round_to: int | None, start: float) -> dict[str, Any]:
+        """FLOPs-targeted students until two measured ones bracket ``target_ms`` (or 5 tries);
+        FLOPs and params at ``target_ms`` interpolated between the two nearest."""
+        probes: list[tuple[float, dict]] = []
+        fraction = start
+        for _ in range(5):
+            keep = self.solve("flops", fraction, round_to)
+            m = self.measure(keep, f"flops-{round_to}-{fraction:.4f}")
+            probes.append((fraction, m))
+            below = [p for p in probes if p[1]["student_ms"] <= target_ms]
+            above = [p for p in probes if p[1]["student_ms"] > target_ms]
+            if below and above:
+                break
+            if len(probes) == 1:  # first step: scale the FLOPs fraction by the latency ratio
+                fraction = min(0.98, max(0.02, fraction * target_ms / m["student_ms"]))
+            else:  # secant on (latency, fraction) through the last two
+                (f1, m1), (f2, m2) = probes[-2], probes[-1]
+                slope = (f2 - f1) / (m2["student_ms"] - m1["student_ms"] or 1e-9)
+                fraction = min(0.98, max(0.02, f2 + slope * (target_ms - m2["student_ms"])))
+        below = sorted((p for p in probes if p[1]["student_ms"] <= target_ms), key=lambda p: -p[1]["student_ms"])
+        above = sorted((p for p in probes if p[1]["student_ms"] > target_ms), key=lambda p: p[1]["student_ms"])
+        out: dict[str, Any] = {"probes": [{"flops_fraction": f, **m} for f, m in probes]}
+        if below and above:
+            a, b = below[0][1], above[0][1]
+            w = (target_ms - a["student_ms"]) / (b["student_ms"] - a["student_ms"])
+            out["flops_kept"] = a["flops_kept"] + w * (b["flops_kept"] - a["flops_kept"])
+            out["params_kept"] = a["params_kept"] + w * (b["params_kept"] - a["params_kept"])
+            out["bracketed"] = True
+        else:
+            nearest = min(probes, key=lambda p: abs(p[1]["student_ms"] - target_ms))[1]
+            out.update(flops_kept=nearest["flops_kept"], params_kept=nearest["params_kept"], bracketed=False)
+        return out
+
+
+def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path) -> None:
+    """The demo recipe's network and schedule (fmnist_quick: shipped ResNet-8 teacher, cascade with
+    2 TAs, 1 joint + 3 student epochs, full 10k test split) with a latency target at batch 32, and
+    with the FLOPs target whose student the latency table predicts as fast; both students then
+    timed in interleaved rounds, so "the same latency" is a measurement, not the prediction."""
+    from cascadec.errors import GateFailed
+    from cascadec.stages import compress
+
+    entry = data["results"].setdefault("fmnist", {})
+    batch = args.fmnist_batch
+    reduction = 1 - 1 / args.fmnist_target
+    common = [f"prune.latency.batch={batch}", "prune.latency.tolerance=null", f"profile.batches=[{batch}]"]
+    if "latency_run" not in entry or not args.resume:
+        out = work / "fmnist-latency"
+        start = time.perf_counter()
+        report = compress(
+            "cifar_resnet8",
+            "fmnist_quick",
+            out=str(out),
+            overrides=["prune.target.flops_reduction=null", f"prune.target.latency_reduction={reduction}", *common],
+        )
+        entry["latency_run"] = _fmnist_row(report, out, time.perf_counter() - start)
+        _save(data)
+    # the FLOPs target whose student the table predicts as fast as the latency-targeted one
+    lat = entry["latency_run"]
+    if "flops_run" not in entry or not args.resume:
+        flops_fraction = _flops_fraction_for(lat["predicted_ms"], batch)
+        out = work / "fmnist-flops"
+        start = time.perf_counter()
+        try:
+            report = compress(
+                "cifar_resnet8",
+                "fmnist_quick",
+                out=str(out),
+                overrides=[f"prune.target.flops_reduction={1 - flops_fraction:.4f}", f"profile.batches=[{batch}]"],
+            )
+        except GateFailed:  # a parity gate: the row says so
+            report = json.loads((out / "report.json").read_text())
+        entry["flops_run"] = _fmnist_row(report, out, time.perf_counter() - start)
+        entry["flops_run"]["flops_reduction_chosen"] = 1 - flops_fraction
+        _save(data)
+    # both students, interleaved, same protocol
+    files = {k: Path(entry[k]["dir"]) / "student.onnx" for k in ("latency_run", "flops_run")}
+
+    def profile_one(which: str, share: Timing) -> dict:
+        return profile_onnx(files[which], [1, 28, 28], [batch], timing=share, progress=False, keep_samples=True)
+
+    timing = Timing(warmup_s=0.2, min_duration_s=args.duration, min_iters=10)
+    pooled, _ = profile_interleaved(profile_one, list(files), rounds=args.rounds, timing=timing)
+    entry["interleaved_ms"] = {k: pooled[k][batch]["p50_ms"] for k in files}
+    entry["batch"] = batch
+    entry["target_speedup"] = args.fmnist_target
+    _save(data)
+
+
+def _fmnist_row(report: dict, out: Path, seconds: float) -> dict:
+    target = report.get("latency_target") or {}
+    lat = (report.get("latency") or {}).get("onnxruntime", {})
+    student = next(iter((lat.get("student") or {}).values()), {})
+    teacher = next(iter((lat.get("teacher") or {}).values()), {})
+    return {
+        "dir": str(out),
+        "accuracy": report["student"]["accuracy"],
+        "teacher_accuracy": report["teacher"]["accuracy"],
+        "flops_kept": report["student"]["flops"] / report["teacher"]["flops"],
+        "params_kept": report["student"]["params"] / report["teacher"]["params"],
+        "student_ms": student.get("p50_ms"),
+        "teacher_ms": teacher.get("p50_ms"),
+        "predicted_ms": target.get("predicted_ms") or (report.get("latency_prediction") or {}).get("predicted_ms"),
+        "measured_speedup": (teacher.get("p50_ms") or 0) / (student.get("p50_ms") or 1),
+        "predicted_speedup": target.get("predicted_speedup"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _flops_fraction_for(target_ms: float, batch: int) -> float:
+    """The FLOPs fraction whose L1-ranked student the latency table predicts at ``target_ms``
+    (the shipped teacher's weights; the table is the cached one the latency run built)."""
+    from cascadec.models import create_model as build
+
+    model = build("cifar_resnet8", weights="builtin:cifar_resnet8_fmnist", num_classes=10, in_channels=1).eval()
+    example = torch.zeros(1, 1, 28, 28)
+    index = build_groups(model, example)
+    cost = CostModel.build(model, index, example)
+    latency = attach_latency_model(
+        model, example, cost, backend="onnxruntime", batch=batch, grid_points=4, threads=None
+    )
+    scores = l1_importance(model, index)
+    solver = MaskSolver(index, cost, round_to=8)
+    lo, hi = 0.02, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        keep = solver.solve(scores, Budget.from_target(cost, flops_reduction=1 - mid))
+        if latency.predict(keep) <= target_ms:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _load() -> dict:
+    if JSON_PATH.is_file():
+        return json.loads(JSON_PATH.read_text())
+    return {"runs": [], "results": {}}
+
+
+def _save(data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = JSON_PATH.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(JSON_PATH)
+    MD_PATH.write_text(markdown(data))
+
+
+def markdown(data: dict) -> str:
+    lines = [
+        "# Latency targets on the CPU (ONNX Runtime, batch 1)",
+        "",
+        "Command: `python bench/latency_targets.py` (see the script's docstring for the protocol).",
+        "",
+    ]
+    for run in data.get("runs", []):
+        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`")
+    lines += [
+        "",
+        "## Latency tables",
+        "",
+        "| model | layers | widths timed | build s | cached |",
+        "|---|---|---|---|---|",
+    ]
+    for model, r in data["results"].items():
+        if model == "fmnist":
+            continue
+        t = r.get("table", {})
+        lines.append(
+            f"| {model} | {t.get('layers')} | {t.get('grid_points')} | {r.get('table_seconds', 0):.0f} | {t.get('cached')} |"
+        )
+    lines += [
+        "",
+        "## Measured speed-up against the target, and what each student keeps at the same measured latency",
+        "",
+        "| model | target | predicted | measured (per round) | error vs target | latency-targeted FLOPs / params kept "
+        "| FLOPs-targeted, round_to 8: FLOPs / params | FLOPs-targeted, no rounding: FLOPs / params | more FLOPs kept (vs 8 / vs none) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for model, r in data["results"].items():
+        if model == "fmnist":
+            continue
+        for key, row in sorted(r.get("targets", {}).items(), key=lambda kv: float(kv[0])):
+            lat = row["latency"]
+            err = lat["speedup"] / float(key) - 1
+            verdicts.append(abs(err) <= GOAL_SPEEDUP_ERROR)
+            cells = []
+            gains = []
+            for rt in ("8", "none"):
+                f = row.get(f"flops_round_to_{rt}")
+                if f is None:
+                    cells.append("not run")
+                    gains.append("-")
+                    continue
+                note = "" if f.get("bracketed") else " (nearest, not bracketed)"
+                cells.append(f"{f['flops_kept']:.3f} / {f['params_kept']:.3f}{note}")
+                gains.append(f"{lat['flops_kept'] / f['flops_kept'] - 1:+.1%}")
+            rounds = ", ".join(f"{s:.2f}" for s in lat.get("speedup_rounds", []))
+            lines.append(
+                f"| {model} | {float(key):.1f}x | {lat['predicted_speedup']:.2f}x | {lat['speedup']:.2f}x ({rounds}) | "
+                f"{err:+.1%} | {lat['flops_kept']:.3f} / {lat['params_kept']:.3f} | {cells[0]} | {cells[1]} | "
+                f"{' / '.join(gains)} |"
+            )
+    fm = data["results"].get("fmnist") or {}
+    if fm.get("latency_run") and fm.get("flops_run"):
+        lines += [
+            "",
+            f"## Fashion-MNIST: latency-targeted against FLOPs-targeted at the same latency (batch {fm.get('batch')})",
+            "",
+            "fmnist_quick's network and schedule (shipped ResNet-8 teacher, cascade with 2 TAs, 1 joint + 3 student "
+            "epochs, accuracy on the full 10k test split); the FLOPs target is the one whose student the latency "
+            "table predicts as fast. Both students timed again in interleaved rounds:",
+            "",
+            "| student | target | test accuracy | FLOPs kept | params kept | p50 ms in its run (speed-up) "
+            "| p50 ms interleaved |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, label in (("latency_run", "latency-targeted"), ("flops_run", "FLOPs-targeted")):
+            r = fm[key]
+            target = (
+                f"{fm.get('target_speedup', 0):.2f}x lower latency"
+                if key == "latency_run"
+                else f"{r.get('flops_reduction_chosen', 0):.1%} fewer FLOPs"
+            )
+            lines.append(
+                f"| {label} | {target} | {r['accuracy']:.2%} | {r['flops_kept']:.3f} | {r['params_kept']:.3f} | "
+                f"{r['student_ms']:.3g} ({r['measured_speedup']:.2f}x) | {fm.get('interleaved_ms', {}).get(key, float('nan')):.3g} |"
+            )
+    lines += ["", "## Goals", ""]
+    if verdicts:
+        lines.append(
+            f"- measured speed-up within {GOAL_SPEEDUP_ERROR:.0%} of the target: {sum(verdicts)} of {len(verdicts)} "
+            f"({'met' if all(verdicts) else 'not met'})"
+        )
+    tables = [
+        r.get("table_seconds") for m, r in data["results"].items() if m == "resnet50" and not r["table"]["cached"]
+    ]
+    if tables:
+        lines.append(
+            f"- ResNet-50 table built in {tables[0]:.0f} s (goal at most {GOAL_TABLE_SECONDS:.0f} s: "
+            f"{'met' if tables[0] <= GOAL_TABLE_SECONDS else 'not met'}); a second run loads it from the cache"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--fmnist", action="store_true", help="also the Fashion-MNIST accuracy comparison (two compress runs)"
+    )
+    p.add_argument("--fmnist-target", type=float, default=1.4, help="speed-up asked of the Fashion-MNIST student")
+    p.add_argument("--fmnist-batch", type=int, default=32)
+    args = p.parse_args()
+    data = _load() if args.resume else {"runs": [], "results": {}}
+    env = environment()
+    data["runs"].append(
+        {
+            "command": "python bench/latency_targets.py " + " ".join(sys.argv[1:]),
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
+        }
+    )
+    work = Path(tempfile.mkdtemp(prefix="latency-targets-"))
+    for name in args.models:
+        bench = Bench(name, args.size, args, work)
+        entry = data["results"].setdefault(name, {"targets": {}})
+        if "table" not in entry or not bench.latency.table.cached:
+            entry["table"] = bench.latency.table.summary()
+            entry["table_seconds"] = bench.table_seconds
+        else:
+            entry["table_reload_seconds"] = bench.table_seconds  # the cache's answer on a later run
+        entry["base_ms_predicted"] = bench.latency.base_ms
+        _save(data)
+        for t in args.targets:
+            key = f"{t:g}"
+            if key in entry["targets"] and args.resume:
+                continue
+            print(f"{name} {t}x: latency-targeted", flush=True)
+            keep = bench.solve("latency", 1 / t, 8)
+            row: dict[str, Any] = {"latency": bench.measure(keep, f"latency-{key}")}
+            target_ms = row["latency"]["student_ms"]
+            start = row["latency"]["flops_kept"]
+            for rt in (8, None):
+                print(f"{name} {t}x: FLOPs-targeted, round_to {rt}", flush=True)
+                row[f"flops_round_to_{rt or 'none'}"] = bench.flops_at_latency(target_ms, rt, start)
+            entry["targets"][key] = row
+            _save(data)
+    if args.fmnist:
+        fmnist_comparison(args, data, work)
+    print(MD_PATH.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""A latency model measured on the target backend, so a target can say "2x faster here".
+
+FLOPs answer "how fast" badly (docs/benchmarks.md: half the FLOPs gave 1.2x lower latency on
+this CPU): depthwise convs and high-resolution layers cost more time than their FLOPs say, and
+runtimes pick kernels by width. HALP (Shen et al., NeurIPS 2022) fixes it with a lookup table
+measured on the device (``prune/latency_table.py``); this module turns the table into what the
+solver needs for cascadec's channel groups:
+
+* the predicted latency of any unit mask: the layers' table entries at the widths the mask
+  keeps (bilinear between grid points), summed and scaled so that the full width predicts what
+  the whole exported network measured (the rest of the graph, pooling, additions, layout
+  reorders, is assumed to shrink with the convs);
+* per unit, the milliseconds it costs (a slope over each layer's width range), by which the
+  solver divides importance under a latency budget: HALP's knapsack, solved greedily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cascadec.errors import UserError
+from cascadec.prune.cost import CostModel
+from cascadec.prune.latency_table import LatencyTable, build_table, network_ms
+
+# --------------------------------------------------------------------------- the model the solver uses
+
+
+class LatencyModel:
+    """Predicted milliseconds of any unit mask, from the table and the cost model's widths."""
+
+    def __init__(self, table: LatencyTable, cost: CostModel) -> None:
+        self.table = table
+        self.cost = cost
+        self.names = list(cost.layer_names)
+        missing = [n for n in self.names if n not in table.layers]
+        if missing:
+            raise UserError(f"latency table does not cover layer(s) {', '.join(missing[:3])}")
+        self._pack()
+        full = torch.ones(cost.num_units)
+        self.layers_full_ms = self._layers_ms(full)
+        # Calibrated on the whole network as measured: the layers timed alone give the proportions,
+        # the network its scale. What it spends beyond its convs (additions, pooling, layout
+        # reorders) is taken to shrink with them: those ops are per channel too.
+        measured = table.network_ms or self.layers_full_ms
+        self.scale = measured / self.layers_full_ms if self.layers_full_ms > 0 else 1.0
+        self.base_ms = self.layers_full_ms * self.scale
+        self._weights: torch.Tensor | None = None
+
+    def _pack(self) -> None:
+        """Every layer's grid and times in padded tensors, so one prediction is a few tensor ops
+        (the solver predicts dozens of masks per training step)."""
+        tables = [self.table.tables[self.table.layers[n]] for n in self.names]
+        width = max(max(len(t.in_grid), len(t.out_grid)) for t in tables) if tables else 1
+        count = len(tables)
+        self._in_grid = torch.full((count, width), float("inf"), dtype=torch.float64)
+        self._out_grid = torch.full((count, width), float("inf"), dtype=torch.float64)
+        self._in_len = torch.tensor([len(t.in_grid) for t in tables], dtype=torch.long)
+        self._out_len = torch.tensor([len(t.out_grid) for t in tables], dtype=torch.long)
+        self._ms = torch.zeros((count, width, width), dtype=torch.float64)
+        for i, t in enumerate(tables):
+            self._in_grid[i, : len(t.in_grid)] = torch.tensor(t.in_grid, dtype=torch.float64)
+            self._out_grid[i, : len(t.out_grid)] = torch.tensor(t.out_grid, dtype=torch.float64)
+            self._ms[i, : len(t.in_grid), : len(t.out_grid)] = torch.tensor(t.ms, dtype=torch.float64)
+        self._depthwise = torch.tensor([t.config.depthwise for t in tables], dtype=torch.bool)
+
+    @staticmethod
+    def _axis(grid: torch.Tensor, length: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per layer: the grid points around ``x`` and the weight of the upper one (clamped at
+        both ends, as ``LayerTable.at``)."""
+        last = length - 1
+        hi = torch.searchsorted(grid, x[:, None].contiguous()).squeeze(1).clamp(max=last)
+        lo = (hi - 1).clamp(min=0)
+        g_lo = grid.gather(1, lo[:, None]).squeeze(1)
+        g_hi = grid.gather(1, hi[:, None]).squeeze(1)
+        span = (g_hi - g_lo).where(g_hi > g_lo, torch.ones_like(g_hi))
+        w = ((x - g_lo) / span).clamp(0.0, 1.0).where(g_hi > g_lo, torch.zeros_like(x))
+        below = x <= grid[:, 0]
+        lo, hi, w = lo.where(~below, torch.zeros_like(lo)), hi.where(~below, torch.zeros_like(hi)), w.where(~below, 0.0)
+        return lo, hi, w
+
+    def _layers_ms(self, keep: torch.Tensor) -> float:
+        kin, kout = self.cost._kept(keep)
+        one_axis = torch.minimum(kin, kout)  # a depthwise layer: the channels
+        kin = torch.where(self._depthwise, one_axis, kin)
+        i0, i1, a = self._axis(self._in_grid, self._in_len, kin)
+        o0, o1, b = self._axis(self._out_grid, self._out_len, kout)
+        rows = torch.arange(len(self.names))
+        ms = self._ms
+        top = ms[rows, i0, o0] * (1 - b) + ms[rows, i0, o1] * b
+        bottom = ms[rows, i1, o0] * (1 - b) + ms[rows, i1, o1] * b
+        return float((top * (1 - a) + bottom * a).sum())
+
+    def predict(self, keep: torch.Tensor) -> float:
+        """Milliseconds of the network this mask leaves, on the table's backend and batch."""
+        return self._layers_ms(keep) * self.scale
+
+    def unit_weights(self) -> torch.Tensor:
+        """``unit_costs`` over their mean, floored at a tenth of it (a unit the table sees no
+        time in is not free: the grid is coarse), computed once."""
+        if self._weights is None:
+            costs = self.unit_costs()
+            mean = costs.mean().clamp_min(1e-12)
+            self._weights = (costs / mean).clamp_min(0.1)
+        return self._weights
+
+    def unit_costs(self) -> torch.Tensor:
+        """Milliseconds one unit saves, averaged over each layer's whole width range (a slope,
+        not the step at full width): what the solver divides importance by."""
+        slopes_in, slopes_out, depthwise = [], [], []
+        for name in self.names:
+            t = self.table.tables[self.table.layers[name]]
+            c = t.config
+            full_in, full_out = c.in_channels, c.out_channels
+            ms = np.asarray(t.ms)
+            d_in = (ms[-1, -1] - ms[0, -1]) / max(1, t.in_grid[-1] - t.in_grid[0]) if len(t.in_grid) > 1 else 0.0
+            d_out = (ms[-1, -1] - ms[-1, 0]) / max(1, t.out_grid[-1] - t.out_grid[0]) if len(t.out_grid) > 1 else 0.0
+            depthwise.append(c.depthwise)
+            slopes_in.append(max(0.0, d_in) if full_in else 0.0)
+            slopes_out.append(max(0.0, d_out) if full_out else 0.0)
+        s_in = torch.tensor(slopes_in, dtype=torch.float64)
+        s_out = torch.tensor(slopes_out, dtype=torch.float64)
+        dw = torch.tensor(depthwise, dtype=torch.bool)
+        # a depthwise layer has one axis (its grid is over input channels): a unit that reaches
+        # it as input, output or both removes one channel of it
+        a_in = torch.where(dw[:, None], torch.maximum(self.cost.a_in, self.cost.a_out), self.cost.a_in)
+        a_out = torch.where(dw[:, None], torch.zeros_like(self.cost.a_out), self.cost.a_out)
+        per_unit = a_in.T @ s_in + a_out.T @ s_out
+        return per_unit.float() * self.scale
+
+
+def attach_latency_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    cost: CostModel,
+    *,
+    backend: str,
+    batch: int,
+    grid_points: int,
+    threads: int | None,
+    progress: bool = False,
+) -> LatencyModel:
+    """Measure (or load) the network's table on ``backend`` and attach it to ``cost``; a backend
+    this machine lacks is refused (exit 2) before anything is timed."""
+    from cascadec.backends.registry import get_backend
+
+    get_backend(backend).require(timing=True)
+    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    table = build_table(
+        model,
+        example_input,
+        cost=cost,
+        backend=backend,
+        batch=batch,
+        threads=threads,
+        grid_points=grid_points,
+        network_ms=lambda: network_ms(model, example_input, batch=batch, device=device, threads=threads),
+        progress=progress,
+    )
+    cost.latency = LatencyModel(table, cost)
+    return cost.latency
+
+
+def latency_prediction(latency: LatencyModel, keep: torch.Tensor, budget) -> dict[str, Any]:
+    """What the prune stage records for a latency target: the student's predicted latency next to
+    the unpruned network's, the target, and how the table was made."""
+    predicted = latency.predict(keep)
+    base = latency.base_ms
+    return {
+        "backend": latency.table.backend,
+        "batch": latency.table.batch,
+        "base_ms": base,
+        "predicted_ms": predicted,
+        "predicted_speedup": base / predicted if predicted > 0 else None,
+        "target_speedup": 1 / budget.keep_fraction if budget.metric == "latency" else None,
+        "table": latency.table.summary(),
+    }

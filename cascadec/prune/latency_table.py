@@ -1,0 +1,488 @@
+"""The latency table: every conv/linear layer of a network timed alone on the target backend,
+on a grid of widths, cached per machine (``prune/latency.py`` turns it into predictions).
+
+* Every conv/linear layer is timed alone, as a one-node ONNX graph (conv + ReLU, which every
+  backend fuses as it does in the exported network) at the layer's input resolution and the
+  target batch, on a grid of (input, output) widths at multiples of 8, under the profile
+  protocol in small (one warm-up per table, then per grid point untimed first calls and a timed
+  loop; the median counts, less the runtime's per-call overhead). Layers of identical
+  configuration share their timings, and only the axes a prunable group reaches get a grid.
+* The whole network, exported as ``export`` exports it, is timed too: it scales the layers' sum.
+* The table is cached per (layer configurations, batch, backend, device, threads, machine,
+  versions) under the cascadec cache folder with the environment it was measured in, and
+  reused by the next run on the same machine; a damaged entry is measured again.
+
+The backend is behind one callable (``LayerTimer``): ONNX Runtime on CPU or CUDA here; tests
+pass a fake. TensorRT is not offered: one engine build per grid point takes minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cascadec.errors import UserError
+from cascadec.prune.cost import CostModel
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LATENCY_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
+TABLE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What decides one layer's latency apart from its widths."""
+
+    kind: str  # "conv" or "linear"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    depthwise: bool
+    input_hw: tuple[int, ...]  # spatial size of the input (linear: the token dims before features)
+    bias: bool
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class LayerTable:
+    """Measured milliseconds of one configuration on a grid of widths."""
+
+    config: LayerConfig
+    in_grid: list[int]
+    out_grid: list[int]
+    ms: list[list[float]]  # [len(in_grid)][len(out_grid)]
+
+    def at(self, cin: float, cout: float) -> float:
+        """Bilinear between grid points; clamped at the grid's ends (below the smallest width
+        measured the latency is taken as that width's, which over-predicts, never under)."""
+        return float(_bilinear(self.in_grid, self.out_grid, np.asarray(self.ms), cin, cout))
+
+
+def _interp_weights(grid: Sequence[int], x: float) -> tuple[int, int, float]:
+    if len(grid) == 1 or x <= grid[0]:
+        return 0, 0, 0.0
+    if x >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    hi = int(np.searchsorted(grid, x))
+    lo = hi - 1
+    return lo, hi, (x - grid[lo]) / (grid[hi] - grid[lo])
+
+
+def _bilinear(in_grid: Sequence[int], out_grid: Sequence[int], ms: np.ndarray, cin: float, cout: float) -> float:
+    i0, i1, a = _interp_weights(in_grid, cin)
+    o0, o1, b = _interp_weights(out_grid, cout)
+    top = ms[i0, o0] * (1 - b) + ms[i0, o1] * b
+    bottom = ms[i1, o0] * (1 - b) + ms[i1, o1] * b
+    return top * (1 - a) + bottom * a
+
+
+def width_grid(full: int, points: int, multiple: int = 8) -> list[int]:
+    """``points`` widths from about full/points to full, rounded to ``multiple`` (runtimes block
+    channels by 8 or 16, so widths that are multiples are the ones a rounded student has)."""
+    if full <= multiple or points <= 1:
+        return [full] if points <= 1 or full <= 1 else sorted({max(1, full // 2), full})
+    out = {full}
+    for k in range(1, points):
+        w = int(round(full * k / points / multiple)) * multiple
+        out.add(min(full, max(multiple, w)))
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- layers of a network
+
+
+def layer_configs(model: nn.Module, example_input: torch.Tensor) -> dict[str, LayerConfig]:
+    """Each conv/linear layer's configuration, in the order the cost model lists them."""
+    found: dict[str, LayerConfig] = {}
+    hooks = []
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str) -> None:
+        if name in found:
+            return
+        x = inputs[0]
+        if isinstance(module, _CONV):
+            found[name] = LayerConfig(
+                kind="conv",
+                in_channels=module.in_channels,
+                out_channels=module.out_channels,
+                kernel=tuple(module.kernel_size),
+                stride=tuple(module.stride),
+                padding=tuple(module.padding) if isinstance(module.padding, tuple) else (0,) * len(module.kernel_size),
+                dilation=tuple(module.dilation),
+                groups=module.groups,
+                depthwise=module.groups > 1 and module.groups == module.in_channels == module.out_channels,
+                input_hw=tuple(int(s) for s in x.shape[2:]),
+                bias=module.bias is not None,
+            )
+        else:
+            found[name] = LayerConfig(
+                kind="linear",
+                in_channels=module.in_features,
+                out_channels=module.out_features,
+                kernel=(),
+                stride=(),
+                padding=(),
+                dilation=(),
+                groups=1,
+                depthwise=False,
+                input_hw=tuple(int(s) for s in x.shape[1:-1]),
+                bias=module.bias is not None,
+            )
+
+    for name, module in model.named_modules():
+        if isinstance(module, (*_CONV, nn.Linear)):
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: hook(m, i, o, n)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input[:1])
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def layer_onnx(config: LayerConfig, cin: int, cout: int, batch: int) -> tuple[bytes, tuple[int, ...]]:
+    """A one-layer ONNX graph (conv or Gemm, then ReLU) at these widths; returns it and its input shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if config.kind == "conv":
+        groups = cin if config.depthwise else config.groups
+        if config.depthwise:
+            cout = cin
+        weight = rng.standard_normal((cout, cin // groups, *config.kernel), dtype=np.float32) * 0.05
+        x_shape = (batch, cin, *config.input_hw)
+        pads = list(config.padding) * 2
+        inits = [numpy_helper.from_array(weight, "w")]
+        inputs = ["x", "w"]
+        if config.bias:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+            inputs.append("b")
+        node = helper.make_node(
+            "Conv",
+            inputs,
+            ["y"],
+            kernel_shape=list(config.kernel),
+            strides=list(config.stride),
+            pads=pads,
+            dilations=list(config.dilation),
+            group=groups,
+        )
+    else:
+        weight = rng.standard_normal((cin, cout), dtype=np.float32) * 0.05
+        x_shape = (batch, *config.input_hw, cin)
+        inits = [numpy_helper.from_array(weight, "w")]
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        if config.bias:
+            inits.append(numpy_helper.from_array(np.zeros(cout, np.float32), "b"))
+    nodes = [node]
+    last = "y"
+    if config.kind == "linear" and config.bias:
+        nodes.append(helper.make_node("Add", ["y", "b"], ["yb"]))
+        last = "yb"
+    nodes.append(helper.make_node("Relu", [last], ["out"]))
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [f"d{i}" for i in range(len(x_shape))])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), x_shape
+
+
+# A timer takes one ONNX graph and its input shape and returns the median milliseconds per call.
+LayerTimer = Callable[[bytes, tuple[int, ...]], float]
+
+
+def median_ms(run: Callable[[], object], *, min_iters: int = 10, min_seconds: float = 0.05) -> float:
+    """The profile protocol in small: one untimed first call (allocation, kernel choice), two
+    more untimed, then at least ``min_iters`` runs and ``min_seconds``; the median. The 200 ms
+    warm-up that ``profile`` pays per model is paid once per table (``ort_timer``), not per
+    grid point: a table has hundreds of points."""
+    for _ in range(3):
+        run()
+    samples: list[float] = []
+    started = time.perf_counter()
+    while len(samples) < min_iters or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(samples))
+
+
+def ort_timer(device: str = "cpu", threads: int | None = None) -> LayerTimer:
+    """ONNX Runtime: one session per grid point, the feed prepared beforehand (as ``profile``)."""
+    from cascadec.backends.onnxruntime_backend import _create_session
+
+    warm = False
+
+    def time_layer(graph: bytes, x_shape: tuple[int, ...]) -> float:
+        nonlocal warm
+        session = _create_session(graph, device, threads, "latency table layer")
+        feed = {"x": np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)}
+        if not warm:  # trtexec's 200 ms, once per table: CPU frequency and the thread pool ramp up
+            end = time.perf_counter() + 0.2
+            while time.perf_counter() < end:
+                session.run(["out"], feed)
+            warm = True
+        return median_ms(lambda: session.run(["out"], feed))
+
+    return time_layer
+
+
+def call_overhead_graph() -> tuple[bytes, tuple[int, ...]]:
+    """A graph that does next to nothing: its time is what every timed call pays besides the
+    layer (the runtime's dispatch), subtracted from each layer's time."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["out"])],
+        "overhead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", "c"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), (1, 8)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer tables of one network on one backend, plus the whole network's measured latency."""
+
+    backend: str
+    batch: int
+    layers: dict[str, str]  # layer name -> configuration key
+    tables: dict[str, LayerTable]  # configuration key -> table
+    network_ms: float | None = None  # the unpruned network, exported whole, on the backend
+    call_overhead_ms: float = 0.0  # already subtracted from every entry of ``tables``
+    build_seconds: float = 0.0
+    environment: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+
+    def layer_ms(self, name: str, cin: float, cout: float) -> float:
+        return self.tables[self.layers[name]].at(cin, cout)
+
+    def to_json(self) -> dict:
+        return {
+            "version": TABLE_VERSION,
+            "backend": self.backend,
+            "batch": self.batch,
+            "layers": self.layers,
+            "tables": {
+                k: {"config": asdict(t.config), "in_grid": t.in_grid, "out_grid": t.out_grid, "ms": t.ms}
+                for k, t in self.tables.items()
+            },
+            "network_ms": self.network_ms,
+            "call_overhead_ms": self.call_overhead_ms,
+            "build_seconds": self.build_seconds,
+            "environment": self.environment,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatencyTable:
+        tables = {}
+        for k, t in data["tables"].items():
+            c = t["config"]
+            config = LayerConfig(
+                **{**c, **{f: tuple(c[f]) for f in ("kernel", "stride", "padding", "dilation", "input_hw")}}
+            )
+            tables[k] = LayerTable(config, list(t["in_grid"]), list(t["out_grid"]), [list(r) for r in t["ms"]])
+        return cls(
+            backend=data["backend"],
+            batch=int(data["batch"]),
+            layers=dict(data["layers"]),
+            tables=tables,
+            network_ms=data.get("network_ms"),
+            call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),
+            build_seconds=float(data.get("build_seconds", 0.0)),
+            environment=dict(data.get("environment") or {}),
+            cached=True,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        full = sum(self.tables[k].ms[-1][-1] for k in self.layers.values())
+        return {
+            "backend": self.backend,
+            "batch": self.batch,
+            "layers": len(self.layers),
+            "configurations": len(self.tables),
+            "grid_points": sum(len(t.in_grid) * len(t.out_grid) for t in self.tables.values()),
+            "layers_sum_ms": full,
+            "network_ms": self.network_ms,
+            "build_seconds": self.build_seconds,
+            "cached": self.cached,
+        }
+
+
+def environment(backend: str, device: str, threads: int | None) -> dict[str, Any]:
+    """What the table's numbers depend on besides the network: it keys the cache."""
+    import onnxruntime
+
+    try:
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+    except OSError:
+        cpu = platform.processor()
+    return {
+        "backend": backend,
+        "device": device,
+        "threads": threads,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _cache_file(configs: dict[str, LayerConfig], batch: int, grid_points: int, env: dict) -> Path:
+    from cascadec.teacher import cache_root
+
+    payload = json.dumps(
+        {
+            "v": TABLE_VERSION,
+            "layers": {n: c.key() for n, c in configs.items()},
+            "batch": batch,
+            "grid": grid_points,
+            "env": env,
+        },
+        sort_keys=True,
+    )
+    return cache_root() / "latency" / f"{hashlib.sha256(payload.encode()).hexdigest()[:16]}.json"
+
+
+def build_table(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    cost: CostModel | None = None,
+    backend: str = "onnxruntime",
+    batch: int = 1,
+    threads: int | None = None,
+    grid_points: int = 4,
+    timer: LayerTimer | None = None,
+    network_ms: Callable[[], float] | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> LatencyTable:
+    """Measure (or load) the table. Only the axes a prunable group changes get a grid (``cost``
+    says which: a layer whose inputs no group reaches is timed at its full input width)."""
+    if backend not in LATENCY_BACKENDS:
+        raise UserError(
+            f"latency targets are measured on {' or '.join(LATENCY_BACKENDS)}; {backend!r} is not supported "
+            "(a TensorRT table would need one engine build per grid point)"
+        )
+    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    if device == "cuda":
+        from cascadec.backends.onnxruntime_backend import require_providers
+
+        require_providers("cuda")
+    configs = layer_configs(model, example_input)
+    env = environment(backend, device, threads)
+    path = _cache_file(configs, batch, grid_points, env)
+    if use_cache and path.is_file():
+        try:
+            return LatencyTable.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged entry is measured again and replaced
+    timer = timer or ort_timer(device, threads)
+    prunable_in, prunable_out = _prunable_axes(configs, cost)
+    start = time.perf_counter()
+    tables: dict[str, LayerTable] = {}
+    layers: dict[str, str] = {}
+    jobs: dict[str, tuple[LayerConfig, list[int], list[int]]] = {}
+    for name, config in configs.items():
+        in_grid = width_grid(config.in_channels, grid_points) if name in prunable_in else [config.in_channels]
+        out_grid = width_grid(config.out_channels, grid_points) if name in prunable_out else [config.out_channels]
+        if config.depthwise:
+            in_grid = sorted(set(in_grid) | set(out_grid)) if (name in prunable_in or name in prunable_out) else in_grid
+            out_grid = [config.out_channels]
+        key = json.dumps([config.key(), in_grid, out_grid])
+        layers[name] = key
+        jobs.setdefault(key, (config, in_grid, out_grid))
+    from cascadec.progress import track
+
+    items = list(jobs.items())
+    overhead = timer(*call_overhead_graph())
+    for key, (config, in_grid, out_grid) in track(items, "latency table") if progress else items:
+        ms = []
+        for cin in in_grid:
+            row = []
+            for cout in out_grid:
+                graph, x_shape = layer_onnx(config, cin, cin if config.depthwise else cout, batch)
+                row.append(max(0.0, timer(graph, x_shape) - overhead))
+            ms.append(row)
+        tables[key] = LayerTable(config, in_grid, out_grid, ms)
+    table = LatencyTable(
+        backend=backend,
+        batch=batch,
+        layers=layers,
+        tables=tables,
+        network_ms=network_ms() if network_ms else None,
+        call_overhead_ms=overhead,
+        environment=env,
+    )
+    table.build_seconds = round(time.perf_counter() - start, 2)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table.to_json()))
+        os.replace(tmp, path)
+    return table
+
+
+def _prunable_axes(configs: dict[str, LayerConfig], cost: CostModel | None) -> tuple[set[str], set[str]]:
+    if cost is None:
+        return set(configs), set(configs)
+    names = cost.layer_names
+    a_in = cost.a_in.sum(dim=1) > 0
+    a_out = cost.a_out.sum(dim=1) > 0
+    return {n for n, f in zip(names, a_in.tolist()) if f}, {n for n, f in zip(names, a_out.tolist()) if f}
+
+
+def network_ms(model: nn.Module, example_input: torch.Tensor, *, batch: int, device: str, threads: int | None) -> float:
+    """The whole network, exported as ``export`` exports it, timed on the backend."""
+    import tempfile
+
+    from cascadec.backends.onnx_export import export_onnx
+    from cascadec.backends.onnxruntime_backend import _create_session
+
+    with tempfile.TemporaryDirectory(prefix="cascadec-latency-") as tmp:
+        path = Path(tmp) / "network.onnx"
+        was_training = model.training
+        try:
+            export_onnx(model.eval(), example_input[:1], path)
+        finally:
+            model.train(was_training)
+        session = _create_session(str(path), device, threads, "latency table network")
+        name = session.get_inputs()[0].name
+        x = np.random.default_rng(0).standard_normal((batch, *example_input.shape[1:]), dtype=np.float32)
+        return median_ms(lambda: session.run(None, {name: x}), min_iters=20, min_seconds=1.0)

@@ -1,0 +1,271 @@
+"""cascadec.prune.latency: the latency table, the latency model, latency targets in the solver,
+the recipe, the refusal of backends this machine lacks, and predicted against measured.
+
+Most tests time layers with a fake timer (a known function of the widths), so they check the
+mechanics exactly; one runs ONNX Runtime on a tiny network end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers.nets import Chain
+
+from cascadec.errors import UserError
+from cascadec.prune.cost import CostModel
+from cascadec.prune.groups import build_groups
+from cascadec.prune.latency import LatencyModel
+from cascadec.prune.latency_table import LatencyTable, LayerTable, build_table, layer_configs, layer_onnx, width_grid
+from cascadec.prune.targets import Budget, MaskSolver
+from cascadec.recipe import Recipe, TargetSection
+
+EX = torch.zeros(1, 1, 16, 16)
+
+
+def fake_ms(graph: bytes, x_shape: tuple[int, ...]) -> float:
+    """Milliseconds as a known function of the layer: MACs of the one conv/matmul in the graph."""
+    model = onnx.load_from_string(graph)
+    if not model.graph.initializer:  # the call-overhead graph
+        return 0.0005
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    spatial = int(np.prod(x_shape[2:])) if len(x_shape) > 2 else 1
+    return 1e-6 * weight.size * spatial + 0.001  # a little fixed cost per call (above the overhead graph's)
+
+
+class CountingTimer:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, graph: bytes, x_shape: tuple[int, ...]) -> float:
+        self.calls += 1
+        return fake_ms(graph, x_shape)
+
+
+@pytest.fixture
+def chain(isolated_cache):
+    torch.manual_seed(0)
+    model = Chain().eval()
+    index = build_groups(model, EX)
+    cost = CostModel.build(model, index, EX)
+    return model, index, cost
+
+
+def test_width_grid_is_multiples_up_to_the_full_width() -> None:
+    assert width_grid(64, 4) == [16, 32, 48, 64]
+    assert width_grid(100, 4) == [24, 48, 72, 100]
+    assert width_grid(8, 4) == [4, 8]
+    assert width_grid(1, 4) == [1]
+
+
+def test_bilinear_table_is_exact_at_grid_points_and_linear_between() -> None:
+    config = layer_configs(Chain().eval(), EX)["conv2"]
+    table = LayerTable(config, [4, 8], [6, 12], [[1.0, 2.0], [3.0, 4.0]])
+    assert table.at(4, 6) == 1.0 and table.at(8, 12) == 4.0
+    assert table.at(6, 9) == pytest.approx(2.5)
+    assert table.at(2, 3) == 1.0  # below the grid: the smallest width's time, never less
+
+
+def test_layer_graph_is_a_valid_onnx_conv_at_the_asked_widths() -> None:
+    config = layer_configs(Chain().eval(), EX)["conv2"]
+    graph, x_shape = layer_onnx(config, 5, 7, batch=3)
+    model = onnx.load_from_string(graph)
+    onnx.checker.check_model(model)
+    assert x_shape == (3, 5, *config.input_hw)
+    assert onnx.numpy_helper.to_array(model.graph.initializer[0]).shape[:2] == (7, 5)
+
+
+def test_table_is_cached_per_machine_and_reused(chain, isolated_cache) -> None:
+    model, _, cost = chain
+    timer = CountingTimer()
+    first = build_table(model, EX, cost=cost, timer=timer, network_ms=lambda: 1.0)
+    measured = timer.calls
+    assert measured > 0 and not first.cached
+    second = build_table(model, EX, cost=cost, timer=timer, network_ms=lambda: 1.0)
+    assert timer.calls == measured and second.cached  # nothing timed again
+    assert json.loads(json.dumps(second.to_json()["tables"])) == json.loads(json.dumps(first.to_json()["tables"]))
+    # a damaged entry is measured again and replaced
+    (entry,) = (isolated_cache / "latency").glob("*.json")
+    entry.write_text("{not json")
+    third = build_table(model, EX, cost=cost, timer=timer, network_ms=lambda: 1.0)
+    assert not third.cached and timer.calls == 2 * measured
+    assert json.loads(entry.read_text())["layers"] == first.layers
+
+
+def test_only_axes_a_group_reaches_get_a_grid(chain) -> None:
+    model, _, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, use_cache=False)
+    grids = {name: table.tables[key] for name, key in table.layers.items()}
+    assert len(grids["conv1"].in_grid) == 1  # the image's channel: never pruned
+    assert len(grids["conv1"].out_grid) == 1  # conv1's outputs: frozen (the first conv)
+    assert len(grids["conv2"].in_grid) == 1 and len(grids["conv2"].out_grid) > 1
+    assert len(grids["fc"].out_grid) == 1  # the classifier's outputs
+
+
+def test_prediction_is_the_network_scaled_sum_of_its_layers(chain) -> None:
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    latency = LatencyModel(table, cost)
+    full = torch.ones(index.num_units)
+    assert latency.predict(full) == pytest.approx(0.5)  # calibrated on the measured network
+    keep = full.clone()
+    keep[: index.groups[0].size // 2] = 0.0  # half of conv2's outputs
+    kin, kout = cost._kept(keep)
+    direct = sum(table.layer_ms(n, ci, co) for n, ci, co in zip(cost.layer_names, kin.tolist(), kout.tolist()))
+    assert latency.predict(keep) == pytest.approx(direct * latency.scale)
+    assert latency.predict(keep) < latency.predict(full)
+
+
+def test_solver_meets_a_latency_budget_and_ranks_by_importance_per_millisecond(chain) -> None:
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    cost.latency = LatencyModel(table, cost)
+    budget = Budget.from_target(cost, latency_reduction=0.4)
+    assert budget.metric == "latency" and budget.value == pytest.approx(0.6 * 0.5)
+    keep = MaskSolver(index, cost).solve(torch.ones(index.num_units), budget)
+    assert cost.metric("latency", keep) <= budget.value
+    # equal importance: the units that cost more milliseconds go first
+    weights = cost.latency.unit_weights()
+    assert weights.min() > 0
+    dropped, kept = weights[keep < 0.5], weights[keep > 0.5]
+    assert dropped.mean() >= kept.mean()
+    absolute = Budget.from_target(cost, latency_ms=0.25)
+    assert absolute.keep_fraction == pytest.approx(0.5)
+    with pytest.raises(UserError, match="already takes"):
+        Budget.from_target(cost, latency_ms=0.9)
+
+
+def test_latency_target_without_a_table_is_refused(chain) -> None:
+    _, _, cost = chain
+    with pytest.raises(UserError, match="latency table"):
+        Budget.from_target(cost, latency_reduction=0.5)
+
+
+def test_recipe_latency_target() -> None:
+    target = TargetSection(latency_reduction=0.5)
+    assert target.is_latency and target.describe() == "2x lower latency"
+    assert TargetSection(latency_ms=3.0).describe() == "3 ms latency"
+    with pytest.raises(ValueError, match="exactly one"):
+        TargetSection(latency_reduction=0.5, flops_reduction=0.5)
+    recipe = Recipe.model_validate(
+        {"name": "r", "model": {"name": "cifar_resnet8"}, "prune": {"target": {"latency_reduction": 0.3}}}
+    )
+    assert recipe.prune.latency.backend == "onnxruntime" and recipe.prune.latency.batch == 1
+    with pytest.raises(ValueError):
+        Recipe.model_validate({"name": "r", "model": {"name": "m"}, "prune": {"latency": {"backend": "tensorrt"}}})
+
+
+def test_backends_without_a_table_or_missing_here_are_refused(chain) -> None:
+    model, _, cost = chain
+    with pytest.raises(UserError, match="not supported"):
+        build_table(model, EX, cost=cost, backend="tensorrt", timer=fake_ms)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        from cascadec.prune.latency import attach_latency_model
+
+        with pytest.raises(UserError):
+            attach_latency_model(model, EX, cost, backend="onnxruntime-cuda", batch=1, grid_points=2, threads=1)
+
+
+def test_table_round_trips_through_json(chain) -> None:
+    model, _, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    for name in table.layers:
+        assert again.layer_ms(name, 3.5, 5.0) == pytest.approx(table.layer_ms(name, 3.5, 5.0))
+    assert again.summary()["layers"] == table.summary()["layers"]
+
+
+class _Run:
+    """The two manifest entries check_latency_target reads, and what it records."""
+
+    def __init__(self, predicted: dict, profiled: dict) -> None:
+        self.metrics = {"prune.latency": predicted, "latency.onnxruntime": profiled}
+
+    def metric(self, key, default=None):
+        return self.metrics.get(key, default)
+
+    def record(self, key, value):
+        self.metrics[key] = value
+
+
+@pytest.mark.parametrize("measured, tolerance, passed", [(1.9, 0.1, True), (1.7, 0.1, False), (1.7, None, True)])
+def test_latency_gate_compares_measured_speedup_with_the_target(measured, tolerance, passed) -> None:
+    from cascadec.stages import check_latency_target
+
+    recipe = Recipe.model_validate(
+        {
+            "name": "r",
+            "model": {"name": "cifar_resnet8"},
+            "prune": {"target": {"latency_reduction": 0.5}, "latency": {"tolerance": tolerance}},
+        }
+    )
+    run = _Run(
+        {"predicted_ms": 5.0, "predicted_speedup": 2.0, "target_speedup": 2.0},
+        {"student": {"1": {"p50_ms": 10.0 / measured}}, "speedup": {"1": measured}},
+    )
+    out = check_latency_target(run, recipe)
+    assert out["passed"] is passed and run.metrics["latency_target"] is out
+    assert out["measured_speedup"] == measured
+    assert out["prediction_error"] == pytest.approx((10.0 / measured) / 5.0 - 1)
+    assert ("short" in out["message"]) is (not passed)
+
+
+def test_inspect_latency_on_onnx_runtime(isolated_cache) -> None:
+    """The real backend: the table is built once, then loaded; the dry run predicts the student."""
+    from cascadec.preflight import inspect_model
+
+    first = inspect_model("cifar_resnet8", in_channels=1, image_size=16, num_classes=10, latency_backend="onnxruntime")
+    lat = first["latency"]
+    assert not lat["cached"] and lat["network_ms"] > 0 and lat["grid_points"] > lat["layers"]
+    second = inspect_model("cifar_resnet8", in_channels=1, image_size=16, num_classes=10, latency_backend="onnxruntime")
+    assert second["latency"]["cached"]
+
+
+def test_compress_with_a_latency_target_reports_predicted_and_measured(
+    tiny_recipe, tmp_path, cli, isolated_cache
+) -> None:
+    """End to end on ONNX Runtime: the prune stage predicts, profile measures at the target's
+    batch, the report sets them side by side; a tolerance of 0 on an unmeetable target fails the
+    run with exit 3 after the report is written."""
+
+    def compress(out, reduction: float, tolerance: str):
+        return cli(
+            "compress", "cifar_resnet8", "--recipe", tiny_recipe, "--out", out,
+            "--set", "prune.target.flops_reduction=null", "--set", f"prune.target.latency_reduction={reduction}",
+            "--set", "prune.latency.batch=2", "--set", f"prune.latency.tolerance={tolerance}",
+        )  # fmt: skip
+
+    out = tmp_path / "run"
+    result = compress(out, 0.1, "null")
+    assert result.code == 0, result.err
+    report = json.loads((out / "report.json").read_text())
+    check = report["latency_target"]
+    assert check["batch"] == 2 and check["passed"] and check["tolerance"] is None
+    assert check["target_speedup"] == pytest.approx(1 / 0.9)
+    assert check["measured_ms"] > 0 and check["predicted_ms"] > 0
+    assert report["latency_prediction"]["table"]["layers"] > 0
+    assert "2" in report["latency"]["onnxruntime"]["student"]  # the target's batch was profiled
+    assert "## Latency target (onnxruntime, batch 2)" in (out / "report.md").read_text()
+
+    strict = compress(tmp_path / "strict", 0.2, "0")
+    strict_report = json.loads((tmp_path / "strict" / "report.json").read_text())
+    if strict_report["latency_target"]["passed"]:  # the machine happened to deliver: nothing to refuse
+        assert strict.code == 0
+    else:
+        assert strict.code == 3 and "latency target" in strict.err
+
+
+def test_packed_prediction_equals_the_tables_layer_by_layer(chain) -> None:
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, use_cache=False)
+    latency = LatencyModel(table, cost)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = (torch.rand(index.num_units, generator=gen) < 0.5).float()
+        kin, kout = cost._kept(keep)
+        direct = sum(table.layer_ms(n, ci, co) for n, ci, co in zip(cost.layer_names, kin.tolist(), kout.tolist()))
+        assert latency.predict(keep) == pytest.approx(direct * latency.scale)
