@@ -92,7 +92,7 @@ def inspect_model(
     index = analysis.index if analysis else prove_groups(model, build_groups(model, example), example)
     cost = analysis.cost if analysis else CostModel.build(model, index, example)
     if latency_backend is not None and cost.latency is None:
-        lat = recipe.prune.latency if recipe is not None else LatencySection(backend=latency_backend)
+        lat = recipe.prune.latency if recipe is not None else LatencySection()
         attach_latency_model(
             model,
             example,

@@ -269,3 +269,13 @@ def test_packed_prediction_equals_the_tables_layer_by_layer(chain) -> None:
         kin, kout = cost._kept(keep)
         direct = sum(table.layer_ms(n, ci, co) for n, ci, co in zip(cost.layer_names, kin.tolist(), kout.tolist()))
         assert latency.predict(keep) == pytest.approx(direct * latency.scale)
+
+
+@pytest.mark.parametrize(
+    "backend, message", [("tensorrt", "not supported"), ("trt", "not supported"), ("foo", "unknown backend")]
+)
+def test_inspect_latency_on_a_backend_without_tables_exits_2(cli, backend, message) -> None:
+    result = cli(
+        "inspect", "cifar_resnet8", "--in-channels", "1", "--image-size", "16", "--latency", "--backend", backend
+    )
+    assert result.code == 2 and message in result.err and "Traceback" not in result.err

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
-from cascadec.prune.latency_table import LatencyTable, build_table, network_ms
+from cascadec.prune.latency_table import LATENCY_BACKENDS, LatencyTable, build_table, network_ms
 
 # --------------------------------------------------------------------------- the model the solver uses
 
@@ -147,6 +147,12 @@ def attach_latency_model(
     this machine lacks is refused (exit 2) before anything is timed."""
     from cascadec.backends.registry import get_backend
 
+    backend = get_backend(backend).name  # an unknown name is refused here, an alias resolved
+    if backend not in LATENCY_BACKENDS:
+        raise UserError(
+            f"latency targets are measured on {' or '.join(LATENCY_BACKENDS)}; {backend!r} is not supported "
+            "(a TensorRT table would need one engine build per grid point)"
+        )
     get_backend(backend).require(timing=True)
     device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
     table = build_table(
