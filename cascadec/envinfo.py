@@ -170,6 +170,11 @@ def _gpu() -> dict:
     return info
 
 
+def gpu_name() -> str | None:
+    """The first GPU's name (torch, else nvidia-smi), None without one."""
+    return _gpu()["gpu"]
+
+
 def environment() -> dict:
     """Describe this machine and the relevant library versions, JSON-ready."""
     torch_threads = torch.get_num_threads()

@@ -464,7 +464,8 @@ def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[
 CHANNEL_PARAMETER_MODULES = ("GlobalResponseNorm",)
 
 
-def _channel_parameter_owners(model: nn.Module) -> dict[nn.Parameter, tuple[str, nn.Module]]:
+def channel_parameter_owners(model: nn.Module) -> dict[nn.Parameter, tuple[str, nn.Module]]:
+    """Each per-channel parameter of a CHANNEL_PARAMETER_MODULES module: (module name, module)."""
     return {
         p: (name, m)
         for name, m in model.named_modules()
@@ -643,7 +644,7 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
     name_of = {m: n for n, m in model.named_modules()}
 
     param_names = {p: n for n, p in model.named_parameters()}
-    owners = _channel_parameter_owners(model)
+    owners = channel_parameter_owners(model)
 
     groups: list[ChannelGroup] = []
     all_groups, frozen = _all_groups(dg, name_of, timeout_s)

@@ -345,18 +345,14 @@ def environment(backend: str, device: str, threads: int | None) -> dict[str, Any
     """What the table's numbers depend on besides the network: it keys the cache."""
     import onnxruntime
 
-    try:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-            platform.processor(),
-        )
-    except OSError:
-        cpu = platform.processor()
+    from cascadec.envinfo import cpu_model, gpu_name
+
     return {
         "backend": backend,
         "device": device,
         "threads": threads,
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        **({"gpu": gpu_name()} if device == "cuda" else {}),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "onnxruntime": onnxruntime.__version__,

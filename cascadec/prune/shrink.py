@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from cascadec.prune.groups import GroupIndex, build_dependency_graph, channel_width
+from cascadec.prune.groups import GroupIndex, build_dependency_graph, channel_parameter_owners, channel_width
 
 
 def pruned_root_idxs(index: GroupIndex, keep: torch.Tensor) -> dict[str, list[int]]:
@@ -122,12 +122,8 @@ def fold_weight_standardisation(model: nn.Module) -> nn.Module:
 
 def _response_norms(model: nn.Module, group) -> list[tuple[nn.Module, int]]:
     """Global response norms (ConvNeXt-V2) whose channels ``group`` removes, with their width now."""
-    owners = {id(p): m for m in model.modules() if type(m).__name__ == "GlobalResponseNorm" for p in m.parameters()}
-    found = {
-        id(owners[id(item.dep.target.module)]): owners[id(item.dep.target.module)]
-        for item in group
-        if id(item.dep.target.module) in owners
-    }
+    owners = {id(p): m for p, (_, m) in channel_parameter_owners(model).items()}
+    found = {id(m): m for item in group if (m := owners.get(id(item.dep.target.module))) is not None}
     return [(m, m.weight.shape[0]) for m in found.values()]
 
 
