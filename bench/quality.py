@@ -175,6 +175,60 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill": {"kd": True},
         "cascade": {"num_tas": 2, "score_signal": "taylor"},
     },
+    # issue 14: pruning compensation and CaP (retrain-free), against one-shot with the same data
+    "oneshot_none": {
+        "label": "one-shot Taylor, no retraining (BN statistics re-estimated)",
+        "prune": {"method": "oneshot", "importance": "taylor"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 0, "student_epochs": 0},
+    },
+    "oneshot_l1_none": {
+        "label": "one-shot L1, no retraining (BN statistics re-estimated)",
+        "prune": {"method": "oneshot", "importance": "l1"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 0, "student_epochs": 0},
+    },
+    "oneshot_uniform_none": {
+        "label": "one-shot Taylor, uniform widths (Torch-Pruning's default), no retraining",
+        "prune": {"method": "oneshot", "importance": "taylor", "allocation": "uniform"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 0, "student_epochs": 0},
+    },
+    "oneshot_uniform_kd_1ep": {
+        "label": "one-shot Taylor, uniform widths + 1 epoch of KD fine-tuning",
+        "prune": {"method": "oneshot", "importance": "taylor", "allocation": "uniform"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 1, "student_epochs": 0},
+    },
+    "oneshot_comp_none": {
+        "label": "one-shot Taylor + compensation, no retraining",
+        "prune": {"method": "oneshot", "importance": "taylor", "compensate": True},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 0, "student_epochs": 0},
+    },
+    "cap": {
+        "label": "CaP, no retraining (calibration images only)",
+        "prune": {"method": "cap"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 0, "student_epochs": 0},
+    },
+    "oneshot_kd_1ep": {
+        "label": "one-shot Taylor + 1 epoch of KD fine-tuning",
+        "prune": {"method": "oneshot", "importance": "taylor"},
+        "distill": {"kd": True},
+        "train": {"joint_epochs": 1, "student_epochs": 0},
+    },
+    "oneshot_comp_kd": {
+        "label": "(b) with compensation before fine-tuning",
+        "prune": {"method": "oneshot", "importance": "taylor", "compensate": True},
+        "distill": {"kd": True},
+    },
+    "cascade_2ta_comp": {
+        "label": "cascade, 2 TAs, student phase starts compensated",
+        "prune": {"method": "cascade", "importance": "taylor", "compensate": True},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+    },
 }
 DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "cascade_2ta", "cascade_3ta"]
 # masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
@@ -182,9 +236,13 @@ DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "ca
 MASKED_TOLERANCE = 0.001
 CASCADE_METHODS = tuple(m for m, spec in METHODS.items() if spec["prune"]["method"] == "cascade")
 TA_METHODS = tuple(
-    m for m in CASCADE_METHODS if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed"))
+    m
+    for m in CASCADE_METHODS
+    if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed", "_comp"))
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
+ONESHOT_NO_RETRAIN = ("oneshot_none", "oneshot_l1_none", "oneshot_uniform_none")  # issue 14's baselines for CaP
+ONESHOT_ONE_EPOCH = ("oneshot_kd_1ep", "oneshot_uniform_kd_1ep")
 
 
 def stem_for(profile: str) -> str:
@@ -417,6 +475,15 @@ def run_one(
         rec["fine_tune_epoch_seconds"] = [e["seconds"] for e in trained]
         rec["fine_tune_epochs"] = [{k: e.get(k) for k in curve_keys} for e in epochs]
         rec["fine_tune_seconds_per_step"] = sum(e["seconds"] for e in trained) / max(1, steps * len(trained))
+    if h.get("cap"):
+        cap = h["cap"]
+        rec["cap"] = {
+            k: cap.get(k) for k in ("calibration_images", "statistics_seconds", "selection_seconds", "seconds")
+        }
+        rec["train_images"] = len(loaders.train.dataset)
+    comp = h.get("compensation")
+    if comp:
+        rec["compensation_seconds"] = comp.get("seconds")
     rec["teacher_unchanged"] = _state_fingerprint(work_teacher) == teacher_fp
     return rec
 
@@ -574,6 +641,7 @@ def evaluate_goals(
             + (f"; broken: {' | '.join(broken)}" if broken else ""),
         )
     goals.append(g)
+    goals += compensation_goals(table, runs or [])
     g = {"id": 5, "goal": "joint-phase seconds per epoch <= (number of models) x a plain KD fine-tuning epoch"}
     if not ratios:
         g.update(status="not evaluated", detail="needs cascade and oneshot_kd runs at the same target and seed")
@@ -591,6 +659,99 @@ def evaluate_goals(
             status="met" if not bad else "missed",
             detail="; ".join(parts)
             + (f"; {len(bad)} of {len(ratios)} runs over" if bad else f"; all {len(ratios)} runs within"),
+        )
+    goals.append(g)
+    return goals
+
+
+def _first_epoch(run: dict) -> float | None:
+    """Selection accuracy after the student phase's first epoch (cascade runs)."""
+    epochs = [e for e in run.get("student_epochs") or [] if e.get("epoch") == 0]
+    return epochs[0]["student_accuracy"] if epochs else None
+
+
+def compensation_goals(table: list[dict], runs: list[dict]) -> list[dict]:
+    """Issue 14's goals for pruning compensation and CaP, evaluated where their runs exist."""
+    goals = []
+    ok = [r for r in runs if "error" not in r]
+
+    def best(methods: tuple[str, ...], target: float) -> tuple[str, dict] | None:
+        rows = [(m, r) for m in methods if (r := _cell(table, m, target))]
+        return max(rows, key=lambda mr: mr[1]["accuracy_mean"]) if rows else None
+
+    for target in (0.25, 0.5):
+        cap, none = _cell(table, "cap", target), best(ONESHOT_NO_RETRAIN, target)
+        g = {
+            "id": f"14.1 @ {target:.0%}",
+            "goal": f"at {target:.0%} fewer FLOPs CaP without retraining is >= 5 points above the best one-shot "
+            "pruning without retraining",
+        }
+        if cap and none:
+            margin = cap["accuracy_mean"] - none[1]["accuracy_mean"]
+            g.update(
+                status="met" if margin >= 5 else "missed",
+                detail=f"CaP {cap['accuracy_mean']:.2f}% vs {none[0]} {none[1]['accuracy_mean']:.2f}%: "
+                f"{margin:+.2f} points (n={cap['n']})",
+            )
+        else:
+            g.update(status="not evaluated", detail="needs cap and oneshot_*_none runs")
+        goals.append(g)
+    cap, kd1 = _cell(table, "cap", 0.5), best(ONESHOT_ONE_EPOCH, 0.5)
+    g = {
+        "id": "14.2",
+        "goal": "at 50% fewer FLOPs CaP without retraining is within 2 points of the best one-shot + 1 epoch of KD",
+    }
+    if cap and kd1:
+        margin = cap["accuracy_mean"] - kd1[1]["accuracy_mean"]
+        g.update(
+            status="met" if margin >= -2 else "missed",
+            detail=f"CaP {cap['accuracy_mean']:.2f}% vs {kd1[0]} {kd1[1]['accuracy_mean']:.2f}%: {margin:+.2f} points",
+        )
+    else:
+        g.update(status="not evaluated", detail="needs cap and oneshot_kd_1ep runs at 0.5")
+    goals.append(g)
+    caps = [r for r in ok if r["method"] == "cap" and r.get("cap")]
+    kd_epochs = [s for r in ok if r["method"] in ONESHOT_ONE_EPOCH for s in r.get("fine_tune_epoch_seconds", [])]
+    g = {"id": "14.3", "goal": "CaP uses <= 10% of the training images and <= 2% of one KD fine-tuning epoch's time"}
+    if caps and kd_epochs:
+        images = max(r["cap"]["calibration_images"] / r["train_images"] for r in caps)
+        seconds = statistics.fmean(r["cap"]["seconds"] for r in caps)
+        epoch = statistics.fmean(kd_epochs)
+        met = images <= 0.10 and seconds <= 0.02 * epoch
+        g.update(
+            status="met" if met else "missed",
+            detail=f"{images:.1%} of the training images; CaP {seconds:.2f} s (statistics, selection, refit) vs {epoch:.1f} s per KD epoch = {seconds / epoch:.1%}",
+        )
+    else:
+        g.update(status="not evaluated", detail="needs cap and oneshot_kd_1ep runs")
+    goals.append(g)
+    pairs = []
+    for r in ok:
+        if r["method"] == "cascade_2ta_comp":
+            ref = next(
+                (
+                    b
+                    for b in ok
+                    if b["method"] == "cascade_2ta" and b["target"] == r["target"] and b["seed"] == r["seed"]
+                ),
+                None,
+            )
+            if ref and _first_epoch(r) is not None and _first_epoch(ref) is not None:
+                pairs.append((r["target"], r["seed"], _first_epoch(ref), _first_epoch(r)))
+    g = {
+        "id": "14.4",
+        "goal": "compensation at the start of the cascade's student phase improves its first-epoch accuracy",
+    }
+    if pairs:
+        better = sum(c > b for _, _, b, c in pairs)
+        mean = statistics.fmean(100 * (c - b) for _, _, b, c in pairs)
+        g.update(
+            status="met" if mean > 0 and better > len(pairs) / 2 else "missed",
+            detail=f"{better} of {len(pairs)} runs better, mean {mean:+.2f} points (selection split, after student epoch 0)",
+        )
+    else:
+        g.update(
+            status="not evaluated", detail="needs cascade_2ta and cascade_2ta_comp runs with the same target and seed"
         )
     goals.append(g)
     return goals
@@ -884,7 +1045,7 @@ def write_plot(path: Path, doc: dict) -> None:
 
     s, t = doc["summary"], doc["teacher"]
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    markers = dict(zip(METHODS, ["o", "s", "^", "D", "v", "P", "x", "+", "1"]))
+    markers = {m: "os^DvPx+1*hH<>p"[i % 15] for i, m in enumerate(METHODS)}
     for m in METHODS:
         rows = sorted((r for r in s["table"] if r["method"] == m), key=lambda r: r["flops_fraction"])
         if not rows:

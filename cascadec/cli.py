@@ -27,7 +27,7 @@ from cascadec.errors import EXIT_INTERRUPTED, CascadecError, GateFailed, first_l
 from cascadec.formatting import fmt_accuracy, fmt_flops, fmt_ms, fmt_params, speedup_range
 from cascadec.recipe import list_recipes, load_recipe, recipe_to_yaml
 from cascadec.report_render import summary_table
-from cascadec.verify.present import PARITY_COLUMNS, parity_rows, raise_on_failure
+from cascadec.verify.present import PARITY_COLUMNS, float64_verdict, parity_rows, raise_on_failure
 from cascadec.verify.results import ParityResult
 
 app = typer.Typer(
@@ -349,6 +349,10 @@ def _print_parity(result: ParityResult) -> None:
         passed = row[-1]
         table.add_row(*row[:-1], "[green]yes[/]" if passed == "yes" else "[red]NO[/]")
     out.print(table)
+    for name, b in result.backends.items():
+        verdict = float64_verdict(name, b.float64_judgement)
+        if verdict and b.passed:  # (a failed gate prints it under the failure table)
+            out.print(verdict, highlight=False)
     if result.torch_accuracy is not None:
         out.print(f"PyTorch student accuracy on these samples: {result.torch_accuracy:.4f}", highlight=False)
 

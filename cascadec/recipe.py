@@ -193,8 +193,27 @@ class LatencySection(_Strict):
     )
 
 
+class CompensationSection(_Strict):
+    """Pruning compensation and CaP (prune/compensate.py, prune/cap.py)."""
+
+    images: int = Field(1024, ge=1, description="calibration images drawn from the training set (statistics, BN)")
+    ridge: float = Field(
+        1e-3, gt=0, description="ridge of the least-squares refit, relative to the mean input variance"
+    )
+    steps: int = Field(16, ge=1, le=256, description="CaP: the budget is reached in this many re-scored steps")
+
+
 class PruneSection(_Strict):
-    method: Literal["cascade", "oneshot"] = "cascade"
+    method: Literal["cascade", "oneshot", "cap"] = Field(
+        "cascade",
+        description="cascade: the paper; oneshot: rank once, fine-tune; cap: compensation-aware, no training needed",
+    )
+    compensate: bool = Field(
+        False,
+        description="refit the layers that read pruned channels before fine-tuning starts "
+        "(oneshot: on the teacher's statistics; cascade: at the start of the student phase)",
+    )
+    compensation: CompensationSection = Field(default_factory=CompensationSection)
     target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
     importance: Literal["taylor", "l1"] = Field(
         "taylor", description="oneshot criterion; also initialises learned scores"
@@ -316,6 +335,12 @@ class VerifySection(_Strict):
     min_top5_agreement: Optional[float] = Field(None, ge=0, le=1)
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="torch accuracy minus backend accuracy")
     max_abs_diff: Optional[float] = Field(None, gt=0, description="legacy: hard cap on max |diff| of fp32 backends")
+    ill_conditioned: Literal["float64", "fail"] = Field(
+        "float64",
+        description="a network whose PyTorch float32 output is itself further from float64 than the tolerance: "
+        "float64 judges each backend against PyTorch float64 (it passes where it is no worse than PyTorch float32); "
+        "fail: the gate against PyTorch float32 stands",
+    )
 
     @field_validator("tolerances", mode="before")
     @classmethod

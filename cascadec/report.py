@@ -98,7 +98,17 @@ def history_summary(history: dict) -> dict:
     """What report.json keeps of the prune stage's history: the ladder, timings and per-epoch records."""
     out = {
         k: history[k]
-        for k in ("fractions", "joint_seconds", "mask_changed_units", "seconds", "ladder", "freeze_step", "joint_steps")
+        for k in (
+            "fractions",
+            "joint_seconds",
+            "mask_changed_units",
+            "seconds",
+            "ladder",
+            "freeze_step",
+            "joint_steps",
+            "cap",
+            "compensation",
+        )
         if k in history
     }
     if history.get("joint"):

@@ -29,7 +29,7 @@ from cascadec.formatting import (
     speedup,
     speedup_range,
 )
-from cascadec.verify.present import conditioning_verdict
+from cascadec.verify.present import conditioning_verdict, float64_verdict
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -112,7 +112,7 @@ def _parity_md(parity: Mapping) -> list[str]:
         "Accuracy",
         "Result",
     ]
-    rows, failures = [], []
+    rows, failures, judged = [], [], []
     for name, r in parity.items():
         if not isinstance(r, Mapping):
             continue
@@ -147,8 +147,13 @@ def _parity_md(parity: Mapping) -> list[str]:
                 failures.append(f"- **{name}**: first divergent layer not found: {found.get('error', MISSING)}")
         verdict = conditioning_verdict(name, r.get("conditioning"))
         if verdict:
-            failures.append(f"- **{name}**: conditioning: {verdict}")
+            (failures if not passed else judged).append(f"- **{name}**: conditioning: {verdict}")
+        verdict = float64_verdict(name, r.get("float64_judgement"))
+        if verdict:
+            (failures if not passed else judged).append(f"- **{name}**: {verdict}")
     lines = ["## Parity (candidate vs PyTorch)", ""] + _md_table(header, rows)
+    if judged:
+        lines += ["Judged against float64 (the network is ill-conditioned in float32):", "", *judged, ""]
     return lines + (["Gate failures:", "", *failures, ""] if failures else [])
 
 
@@ -300,6 +305,28 @@ def _training_md(prune: Mapping) -> list[str]:
             for e in joint
         ]
         lines += ["Joint phase:", ""] + _md_table(["Epoch", *names, "Masks frozen", "Units changed per model"], rows)
+    cap = prune.get("cap")
+    if isinstance(cap, Mapping) and cap.get("layers") is not None:
+        lines += [
+            f"CaP (no training): {cap.get('calibration_images')} calibration images, "
+            f"{len(cap.get('steps') or [])} selection step(s), {len(cap['layers'])} layer(s) refitted; "
+            f"statistics {fmt_float(cap.get('statistics_seconds'), '.1f')} s, "
+            f"selection {fmt_float(cap.get('selection_seconds'), '.1f')} s, total {fmt_float(cap.get('seconds'), '.1f')} s.",
+            "",
+        ]
+    comp = prune.get("compensation")
+    if isinstance(comp, Mapping) and comp.get("layers") is not None:
+        lines += [
+            f"Compensation before fine-tuning: {len(comp['layers'])} layer(s) refitted in "
+            f"{fmt_float(comp.get('seconds'), '.1f')} s"
+            + (
+                f" (mean shift not corrected after {', '.join(comp['mean_not_corrected'])}: no bias or BatchNorm)"
+                if comp.get("mean_not_corrected")
+                else ""
+            )
+            + ".",
+            "",
+        ]
     for phase in ("student_epochs", "fine_tune_epochs"):
         epochs = prune.get(phase)
         if epochs:

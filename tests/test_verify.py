@@ -499,3 +499,103 @@ def test_batches_are_cut_to_the_engine_profile(exported, monkeypatch):
     out = verify_backends(model, path, (x, y), samples=22, progress=False, batch_size=11).to_dict()
     assert out["backends"]["onnxruntime"]["passed"] and out["samples"] == 22
     assert made[0].batches == [8, 4, 8, 4]  # 11 = 8 + 3 padded to 4, twice
+
+
+class _Cancellation(nn.Module):
+    """(1e7 + logits) - 1e7: float32 keeps no fractional digit at 1e7, so PyTorch float32 itself is
+    up to 0.5 from the exact logits, absolutely and relatively: no float32 backend can meet
+    atol 1e-4 / rtol 1e-3 against it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        big = torch.full_like(self.fc(x.flatten(1)), 1e7)
+        return (big + self.fc(x.flatten(1))) - big
+
+
+@pytest.fixture(scope="module")
+def ill_conditioned(tmp_path_factory):
+    model = _Cancellation().eval()
+    path = tmp_path_factory.mktemp("verify") / "cancel.onnx"
+    export_onnx(model, torch.randn(1, 16), path)
+    x = np.random.default_rng(1).standard_normal((64, 16), dtype=np.float32)
+    exact = model.to(torch.float64)(torch.from_numpy(x).double()).detach().numpy()
+    model.float()
+    return model, path, x, exact
+
+
+def _backend_returning(monkeypatch, outputs: np.ndarray) -> None:
+    """ONNX Runtime replaced by a runner answering ``outputs`` row by row (in batch order)."""
+    real, served = verify_mod.get_runner, {"n": 0}
+
+    def fake(name, **kwargs):
+        real(name, **kwargs)  # (the real runner is still built: the ONNX file must load)
+
+        def run(a):
+            start = served["n"]
+            served["n"] += len(a)
+            return outputs[start : start + len(a)].astype(np.float32)
+
+        return run
+
+    monkeypatch.setattr(verify_mod, "get_runner", fake)
+
+
+@pytest.mark.parametrize("policy", ["float64", "fail"])
+def test_an_exact_backend_of_an_ill_conditioned_network_is_judged_against_float64(
+    ill_conditioned, monkeypatch, policy
+):
+    model, path, x, exact = ill_conditioned
+    _backend_returning(monkeypatch, exact)  # a backend as exact as float32 can be
+    gate = Gate(ill_conditioned=policy)
+    result = verify_backends(model, path, x, samples=64, batch_size=16, progress=False, gate=gate)
+    b = result.backends["onnxruntime"]
+    assert b.conditioning["ill_conditioned"] is True  # PyTorch float32 is the one far from exact
+    assert b.metrics["max_abs_diff"] > 0.05  # against PyTorch float32 it fails the tolerance
+    if policy == "fail":
+        assert not b.passed and b.float64_judgement is None
+        with pytest.raises(GateFailed, match="ill-conditioned"):
+            raise_on_failure(result)
+        return
+    judged = b.float64_judgement
+    assert b.passed, judged
+    assert judged["samples"] == 64  # every verify sample, not the 4 probe samples
+    assert judged["failures"] == [] and judged["excused"] == []  # it meets the gate against float64 outright
+    assert "tolerance" in judged["torch_fp32_failures"]
+    assert judged["candidate"]["max_abs_diff"] < 1e-5 < 0.05 < judged["torch_fp32"]["max_abs_diff"]
+    raise_on_failure(result)  # passes: nothing raised
+    again = ParityResult.from_dict(json.loads(json.dumps(result.to_dict())))  # the manifest round trip
+    assert again.passed and again.backends["onnxruntime"].float64_judgement == judged
+
+
+def test_a_backend_as_inexact_as_pytorch_float32_is_excused_not_a_worse_one(ill_conditioned, monkeypatch):
+    model, path, x, exact = ill_conditioned
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+    _backend_returning(monkeypatch, exact + 0.5 * (ref - exact))  # half PyTorch float32's own error
+    result = verify_backends(model, path, x, samples=64, batch_size=16, progress=False)
+    judged = result.backends["onnxruntime"].float64_judgement
+    assert result.passed and "tolerance" in judged["excused"], judged
+    assert judged["candidate"]["max_abs_diff"] <= judged["torch_fp32"]["max_abs_diff"]
+    monkeypatch.undo()
+    _backend_returning(monkeypatch, exact + 1.5 * (ref - exact))  # further from exact than PyTorch float32
+    result = verify_backends(model, path, x, samples=64, batch_size=16, progress=False)
+    b = result.backends["onnxruntime"]
+    assert not b.passed and "tolerance" in [f["metric"] for f in b.float64_judgement["failures"]]
+    with pytest.raises(GateFailed, match="still fails tolerance"):
+        raise_on_failure(result)
+
+
+def test_a_wrong_backend_of_an_ill_conditioned_network_still_fails(ill_conditioned, monkeypatch):
+    model, path, x, exact = ill_conditioned
+    _backend_returning(monkeypatch, exact + 0.9 * np.sign(exact - np.round(exact)))  # worse than float32's own error
+    result = verify_backends(model, path, x, samples=64, batch_size=16, progress=False)
+    b = result.backends["onnxruntime"]
+    assert not b.passed
+    if b.float64_judgement is not None:  # (judged only when the probe found it ill-conditioned)
+        assert b.float64_judgement["failures"]
+    with pytest.raises(GateFailed, match="onnxruntime"):
+        raise_on_failure(result)

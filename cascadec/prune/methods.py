@@ -24,6 +24,7 @@ from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.prune.analysis import Analysis, analyse
+from cascadec.prune.cap import calibration_loader, compensate_start, prune_cap
 from cascadec.prune.cascade import CascadeTrainer
 from cascadec.prune.finetune import student_phase
 from cascadec.prune.importance import CRITERIA
@@ -62,10 +63,14 @@ def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime
 
 
 def _recalibration(recipe: Recipe, loader) -> tuple[object, int]:
-    """The fixed training batches BatchNorm statistics are re-estimated on."""
+    """The fixed training batches BatchNorm statistics are re-estimated on (CaP: its
+    calibration images, so a retrain-free run sees no other training data)."""
     batches = recipe.train.bn_recalibration_batches
     if batches <= 0:
         return None, 0
+    if recipe.prune.method == "cap":
+        calibration = calibration_loader(loader.dataset, recipe)
+        return calibration, len(calibration)
     return recalibration_loader(
         loader.dataset, recipe.data.batch_size, batches=batches, seed=recipe.train.seed
     ), batches
@@ -124,6 +129,9 @@ def run_oneshot(
         scores = initial_importance(teacher, analysis, recipe, loader, device, runtime)
         mask = analysis.solver.solve(scores, analysis.budget)
     student = copy.deepcopy(teacher).to(device)
+    compensation = None
+    if recipe.prune.compensate and resume is None:
+        compensation = compensate_start(student, teacher, analysis, mask, loader, recipe, device)
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
     epochs = recipe.train.joint_epochs + recipe.train.student_epochs
     history = _fine_tune(
@@ -140,7 +148,41 @@ def run_oneshot(
         runtime=runtime,
         resume=resume,
     )
-    return PruneResult(student, mask, analysis, {"fine_tune": history, "seconds": time.perf_counter() - start})
+    record = {"fine_tune": history, "seconds": time.perf_counter() - start}
+    if compensation is not None:
+        record["compensation"] = compensation
+    return PruneResult(student, mask, analysis, record)
+
+
+def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+    """CaP: compensation-aware selection and refit on calibration images, then BatchNorm
+    statistics re-estimated on the same images; the recipe's epochs (0 for a retrain-free run)
+    fine-tune it like a one-shot student."""
+    start = time.perf_counter()
+    resume = runtime.load("student") if runtime is not None else None
+    if resume is not None:
+        mask, report = resume["mask"].to(device), {}
+        student = copy.deepcopy(teacher).to(device)
+    else:
+        student, mask, report = prune_cap(teacher, analysis, recipe, loader, device)
+    teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
+    history = _fine_tune(
+        student,
+        mask,
+        analysis,
+        teachers,
+        recipe,
+        loader,
+        select_loader,
+        device,
+        recipe.train.joint_epochs + recipe.train.student_epochs,
+        promote=False,
+        runtime=runtime,
+        resume=resume,
+    )
+    return PruneResult(
+        student, mask, analysis, {"cap": report, "fine_tune": history, "seconds": time.perf_counter() - start}
+    )
 
 
 def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -305,6 +347,10 @@ def run_cascade(
     ]
     student, mask = trainer.extract_student()
     final_mask = mask.cpu()
+    compensation = None
+    if recipe.prune.compensate and student_state is None:
+        # toward the unmasked shared network the student was cut from (the top of the ladder)
+        compensation = compensate_start(student, student, analysis, final_mask, loader, recipe, device)
     history = {
         "fractions": trainer.state.fractions,
         "joint": joint,
@@ -314,6 +360,8 @@ def run_cascade(
         "freeze_step": trainer.freeze_at,
         "joint_steps": joint_steps,
     }
+    if compensation is not None:
+        history["compensation"] = compensation
     history["student"] = _fine_tune(
         student,
         mask,
@@ -334,7 +382,7 @@ def run_cascade(
 
 
 # prune.method -> the function that runs it; a new method is one entry here and its module
-METHODS: dict[str, Callable[..., PruneResult]] = {"cascade": run_cascade, "oneshot": run_oneshot}
+METHODS: dict[str, Callable[..., PruneResult]] = {"cascade": run_cascade, "oneshot": run_oneshot, "cap": run_cap}
 
 
 def check_ladder(names: list[str], fractions: list[float], accuracies: list[float], policy: str) -> dict:

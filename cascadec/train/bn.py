@@ -52,9 +52,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, *, device: torch.
 def recalibration_loader(dataset, batch_size: int, *, batches: int, seed: int) -> DataLoader:
     """A fixed, seeded sample of ``batches`` training batches: the same images on every call and
     after a resume, and independent of where the training loader is in its epoch."""
+    return sample_loader(dataset, batches * batch_size, batch_size, seed=seed + 104_729)
+
+
+def sample_loader(dataset, images: int, batch_size: int, *, seed: int) -> DataLoader:
+    """``images`` training images drawn once with ``seed``: the same ones on every call."""
     n = len(dataset)
-    count = min(n, batches * batch_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104_729))[:count]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, images)]
     # random order, not sorted: ImageFolder-style sets are stored class by class, and single-class
     # batches would understate the variance
     return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)

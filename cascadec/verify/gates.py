@@ -71,6 +71,9 @@ class Gate:
     min_top5_agreement: float | None = None
     max_accuracy_drop: float | None = None
     max_abs_diff: float | None = None
+    # a backend of a network whose own float32 output is further from float64 than the tolerance:
+    # "float64" judges it against PyTorch float64 (no worse than PyTorch float32), "fail": the gate stands
+    ill_conditioned: str = "float64"
 
     def tolerance(self, precision: str) -> Tolerance:
         if precision not in self.tolerances:
@@ -181,6 +184,7 @@ class Gate:
             min_top5_agreement=getattr(section, "min_top5_agreement", None),
             max_accuracy_drop=getattr(section, "max_accuracy_drop", None),
             max_abs_diff=getattr(section, "max_abs_diff", None),
+            ill_conditioned=getattr(section, "ill_conditioned", "float64"),
         )
 
     def as_dict(self) -> dict:

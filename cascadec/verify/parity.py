@@ -21,9 +21,17 @@ from cascadec.backends import canonical_name, get_backend, get_runner
 from cascadec.backends.torch_backend import TorchRunner
 from cascadec.errors import UserError
 from cascadec.verify.compare import as_2d, compare_outputs
-from cascadec.verify.diagnose import DIVERGENCE_SAMPLES, conditioning, first_divergence, nonfinite_parameters
+from cascadec.verify.diagnose import (
+    DIVERGENCE_SAMPLES,
+    conditioning,
+    first_divergence,
+    float64_judgement,
+    nonfinite_parameters,
+)
 from cascadec.verify.gates import Gate
 from cascadec.verify.results import BackendParity, ParityResult
+
+KEEP_INPUTS_BYTES = 1 << 30  # verify inputs kept for a float64 judgement (512 ImageNet images: 300 MiB)
 
 
 def _to_numpy(a: object) -> np.ndarray:
@@ -103,6 +111,7 @@ def verify_backends(
     labels: list[np.ndarray] = []
     have_labels = True
     probe: list[np.ndarray] = []  # the first samples, kept for the first-divergent-layer search
+    inputs: list[np.ndarray] | None = []  # every sample, for a float64 judgement (None: past the cap)
 
     columns = (TextColumn("verify"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True, disable=not progress) as bar:
@@ -113,6 +122,10 @@ def verify_backends(
             x = np.ascontiguousarray(x, dtype=np.float32)
             if sum(len(p) for p in probe) < DIVERGENCE_SAMPLES:
                 probe.append(x[: DIVERGENCE_SAMPLES - sum(len(p) for p in probe)])
+            if inputs is not None:
+                inputs.append(x)
+                if sum(a.nbytes for a in inputs) > KEEP_INPUTS_BYTES:
+                    inputs = None
             outputs["__ref__"].append(reference(x))
             for n, runner in runners.items():
                 outputs[n].append(_run_within_profile(runner, x))
@@ -148,6 +161,15 @@ def verify_backends(
             result.conditioning = conditioning(
                 model, x_probe, ref[: len(x_probe)], candidate[: len(x_probe)], tolerance
             )
+            if result.conditioning.get("ill_conditioned") and gate.ill_conditioned == "float64":
+                if inputs is None:
+                    result.float64_judgement = {
+                        "error": f"the verify samples exceed {KEEP_INPUTS_BYTES >> 20} MiB; verify fewer to judge against float64"
+                    }
+                else:
+                    result.float64_judgement = float64_judgement(model, inputs, ref, candidate, y_all, gate, precision)
+                    if "failures" in result.float64_judgement:
+                        result.failures = result.float64_judgement["failures"]
         results[n] = result
     return ParityResult(
         samples=int(ref.shape[0]),

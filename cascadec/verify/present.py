@@ -69,6 +69,25 @@ def conditioning_verdict(backend: str, found: Mapping | None) -> str | None:
     return head + f": {backend} itself departs from the exact result"
 
 
+def float64_verdict(backend: str, judged: Mapping | None) -> str | None:
+    """How an ill-conditioned network's backend fared against PyTorch float64, in words."""
+    if not isinstance(judged, Mapping):
+        return None
+    if judged.get("error"):
+        return f"{backend} not judged against float64: {judged['error']}"
+    t, c = judged.get("torch_fp32") or {}, judged.get("candidate") or {}
+    head = (
+        f"{backend} judged against PyTorch float64 on all {judged.get('samples')} samples (verify.ill_conditioned: "
+        f"float64): max |diff| {_num(c.get('max_abs_diff'), '.3g')} vs PyTorch float32's own "
+        f"{_num(t.get('max_abs_diff'), '.3g')}, top-1 agreement {_num(c.get('top1_agreement'), '.4f')} vs "
+        f"{_num(t.get('top1_agreement'), '.4f')}"
+    )
+    if judged.get("failures"):
+        return head + ": still fails " + ", ".join(f["metric"] for f in judged["failures"])
+    excused = ", ".join(judged.get("excused") or []) or "nothing"
+    return head + f": passes, no worse than PyTorch float32 (excused: {excused})"
+
+
 def describe_conditioning(backend: str, found: Mapping | None) -> str | None:
     """The verdict as a line under the failure table."""
     verdict = conditioning_verdict(backend, found)
@@ -130,7 +149,11 @@ def raise_on_failure(result: ParityResult | Mapping) -> None:
         )
     for name in result.failed:
         b = result.backends[name]
-        for line in (describe_divergence(name, b.first_divergence), describe_conditioning(name, b.conditioning)):
+        for line in (
+            describe_divergence(name, b.first_divergence),
+            describe_conditioning(name, b.conditioning),
+            float64_verdict(name, b.float64_judgement),
+        ):
             if line:
                 lines.append(line)
     raise GateFailed(f"parity gate failed for {', '.join(result.failed)}:\n" + "\n".join(lines), failures=rows)

@@ -25,6 +25,9 @@ class BackendParity:
     failures: list[dict] = field(default_factory=list)
     first_divergence: dict | None = None
     conditioning: dict | None = None
+    # an ill-conditioned network's backend judged against PyTorch float64 (diagnose.float64_judgement);
+    # when present, ``failures`` are the ones that stood against float64
+    float64_judgement: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -47,11 +50,22 @@ class BackendParity:
             out["first_divergence"] = self.first_divergence
         if self.conditioning is not None:
             out["conditioning"] = self.conditioning
+        if self.float64_judgement is not None:
+            out["float64_judgement"] = self.float64_judgement
         return out
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> BackendParity:
-        own = {"backend", "precision", "thresholds", "passed", "failures", "first_divergence", "conditioning"}
+        own = {
+            "backend",
+            "precision",
+            "thresholds",
+            "passed",
+            "failures",
+            "first_divergence",
+            "conditioning",
+            "float64_judgement",
+        }
         return cls(
             backend=str(data.get("backend", name)),
             precision=str(data.get("precision", "fp32")),
@@ -60,6 +74,7 @@ class BackendParity:
             failures=list(data.get("failures") or []),
             first_divergence=data.get("first_divergence"),
             conditioning=data.get("conditioning"),
+            float64_judgement=data.get("float64_judgement"),
         )
 
 
