@@ -13,13 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cascadec.models import create_model
 from cascadec.prune.cap import cap_scores, marginal_costs
-from cascadec.prune.compensate import (
-    InputStatistics,
-    compensate,
-    find_consumers,
-    gather_statistics,
-    refit,
-)
+from cascadec.prune.compensate import InputStatistics, compensate, find_consumers, gather_statistics, refit
 from cascadec.prune.groups import build_groups
 from cascadec.prune.masks import masked
 from cascadec.prune.methods import prune_model

@@ -545,9 +545,7 @@ def _backend_returning(monkeypatch, outputs: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("policy", ["float64", "fail"])
-def test_an_exact_backend_of_an_ill_conditioned_network_is_judged_against_float64(
-    ill_conditioned, monkeypatch, policy
-):
+def test_an_exact_backend_of_an_ill_conditioned_network_is_judged_against_float64(ill_conditioned, monkeypatch, policy):
     model, path, x, exact = ill_conditioned
     _backend_returning(monkeypatch, exact)  # a backend as exact as float32 can be
     gate = Gate(ill_conditioned=policy)
