@@ -280,14 +280,23 @@ class DistillSection(_Strict):
     kd_weight: float = Field(0.4, ge=0)
     temperature: float = Field(15.0, gt=0)
     ce_weight: float = Field(1.0, ge=0)
-    hint_weight: float = Field(0.0, ge=0, description="L2 hints on the last 3 blocks: not implemented yet, must be 0")
+    hints: Literal["none", "stages", "paper"] = Field(
+        "none",
+        description="stages: every stage of a pruned model supervised by the unpruned network's (stage-wise "
+        "supervision, through adapters dropped at export); paper: the paper's L2 hints on the last 3 blocks, "
+        "each model against the model it distils from (its ablation found them harmful)",
+    )
+    hint_weight: Optional[float] = Field(
+        None, ge=0, description="weight of the hint loss (default: stages 1.0, paper 0.001 = the paper's lambda_H)"
+    )
 
-    @field_validator("hint_weight")
-    @classmethod
-    def _no_hints_yet(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("hint losses are not implemented yet (the paper's ablation found KD alone best); use 0")
-        return value
+    @model_validator(mode="after")
+    def _hints_need_a_kind(self) -> DistillSection:
+        if self.hints == "none" and self.hint_weight:
+            raise ValueError("hint_weight > 0 needs distill.hints: stages or paper")
+        if self.hints == "paper" and not self.kd:
+            raise ValueError("distill.hints: paper compares each model with the one it distils from; it needs kd: true")
+        return self
 
 
 class TrainSection(_Strict):

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from helpers.nets import Chain
-from torch.utils.data import DataLoader, TensorDataset
+from helpers.tiny_prune import prune_recipe, tiny_data
 
 from cascadec.distill.losses import DistillLoss
 from cascadec.models import create_model
@@ -221,34 +221,17 @@ def test_frozen_model_and_extract_student_are_independent_copies() -> None:
 
 
 def _recipe(method: str, **over) -> Recipe:
-    data = {
-        "name": "tiny",
-        "model": {"name": "cifar_resnet8", "num_classes": 10, "in_channels": 1},
-        "prune": {
-            "method": method,
-            "target": {"flops_reduction": 0.5},
-            "importance": "taylor",
-            "importance_batches": 2,
-        },
-        "cascade": {"num_tas": 1},
-        "distill": {"kd": True},
-        "train": {"joint_epochs": 1, "student_epochs": 1, "max_steps_per_epoch": 2, "lr": 0.01},
-    }
+    """``section__field=value`` overrides on the shared tiny recipe."""
+    nested: dict = {}
     for key, value in over.items():
         section, _, field = key.partition("__")
-        data[section][field] = value
-    return Recipe.model_validate(data)
+        nested.setdefault(section, {})[field] = value
+    return prune_recipe(method, nested)
 
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    torch.manual_seed(0)
-    teacher = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
-    g = torch.Generator().manual_seed(0)
-    xs, ys = torch.randn(32, 1, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)
-    loader = DataLoader(TensorDataset(xs, ys), batch_size=8, shuffle=False)
-    val = DataLoader(TensorDataset(xs[:16], ys[:16]), batch_size=8, shuffle=False)
-    return teacher, loader, val
+    return tiny_data()
 
 
 RUNS = [

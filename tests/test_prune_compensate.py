@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from helpers.tiny_prune import prune_recipe, tiny_data
 
 from cascadec.models import create_model
 from cascadec.prune.cap import cap_scores, marginal_costs
@@ -163,28 +163,12 @@ def test_cap_scores_and_costs_are_finite_and_removed_units_stay_removed() -> Non
 
 
 def _recipe(over: dict) -> Recipe:
-    data = {
-        "name": "tiny",
-        "model": {"name": "cifar_resnet8", "num_classes": 10, "in_channels": 1},
-        "prune": {"method": "oneshot", "target": {"flops_reduction": 0.5}, "importance_batches": 2},
-        "cascade": {"num_tas": 1},
-        "distill": {"kd": True},
-        "train": {"joint_epochs": 1, "student_epochs": 1, "max_steps_per_epoch": 2, "lr": 0.01},
-    }
-    for section, values in over.items():
-        data[section] = {**data[section], **values}
-    return Recipe.model_validate(data)
+    return prune_recipe("oneshot", over)
 
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    torch.manual_seed(0)
-    teacher = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
-    g = torch.Generator().manual_seed(0)
-    xs, ys = torch.randn(48, 1, 16, 16, generator=g), torch.randint(0, 10, (48,), generator=g)
-    loader = DataLoader(TensorDataset(xs, ys), batch_size=8, shuffle=False)
-    val = DataLoader(TensorDataset(xs[:16], ys[:16]), batch_size=8, shuffle=False)
-    return teacher, loader, val
+    return tiny_data(48)
 
 
 RUNS = {

@@ -27,6 +27,7 @@ class Analysis:
     cost: CostModel
     solver: MaskSolver
     budget: Budget
+    example: torch.Tensor | None = None  # the input the analysis traced (sizes hint adapters)
 
 
 def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> Analysis:
@@ -60,4 +61,4 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
     round_to = p.round_to or (p.latency.multiple if latency is not None else None)
     solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=round_to, allocation=p.allocation)
     budget = Budget.from_section(cost, p.target)
-    return Analysis(index, cost, solver, budget)
+    return Analysis(index, cost, solver, budget, example_input.detach()[:1].clone())

@@ -26,7 +26,7 @@ from cascadec.prune.compensate import (
     find_consumers,
     gather_statistics,
     removed_dims,
-    ridge_solve,
+    ridge_inverse,
 )
 from cascadec.recipe import Recipe
 from cascadec.train.bn import sample_loader
@@ -65,10 +65,8 @@ def consumer_errors(
         return
     position = torch.full((w.shape[1],), -1, dtype=torch.long)
     position[kept] = torch.arange(len(kept))
-    cov_ss = cov[kept][:, kept]
-    eye = torch.eye(len(kept), dtype=torch.float64)
-    inverse = ridge_solve(cov_ss, eye, ridge)  # P
-    compensated = ridge_solve(cov_ss, cov[kept] @ w.T, ridge).T  # W' on S
+    inverse = ridge_inverse(cov[kept][:, kept], ridge)  # P
+    compensated = (w @ cov[:, kept]) @ inverse  # W' on S (P is symmetric)
     flat = keep.detach().cpu()
     by_size: dict[int, list[tuple[int, list[int]]]] = {}
     for unit, dims in consumer.unit_dims.items():
@@ -79,8 +77,7 @@ def consumer_errors(
         blocks = torch.tensor([b for _, b in entries])  # [units, block]
         p_bb = inverse[blocks.unsqueeze(2), blocks.unsqueeze(1)]  # [units, block, block]
         w_b = compensated[:, blocks].permute(1, 0, 2)  # [units, out, block]
-        solved = torch.linalg.solve(p_bb.unsqueeze(1), w_b.unsqueeze(-1)).squeeze(-1)  # (P_bb)^-1 w_b per output
-        error = (solved * w_b).sum(-1)  # [units, out]
+        error = torch.einsum("uob,ubc,uoc->uo", w_b, torch.linalg.inv(p_bb), w_b)  # w_b (P_bb)^-1 w_b^T
         scores.index_add_(0, units, (error / variance).mean(1).float())
 
 

@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from cascadec.data.sampler import position
+from cascadec.distill.hints import FeatureTap, HintSpec, hint_loss, identity_adapters
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import Status
@@ -118,6 +119,7 @@ class CascadeTrainer:
         cascade_update: bool,
         loss: DistillLoss,
         device: torch.device,
+        hints: HintSpec | None = None,
     ) -> None:
         self.index, self.solver, self.loss, self.device = index, solver, loss, device
         fractions = ta_fractions(student_budget.keep_fraction, num_tas, ta_ratios)
@@ -137,6 +139,17 @@ class CascadeTrainer:
         self.freeze_at: int | None = None
         self.on_freeze: Callable[[], None] | None = None
         self.frozen = False
+        # distill.hints: every model's taps, the pretrained teacher's, and (stage hints) one set of
+        # identity-initialised adapters per model, trained with the shared weights
+        self.hints = hints
+        self.taps: list[FeatureTap] = []
+        self.teacher_tap: FeatureTap | None = None
+        self.adapters: list[nn.ModuleDict] = []
+        if hints is not None:
+            self.taps = [FeatureTap(m, hints.points) for m in self.models]
+            self.teacher_tap = FeatureTap(self.teacher, hints.points)
+            if hints.kind == "stages":
+                self.adapters = [identity_adapters(m, hints.points, hints.example.to(device)) for m in self.models]
 
     # ---------------------------------------------------------------- masks
     def _solve(self, i: int) -> torch.Tensor:
@@ -197,7 +210,7 @@ class CascadeTrainer:
     # ---------------------------------------------------------------- joint phase
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         seen, weights = set(), []
-        for model in self.models:
+        for model in [*self.models, *self.adapters]:
             for p in model.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -212,11 +225,21 @@ class CascadeTrainer:
         with autocast:
             with torch.no_grad():
                 upper_logits = self.teacher(images)
+            teacher_features = upper_features = self.teacher_tap.features if self.teacher_tap is not None else {}
             losses, total = [], 0.0
             for j in reversed(range(len(self.models))):
                 self.masks[j].set(self._mask_vector(j))
                 logits = self.models[j](images)
                 loss_j = self.loss(logits.float(), labels, upper_logits.float())
+                if self.hints is not None:
+                    stages = self.hints.kind == "stages"  # stages: the pretrained network; paper: the model above
+                    loss_j = loss_j + self.hints.weight * hint_loss(
+                        self.taps[j].features,
+                        teacher_features if stages else upper_features,
+                        self.hints.points,
+                        self.adapters[j] if stages else None,
+                    )
+                    upper_features = {k: v.detach() for k, v in self.taps[j].features.items()}
                 total = total + loss_j
                 losses.append(loss_j.item())
                 upper_logits = logits.detach()
@@ -341,6 +364,8 @@ class CascadeTrainer:
         """Remove the joint phase's hooks, so copies made afterwards carry none of them."""
         for masks in self.masks:
             masks.remove()
+        for tap in [*self.taps, *([self.teacher_tap] if self.teacher_tap is not None else [])]:
+            tap.remove()
 
     def frozen_model(self, j: int) -> nn.Module:
         """An independent copy of model j with its final hard mask baked into fresh hooks."""

@@ -172,11 +172,25 @@ def removed_dims(consumer: Consumer, keep: torch.Tensor) -> list[int]:
     return sorted({d for u, dims in consumer.unit_dims.items() if flat[u] < 0.5 for d in dims})
 
 
-def ridge_solve(cov_ss: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """(C_SS + lambda I)^-1 rhs with lambda = ridge x mean variance (never zero), in float64."""
+def _regularised(cov_ss: torch.Tensor, ridge: float) -> torch.Tensor:
+    """C_SS + lambda I with lambda = ridge x mean variance (never zero)."""
     scale = float(torch.diagonal(cov_ss).mean().clamp_min(1e-12))
-    eye = torch.eye(cov_ss.shape[0], dtype=cov_ss.dtype)
-    return torch.linalg.solve(cov_ss + (ridge * scale + 1e-12) * eye, rhs)
+    return cov_ss + (ridge * scale + 1e-12) * torch.eye(cov_ss.shape[0], dtype=cov_ss.dtype)
+
+
+def ridge_solve(cov_ss: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(C_SS + lambda I)^-1 rhs, in float64."""
+    return torch.linalg.solve(_regularised(cov_ss, ridge), rhs)
+
+
+def ridge_inverse(cov_ss: torch.Tensor, ridge: float) -> torch.Tensor:
+    """(C_SS + lambda I)^-1 by one Cholesky factorisation (it is symmetric positive definite;
+    a general solve where rounding says otherwise)."""
+    a = _regularised(cov_ss, ridge)
+    factor, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_inverse(factor)
+    return torch.linalg.solve(a, torch.eye(a.shape[0], dtype=a.dtype))
 
 
 def refit(

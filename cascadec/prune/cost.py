@@ -21,11 +21,27 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _layer_shapes(model: nn.Module, example_input: torch.Tensor) -> dict[str, torch.Size]:
-    shapes: dict[str, torch.Size] = {}
+    return output_shapes(model, example_input, lambda m: isinstance(m, (*_CONV, nn.Linear)))
+
+
+def output_shapes(
+    model: nn.Module, example_input: torch.Tensor, wanted=lambda m: True, *, last: bool = False
+) -> dict[str, torch.Size | None]:
+    """Output shape of each named module ``wanted`` picks, on one eval pass (a module called
+    twice: its first output, or its last with ``last``); None for an output that is no tensor."""
+    shapes: dict[str, torch.Size | None] = {}
     hooks = []
+
+    def record(name: str, out: object) -> None:
+        shape = out.shape if isinstance(out, torch.Tensor) else None
+        if last:
+            shapes[name] = shape
+        else:
+            shapes.setdefault(name, shape)
+
     for name, module in model.named_modules():
-        if isinstance(module, (*_CONV, nn.Linear)):
-            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: shapes.setdefault(n, o.shape) and None))
+        if name and wanted(module):
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: record(n, o)))
     was_training = model.training
     model.eval()
     try:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+from cascadec.distill.hints import HintedLoss, HintSpec, identity_adapters
 from cascadec.distill.losses import DistillLoss
 from cascadec.progress import log
 from cascadec.prune.groups import GroupIndex
@@ -61,6 +62,8 @@ def student_phase(
     recalibration: DataLoader | None = None,
     recalibration_batches: int = 0,
     select_best: bool = True,
+    hints: HintSpec | None = None,
+    hint_teacher: nn.Module | None = None,
 ) -> list[dict]:
     """Fine-tune the masked student in place; returns one record per epoch (plus the start).
 
@@ -72,7 +75,15 @@ def student_phase(
     runtime = runtime or Runtime(device)
     hooks = ChannelMasks(student, index).install()
     hooks.set(mask.to(device))
-    opt = make_optimizer(student.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    # distill.hints: stage hints pull the student's stages towards ``hint_teacher`` (the pretrained
+    # network) through adapters trained here and never exported; paper hints towards its KD teacher
+    adapters = (
+        identity_adapters(student, hints.points, hints.example.to(device))
+        if hints is not None and hints.kind == "stages"
+        else None
+    )
+    trained = [*student.parameters(), *(adapters.parameters() if adapters is not None else [])]
+    opt = make_optimizer(trained, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     steps = steps_in(loader, max_steps)
     sched = cosine_schedule(opt, epochs * steps)
 
@@ -82,6 +93,8 @@ def student_phase(
 
     if resume is not None:
         student.load_state_dict(resume["student"])
+        if adapters is not None and resume.get("hint_adapters") is not None:
+            adapters.load_state_dict(resume["hint_adapters"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         runtime.restore_scaler(resume)
@@ -143,18 +156,25 @@ def student_phase(
                 "best_accuracy": best["accuracy"],
                 "best_epoch": best["epoch"],
                 "best_state": best["state"],
+                "hint_adapters": adapters.state_dict() if adapters is not None else None,
             },
         )
 
     for epoch in range(first_epoch, epochs):
         name, teacher = teachers[level]
         resumed = epoch == first_epoch
+        source = hint_teacher if hints is not None and hints.kind == "stages" else teacher
+        epoch_loss = (
+            HintedLoss(loss, student, source, hints.points, adapters, hints.weight)
+            if hints is not None and source is not None
+            else loss
+        )
         stats = train_epoch(
             student,
             loader,
             opt,
             sched,
-            loss,
+            epoch_loss,
             device=device,
             teacher=teacher,
             description=f"student epoch {epoch} (teacher {name})",
@@ -168,6 +188,8 @@ def student_phase(
             loss_per="step",
             where="student phase",
         )
+        if isinstance(epoch_loss, HintedLoss):
+            epoch_loss.remove()
         acc = evaluate(student, select_loader, device=device, description="evaluate student")
         rate = stats["images_per_s"]
         record = {

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from cascadec.data.sampler import position
+from cascadec.distill.hints import HintSpec, hint_spec
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
@@ -76,6 +77,12 @@ def _recalibration(recipe: Recipe, loader) -> tuple[object, int]:
     ), batches
 
 
+def hint_spec_for(recipe: Recipe, model, analysis: Analysis) -> HintSpec | None:
+    """``distill.hints`` resolved on this network (its stages or last blocks)."""
+    d = recipe.distill
+    return hint_spec(d.hints, d.hint_weight, model, analysis.example)
+
+
 def _fine_tune(
     student,
     mask,
@@ -90,6 +97,7 @@ def _fine_tune(
     runtime: Runtime | None = None,
     resume: dict | None = None,
     teacher_accuracy: list[float] | None = None,
+    hint_teacher=None,
 ):
     t = recipe.train
     recal, batches = _recalibration(recipe, loader)
@@ -115,6 +123,8 @@ def _fine_tune(
         recalibration=recal,
         recalibration_batches=batches,
         select_best=t.select_best,
+        hints=hint_spec_for(recipe, student, analysis),
+        hint_teacher=hint_teacher,
     )
 
 
@@ -129,29 +139,12 @@ def run_oneshot(
         scores = initial_importance(teacher, analysis, recipe, loader, device, runtime)
         mask = analysis.solver.solve(scores, analysis.budget)
     student = copy.deepcopy(teacher).to(device)
-    compensation = None
+    record = {}
     if recipe.prune.compensate and resume is None:
-        compensation = compensate_start(student, teacher, analysis, mask, loader, recipe, device)
-    teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
-    epochs = recipe.train.joint_epochs + recipe.train.student_epochs
-    history = _fine_tune(
-        student,
-        mask,
-        analysis,
-        teachers,
-        recipe,
-        loader,
-        select_loader,
-        device,
-        epochs,
-        promote=False,
-        runtime=runtime,
-        resume=resume,
+        record["compensation"] = compensate_start(student, teacher, analysis, mask, loader, recipe, device)
+    return _fine_tuned(
+        teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record
     )
-    record = {"fine_tune": history, "seconds": time.perf_counter() - start}
-    if compensation is not None:
-        record["compensation"] = compensation
-    return PruneResult(student, mask, analysis, record)
 
 
 def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
@@ -165,6 +158,16 @@ def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: R
         student = copy.deepcopy(teacher).to(device)
     else:
         student, mask, report = prune_cap(teacher, analysis, recipe, loader, device)
+    return _fine_tuned(
+        teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, {"cap": report}
+    )
+
+
+def _fine_tuned(
+    teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record: dict
+) -> PruneResult:
+    """The one-shot tail shared by ``oneshot`` and ``cap``: fine-tune the masked student for
+    joint + student epochs with KD from the teacher (or none), and return it."""
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
     history = _fine_tune(
         student,
@@ -179,9 +182,10 @@ def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: R
         promote=False,
         runtime=runtime,
         resume=resume,
+        hint_teacher=teacher,
     )
     return PruneResult(
-        student, mask, analysis, {"cap": report, "fine_tune": history, "seconds": time.perf_counter() - start}
+        student, mask, analysis, {**record, "fine_tune": history, "seconds": time.perf_counter() - start}
     )
 
 
@@ -230,6 +234,7 @@ def run_cascade(
         cascade_update=c.cascade_update,
         loss=distill_loss(recipe),
         device=device,
+        hints=hint_spec_for(recipe, base, analysis),
     )
     weights, score_params = trainer.parameters()
     for s in score_params:
@@ -376,6 +381,7 @@ def run_cascade(
         runtime=runtime,
         resume=student_state,
         teacher_accuracy=teacher_accuracy,
+        hint_teacher=teacher,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneResult(student, final_mask, analysis, history)
