@@ -241,6 +241,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill": {"kd": True, "hints": "paper"},
         "cascade": {"num_tas": 2},
     },
+    "cascade_2ta_capinit": {
+        "label": "cascade, 2 TAs, masks and scores started from CaP's ranking (prune.importance: cap)",
+        "prune": {"method": "cascade", "importance": "cap"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+    },
     "cascade_2ta_comp": {
         "label": "cascade, 2 TAs, student phase starts compensated",
         "prune": {"method": "cascade", "importance": "taylor", "compensate": True},
@@ -256,7 +262,8 @@ CASCADE_METHODS = tuple(m for m, spec in METHODS.items() if spec["prune"]["metho
 TA_METHODS = tuple(
     m
     for m in CASCADE_METHODS
-    if METHODS[m]["cascade"]["num_tas"] > 0 and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints"))
+    if METHODS[m]["cascade"]["num_tas"] > 0
+    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit"))
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 ONESHOT_NO_RETRAIN = ("oneshot_none", "oneshot_l1_none", "oneshot_uniform_none")  # issue 14's baselines for CaP

@@ -215,8 +215,10 @@ class PruneSection(_Strict):
     )
     compensation: CompensationSection = Field(default_factory=CompensationSection)
     target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
-    importance: Literal["taylor", "l1"] = Field(
-        "taylor", description="oneshot criterion; also initialises learned scores"
+    importance: Literal["taylor", "l1", "cap"] = Field(
+        "taylor",
+        description="oneshot criterion; also initialises learned scores (cap: CaP's compensation-aware "
+        "selection as a ranking, prune.compensation sets its images and steps)",
     )
     importance_batches: int = Field(8, ge=1)
     round_to: Optional[int] = Field(None, ge=1, description="round kept widths up to a multiple (8/16/32)")

@@ -179,6 +179,7 @@ RUNS = {
     "cap-then-finetune": {"prune": {"method": "cap", "compensation": {"images": 16}}},
     "oneshot-compensated": {"prune": {"method": "oneshot", "compensate": True, "compensation": {"images": 16}}},
     "cascade-compensated": {"prune": {"method": "cascade", "compensate": True, "compensation": {"images": 16}}},
+    "cascade-cap-ranking": {"prune": {"method": "cascade", "importance": "cap", "compensation": {"images": 16}}},
 }
 
 
@@ -210,7 +211,7 @@ def test_prune_model_with_compensation(name, tiny_setup) -> None:
         assert [r["epoch"] for r in h["fine_tune"]] == list(
             range(-1, recipe.train.joint_epochs + recipe.train.student_epochs)
         )
-    else:
+    elif recipe.prune.compensate:
         record = h["compensation"]
         assert record["layers"] and record["ridge"] == recipe.prune.compensation.ridge
     # compensation changed weights even where no epoch was trained
@@ -224,3 +225,29 @@ def test_recipe_refuses_unknown_method_and_bad_compensation() -> None:
         _recipe({"prune": {"method": "cap", "compensation": {"images": 0}}})
     with pytest.raises(ValueError):
         _recipe({"prune": {"compensation": {"ridge": 0}}})
+
+
+def test_layers_too_wide_for_a_covariance_are_left_alone(monkeypatch) -> None:
+    import cascadec.prune.compensate as comp
+
+    model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    index = build_groups(model, torch.randn(2, 1, 16, 16))
+    every = {c.name for c in find_consumers(model, index)}
+    monkeypatch.setattr(comp, "MAX_DIMS", 64)  # fc (64 inputs) stays, 3x3 convs of 32+ channels go
+    narrow = {c.name for c in find_consumers(model, index)}
+    assert "fc" in narrow and "layer3.0.conv2" in every and "layer3.0.conv2" not in narrow
+
+
+def test_the_cap_ranking_reproduces_caps_own_mask(tiny_setup) -> None:
+    from cascadec.prune.analysis import analyse
+    from cascadec.prune.cap import cap_importance, prune_cap
+
+    teacher, loader, _ = tiny_setup
+    recipe = _recipe({"prune": {"method": "cap", "compensation": {"images": 24, "steps": 4}}})
+    analysis = analyse(teacher, recipe, torch.randn(1, 1, 16, 16))
+    _, mask, _ = prune_cap(teacher, analysis, recipe, loader, CPU)
+    ranking = cap_importance(teacher, analysis, recipe, loader, CPU)
+    assert (ranking > 0).all()
+    assert torch.equal(analysis.solver.solve(ranking, analysis.budget), mask.cpu())
+    # survivors rank above every removed unit
+    assert ranking[mask.cpu() > 0.5].min() > ranking[mask.cpu() < 0.5].max()

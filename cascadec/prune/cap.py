@@ -125,8 +125,17 @@ def select_cap(
 ) -> tuple[torch.Tensor, list[dict]]:
     """The mask, in ``steps`` equal steps of the budget, re-scored after each. ``per_cost`` off
     ranks by error alone (the paper; kept for bench/cap_ablation.py)."""
+    keep, record, _ = _select(model, analysis, consumers, stats, steps=steps, ridge=ridge, per_cost=per_cost)
+    return keep, record
+
+
+def _select(model, analysis, consumers, stats, *, steps: int, ridge: float, per_cost: bool = True):
+    """``select_cap``'s loop; also returns a ranking of every unit consistent with it: units
+    removed at a later step rank above earlier ones, survivors above all, and within a step
+    by the score that step gave them."""
     budget, cost, solver = analysis.budget, analysis.cost, analysis.solver
     keep = torch.ones(analysis.index.num_units)
+    ranking = torch.zeros(analysis.index.num_units)
     record = []
     for step in range(1, steps + 1):
         fraction = 1.0 - (1.0 - budget.keep_fraction) * step / steps
@@ -135,9 +144,28 @@ def select_cap(
             # error per unit of cost saved: a knapsack ranking, so a cheap-to-keep unit is not cut
             # for the same error as an expensive one
             scores = torch.where(keep > 0.5, scores / marginal_costs(analysis, keep), scores)
+        alive = keep > 0.5
+        order = torch.zeros_like(ranking)
+        order[alive] = torch.argsort(torch.argsort(scores[alive])).float() / max(1, int(alive.sum()))
         keep = solver.solve(scores, budget.scaled(fraction, cost) if step < steps else budget)
+        gone = alive & (keep < 0.5)
+        ranking[gone] = step + order[gone]  # removed now: above everything removed before
+        if step == steps:
+            ranking[keep > 0.5] = steps + 1 + order[keep > 0.5]
         record.append({"step": step, "keep_fraction": fraction, "units_kept": int(keep.sum())})
-    return keep, record
+    return keep, record, ranking
+
+
+def cap_importance(teacher, analysis, recipe: Recipe, loader, device: torch.device) -> torch.Tensor:
+    """``prune.importance: cap``: CaP's selection as a ranking of every unit (higher: keep longer),
+    the starting scores of the cascade or one-shot pruning. Solving the recipe's budget on it
+    gives CaP's own mask."""
+    c = recipe.prune.compensation
+    calibration = calibration_loader(loader.dataset, recipe)
+    consumers = find_consumers(teacher, analysis.index)
+    stats = gather_statistics(teacher, consumers, calibration, device, seed=recipe.train.seed)
+    _, _, ranking = _select(teacher, analysis, consumers, stats, steps=c.steps, ridge=c.ridge)
+    return ranking + 1.0  # positive: the cascade divides scores by their mean
 
 
 def compensated_student(

@@ -32,6 +32,9 @@ from cascadec.prune.groups import GroupIndex
 # sample this many patch positions per image and batch: the covariance needs many more rows
 # than dims, not every position of every image (a 56x56 map gives 3,136 nearly repeated rows)
 POSITIONS_PER_IMAGE = 64
+# a layer with more input dims is not refitted: its float64 covariance alone would take
+# dims^2 x 8 bytes (VGG's first classifier layer reads 25,088 = 5 GB); 8,192 dims = 512 MiB
+MAX_DIMS = 8192
 _UNFOLD_BYTES = 256 * 2**20  # unfold a batch in chunks of images below this size
 
 
@@ -67,8 +70,10 @@ def compensable(module: nn.Module) -> bool:
 
 
 def find_consumers(model: nn.Module, index: GroupIndex) -> list[Consumer]:
-    """Every compensable layer that reads a prunable group, with the input dims of each unit."""
+    """Every compensable layer that reads a prunable group, with the input dims of each unit
+    (layers with more than ``MAX_DIMS`` input dims are left as they are, and logged)."""
     consumers: dict[str, Consumer] = {}
+    too_wide: set[str] = set()
     for group, offset in zip(index.groups, index.offsets()):
         unit_of_root: dict[int, int] = (
             {r: u for u, roots in enumerate(group.root_units) for r in roots} if group.root_units is not None else {}
@@ -79,6 +84,9 @@ def find_consumers(model: nn.Module, index: GroupIndex) -> list[Consumer]:
             module = model.get_submodule(member.module)
             if not compensable(module):
                 continue
+            if _input_dims(module) > MAX_DIMS:
+                too_wide.add(member.module)
+                continue
             consumer = consumers.setdefault(member.module, Consumer(member.module, _input_dims(module)))
             span = 1 if isinstance(module, nn.Linear) else module.kernel_size[0] * module.kernel_size[1]
             for idx, root in zip(member.idxs, member.root_idxs):
@@ -87,6 +95,11 @@ def find_consumers(model: nn.Module, index: GroupIndex) -> list[Consumer]:
     for c in consumers.values():
         for u in c.unit_dims:
             c.unit_dims[u] = sorted(set(c.unit_dims[u]))
+    if too_wide:
+        log(
+            f"compensation: {', '.join(sorted(too_wide))} not refitted: more than {MAX_DIMS} input dims "
+            "(the covariance would not fit in memory)"
+        )
     return list(consumers.values())
 
 
