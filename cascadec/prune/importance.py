@@ -70,11 +70,11 @@ def l1_importance(model: nn.Module, index: GroupIndex) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Criterion:
-    """One entry of ``prune.importance``: ``score(model, index, loader, device, batches)``
-    gives one score per unit; ``needs_data`` says whether it reads training batches (and
-    therefore takes its own sampler position and is averaged across ranks)."""
+    """One entry of ``prune.importance``: ``score(model, analysis, recipe, loader, device)``
+    gives one score per unit; ``needs_data`` says whether it reads training batches through the
+    loader's sampler (and therefore takes its own sampler position and is averaged across ranks)."""
 
-    score: Callable[[nn.Module, GroupIndex, DataLoader, torch.device, int], torch.Tensor]
+    score: Callable[..., torch.Tensor]
     needs_data: bool
 
 
@@ -82,13 +82,24 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _cap(model, analysis, recipe, loader, device) -> torch.Tensor:
+    from cascadec.prune.cap import cap_importance  # (cap.py builds on compensation, not on this module)
+
+    return cap_importance(model, analysis, recipe, loader, device)
+
+
 # prune.importance -> criterion; a new criterion is one function above and one entry here
 CRITERIA: dict[str, Criterion] = {
     "taylor": Criterion(
-        lambda model, index, loader, device, batches: taylor_importance(
-            model, index, loader, _cross_entropy, device=device, batches=batches
+        lambda model, analysis, recipe, loader, device: taylor_importance(
+            model, analysis.index, loader, _cross_entropy, device=device, batches=recipe.prune.importance_batches
         ),
         needs_data=True,
     ),
-    "l1": Criterion(lambda model, index, _loader, _device, _batches: l1_importance(model, index), needs_data=False),
+    "l1": Criterion(
+        lambda model, analysis, _recipe, _loader, _device: l1_importance(model, analysis.index), needs_data=False
+    ),
+    # CaP's compensation-aware selection as a ranking (prune/cap.py); it reads its own fixed
+    # calibration images, not the loader's batches, so every rank computes the same one
+    "cap": Criterion(_cap, needs_data=False),
 }

@@ -25,7 +25,7 @@ from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.prune.analysis import Analysis, analyse
-from cascadec.prune.cap import calibration_loader, cap_importance, compensate_start, prune_cap
+from cascadec.prune.cap import calibration_loader, compensate_start, prune_cap
 from cascadec.prune.cascade import CascadeTrainer
 from cascadec.prune.finetune import student_phase
 from cascadec.prune.importance import CRITERIA
@@ -53,13 +53,11 @@ def distill_loss(recipe: Recipe) -> DistillLoss:
 def initial_importance(model, analysis, recipe, loader, device, runtime: Runtime | None = None) -> torch.Tensor:
     """Unit importance on the pretrained network; in a distributed run each rank scores its own
     slices of the batches and the ranks average, so every rank starts from the same scores."""
-    if recipe.prune.importance == "cap":
-        return cap_importance(model, analysis, recipe, loader, device)
     criterion = CRITERIA[recipe.prune.importance]
     if not criterion.needs_data:
-        return criterion.score(model, analysis.index, loader, device, recipe.prune.importance_batches)
+        return criterion.score(model, analysis, recipe, loader, device)
     position(loader, 0, "importance")
-    importance = criterion.score(model, analysis.index, loader, device, recipe.prune.importance_batches)
+    importance = criterion.score(model, analysis, recipe, loader, device)
     if runtime is not None and runtime.dist.active:
         importance = runtime.dist.all_reduce_mean(importance.to(runtime.device)).cpu()
     return importance
