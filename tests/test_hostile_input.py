@@ -613,3 +613,29 @@ def test_python_tag_in_a_run_recipe_is_refused_not_executed(cli, copy_run, tmp_p
         assert result.code == 2, result.err
         assert len(result.err_lines) == 1
         assert not marker.exists()
+
+
+def test_an_onnx_graph_that_loads_but_cannot_run_is_a_user_error(tmp_path):
+    """A damaged student.onnx whose kernels reject its own shapes at run time (found by the
+    corruption test above: ORT's nchwc conv 'output and sum shape must match') exits 2 naming
+    the file, not 1 with an internal error."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cascadec.backends.onnxruntime_backend import OrtRunner
+
+    # Add of an input of symbolic width and a (1, 4) initializer: ORT loads it (shape inference
+    # cannot tell), and the kernel fails at run time on a (1, 3) input
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"])],
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("b", TensorProto.FLOAT, [1, 4], [0.0] * 4)],
+    )
+    path = tmp_path / "student.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    runner = OrtRunner(path)
+    with pytest.raises(UserError, match="cannot run .*student.onnx"):
+        runner(np.zeros((1, 3), dtype=np.float32))

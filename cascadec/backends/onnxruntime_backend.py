@@ -58,7 +58,9 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
             raise UserError(f"threads must be a positive integer, got {threads!r}")
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only: provider chatter is not user-facing output
+    # fatal only: provider chatter is not user-facing output, and a kernel error reaches the user
+    # once, as the one-line error OrtRunner raises with it (not also as ORT's own log line)
+    opts.log_severity_level = 4
     return opts
 
 
@@ -121,7 +123,15 @@ class OrtRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.check_input(x.shape)
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        try:
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        except Exception as exc:  # ORT's kernel errors are several unrelated pybind classes
+            # a graph that loads but cannot run (a damaged file: shapes its kernels reject) is the
+            # artifact's fault, not an internal error: say which file and how to get a good one
+            raise UserError(
+                f"onnxruntime cannot run {self.path}: {first_line(exc)[:200]}; the file may be damaged "
+                "(re-export it: cascadec export RUN)"
+            ) from exc
 
 
 def value_names(path: str | os.PathLike[str]) -> list[str]:
