@@ -80,7 +80,9 @@ def main(argv=None) -> int:
                     )
                     seconds = time.perf_counter() - start
                     student = copy.deepcopy(teacher)
-                    compensated_student(student, teacher, consumers, keep, calibration, recipe, device, stats=stats)
+                    compensated_student(
+                        student, teacher, consumers, keep, calibration, recipe, device, analysis.example, stats=stats
+                    )
                     hooks = ChannelMasks(student, analysis.index).install()
                     hooks.set(keep)
                     recalibrate_batchnorm(student, calibration, device=device, limit=len(calibration))

@@ -41,11 +41,6 @@ def calibration_loader(dataset, recipe: Recipe) -> DataLoader:
     )
 
 
-def _example(loader: DataLoader, device: torch.device) -> torch.Tensor:
-    images, _ = next(iter(loader))
-    return images[:2].to(device)
-
-
 def consumer_errors(
     layer: nn.Module, consumer: Consumer, stats: InputStatistics, keep: torch.Tensor, ridge: float, scores: torch.Tensor
 ) -> None:
@@ -176,15 +171,15 @@ def compensated_student(
     calibration: DataLoader,
     recipe: Recipe,
     device: torch.device,
+    example: torch.Tensor,
     stats: dict[str, InputStatistics] | None = None,
 ) -> dict:
-    """Refit ``student``'s consumers of the removed units on ``reference``'s input statistics."""
+    """Refit ``student``'s consumers of the removed units on ``reference``'s input statistics
+    (``example``: the analysis's traced input, to find the BatchNorm after each consumer)."""
     start = time.perf_counter()
     if stats is None:
         stats = gather_statistics(reference, consumers, calibration, device, seed=recipe.train.seed)
-    report = compensate(
-        student, consumers, stats, keep, _example(calibration, device), ridge=recipe.prune.compensation.ridge
-    )
+    report = compensate(student, consumers, stats, keep, example.to(device), ridge=recipe.prune.compensation.ridge)
     report["seconds"] = time.perf_counter() - start
     log(f"compensation: {len(report['layers'])} layers refitted in {report['seconds']:.1f} s")
     return report
@@ -194,7 +189,9 @@ def compensate_start(student, reference, analysis, keep, loader, recipe, device)
     """``prune.compensate``: refit the masked student before its fine-tuning starts."""
     calibration = calibration_loader(loader.dataset, recipe)
     consumers = find_consumers(student, analysis.index)
-    return compensated_student(student, reference, consumers, keep.to("cpu"), calibration, recipe, device)
+    return compensated_student(
+        student, reference, consumers, keep.to("cpu"), calibration, recipe, device, analysis.example
+    )
 
 
 def prune_cap(teacher, analysis, recipe: Recipe, loader, device) -> tuple[nn.Module, torch.Tensor, dict]:
@@ -208,7 +205,9 @@ def prune_cap(teacher, analysis, recipe: Recipe, loader, device) -> tuple[nn.Mod
     keep, steps = select_cap(teacher, analysis, consumers, stats, steps=c.steps, ridge=c.ridge)
     selected = time.perf_counter() - start
     student = copy.deepcopy(teacher)
-    report = compensated_student(student, teacher, consumers, keep, calibration, recipe, device, stats=stats)
+    report = compensated_student(
+        student, teacher, consumers, keep, calibration, recipe, device, analysis.example, stats=stats
+    )
     report.update(
         {
             "calibration_images": len(calibration.dataset),
