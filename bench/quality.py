@@ -51,6 +51,7 @@ from cascadec.data.loaders import make_loaders
 from cascadec.envinfo import environment
 from cascadec.models import create_model
 from cascadec.prune.cost import count_macs, count_params
+from cascadec.prune.fbs import effective_macs
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import shrink
 from cascadec.prune.spec import state_dict_for_safetensors
@@ -247,6 +248,17 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill": {"kd": True},
         "cascade": {"num_tas": 2},
     },
+    "cascade_2ta_hsakd": {
+        "label": "cascade, 2 TAs, HSAKD distillation (distill.method: hsakd)",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True, "method": "hsakd"},
+        "cascade": {"num_tas": 2},
+    },
+    "fbs_kd": {
+        "label": "FBS gates, keep d = 0.375 per image, KD (FLOPs: effective MACs per image; dense on ORT/TensorRT)",
+        "prune": {"method": "fbs", "fbs": {"keep": 0.375}},
+        "distill": {"kd": True},
+    },
     "cascade_2ta_comp": {
         "label": "cascade, 2 TAs, student phase starts compensated",
         "prune": {"method": "cascade", "importance": "taylor", "compensate": True},
@@ -263,7 +275,7 @@ TA_METHODS = tuple(
     m
     for m in CASCADE_METHODS
     if METHODS[m]["cascade"]["num_tas"] > 0
-    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit"))
+    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd"))
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 ONESHOT_NO_RETRAIN = ("oneshot_none", "oneshot_l1_none", "oneshot_uniform_none")  # issue 14's baselines for CaP
@@ -433,8 +445,14 @@ def run_one(
     start = time.perf_counter()
     result = prune_model(work_teacher, recipe, loaders.train, loaders.selection, example, device)
     prune_seconds = time.perf_counter() - start
-    student = shrink(result.student.cpu(), result.analysis.index, result.mask, example.cpu())
-    flops, params = count_macs(student.cpu(), example.cpu()), count_params(student)
+    dynamic = None
+    if result.mask is None:  # FBS: nothing removed; its FLOPs are what a channel-skipping runtime computes
+        student = result.student.cpu()
+        dynamic = effective_macs(student, loaders.val, device=torch.device("cpu"))
+        flops, params = dynamic["effective_macs"], count_params(student)
+    else:
+        student = shrink(result.student.cpu(), result.analysis.index, result.mask, example.cpu())
+        flops, params = count_macs(student.cpu(), example.cpu()), count_params(student)
     accuracy = evaluate(student.to(device), loaders.val, device=device, description="evaluate shrunk student")
     selection_accuracy = evaluate(
         student.to(device), loaders.selection, device=device, description="evaluate on selection"
@@ -506,6 +524,8 @@ def run_one(
             k: cap.get(k) for k in ("calibration_images", "statistics_seconds", "selection_seconds", "seconds")
         }
         rec["train_images"] = len(loaders.train.dataset)
+    if dynamic is not None:
+        rec["fbs"] = {**dynamic, "keep": h["fbs"]["keep"], "gated": len(h["fbs"]["gated"])}
     comp = h.get("compensation")
     if comp:
         rec["compensation_seconds"] = comp.get("seconds")
@@ -764,7 +784,11 @@ def compensation_goals(table: list[dict], runs: list[dict]) -> list[dict]:
             )
             if ref and _first_epoch(r) is not None and _first_epoch(ref) is not None:
                 pairs.append((r["target"], r["seed"], _first_epoch(ref), _first_epoch(r)))
-    for variant, what in (("cascade_2ta_stages", "stage hints"), ("cascade_2ta_paperhints", "the paper's hints")):
+    for variant, what, tag in (
+        ("cascade_2ta_stages", "stage hints", "SP"),
+        ("cascade_2ta_paperhints", "the paper's hints", "SP"),
+        ("cascade_2ta_hsakd", "HSAKD instead of KL", "HSAKD"),
+    ):
         for target in sorted({r["target"] for r in ok if r["method"] == variant}):
             pairs_sp = [
                 (r, b)
@@ -779,7 +803,7 @@ def compensation_goals(table: list[dict], runs: list[dict]) -> list[dict]:
             spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
             goals.append(
                 {
-                    "id": f"14.SP @ {target:.0%}",
+                    "id": f"14.{tag} @ {target:.0%}",
                     "goal": f"ablation: cascade 2 TAs with {what} minus output-only KD (same seeds), test split",
                     "status": "measured",
                     "detail": f"{statistics.fmean(diffs):+.2f}{spread} points over {len(diffs)} seed(s) "
@@ -788,6 +812,27 @@ def compensation_goals(table: list[dict], runs: list[dict]) -> list[dict]:
                     f"{statistics.fmean(b['joint_seconds'] / max(1, b['joint_epochs']) for _, b in pairs_sp):.0f}",
                 }
             )
+    fbs = [r for r in ok if r["method"] == "fbs_kd"]
+    if fbs:
+        fraction = statistics.fmean(r["flops_fraction"] for r in fbs)
+        acc = statistics.fmean(100 * r["student_accuracy"] for r in fbs)
+        spread = f" ± {statistics.stdev(100 * r['student_accuracy'] for r in fbs):.2f}" if len(fbs) > 1 else ""
+        static = []  # merged runs (--merge) of static methods at the same target, same seeds
+        for m in ("cap_kd", "cascade_2ta", "oneshot_kd_uniform"):
+            rs = [r for r in ok if r["method"] == m and r["target"] == fbs[0]["target"]]
+            if rs:
+                accs = [100 * r["student_accuracy"] for r in rs]
+                spread_s = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+                static.append(f"{m} {statistics.fmean(accs):.2f}{spread_s}% (n={len(rs)})")
+        goals.append(
+            {
+                "id": "14.FBS",
+                "goal": "FBS (dynamic) against static students of about the same MACs per image, test split",
+                "status": "measured",
+                "detail": f"FBS {acc:.2f}{spread}% at {fraction:.1%} of the teacher's MACs per image "
+                f"(n={len(fbs)}); static at {1 - fbs[0]['target']:.0%}: " + (", ".join(static) or "no runs"),
+            }
+        )
     g = {
         "id": "14.4",
         "goal": "compensation at the start of the cascade's student phase improves its first-epoch accuracy",

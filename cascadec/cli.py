@@ -331,6 +331,13 @@ def _print_inspect(r: dict) -> None:
             f"{lat['configurations']} configurations, {lat['grid_points']} widths timed, {origin}{measured}",
             highlight=False,
         )
+    fbs = r.get("fbs")
+    if fbs:
+        out.print(
+            f"FBS: {fbs['gated']} convolutions gated, ceil({fbs['keep']:g} x C) output channels per image; "
+            f"{fmt_flops(fbs['start_effective_flops'])} per image at the start ({fbs['start_effective_flops'] / r['flops']:.1%} "
+            f"of FLOPs) where gated channels are skipped, {fmt_flops(fbs['dense_flops'])} on dense backends; {fbs['note']}"
+        )
     if target:
         predicted = (
             f", predicted {target['latency_ms']:.3g} ms ({lat['predicted_ms'] / target['latency_ms']:.2f}x faster)"
@@ -362,7 +369,7 @@ def _print_latency(result: dict) -> None:
     models = {
         k: v
         for k, v in result.items()
-        if k not in ("speedup", "speedup_rounds", "protocol", "note") and isinstance(v, dict)
+        if k not in ("protocol", "note") and not k.endswith(("speedup", "speedup_rounds")) and isinstance(v, dict)
     }
     split = any("compute_p50_ms" in s for per_batch in models.values() for s in per_batch.values())
     columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (

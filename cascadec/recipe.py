@@ -203,10 +203,23 @@ class CompensationSection(_Strict):
     steps: int = Field(16, ge=1, le=256, description="CaP: the budget is reached in this many re-scored steps")
 
 
+class FbsSection(_Strict):
+    """FBS dynamic channel gating (prune/fbs.py)."""
+
+    keep: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="d: each gated convolution computes ceil(d x C) of its C output channels per image "
+        "(dynamic: no parameter is removed; prune.target is not used)",
+    )
+
+
 class PruneSection(_Strict):
-    method: Literal["cascade", "oneshot", "cap"] = Field(
+    method: Literal["cascade", "oneshot", "cap", "fbs"] = Field(
         "cascade",
-        description="cascade: the paper; oneshot: rank once, fine-tune; cap: compensation-aware, no training needed",
+        description="cascade: the paper; oneshot: rank once, fine-tune; cap: compensation-aware, no training "
+        "needed; fbs: dynamic channel gating per image (saves arithmetic only where a runtime skips channels)",
     )
     compensate: bool = Field(
         False,
@@ -214,6 +227,7 @@ class PruneSection(_Strict):
         "(oneshot: on the teacher's statistics; cascade: at the start of the student phase)",
     )
     compensation: CompensationSection = Field(default_factory=CompensationSection)
+    fbs: FbsSection = Field(default_factory=FbsSection)
     target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
     importance: Literal["taylor", "l1", "cap"] = Field(
         "taylor",
@@ -233,6 +247,15 @@ class PruneSection(_Strict):
         gt=0,
         description="seconds the channel analysis (groups and the exactness trial) may take before the model is refused",
     )
+
+    @model_validator(mode="after")
+    def _fbs_has_no_static_target(self) -> PruneSection:
+        if self.method == "fbs" and (self.target.is_latency or self.compensate):
+            raise ValueError(
+                "prune.method: fbs removes no channel: its budget is prune.fbs.keep; a latency target or "
+                "prune.compensate has nothing to act on"
+            )
+        return self
 
 
 class CascadeSection(_Strict):
@@ -291,6 +314,15 @@ class DistillSection(_Strict):
     hint_weight: Optional[float] = Field(
         None, ge=0, description="weight of the hint loss (default: stages 1.0, paper 0.001 = the paper's lambda_H)"
     )
+    method: Literal["kl", "hsakd"] = Field(
+        "kl",
+        description="kl: Hinton KD on the outputs (the paper's); hsakd: every batch in 4 rotations, auxiliary "
+        "(class x rotation) heads on every stage matched to the teacher's, output KL over the rotations "
+        "(HSAKD; about 4x the compute per step; heads dropped at export)",
+    )
+    aux_weight: float = Field(1.0, ge=0, description="hsakd: weight of the stage-wise auxiliary KL terms")
+    aux_epochs: int = Field(1, ge=1, description="hsakd: epochs that train the teacher's heads (cached)")
+    aux_lr: float = Field(0.1, gt=0, description="hsakd: learning rate of the teacher's heads")
 
     @model_validator(mode="after")
     def _hints_need_a_kind(self) -> DistillSection:
@@ -298,6 +330,10 @@ class DistillSection(_Strict):
             raise ValueError("hint_weight > 0 needs distill.hints: stages or paper")
         if self.hints == "paper" and not self.kd:
             raise ValueError("distill.hints: paper compares each model with the one it distils from; it needs kd: true")
+        if self.method == "hsakd" and not self.kd:
+            raise ValueError("distill.method: hsakd distils from a teacher; it needs kd: true")
+        if self.method == "hsakd" and self.hints != "none":
+            raise ValueError("distill.method: hsakd brings its own stage-wise terms; use it with hints: none")
         return self
 
 

@@ -47,7 +47,11 @@ def build_report(run: RunDir) -> dict:
             "recipe": recipe.name,
             "method": recipe.prune.method,
             "target": recipe.prune.target.model_dump(exclude_none=True),
-            "target_description": recipe.prune.target.describe(),
+            "target_description": (
+                f"FBS gates keeping {recipe.prune.fbs.keep:g} of the channels per image"
+                if recipe.prune.method == "fbs"
+                else recipe.prune.target.describe()
+            ),
             "data": recipe.data.name,
             "stages": {k: v.get("seconds") for k, v in run.manifest["stages"].items()},
         },
@@ -67,6 +71,8 @@ def build_report(run: RunDir) -> dict:
     if m.get("teacher.flops") and m.get("student.flops"):
         report["student"]["flops_reduction"] = 1 - m["student.flops"] / m["teacher.flops"]
         report["student"]["params_reduction"] = 1 - m["student.params"] / m["teacher.params"]
+    if m.get("student.effective_flops") is not None:  # FBS: per image, where a runtime skips gated channels
+        report["student"]["effective_flops"] = m["student.effective_flops"]
     parity = m.get("parity")
     if parity:
         result = ParityResult.from_dict(parity)
@@ -80,10 +86,18 @@ def build_report(run: RunDir) -> dict:
     )
     if profiled:
         report["latency"] = {
-            b: {k: v for k, v in m[f"latency.{b}"].items() if k not in ("speedup", "speedup_rounds")} for b in profiled
+            b: {k: v for k, v in m[f"latency.{b}"].items() if not k.endswith(("speedup", "speedup_rounds"))}
+            for b in profiled
         }
         report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
         report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
+        static = {
+            b: m[f"latency.{b}"]["static_equivalent_speedup_rounds"]
+            for b in profiled
+            if "static_equivalent_speedup_rounds" in m[f"latency.{b}"]
+        }
+        if static:  # FBS runs: the untrained static student of the same MACs, timed beside them
+            report["static_equivalent_speedup_rounds"] = static
     if m.get("prune.latency"):
         report["latency_prediction"] = m["prune.latency"]
     if m.get("latency_target"):

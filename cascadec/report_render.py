@@ -68,6 +68,24 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+EFFECTIVE_LABEL = "FLOPs per image if gated channels are skipped (FBS)"
+STATIC_LABEL = "Static student, same MACs:"
+FBS_NOTE = (
+    "FBS keeps every channel and chooses per image which ones to compute: the saving in the row 'if gated "
+    "channels are skipped' is realised only by a runtime that skips channels per image. ONNX Runtime and TensorRT compute dense "
+    "convolutions, so the FLOPs row and the measured latency are what they run. The static student's rows "
+    "time a statically pruned network (global L1 widths, untrained: latency only) of the FBS student's MACs "
+    "per image on the same backend, in its Student column."
+)
+
+
+def _effective_row(t: Mapping, s: Mapping) -> list[str]:
+    """FBS computes every channel on dense backends (the FLOPs row); this is what a runtime that
+    skips the channels its gates suppress would compute, averaged over the validation images."""
+    e = s.get("effective_flops")
+    return [EFFECTIVE_LABEL, fmt_flops(t.get("flops")), fmt_flops(e), ratio_change(t.get("flops"), e)]
+
+
 def _summary_md(report: Mapping) -> list[str]:
     t, s = report.get("teacher") or {}, report.get("student") or {}
     rows = [
@@ -85,12 +103,17 @@ def _summary_md(report: Mapping) -> list[str]:
             ratio_change(t.get("params"), s.get("params")),
         ],
     ]
+    if s.get("effective_flops") is not None:
+        rows.insert(2, _effective_row(t, s))
     for key in ("name", "model"):
         if t.get(key) or s.get(key):
             rows.insert(0, ["Model", t.get(key, MISSING), s.get(key, MISSING), ""])
             break
     rows += _latency_summary_rows(report)
-    return ["## Summary", ""] + _md_table(["", "Teacher", "Student", "Change"], rows)
+    lines = ["## Summary", ""] + _md_table(["", "Teacher", "Student", "Change"], rows)
+    if s.get("effective_flops") is not None:
+        lines += ["", FBS_NOTE, ""]
+    return lines
 
 
 def _parity_md(parity: Mapping) -> list[str]:
@@ -414,6 +437,8 @@ def summary_table(report: Mapping) -> Table:
     table.add_row(
         "FLOPs", fmt_flops(t.get("flops")), fmt_flops(s.get("flops")), ratio_change(t.get("flops"), s.get("flops"))
     )
+    if s.get("effective_flops") is not None:
+        table.add_row(*_effective_row(t, s))
     table.add_row(
         "Params",
         fmt_params(t.get("params")),
@@ -438,22 +463,30 @@ def _latency_summary_rows(report: Mapping) -> list[list[str]]:
         if not isinstance(node, Mapping):
             continue
         teacher_lat = node.get("teacher") if isinstance(node.get("teacher"), Mapping) else {}
-        student_lat = node.get("student") if isinstance(node.get("student"), Mapping) else {}
         # "CPU latency" for the compress stage's onnxruntime rows, as the README's demo output shows
         what = "CPU latency" if backend == "onnxruntime" else f"{backend} latency"
-        rounds = (report.get("speedup_rounds") or {}).get(backend)
-        rounds = rounds if isinstance(rounds, Mapping) else {}
-        for batch in _batches({**teacher_lat, **student_lat}):
-            teacher_row, student_row = get_path(teacher_lat, batch), get_path(student_lat, batch)
-            speed = speedup(teacher_row, student_row)
-            change = MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
-            spread = speedup_range(get_path(rounds, batch)) if speed is not None else ""
-            rows.append(
-                [
-                    f"{what} p50 (bs={batch})",
-                    fmt_ms_label(teacher_row),
-                    fmt_ms_label(student_row),
-                    f"{change} {spread}".strip(),
-                ]
-            )
+        for key, rounds_key, label in (
+            ("student", "speedup_rounds", what),
+            ("static_equivalent", "static_equivalent_speedup_rounds", f"{STATIC_LABEL} {what}"),
+        ):
+            other = node.get(key)
+            if not isinstance(other, Mapping):
+                continue
+            rounds = (report.get(rounds_key) or {}).get(backend)
+            rounds = rounds if isinstance(rounds, Mapping) else {}
+            for batch in _batches({**teacher_lat, **other}):
+                teacher_row, student_row = get_path(teacher_lat, batch), get_path(other, batch)
+                speed = speedup(teacher_row, student_row)
+                change = (
+                    MISSING if speed is None else f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower"
+                )
+                spread = speedup_range(get_path(rounds, batch)) if speed is not None else ""
+                rows.append(
+                    [
+                        f"{label} p50 (bs={batch})",
+                        fmt_ms_label(teacher_row),
+                        fmt_ms_label(student_row),
+                        f"{change} {spread}".strip(),
+                    ]
+                )
     return rows

@@ -37,6 +37,7 @@ from cascadec.profile.protocol import Timing, compare, profile_interleaved, prot
 from cascadec.progress import log, track
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cost import count_macs, count_params
+from cascadec.prune.fbs import effective_macs, static_equivalent
 from cascadec.prune.latency import latency_prediction
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
@@ -56,6 +57,9 @@ from cascadec.verify.results import ParityResult
 
 TEACHER_WEIGHTS = "teacher.safetensors"
 CHECKPOINTS = "checkpoints"  # training checkpoints of an unfinished prune stage (RUN/checkpoints/*.safetensors)
+
+
+STATIC_EQUIVALENT = "static_equivalent"  # FBS runs: an untrained static student of the same MACs per image
 
 
 # ---------------------------------------------------------------- teacher
@@ -130,11 +134,21 @@ def stage_prune(
             )
             note = f"; last good checkpoint kept: {CHECKPOINTS}/{', '.join(kept)}" if kept else ""
             raise NonFiniteLoss(f"{exc}{note}") from None
-        student = shrink(
-            result.student.cpu().to(memory_format=torch.contiguous_format), result.analysis.index, result.mask, example
-        )
-        info["masked_vs_shrunk"] = check_shrunk(result.student, result.analysis.index, result.mask, student, example)
-        removals = pruned_root_idxs(result.analysis.index, result.mask)
+        extra: dict = {"recipe": recipe.name, "method": recipe.prune.method}
+        if result.mask is None:  # FBS: nothing to shrink, the gated network is the student
+            student, removals = result.student.cpu().to(memory_format=torch.contiguous_format), {}
+            extra["fbs"] = {k: result.history["fbs"][k] for k in ("keep", "gated")}
+        else:
+            student = shrink(
+                result.student.cpu().to(memory_format=torch.contiguous_format),
+                result.analysis.index,
+                result.mask,
+                example,
+            )
+            info["masked_vs_shrunk"] = check_shrunk(
+                result.student, result.analysis.index, result.mask, student, example
+            )
+            removals = pruned_root_idxs(result.analysis.index, result.mask)
         if run.writable:
             save_student(
                 student,
@@ -143,10 +157,13 @@ def stage_prune(
                 model_kwargs=model_kwargs(recipe, bundle),
                 input_shape=shape,
                 removals=removals,
-                extra={"recipe": recipe.name, "method": recipe.prune.method},
+                extra=extra,
             )
         student = student.to(device)
         accuracy = evaluate(student, loaders.val, device=device, description="evaluate student")
+        # FBS: what a runtime that skips gated channels per image would compute (before the
+        # counts below move the student to the CPU)
+        fbs = effective_macs(student, loaders.val, device=device) if result.mask is None else None
         metrics = {
             "teacher.flops": count_macs(teacher.cpu(), example),
             "teacher.params": count_params(teacher),
@@ -156,12 +173,20 @@ def stage_prune(
             "prune.target_fraction": result.analysis.budget.keep_fraction,
             "prune.target_metric": result.analysis.budget.metric,
         }
+        if fbs is not None:
+            metrics.pop("prune.target_fraction")  # FBS has no static target: its budget is prune.fbs.keep
+            metrics.pop("prune.target_metric")
+            metrics["student.effective_flops"] = fbs["effective_macs"]
+            log(
+                f"FBS: {fbs['effective_macs'] / metrics['teacher.flops']:.1%} of the teacher's MACs per image where "
+                f"a runtime skips the gated channels; dense backends compute {metrics['student.flops'] / metrics['teacher.flops']:.1%}"
+            )
         teacher.to(device)
         student.to(device)
         for k, v in metrics.items():
             run.record(k, v)
         latency = result.analysis.cost.latency
-        if latency is not None:
+        if latency is not None and result.mask is not None:
             run.record("prune.latency", latency_prediction(latency, result.mask, result.analysis.budget))
         run.record("prune.history", result.history)
         info.update(method=recipe.prune.method, groups=len(result.analysis.index.groups))
@@ -181,7 +206,17 @@ def stage_prune(
 def stage_export(run: RunDir, recipe: Recipe, teacher: nn.Module, student: nn.Module, shape: list[int]) -> None:
     with run.stage("export") as info:
         sample = torch.zeros(1, *shape)
-        for name, model in track((("teacher", teacher), ("student", student)), "export ONNX", total=2):
+        models = [("teacher", teacher), ("student", student)]
+        effective = run.metric("student.effective_flops")
+        if effective is not None:  # FBS: a static student of the same MACs per image, for the profile
+            try:
+                static = static_equivalent(teacher, sample, effective)
+            except (UserError, RuntimeError, ValueError, IndexError) as exc:  # for timing only: never fatal
+                log(f"FBS: no static student of the same MACs to time beside it ({first_line(exc)})")
+            else:
+                models.append((STATIC_EQUIVALENT, static))
+                info[STATIC_EQUIVALENT] = {"flops": count_macs(static, sample), "trained": False}
+        for name, model in track(models, "export ONNX", total=len(models)):
             exported = export_onnx(
                 model.cpu().eval(), sample, run.file(f"{name}.onnx"), opset=recipe.export.opset, slim=recipe.export.slim
             )
@@ -250,7 +285,11 @@ def stage_profile(
     cuda_graph = p.cuda_graph and backend == "torch-cuda"
     timing = Timing(warmup_s=p.warmup_s, min_duration_s=p.duration_s, min_iters=p.min_iters)
     sources: dict[str, dict[str, Any]] = {}
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student", STATIC_EQUIVALENT):
+        if name == STATIC_EQUIVALENT:  # FBS runs: timed beside the gated student on ONNX backends
+            if spec.runs == "onnx" and run.file(f"{name}.onnx").is_file():
+                sources[name] = {"onnx_path": run.file(f"{name}.onnx")}
+            continue
         if spec.runs == "onnx":
             sources[name] = {"onnx_path": run.file(f"{name}.onnx")}
         elif spec.runs == "torch":
@@ -277,12 +316,15 @@ def stage_profile(
                 keep_samples=True,
             )
 
-        names = [n for n in ("teacher", "student") if n in sources]  # the teacher first: ratios are teacher / student
+        # the teacher first: ratios are teacher / student
+        names = [n for n in ("teacher", "student", STATIC_EQUIVALENT) if n in sources]
         pooled, ratios = profile_interleaved(profile_one, names, rounds=p.rounds, timing=timing)
         out: dict[str, Any] = {name: {str(b): v for b, v in pooled[name].items()} for name in names}
         if "teacher" in out:
             out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
             out["speedup_rounds"] = {str(b): r for b, r in ratios["student"].items()}
+            if STATIC_EQUIVALENT in out:
+                out[f"{STATIC_EQUIVALENT}_speedup_rounds"] = {str(b): r for b, r in ratios[STATIC_EQUIVALENT].items()}
         out["protocol"] = protocol_record(
             backend=backend,
             device=spec.device,
@@ -311,9 +353,11 @@ def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = Non
         per_image = check_input_memory(recipe)
     shape = "x".join(map(str, bundle.input_shape))
     batch = min(recipe.data.batch_size, len(bundle.train))
+    rotations = 4 if recipe.distill.method == "hsakd" else 1  # HSAKD trains on every batch's 4 rotations
     memory.require(
-        memory.TRAINING_FACTOR * batch * per_image,
-        f"training {recipe.model.name} on batches of {batch} {shape} images",
+        memory.TRAINING_FACTOR * batch * rotations * per_image,
+        f"training {recipe.model.name} on batches of {batch} {shape} images"
+        + (" in 4 rotations (distill.method: hsakd)" if rotations > 1 else ""),
         "lower data.batch_size or data.image_size",
     )
     analysis = analyse(model, recipe, torch.zeros(1, *bundle.input_shape))

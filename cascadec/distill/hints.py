@@ -124,18 +124,23 @@ class FeatureTap:
         self._handles = []
 
 
-def identity_adapters(model: nn.Module, points: list[str], example_input: torch.Tensor) -> nn.ModuleDict:
-    """A 1x1 conv per stage, channels -> channels, starting as the identity."""
+def feature_shapes(model: nn.Module, points: list[str], example_input: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """(channels, height, width) of each point's output on ``example_input`` (eval mode)."""
     tap = FeatureTap(model, points)
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         with torch.no_grad():
             model(example_input)
-        model.train(was_training)
-        widths = {p: tap.features[p].shape[1] for p in points}
+        return {p: tuple(tap.features[p].shape[1:]) for p in points}
     finally:
+        model.train(was_training)
         tap.remove()
+
+
+def identity_adapters(model: nn.Module, points: list[str], example_input: torch.Tensor) -> nn.ModuleDict:
+    """A 1x1 conv per stage, channels -> channels, starting as the identity."""
+    widths = {p: shape[0] for p, shape in feature_shapes(model, points, example_input).items()}
     adapters = nn.ModuleDict()
     for i, p in enumerate(points):
         conv = nn.Conv2d(widths[p], widths[p], 1, bias=False)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from cascadec.data.sampler import position
 from cascadec.distill.hints import FeatureTap, HintSpec, hint_loss, identity_adapters
+from cascadec.distill.hsakd import HsakdSpec, Rotated, aux_logits, frozen_heads, hsakd_loss, rotate_batch, student_heads
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import Status
@@ -120,6 +121,7 @@ class CascadeTrainer:
         loss: DistillLoss,
         device: torch.device,
         hints: HintSpec | None = None,
+        hsakd: HsakdSpec | None = None,
     ) -> None:
         self.index, self.solver, self.loss, self.device = index, solver, loss, device
         fractions = ta_fractions(student_budget.keep_fraction, num_tas, ta_ratios)
@@ -150,6 +152,14 @@ class CascadeTrainer:
             self.teacher_tap = FeatureTap(self.teacher, hints.points)
             if hints.kind == "stages":
                 self.adapters = [identity_adapters(m, hints.points, hints.example.to(device)) for m in self.models]
+        # distill.method: hsakd: every model gets auxiliary heads, started from the pretrained
+        # teacher's and trained with the shared weights; each matches the heads of the model above
+        self.hsakd = hsakd
+        self.aux_heads: list[nn.ModuleList] = []
+        if hsakd is not None:
+            self.taps = [FeatureTap(m, hsakd.points) for m in self.models]
+            self.teacher_tap = FeatureTap(self.teacher, hsakd.points)
+            self.aux_heads = [student_heads(hsakd.teacher_heads) for _ in self.models]
 
     # ---------------------------------------------------------------- masks
     def _solve(self, i: int) -> torch.Tensor:
@@ -191,8 +201,9 @@ class CascadeTrainer:
     def recalibrate(self, loader: DataLoader, batches: int) -> None:
         """BatchNorm statistics of every model, re-estimated under its current hard mask."""
         self.use_hard_masks()
-        for model in self.models:
-            recalibrate_batchnorm(model, loader, device=self.device, limit=batches)
+        for model in self.models:  # HSAKD trained on rotated batches: its statistics describe those
+            net = Rotated(model) if self.hsakd is not None else model
+            recalibrate_batchnorm(net, loader, device=self.device, limit=batches)
 
     @property
     def names(self) -> list[str]:
@@ -210,7 +221,7 @@ class CascadeTrainer:
     # ---------------------------------------------------------------- joint phase
     def parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         seen, weights = set(), []
-        for model in [*self.models, *self.adapters]:
+        for model in [*self.models, *self.adapters, *self.aux_heads]:
             for p in model.parameters():
                 if id(p) not in seen:
                     seen.add(id(p))
@@ -222,15 +233,25 @@ class CascadeTrainer:
     ) -> tuple[list[float], torch.Tensor]:
         """Forward every model, top first (each model's teacher is the one above); the summed loss."""
         autocast = runtime.autocast() if runtime is not None else nullcontext()
+        hsakd = self.hsakd
+        if hsakd is not None:
+            images = rotate_batch(images)
         with autocast:
             with torch.no_grad():
                 upper_logits = self.teacher(images)
+                if hsakd is not None:
+                    upper_aux = aux_logits(hsakd.teacher_heads, self.teacher_tap.features, hsakd.points)
             teacher_features = upper_features = self.teacher_tap.features if self.teacher_tap is not None else {}
             losses, total = [], 0.0
             for j in reversed(range(len(self.models))):
                 self.masks[j].set(self._mask_vector(j))
                 logits = self.models[j](images)
-                loss_j = self.loss(logits.float(), labels, upper_logits.float())
+                if hsakd is not None:
+                    aux = aux_logits(self.aux_heads[j], self.taps[j].features, hsakd.points)
+                    loss_j = hsakd_loss(logits.float(), labels, upper_logits.float(), aux, upper_aux, hsakd.weights)
+                    upper_aux = [a.detach() for a in aux]
+                else:
+                    loss_j = self.loss(logits.float(), labels, upper_logits.float())
                 if self.hints is not None:
                     stages = self.hints.kind == "stages"  # stages: the pretrained network; paper: the model above
                     loss_j = loss_j + self.hints.weight * hint_loss(
@@ -346,7 +367,9 @@ class CascadeTrainer:
                     )
                 if stop:
                     raise KeyboardInterrupt
-        runtime.dist.sync_state(self.models, [s for s in self.scores if s is not None])
+        runtime.dist.sync_state(
+            [*self.models, *self.adapters, *self.aux_heads], [s for s in self.scores if s is not None]
+        )
         if not self.frozen:
             self.refresh_masks()
         elapsed = prior_seconds + time.perf_counter() - start
@@ -375,6 +398,10 @@ class CascadeTrainer:
             p.requires_grad_(False)
         ChannelMasks(clone, self.index).install().set(self.state.hard_masks[j].detach().clone())
         return clone
+
+    def frozen_heads(self, j: int) -> nn.ModuleList | None:
+        """Model j's HSAKD heads as a teacher's (eval mode, no gradient); None without HSAKD."""
+        return frozen_heads(self.aux_heads[j]) if self.aux_heads else None
 
     def extract_student(self) -> tuple[nn.Module, torch.Tensor]:
         """The student with its own copy of the weights and its final (frozen) mask."""

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from cascadec.distill.hints import HintedLoss, HintSpec, identity_adapters
+from cascadec.distill.hsakd import AuxNetwork, HsakdLoss, HsakdSpec, Rotated, student_heads
 from cascadec.distill.losses import DistillLoss
 from cascadec.progress import log
 from cascadec.prune.groups import GroupIndex
@@ -41,7 +42,7 @@ def first_better(teacher_accuracy: list[float], student_accuracy: float, start: 
 
 def student_phase(
     student: nn.Module,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     index: GroupIndex,
     teachers: Teachers,
     loader: DataLoader,
@@ -64,6 +65,9 @@ def student_phase(
     select_best: bool = True,
     hints: HintSpec | None = None,
     hint_teacher: nn.Module | None = None,
+    hsakd: HsakdSpec | None = None,
+    teacher_heads: list[nn.ModuleList] | None = None,
+    start_heads: nn.ModuleList | None = None,
 ) -> list[dict]:
     """Fine-tune the masked student in place; returns one record per epoch (plus the start).
 
@@ -71,10 +75,16 @@ def student_phase(
     (on ``select_loader``) is measured here when not given. With ``promote`` off the student
     keeps the first teacher that beats it. With a checkpointing ``runtime`` the phase saves
     ``student`` checkpoints (every epoch, every N steps, on Ctrl-C) that include the mask and
-    the best epoch so far; ``resume`` is such a checkpoint."""
+    the best epoch so far; ``resume`` is such a checkpoint.
+
+    With ``hsakd`` every teacher level has its auxiliary heads in ``teacher_heads`` (aligned
+    with ``teachers``); the student's own start as a copy of ``start_heads`` (default: the
+    first teacher's) and are trained here, beside the network, never in it."""
     runtime = runtime or Runtime(device)
-    hooks = ChannelMasks(student, index).install()
-    hooks.set(mask.to(device))
+    hooks = None
+    if mask is not None:  # None: a student without channel masks (FBS gates its channels itself)
+        hooks = ChannelMasks(student, index).install()
+        hooks.set(mask.to(device))
     # distill.hints: stage hints pull the student's stages towards ``hint_teacher`` (the pretrained
     # network) through adapters trained here and never exported; paper hints towards its KD teacher
     adapters = (
@@ -82,19 +92,33 @@ def student_phase(
         if hints is not None and hints.kind == "stages"
         else None
     )
-    trained = [*student.parameters(), *(adapters.parameters() if adapters is not None else [])]
+    aux_heads = None
+    if hsakd is not None:
+        if teacher_heads is None or len(teacher_heads) != len(teachers):
+            raise ValueError("student_phase: hsakd needs one set of teacher heads per teacher level")
+        aux_heads = student_heads(start_heads if start_heads is not None else teacher_heads[0])
+    trained = [
+        *student.parameters(),
+        *(adapters.parameters() if adapters is not None else []),
+        *(aux_heads.parameters() if aux_heads is not None else []),
+    ]
     opt = make_optimizer(trained, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     steps = steps_in(loader, max_steps)
     sched = cosine_schedule(opt, epochs * steps)
 
     def recalibrate() -> None:
-        if recalibration is not None and recalibration_batches > 0:
-            recalibrate_batchnorm(student, recalibration, device=device, limit=recalibration_batches)
+        if recalibration is not None and recalibration_batches > 0:  # HSAKD: on rotated batches, as trained
+            net = Rotated(student) if hsakd is not None else student
+            recalibrate_batchnorm(net, recalibration, device=device, limit=recalibration_batches)
 
     if resume is not None:
         student.load_state_dict(resume["student"])
         if adapters is not None and resume.get("hint_adapters") is not None:
             adapters.load_state_dict(resume["hint_adapters"])
+        if aux_heads is not None and resume.get("aux_heads") is not None:
+            aux_heads.load_state_dict(resume["aux_heads"])
+            if resume.get("teacher_aux_heads") is not None:  # the teacher's heads this run distils from
+                teacher_heads[-1].load_state_dict(resume["teacher_aux_heads"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         runtime.restore_scaler(resume)
@@ -157,6 +181,8 @@ def student_phase(
                 "best_epoch": best["epoch"],
                 "best_state": best["state"],
                 "hint_adapters": adapters.state_dict() if adapters is not None else None,
+                "aux_heads": aux_heads.state_dict() if aux_heads is not None else None,
+                "teacher_aux_heads": teacher_heads[-1].state_dict() if aux_heads is not None else None,
             },
         )
 
@@ -169,27 +195,37 @@ def student_phase(
             if hints is not None and source is not None
             else loss
         )
-        stats = train_epoch(
-            student,
-            loader,
-            opt,
-            sched,
-            epoch_loss,
-            device=device,
-            teacher=teacher,
-            description=f"student epoch {epoch} (teacher {name})",
-            max_steps=max_steps,
-            epoch=epoch,
-            runtime=runtime,
-            phase="student",
-            start_step=first_step if resumed else 0,
-            partial=partial if resumed else None,
-            save=save,
-            loss_per="step",
-            where="student phase",
-        )
-        if isinstance(epoch_loss, HintedLoss):
-            epoch_loss.remove()
+        trainee, teaching = student, teacher
+        if hsakd is not None and teacher is not None:  # both run on the 4 rotations, heads beside them
+            trainee = AuxNetwork(student, aux_heads, hsakd.points)
+            teaching = AuxNetwork(teacher, teacher_heads[level], hsakd.points).eval()
+            epoch_loss = HsakdLoss(trainee, teaching, hsakd.weights)
+        try:
+            stats = train_epoch(
+                trainee,
+                loader,
+                opt,
+                sched,
+                epoch_loss,
+                device=device,
+                teacher=teaching,
+                description=f"student epoch {epoch} (teacher {name})",
+                max_steps=max_steps,
+                epoch=epoch,
+                runtime=runtime,
+                phase="student",
+                start_step=first_step if resumed else 0,
+                partial=partial if resumed else None,
+                save=save,
+                loss_per="step",
+                where="student phase",
+            )
+        finally:  # no tap left on the student or a teacher, whatever ended the epoch
+            if isinstance(epoch_loss, HintedLoss):
+                epoch_loss.remove()
+            for net in (trainee, teaching):
+                if isinstance(net, AuxNetwork):
+                    net.remove()
         acc = evaluate(student, select_loader, device=device, description="evaluate student")
         rate = stats["images_per_s"]
         record = {
@@ -219,7 +255,8 @@ def student_phase(
     recalibrate()
     for record in history:
         record["kept"] = record["epoch"] == best["epoch"]
-    hooks.remove()
+    if hooks is not None:
+        hooks.remove()
     return history
 
 

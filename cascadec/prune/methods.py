@@ -21,12 +21,14 @@ import torch.nn as nn
 
 from cascadec.data.sampler import position
 from cascadec.distill.hints import HintSpec, hint_spec
+from cascadec.distill.hsakd import HsakdSpec, HsakdWeights, store_heads, teacher_heads
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cap import calibration_loader, compensate_start, prune_cap
 from cascadec.prune.cascade import CascadeTrainer
+from cascadec.prune.fbs import build_started
 from cascadec.prune.finetune import student_phase
 from cascadec.prune.importance import CRITERIA
 from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
@@ -40,7 +42,7 @@ from cascadec.train.runtime import Runtime
 @dataclass
 class PruneResult:
     student: nn.Module  # full-width network; ``mask`` says which units survive
-    mask: torch.Tensor
+    mask: torch.Tensor | None  # None: nothing removed (FBS: the student's gates choose per image)
     analysis: Analysis
     history: dict = field(default_factory=dict)
 
@@ -83,6 +85,39 @@ def hint_spec_for(recipe: Recipe, model, analysis: Analysis) -> HintSpec | None:
     return hint_spec(d.hints, d.hint_weight, model, analysis.example)
 
 
+def hsakd_spec_for(
+    recipe: Recipe, teacher, analysis: Analysis, loader, device, runtime: Runtime | None = None
+) -> HsakdSpec | None:
+    """``distill.method: hsakd`` resolved on this teacher: its stages and trained auxiliary heads
+    (cached beside the teacher when ``teacher.cache`` is on). In a distributed run every rank
+    trains on its own slice of the data; rank 0's heads are then broadcast, so all teach alike."""
+    d = recipe.distill
+    if d.method != "hsakd":
+        return None
+    from cascadec.teacher import cache_root  # the teacher module builds on this one's neighbours
+
+    data = {**recipe.data.model_dump(exclude={"workers", "download"}), "seed": recipe.train.seed}
+    distributed = runtime.dist if runtime is not None and runtime.dist.active else None
+    spec = teacher_heads(
+        teacher,
+        analysis.example,
+        loader,
+        weights=HsakdWeights(ce=d.ce_weight, kd=d.kd_weight, aux=d.aux_weight, temperature=d.temperature),
+        epochs=d.aux_epochs,
+        lr=d.aux_lr,
+        data=data,
+        device=device,
+        cache=cache_root() / "hsakd" if recipe.teacher.cache else None,
+        max_steps=recipe.train.max_steps_per_epoch,
+        write_cache=distributed is None,
+    )
+    if distributed is not None:  # every rank now holds rank 0's heads; rank 0 caches them
+        distributed.sync_state([spec.teacher_heads])
+        if distributed.is_main:
+            store_heads(spec)
+    return spec
+
+
 def _fine_tune(
     student,
     mask,
@@ -98,6 +133,9 @@ def _fine_tune(
     resume: dict | None = None,
     teacher_accuracy: list[float] | None = None,
     hint_teacher=None,
+    hsakd: HsakdSpec | None = None,
+    teacher_heads: list | None = None,
+    start_heads=None,
 ):
     t = recipe.train
     recal, batches = _recalibration(recipe, loader)
@@ -125,6 +163,9 @@ def _fine_tune(
         select_best=t.select_best,
         hints=hint_spec_for(recipe, student, analysis),
         hint_teacher=hint_teacher,
+        hsakd=hsakd,
+        teacher_heads=teacher_heads,
+        start_heads=start_heads,
     )
 
 
@@ -163,12 +204,40 @@ def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: R
     )
 
 
+def run_fbs(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+    """FBS: the teacher with saliency gates (a deterministic start, so a resumed run rebuilds it
+    and loads its checkpoint), trained like a one-shot student; ``mask`` is None: nothing is
+    removed, the gates choose channels per image."""
+    start = time.perf_counter()
+    if "target" in recipe.prune.model_fields_set:
+        log(f"FBS: prune.target ({recipe.prune.target.describe()}) is not used; the budget is prune.fbs.keep")
+    resume = runtime.load("student") if runtime is not None else None
+    student, report = build_started(teacher, recipe.prune.fbs.keep)
+    return _fine_tuned(
+        teacher,
+        student.to(device),
+        None,
+        analysis,
+        recipe,
+        loader,
+        select_loader,
+        device,
+        runtime,
+        resume,
+        start,
+        {"fbs": report},
+    )
+
+
 def _fine_tuned(
     teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record: dict
 ) -> PruneResult:
     """The one-shot tail shared by ``oneshot`` and ``cap``: fine-tune the masked student for
     joint + student epochs with KD from the teacher (or none), and return it."""
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
+    hsakd = hsakd_spec_for(recipe, teacher, analysis, loader, device, runtime)
+    if hsakd is not None:
+        record["hsakd"] = hsakd.report
     history = _fine_tune(
         student,
         mask,
@@ -183,6 +252,8 @@ def _fine_tuned(
         runtime=runtime,
         resume=resume,
         hint_teacher=teacher,
+        hsakd=hsakd,
+        teacher_heads=[hsakd.teacher_heads] if hsakd is not None else None,
     )
     return PruneResult(
         student, mask, analysis, {**record, "fine_tune": history, "seconds": time.perf_counter() - start}
@@ -222,6 +293,9 @@ def run_cascade(
     else:
         scores, scale = torch.zeros(analysis.index.num_units), float(joint_state["score_scale"])
     base = copy.deepcopy(teacher)
+    hsakd = hsakd_spec_for(recipe, teacher, analysis, loader, device, runtime)
+    if hsakd is not None and joint_state is not None and joint_state.get("hsakd_teacher_heads") is not None:
+        hsakd.teacher_heads.load_state_dict(joint_state["hsakd_teacher_heads"])  # the heads this run distils from
     trainer = CascadeTrainer(
         base,
         teacher,
@@ -235,6 +309,7 @@ def run_cascade(
         loss=distill_loss(recipe),
         device=device,
         hints=hint_spec_for(recipe, base, analysis),
+        hsakd=hsakd,
     )
     weights, score_params = trainer.parameters()
     for s in score_params:
@@ -297,6 +372,7 @@ def run_cascade(
                 "history": joint,
                 "rng": rng_state(),
                 "ladder": ladder_acc,
+                "hsakd_teacher_heads": hsakd.teacher_heads.state_dict() if hsakd is not None else None,
             },
         )
 
@@ -346,6 +422,10 @@ def run_cascade(
         for j in range(1, len(trainer.models))
     ]
     teachers.append(("teacher", teacher))
+    heads = None
+    if hsakd is not None:  # each TA teaches with the heads it trained; the teacher with its cached ones
+        heads = [trainer.frozen_heads(j) for j in range(1, len(trainer.models))] + [hsakd.teacher_heads]
+    student_start_heads = trainer.aux_heads[0] if hsakd is not None else None
     teacher_accuracy = [
         *ladder_acc[1:],
         evaluate(teacher, select_loader, device=device, description="evaluate teacher"),
@@ -367,6 +447,8 @@ def run_cascade(
     }
     if compensation is not None:
         history["compensation"] = compensation
+    if hsakd is not None:
+        history["hsakd"] = hsakd.report
     history["student"] = _fine_tune(
         student,
         mask,
@@ -382,13 +464,21 @@ def run_cascade(
         resume=student_state,
         teacher_accuracy=teacher_accuracy,
         hint_teacher=teacher,
+        hsakd=hsakd,
+        teacher_heads=heads,
+        start_heads=student_start_heads,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneResult(student, final_mask, analysis, history)
 
 
 # prune.method -> the function that runs it; a new method is one entry here and its module
-METHODS: dict[str, Callable[..., PruneResult]] = {"cascade": run_cascade, "oneshot": run_oneshot, "cap": run_cap}
+METHODS: dict[str, Callable[..., PruneResult]] = {
+    "cascade": run_cascade,
+    "oneshot": run_oneshot,
+    "cap": run_cap,
+    "fbs": run_fbs,
+}
 
 
 def check_ladder(names: list[str], fractions: list[float], accuracies: list[float], policy: str) -> dict:
