@@ -77,7 +77,14 @@ def main() -> None:
         trainers[name] = (t, torch.optim.SGD(weights, lr=1e-3, momentum=0.9))
     student = copy.deepcopy(teacher).train()
     heads = make_heads(teacher, points, example, 10)
-    student_steps = {"kl": (student, lambda: loss(student(images), labels, teacher(images).detach()))}
+
+    def kl_student_loss():
+        with torch.no_grad():  # as train_epoch runs the teacher
+            t_logits = teacher(images)
+        return loss(plain(images), labels, t_logits)
+
+    plain = copy.deepcopy(teacher).train()  # no tap on it: the KL step pays for nothing of HSAKD's
+    student_steps = {"kl": (plain, kl_student_loss)}
     wrapped, teaching = AuxNetwork(student, heads, points), AuxNetwork(teacher, spec.teacher_heads, points).eval()
     hsakd_loss = HsakdLoss(wrapped, teaching, HsakdWeights())
 
