@@ -331,6 +331,16 @@ def _print_inspect(r: dict) -> None:
             f"{lat['configurations']} configurations, {lat['grid_points']} widths timed, {origin}{measured}",
             highlight=False,
         )
+        block = lat.get("channel_block", 1)
+        out.print(
+            (
+                f"channel block: latency steps every {block} channels on this backend; "
+                if block > 1
+                else "channel block: latency smooth in width on this backend; "
+            )
+            + f"widths timed, and a latency target's widths, at multiples of {lat.get('multiple', 8)}",
+            highlight=False,
+        )
     fbs = r.get("fbs")
     if fbs:
         out.print(

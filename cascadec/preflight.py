@@ -101,6 +101,7 @@ def inspect_model(
             backend=latency_backend,
             batch=lat.batch,
             grid_points=lat.grid_points,
+            multiple=lat.fixed_multiple,
             threads=recipe.profile.threads if recipe is not None else None,
             progress=progress.enabled(),
         )

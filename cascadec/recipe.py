@@ -179,11 +179,25 @@ class LatencySection(_Strict):
     backend: Literal["onnxruntime", "onnxruntime-cuda"] = "onnxruntime"
     batch: int = Field(1, ge=1)
     grid_points: int = Field(4, ge=2, le=16, description="widths timed per prunable axis of each layer")
-    multiple: int = Field(
-        8,
-        ge=1,
-        description="widths the table times, and the rounding a latency target applies when round_to is unset: "
-        "ONNX Runtime's CPU kernels block channels by 8, and other widths take a slower path",
+    multiple: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
+        "auto",
+        description="widths the table times, and the rounding a latency target applies when round_to is unset; "
+        "auto: the channel block the backend's kernels step by, probed on this machine (16 on an AVX-512 CPU "
+        "with ONNX Runtime; 8 where latency is smooth in width)",
+    )
+
+    @property
+    def fixed_multiple(self) -> int | None:
+        """``multiple`` as the table builder takes it: None to probe."""
+        return None if self.multiple == "auto" else int(self.multiple)
+
+    refine: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="measured re-solves: when the student's mask is about to be final, its network is timed "
+        "against the unpruned one on the backend and the budget rescaled by the error, up to this many times "
+        "(0: trust the table)",
     )
     tolerance: Optional[float] = Field(
         0.1,

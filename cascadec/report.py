@@ -122,6 +122,7 @@ def history_summary(history: dict) -> dict:
             "joint_steps",
             "cap",
             "compensation",
+            "latency_refine",
         )
         if k in history
     }

@@ -369,8 +369,9 @@ def _training_md(prune: Mapping) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def _latency_target_md(check: Mapping, prediction: Mapping) -> list[str]:
-    """Predicted against measured for a latency target (stages.check_latency_target)."""
+def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None = None) -> list[str]:
+    """Predicted against measured for a latency target (stages.check_latency_target), and the
+    measured re-solves that set the student's budget (prune/latency_refine.py)."""
     table = prediction.get("table") or {}
     rows = [
         [
@@ -392,9 +393,19 @@ def _latency_target_md(check: Mapping, prediction: Mapping) -> list[str]:
     ]
     if table:
         origin = "loaded from the cache" if table.get("cached") else f"built in {table.get('build_seconds', 0):.0f} s"
+        block = table.get("channel_block", 1)
         lines.append(
-            f"- latency table: {table.get('layers')} layers, {table.get('grid_points')} widths timed, {origin}"
+            f"- latency table: {table.get('layers')} layers, {table.get('grid_points')} widths timed, {origin}; "
+            + (f"latency steps every {block} channels, " if block > 1 else "latency smooth in width, ")
+            + f"widths at multiples of {table.get('multiple', 8)}"
         )
+    if refine:
+        tries = ", ".join(
+            f"{t['measured_speedup']:.2f}x at budget {t['budget_fraction']:.3f}"
+            + (" (kept)" if t.get("chosen") else "")
+            for t in refine
+        )
+        lines.append(f"- measured before the masks were fixed (prune.latency.refine): {tries}")
     return lines + [""]
 
 
@@ -415,7 +426,10 @@ def render_markdown(report: Mapping) -> str:
     if isinstance(report.get("latency"), Mapping) and report["latency"]:
         lines += _latency_md(report["latency"], report.get("speedup_rounds"))
     if isinstance(report.get("latency_target"), Mapping):
-        lines += _latency_target_md(report["latency_target"], report.get("latency_prediction") or {})
+        prune = report.get("prune") if isinstance(report.get("prune"), Mapping) else {}
+        lines += _latency_target_md(
+            report["latency_target"], report.get("latency_prediction") or {}, prune.get("latency_refine")
+        )
     if isinstance(report.get("environment"), Mapping) and report["environment"]:
         lines += _environment_md(report["environment"])
     return "\n".join(lines).rstrip() + "\n"

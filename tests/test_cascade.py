@@ -339,3 +339,30 @@ def test_invalid_ta_chain_is_a_user_error(over, why, tiny_setup) -> None:
     with pytest.raises((UserError, ValidationError)):
         recipe = _recipe("cascade", **{"train__max_steps_per_epoch": 1, "train__student_epochs": 0, **over})
         prune_model(teacher, recipe, loader, val, EX, CPU)
+
+
+def test_a_refined_student_budget_runs_before_the_freeze_and_survives_a_resume() -> None:
+    """A latency target's re-solves (prune/latency_refine.py) set the student's budget just
+    before the masks freeze; the joint checkpoint carries it, so a run resumed past the freeze
+    solves the same student mask, and the TAs keep their budgets."""
+    trainer = _make_trainer("resnet8", num_tas=1, cascade_update=True)
+    solver, budget = trainer.solver, trainer.budgets[0]
+    calls = []
+
+    def before_freeze() -> None:
+        calls.append(1)
+        trainer.set_student_budget(budget.scaled(0.3, solver.cost))
+
+    trainer.before_freeze = before_freeze
+    ta_budget = trainer.budgets[1].keep_fraction
+    trainer.freeze()
+    assert calls == [1] and trainer.budgets[0].keep_fraction == pytest.approx(0.3)
+    assert trainer.budgets[1].keep_fraction == ta_budget
+    assert solver.cost.macs(trainer.state.hard_masks[0]) <= 0.3 * solver.cost.base_macs
+    state = trainer.checkpoint_state()
+    resumed = _make_trainer("resnet8", num_tas=1, cascade_update=True)
+    resumed.load_checkpoint_state(state)
+    resumed.before_freeze = lambda: calls.append(2)
+    resumed.freeze(callback=False)  # as a resumed run does: no callback, the budget from the checkpoint
+    assert calls == [1] and resumed.budgets[0].keep_fraction == pytest.approx(0.3)
+    assert torch.equal(resumed.state.hard_masks[0], trainer.state.hard_masks[0])

@@ -7,6 +7,7 @@ mechanics exactly; one runs ONNX Runtime on a tiny network end to end."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -54,8 +55,9 @@ def chain(isolated_cache):
 
 
 def test_width_grid_is_multiples_up_to_the_full_width() -> None:
-    assert width_grid(64, 4) == [16, 32, 48, 64]
-    assert width_grid(100, 4) == [24, 48, 72, 100]
+    assert width_grid(64, 4) == [8, 16, 32, 48, 64]
+    assert width_grid(100, 4) == [8, 24, 48, 72, 100]
+    assert width_grid(960, 4, 16) == [16, 240, 480, 720, 960]  # the narrowest rounded width is timed
     assert width_grid(8, 4) == [4, 8]
     assert width_grid(1, 4) == [1]
 
@@ -249,7 +251,11 @@ def test_compress_with_a_latency_target_reports_predicted_and_measured(
     assert check["measured_ms"] > 0 and check["predicted_ms"] > 0
     assert report["latency_prediction"]["table"]["layers"] > 0
     assert "2" in report["latency"]["onnxruntime"]["student"]  # the target's batch was profiled
-    assert "## Latency target (onnxruntime, batch 2)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## Latency target (onnxruntime, batch 2)" in markdown
+    tries = report["prune"]["latency_refine"]  # the cascade measured its student before the freeze
+    assert 1 <= len(tries) <= 3 and sum(t["chosen"] for t in tries) == 1
+    assert all(t["measured_speedup"] > 0 for t in tries) and "prune.latency.refine" in markdown
 
     strict = compress(tmp_path / "strict", 0.2, "0")
     strict_report = json.loads((tmp_path / "strict" / "report.json").read_text())
@@ -279,3 +285,137 @@ def test_inspect_latency_on_a_backend_without_tables_exits_2(cli, backend, messa
         "inspect", "cifar_resnet8", "--in-channels", "1", "--image-size", "16", "--latency", "--backend", backend
     )
     assert result.code == 2 and message in result.err and "Traceback" not in result.err
+
+
+# --------------------------------------------------------------------------- channel block and measured re-solves
+
+
+@pytest.mark.parametrize("block", [8, 16, 32])
+def test_channel_block_reads_a_staircase(block) -> None:
+    from cascadec.prune.latency_table import PROBE_WIDTHS, channel_block
+
+    assert channel_block([0.1 + 0.01 * math.ceil(w / block) * block for w in PROBE_WIDTHS]) == block
+
+
+def test_channel_block_of_smooth_or_flat_latency_is_1() -> None:
+    from cascadec.prune.latency_table import PROBE_WIDTHS, channel_block
+
+    assert channel_block([0.05 + 0.01 * w for w in PROBE_WIDTHS]) == 1
+    assert channel_block([1.0] * len(PROBE_WIDTHS)) == 1
+    assert channel_block([1.0, float("nan")] + [1.0] * (len(PROBE_WIDTHS) - 2)) == 1
+
+
+def test_channel_block_of_uneven_noisy_steps() -> None:
+    """The probe as measured on this project's AVX-512 CPU (ONNX Runtime 1.32, batch 1): steps
+    of 37, 34, 53 and 3 % after 32, 48, 64 and 80 channels, up to 7 % noise within a block."""
+    from cascadec.prune.latency_table import channel_block
+
+    ms = [0.38, 0.522, 0.542, 0.542, 0.544, 0.728, 0.681, 0.685, 0.671, 1.027, 1.031, 1.003, 1.038, 1.059]
+    ms += [1.057, 1.053, 1.089]
+    assert channel_block(ms) == 16
+
+
+def stair_ms(graph: bytes, x_shape: tuple[int, ...]) -> float:
+    """fake_ms on a backend that pads every conv's output channels to 16."""
+    model = onnx.load_from_string(graph)
+    if not model.graph.initializer:
+        return 0.0005
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    cout = weight.shape[0]
+    spatial = int(np.prod(x_shape[2:])) if len(x_shape) > 2 else 1
+    return 1e-6 * weight.size / cout * math.ceil(cout / 16) * 16 * spatial + 0.001
+
+
+def test_table_probes_the_block_and_grids_at_its_multiples(chain) -> None:
+    model, _, cost = chain
+    table = build_table(model, EX, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False)
+    assert table.channel_block == 16 and table.multiple == 16 and len(table.probe_ms) > 0
+    for t in table.tables.values():
+        for grid, full in ((t.in_grid, t.config.in_channels), (t.out_grid, t.config.out_channels)):
+            assert all(w % 16 == 0 or w == full or full <= 16 for w in grid)
+    smooth = build_table(model, EX, cost=cost, timer=fake_ms, use_cache=False)
+    assert smooth.channel_block == 1 and smooth.multiple == 8  # smooth: the old default rounding
+    fixed = build_table(model, EX, cost=cost, timer=stair_ms, multiple=8, use_cache=False)
+    assert fixed.probe_ms == [] and fixed.channel_block == 8 and fixed.multiple == 8  # no probe
+    again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
+    assert (again.channel_block, again.multiple, again.probe_ms) == (16, 16, table.probe_ms)
+
+
+def test_prediction_rounds_widths_up_to_the_block(chain) -> None:
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False)
+    latency = LatencyModel(table, cost)
+    padded = latency._padded(torch.tensor([50.0, 3.0, 70.0, 12.0]), torch.tensor([64.0, 64.0, 72.0, 12.0]))
+    assert padded.tolist() == [64.0, 16.0, 72.0, 12.0]  # never past the layer's own width
+    # conv3 (16 outputs) keeps 9..16 channels: one block, one latency
+    group = next(i for i, g in enumerate(index.groups) if g.size == 16)
+    offset = index.offsets()[group]
+    keep = torch.ones(index.num_units)
+    predictions = []
+    for kept in (16, 12, 9):
+        keep[offset : offset + 16] = (torch.arange(16) < kept).float()
+        predictions.append(latency.predict(keep))
+    assert predictions[0] == pytest.approx(predictions[1]) == pytest.approx(predictions[2])
+
+
+def _latency_chain(chain):
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    cost.latency = LatencyModel(table, cost)
+    return index, cost
+
+
+def test_refinement_holds_the_target_to_the_measured_speedup(chain) -> None:
+    """A backend 15 % slower on pruned networks than the table says: the re-solves shrink the
+    budget until the measured speed-up reaches the target; the table alone would miss it."""
+    from cascadec.prune.latency_refine import refine_latency_mask
+
+    index, cost = _latency_chain(chain)
+    solver = MaskSolver(index, cost)
+    budget = Budget.from_target(cost, latency_reduction=0.4)
+    target = 1 / 0.6
+    scores = torch.rand(index.num_units, generator=torch.Generator().manual_seed(0))
+
+    def measured(keep: torch.Tensor) -> float:
+        pruned = 1 - cost.latency.predict(keep) / cost.latency.base_ms
+        return 1 / (1 - 0.85 * pruned)  # the backend saves 85 % of what the table predicts
+
+    refined = refine_latency_mask(solver, scores, budget, measured, rounds=4)
+    first = refined.history[0]
+    assert first["measured_speedup"] < target * 0.95 and first["budget_fraction"] == pytest.approx(0.6)
+    assert 2 <= len(refined.history) <= 4 and sum(h["chosen"] for h in refined.history) == 1
+    assert measured(refined.keep) >= target * 0.98 and refined.budget.keep_fraction < 0.6
+    assert measured(refined.keep) == max(h["measured_speedup"] for h in refined.history if h["chosen"])
+    # an exact table: the first mask already reaches the target
+    exact = refine_latency_mask(
+        solver, scores, budget, lambda k: cost.latency.base_ms / cost.latency.predict(k), rounds=4
+    )
+    assert exact.history[0]["measured_speedup"] == pytest.approx(exact.history[0]["predicted_speedup"])
+    assert exact.history[0]["measured_speedup"] >= target  # the table's mask meets its own budget
+    chosen = next(h for h in exact.history if h["chosen"])
+    assert chosen["measured_speedup"] >= target * 0.98
+
+
+def test_refinement_stops_at_the_narrowest_network(chain) -> None:
+    """A backend that saves nothing: the budget shrinks to the floor and the best try is kept
+    (no traceback from an infeasible rescaled budget)."""
+    from cascadec.prune.latency_refine import refine_latency_mask
+
+    index, cost = _latency_chain(chain)
+    solver = MaskSolver(index, cost)
+    budget = Budget.from_target(cost, latency_reduction=0.3)
+    refined = refine_latency_mask(solver, torch.ones(index.num_units), budget, lambda keep: 1.0, rounds=6)
+    assert refined.history and all(h["measured_speedup"] == 1.0 for h in refined.history)
+    assert sum(h["chosen"] for h in refined.history) == 1
+
+
+def test_recipe_latency_multiple_and_refine() -> None:
+    base = {"name": "r", "model": {"name": "cifar_resnet8"}, "prune": {"target": {"latency_reduction": 0.3}}}
+    recipe = Recipe.model_validate(base)
+    assert recipe.prune.latency.multiple == "auto" and recipe.prune.latency.fixed_multiple is None
+    assert recipe.prune.latency.refine == 3
+    fixed = Recipe.model_validate({**base, "prune": {**base["prune"], "latency": {"multiple": 32, "refine": 0}}})
+    assert fixed.prune.latency.fixed_multiple == 32 and fixed.prune.latency.refine == 0
+    for bad in ({"multiple": 0}, {"multiple": "fast"}, {"refine": -1}):
+        with pytest.raises(ValueError):
+            Recipe.model_validate({**base, "prune": {**base["prune"], "latency": bad}})

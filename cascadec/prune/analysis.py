@@ -54,11 +54,12 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
             backend=p.latency.backend,
             batch=p.latency.batch,
             grid_points=p.latency.grid_points,
+            multiple=p.latency.fixed_multiple,
             threads=recipe.profile.threads,
             progress=progress.enabled(),
         )
     # a latency target keeps widths at the multiples the backend's kernels block by (prune.latency)
-    round_to = p.round_to or (p.latency.multiple if latency is not None else None)
+    round_to = p.round_to or (latency.table.multiple if latency is not None else None)
     solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=round_to, allocation=p.allocation)
     budget = Budget.from_section(cost, p.target)
     return Analysis(index, cost, solver, budget, example_input.detach()[:1].clone())

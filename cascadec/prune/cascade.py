@@ -140,6 +140,8 @@ class CascadeTrainer:
         # (the method recalibrates BatchNorm there), and after it the scores get no gradient at all
         self.freeze_at: int | None = None
         self.on_freeze: Callable[[], None] | None = None
+        # runs once before the masks are fixed (a latency target's measured refinement)
+        self.before_freeze: Callable[[], None] | None = None
         self.frozen = False
         # distill.hints: every model's taps, the pretrained teacher's, and (stage hints) one set of
         # identity-initialised adapters per model, trained with the shared weights
@@ -189,10 +191,17 @@ class CascadeTrainer:
         statistics were already recalibrated before the checkpoint)."""
         if self.frozen:
             return
+        if callback and self.before_freeze is not None:
+            self.before_freeze()
         self.refresh_masks()
         self.frozen = True
         if callback and self.on_freeze is not None:
             self.on_freeze()
+
+    def set_student_budget(self, budget: Budget) -> None:
+        """A new budget for the student (model 0); the TAs keep theirs."""
+        self.budgets[0] = budget
+        self.state.budgets[0] = budget
 
     def use_hard_masks(self) -> None:
         for j, masks in enumerate(self.masks):
@@ -282,6 +291,8 @@ class CascadeTrainer:
             "weights": list(weights),
             "buffers": [dict(m.named_buffers()) for m in self.models],
             "scores": [s for s in self.scores],
+            # a refined student budget (latency targets) must survive a resume past the freeze
+            "budget_fractions": [b.keep_fraction for b in self.budgets],
         }
 
     @torch.no_grad()
@@ -299,6 +310,9 @@ class CascadeTrainer:
         for score, saved in zip(self.scores, state["scores"]):
             if score is not None:
                 score.copy_(saved)
+        for j, fraction in enumerate(state.get("budget_fractions") or []):
+            if abs(fraction - self.budgets[j].keep_fraction) > 1e-12:
+                self.budgets[j] = self.state.budgets[j] = self.budgets[j].scaled(fraction, self.solver.cost)
         self.refresh_masks()
 
     def joint_epoch(

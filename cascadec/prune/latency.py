@@ -7,7 +7,9 @@ measured on the device (``prune/latency_table.py``); this module turns the table
 solver needs for cascadec's channel groups:
 
 * the predicted latency of any unit mask: the layers' table entries at the widths the mask
-  keeps (bilinear between grid points), summed and scaled so that the full width predicts what
+  keeps, each rounded up to the backend's channel block (a width between two multiples costs
+  what the next multiple costs: the kernels pad to it), bilinear between grid points, summed
+  and scaled so that the full width predicts what
   the whole exported network measured (the rest of the graph, pooling, additions, layout
   reorders, is assumed to shrink with the convs);
 * per unit, the milliseconds it costs (a slope over each layer's width range), by which the
@@ -66,6 +68,15 @@ class LatencyModel:
             self._out_grid[i, : len(t.out_grid)] = torch.tensor(t.out_grid, dtype=torch.float64)
             self._ms[i, : len(t.in_grid), : len(t.out_grid)] = torch.tensor(t.ms, dtype=torch.float64)
         self._depthwise = torch.tensor([t.config.depthwise for t in tables], dtype=torch.bool)
+        self._in_full = torch.tensor([t.in_grid[-1] for t in tables], dtype=torch.float64)
+        self._out_full = torch.tensor([t.out_grid[-1] for t in tables], dtype=torch.float64)
+
+    def _padded(self, kept: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """Widths rounded up to the channel block, never past the layer's full width."""
+        block = self.table.channel_block
+        if block <= 1:
+            return kept
+        return torch.minimum(torch.ceil(kept / block) * block, torch.maximum(full, kept))
 
     @staticmethod
     def _axis(grid: torch.Tensor, length: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -86,6 +97,7 @@ class LatencyModel:
         kin, kout = self.cost._kept(keep)
         one_axis = torch.minimum(kin, kout)  # a depthwise layer: the channels
         kin = torch.where(self._depthwise, one_axis, kin)
+        kin, kout = self._padded(kin.double(), self._in_full), self._padded(kout.double(), self._out_full)
         i0, i1, a = self._axis(self._in_grid, self._in_len, kin)
         o0, o1, b = self._axis(self._out_grid, self._out_len, kout)
         rows = torch.arange(len(self.names))
@@ -141,10 +153,12 @@ def attach_latency_model(
     batch: int,
     grid_points: int,
     threads: int | None,
+    multiple: int | None = None,
     progress: bool = False,
 ) -> LatencyModel:
     """Measure (or load) the network's table on ``backend`` and attach it to ``cost``; a backend
-    this machine lacks is refused (exit 2) before anything is timed."""
+    this machine lacks is refused (exit 2) before anything is timed. ``multiple`` None: probe
+    the backend's channel block (``latency_table.probe_channel_block``)."""
     from cascadec.backends.registry import get_backend
 
     backend = get_backend(backend).name  # an unknown name is refused here, an alias resolved
@@ -163,6 +177,7 @@ def attach_latency_model(
         batch=batch,
         threads=threads,
         grid_points=grid_points,
+        multiple=multiple,
         network_ms=lambda: network_ms(model, example_input, batch=batch, device=device, threads=threads),
         progress=progress,
     )

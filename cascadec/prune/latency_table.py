@@ -3,7 +3,8 @@ on a grid of widths, cached per machine (``prune/latency.py`` turns it into pred
 
 * Every conv/linear layer is timed alone, as a one-node ONNX graph (conv + ReLU, which every
   backend fuses as it does in the exported network) at the layer's input resolution and the
-  target batch, on a grid of (input, output) widths at multiples of 8, under the profile
+  target batch, on a grid of (input, output) widths at multiples of the backend's channel block
+  (probed first: 16 on this AVX-512 CPU; 8 where latency is smooth in width), under the profile
   protocol in small (one warm-up per table, then per grid point untimed first calls and a timed
   loop; the median counts, less the runtime's per-call overhead). Layers of identical
   configuration share their timings, and only the axes a prunable group reaches get a grid.
@@ -37,7 +38,10 @@ from cascadec.prune.cost import CostModel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LATENCY_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
-TABLE_VERSION = 2
+TABLE_VERSION = 4
+# widths the channel-block probe times (multiples of 4, so blocks of 4, 8, 16 and 32 show)
+PROBE_WIDTHS = tuple(range(32, 100, 4))
+BLOCK_CANDIDATES = (4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,13 @@ def _bilinear(in_grid: Sequence[int], out_grid: Sequence[int], ms: np.ndarray, c
 
 def width_grid(full: int, points: int, multiple: int = 8) -> list[int]:
     """``points`` widths from about full/points to full, rounded to ``multiple`` (runtimes block
-    channels by 8 or 16, so widths that are multiples are the ones a rounded student has)."""
+    channels by 8 or 16, so widths that are multiples are the ones a rounded student has), and
+    ``multiple`` itself, the narrowest a rounded student keeps: below the lowest grid point the
+    table can only repeat that point's time, which priced a 16-channel MobileNetV2 layer as a
+    240-channel one and refused a 3x target its narrowest student beats twice over."""
     if full <= multiple or points <= 1:
         return [full] if points <= 1 or full <= 1 else sorted({max(1, full // 2), full})
-    out = {full}
+    out = {full, multiple}
     for k in range(1, points):
         w = int(round(full * k / points / multiple)) * multiple
         out.add(min(full, max(multiple, w)))
@@ -269,6 +276,47 @@ def call_overhead_graph() -> tuple[bytes, tuple[int, ...]]:
     return model.SerializeToString(), (1, 8)
 
 
+def probe_graph(width: int, batch: int) -> tuple[bytes, tuple[int, ...]]:
+    """The probe layer at one output width: a 3x3 conv from 64 channels, at a resolution that
+    keeps a call near a millisecond whatever the batch."""
+    hw = max(7, round(56 / max(1, batch) ** 0.5))
+    config = LayerConfig("conv", 64, width, (3, 3), (1, 1), (1, 1), (1, 1), 1, False, (hw, hw), True)
+    return layer_onnx(config, 64, width, batch)
+
+
+def channel_block(ms: Sequence[float], widths: Sequence[int] = PROBE_WIDTHS, *, step: float = 0.10) -> int:
+    """The channel block the backend's kernels work in, read off one layer timed at widths 4
+    apart. Latency that climbs in steps every B channels (AVX-512 ONNX Runtime pads convolution
+    channels to 16: 52 and 64 output channels cost the same, 68 costs a third more) jumps by
+    more than ``step`` after a multiple of B and nowhere else. The largest candidate B wins whose
+    boundaries jump at least half the time, and off whose boundaries no jump exceeds ``step`` or
+    half the median boundary jump (the steps are uneven: some are a few per cent). 1: no such staircase, latency is smooth in width (predictions
+    interpolate and rounding buys nothing)."""
+    t = np.asarray(ms, dtype=np.float64)
+    w = np.asarray(widths, dtype=np.int64)
+    if len(t) != len(w) or len(t) < 4 or not np.all(np.isfinite(t)) or np.any(t <= 0):
+        return 1
+    jumps = t[1:] / t[:-1] - 1.0
+    for block in sorted(BLOCK_CANDIDATES, reverse=True):
+        boundary = w[:-1] % block == 0
+        if not boundary.any() or boundary.all():
+            continue
+        off, on = jumps[~boundary], jumps[boundary]
+        # steps: at least half the boundaries jump, and nothing off them comes near a typical step
+        # (latency linear in width jumps ~10 % per 4 channels at 36 and evenly everywhere)
+        if np.all(off <= step) and np.mean(on > step) >= 0.5 and off.max() < 0.5 * np.median(on):
+            return block
+    return 1
+
+
+def probe_channel_block(timer: LayerTimer, batch: int) -> tuple[int, list[float]]:
+    """Time the probe layer across ``PROBE_WIDTHS`` and read its channel block (``channel_block``)."""
+    graphs = [probe_graph(width, batch) for width in PROBE_WIDTHS]
+    # two passes, the faster of each: one slow call (a stray process) must not fake a step
+    ms = [min(a, b) for a, b in zip(*([timer(*g) for g in graphs] for _ in range(2)))]
+    return channel_block(ms), ms
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -282,6 +330,11 @@ class LatencyTable:
     tables: dict[str, LayerTable]  # configuration key -> table
     network_ms: float | None = None  # the unpruned network, exported whole, on the backend
     call_overhead_ms: float = 0.0  # already subtracted from every entry of ``tables``
+    # the channel block the backend's kernels step by (``channel_block``; 1: smooth in width) and
+    # the multiple the grid and a latency target's widths use (the block, or 8 where smooth)
+    channel_block: int = 1
+    multiple: int = 8
+    probe_ms: list[float] = field(default_factory=list)
     build_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
     cached: bool = False
@@ -301,6 +354,9 @@ class LatencyTable:
             },
             "network_ms": self.network_ms,
             "call_overhead_ms": self.call_overhead_ms,
+            "channel_block": self.channel_block,
+            "multiple": self.multiple,
+            "probe_ms": self.probe_ms,
             "build_seconds": self.build_seconds,
             "environment": self.environment,
         }
@@ -321,6 +377,9 @@ class LatencyTable:
             tables=tables,
             network_ms=data.get("network_ms"),
             call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),
+            channel_block=int(data["channel_block"]),
+            multiple=int(data["multiple"]),
+            probe_ms=[float(v) for v in data.get("probe_ms") or []],
             build_seconds=float(data.get("build_seconds", 0.0)),
             environment=dict(data.get("environment") or {}),
             cached=True,
@@ -336,6 +395,8 @@ class LatencyTable:
             "grid_points": sum(len(t.in_grid) * len(t.out_grid) for t in self.tables.values()),
             "layers_sum_ms": full,
             "network_ms": self.network_ms,
+            "channel_block": self.channel_block,
+            "multiple": self.multiple,
             "build_seconds": self.build_seconds,
             "cached": self.cached,
         }
@@ -359,7 +420,7 @@ def environment(backend: str, device: str, threads: int | None) -> dict[str, Any
     }
 
 
-def _cache_file(configs: dict[str, LayerConfig], batch: int, grid_points: int, env: dict) -> Path:
+def _cache_file(configs: dict[str, LayerConfig], batch: int, grid_points: int, multiple: int | None, env: dict) -> Path:
     from cascadec.teacher import cache_root
 
     payload = json.dumps(
@@ -368,6 +429,7 @@ def _cache_file(configs: dict[str, LayerConfig], batch: int, grid_points: int, e
             "layers": {n: c.key() for n, c in configs.items()},
             "batch": batch,
             "grid": grid_points,
+            "multiple": multiple or "auto",
             "env": env,
         },
         sort_keys=True,
@@ -384,13 +446,17 @@ def build_table(
     batch: int = 1,
     threads: int | None = None,
     grid_points: int = 4,
+    multiple: int | None = None,
     timer: LayerTimer | None = None,
     network_ms: Callable[[], float] | None = None,
     use_cache: bool = True,
     progress: bool = False,
 ) -> LatencyTable:
     """Measure (or load) the table. Only the axes a prunable group changes get a grid (``cost``
-    says which: a layer whose inputs no group reaches is timed at its full input width)."""
+    says which: a layer whose inputs no group reaches is timed at its full input width).
+    ``multiple`` None probes the backend's channel block first (``probe_channel_block``) and
+    grids at its multiples: a grid at multiples of 8 on a backend that steps by 16 interpolates
+    across the steps and predicts students faster than they are."""
     if backend not in LATENCY_BACKENDS:
         raise UserError(
             f"latency targets are measured on {' or '.join(LATENCY_BACKENDS)}; {backend!r} is not supported "
@@ -403,7 +469,7 @@ def build_table(
         require_providers("cuda")
     configs = layer_configs(model, example_input)
     env = environment(backend, device, threads)
-    path = _cache_file(configs, batch, grid_points, env)
+    path = _cache_file(configs, batch, grid_points, multiple, env)
     if use_cache and path.is_file():
         try:
             return LatencyTable.from_json(json.loads(path.read_text()))
@@ -412,12 +478,20 @@ def build_table(
     timer = timer or ort_timer(device, threads)
     prunable_in, prunable_out = _prunable_axes(configs, cost)
     start = time.perf_counter()
+    probe_ms: list[float] = []
+    if multiple is None:
+        block, probe_ms = probe_channel_block(timer, batch)
+        multiple = block if block > 1 else 8
+    else:
+        block = multiple
     tables: dict[str, LayerTable] = {}
     layers: dict[str, str] = {}
     jobs: dict[str, tuple[LayerConfig, list[int], list[int]]] = {}
     for name, config in configs.items():
-        in_grid = width_grid(config.in_channels, grid_points) if name in prunable_in else [config.in_channels]
-        out_grid = width_grid(config.out_channels, grid_points) if name in prunable_out else [config.out_channels]
+        in_grid = width_grid(config.in_channels, grid_points, multiple) if name in prunable_in else [config.in_channels]
+        out_grid = (
+            width_grid(config.out_channels, grid_points, multiple) if name in prunable_out else [config.out_channels]
+        )
         if config.depthwise:
             in_grid = sorted(set(in_grid) | set(out_grid)) if (name in prunable_in or name in prunable_out) else in_grid
             out_grid = [config.out_channels]
@@ -444,6 +518,9 @@ def build_table(
         tables=tables,
         network_ms=network_ms() if network_ms else None,
         call_overhead_ms=overhead,
+        channel_block=block,
+        multiple=multiple,
+        probe_ms=probe_ms,
         environment=env,
     )
     table.build_seconds = round(time.perf_counter() - start, 2)

@@ -31,6 +31,7 @@ from cascadec.prune.cascade import CascadeTrainer
 from cascadec.prune.fbs import build_started
 from cascadec.prune.finetune import student_phase
 from cascadec.prune.importance import CRITERIA
+from cascadec.prune.latency_refine import Refined, SpeedupMeter, refine_latency_mask
 from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
 from cascadec.recipe import Recipe
 from cascadec.train.bn import recalibration_loader
@@ -169,6 +170,48 @@ def _fine_tune(
     )
 
 
+def refine_for_latency(
+    teacher: nn.Module, analysis: Analysis, recipe: Recipe, scores: torch.Tensor, runtime: Runtime | None = None
+) -> Refined | None:
+    """A latency target's mask held to the backend's measurement (``prune/latency_refine.py``)
+    where ``prune.latency.refine`` allows it; None for other targets. Distributed: rank 0
+    measures, every rank solves the budget it settled on (the scores agree across ranks)."""
+    lat = recipe.prune.latency
+    if analysis.budget.metric != "latency" or analysis.cost.latency is None or lat.refine < 1:
+        return None
+    scores = scores.detach().cpu()
+    dist = runtime.dist if runtime is not None else None
+    refined = None
+    table = analysis.cost.latency.table
+    if dist is None or not dist.active or dist.is_main:
+        model = copy.deepcopy(teacher).cpu().eval()  # latency does not depend on the weights
+        meter = SpeedupMeter(
+            model,
+            analysis.index,
+            analysis.example,
+            backend=table.backend,
+            batch=table.batch,
+            threads=recipe.profile.threads,
+        )
+        try:
+            refined = refine_latency_mask(analysis.solver, scores, analysis.budget, meter, rounds=lat.refine)
+        finally:
+            meter.close()
+    if dist is not None and dist.active:
+        settled = dist.broadcast_object(
+            (refined.budget.keep_fraction, refined.history) if refined is not None else None
+        )
+        if refined is None:
+            budget = analysis.budget.scaled(settled[0], analysis.cost)
+            refined = Refined(analysis.solver.solve(scores, budget), budget, settled[1])
+    shown = ", ".join(f"{h['measured_speedup']:.2f}x" for h in refined.history)
+    log(
+        f"latency target {1 / analysis.budget.keep_fraction:.2f}x: measured {shown} on {table.backend}; "
+        f"kept the budget {refined.budget.keep_fraction:.3f} of the table's latency"
+    )
+    return refined
+
+
 def run_oneshot(
     teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
 ) -> PruneResult:
@@ -181,6 +224,10 @@ def run_oneshot(
         mask = analysis.solver.solve(scores, analysis.budget)
     student = copy.deepcopy(teacher).to(device)
     record = {}
+    refined = refine_for_latency(teacher, analysis, recipe, scores, runtime) if resume is None else None
+    if refined is not None:
+        mask = refined.keep.to(device)
+        record["latency_refine"] = refined.history
     if recipe.prune.compensate and resume is None:
         record["compensation"] = compensate_start(student, teacher, analysis, mask, loader, recipe, device)
     return _fine_tuned(
@@ -331,6 +378,16 @@ def run_cascade(
         )
 
     trainer.on_freeze = on_freeze
+    refine_record: list[dict] = []
+
+    def before_freeze() -> None:
+        # the student's mask is about to be final: hold its latency target to the backend
+        refined = refine_for_latency(teacher, analysis, recipe, trainer.scores[0], runtime)
+        if refined is not None:
+            trainer.set_student_budget(refined.budget)
+            refine_record[:] = refined.history
+
+    trainer.before_freeze = before_freeze
     if joint_state is not None:
         trainer.load_checkpoint_state(joint_state["trainer"])
         weight_opt.load_state_dict(joint_state["weight_optimizer"])
@@ -373,6 +430,8 @@ def run_cascade(
                 "rng": rng_state(),
                 "ladder": ladder_acc,
                 "hsakd_teacher_heads": hsakd.teacher_heads.state_dict() if hsakd is not None else None,
+                "latency_refine": refine_record
+                or (joint_state.get("latency_refine") if joint_state is not None else None),
             },
         )
 
@@ -447,6 +506,8 @@ def run_cascade(
     }
     if compensation is not None:
         history["compensation"] = compensation
+    if refine_record or (joint_state is not None and joint_state.get("latency_refine")):
+        history["latency_refine"] = refine_record or joint_state["latency_refine"]
     if hsakd is not None:
         history["hsakd"] = hsakd.report
     history["student"] = _fine_tune(

@@ -1,0 +1,184 @@
+"""Does the latency-aware ranking buy FLOPs at equal latency on this CPU? (issue 13's second goal)
+
+    python bench/latency_ranking.py [--models resnet50 mobilenet_v2] [--targets 1.5 2 3] [--resume]
+
+Same setting as bench/latency_targets.py (random weights, 224 px, batch 1, ONNX Runtime on the
+CPU, L1 widths, the cached latency table, widths at the probed channel block). Per model and
+target speed-up, two rankings under the same latency budget, each held to the measured target
+by the same re-solves as compress (``refine_latency_mask``, 3 measurements), then timed once
+more against the unpruned network in interleaved rounds:
+
+* ``per_ms``: importance per millisecond a unit costs (HALP's knapsack; cascadec's default);
+* ``importance``: importance alone (the FLOPs solver's ranking), only the budget in milliseconds.
+
+Each shipped student's FLOPs are set against the FLOPs-targeted students with round_to 8 that
+bench/latency_targets.py measured (every probe of every target, interpolated in log-log at the
+same measured speed-up): the "more FLOPs at equal latency" of its goal, for both rankings.
+Needs bench/results/latency-targets-cpu.json. Writes bench/results/latency-ranking-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from latency_targets import JSON_PATH as TARGETS_JSON  # noqa: E402
+from latency_targets import Bench  # noqa: E402
+
+from cascadec.envinfo import environment  # noqa: E402
+from cascadec.errors import UserError  # noqa: E402
+from cascadec.prune.latency_refine import refine_latency_mask  # noqa: E402
+from cascadec.prune.targets import Budget, MaskSolver  # noqa: E402
+from cascadec.run import git_commit  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JSON_PATH = RESULTS / "latency-ranking-cpu.json"
+MD_PATH = RESULTS / "latency-ranking-cpu.md"
+RANKINGS = ("per_ms", "importance")
+
+
+def rt8_curve(model: str) -> list[tuple[float, float]]:
+    """(measured speed-up, FLOPs kept) of every round_to-8 FLOPs-targeted probe of ``model``."""
+    results = json.loads(TARGETS_JSON.read_text())["results"][model]
+    points = [
+        (p["speedup"], p["flops_kept"])
+        for row in results["targets"].values()
+        for p in row.get("flops_round_to_8", {}).get("probes", [])
+    ]
+    return sorted(points)
+
+
+def flops_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
+    """Log-log interpolation; None outside the measured range."""
+    xs = np.log([p[0] for p in curve])
+    if not len(xs) or not xs[0] <= np.log(speedup) <= xs[-1]:
+        return None
+    return float(np.exp(np.interp(np.log(speedup), xs, np.log([p[1] for p in curve]))))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+    data = json.loads(JSON_PATH.read_text()) if args.resume and JSON_PATH.is_file() else {"runs": [], "results": {}}
+    env = environment()
+    data["runs"].append(
+        {
+            "command": "python bench/latency_ranking.py " + " ".join(sys.argv[1:]),
+            "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
+        }
+    )
+    work = Path(tempfile.mkdtemp(prefix="latency-ranking-"))
+    for name in args.models:
+        bench = Bench(name, 224, args, work)
+        curve = rt8_curve(name)
+        per_ms = bench.latency.unit_weights().clone()
+        for t in args.targets:
+            for ranking in RANKINGS:
+                key = f"{name} {t:g} {ranking}"
+                if key in data["results"]:
+                    continue
+                # the solver divides importance by these weights: ones = importance alone
+                bench.latency._weights = per_ms if ranking == "per_ms" else torch.ones_like(per_ms)
+                solver = MaskSolver(bench.index, bench.cost, round_to=bench.latency.table.multiple)
+                budget = Budget.from_target(bench.cost, latency_reduction=1 - 1 / t)
+                try:
+                    refined = refine_latency_mask(
+                        solver,
+                        bench.scores,
+                        budget,
+                        lambda keep, b=bench: b.measure(keep, "refine")["speedup"],
+                        rounds=3,
+                    )
+                except UserError as exc:  # an infeasible target: recorded, the others go on
+                    data["results"][key] = {"error": str(exc).splitlines()[0]}
+                    _save(data)
+                    continue
+                m = bench.measure(refined.keep, "shipped")
+                reference = flops_at(curve, m["speedup"])
+                data["results"][key] = {
+                    "model": name,
+                    "target": t,
+                    "ranking": ranking,
+                    "tries": [h["measured_speedup"] for h in refined.history],
+                    "speedup": m["speedup"],
+                    "flops_kept": m["flops_kept"],
+                    "params_kept": m["params_kept"],
+                    "rt8_flops_at_same_speedup": reference,
+                    "more_flops_than_rt8": (m["flops_kept"] / reference - 1) if reference else None,
+                }
+                _save(data)
+                print(key, data["results"][key], flush=True)
+        bench.latency._weights = per_ms
+    print(MD_PATH.read_text())
+
+
+def _save(data: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = JSON_PATH.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(JSON_PATH)
+    MD_PATH.write_text(markdown(data))
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        "# Latency targets: importance per millisecond against importance alone (CPU, ONNX Runtime, batch 1)",
+        "",
+        "Command: `python bench/latency_ranking.py` (protocol in the script's docstring). FLOPs of the "
+        "round_to-8 FLOPs-targeted students at the same measured speed-up are interpolated from "
+        "[latency-targets-cpu.json](latency-targets-cpu.json)'s probes.",
+        "",
+    ]
+    for run in data.get("runs", []):
+        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`")
+    lines += [
+        "",
+        "| model | target | ranking | measured re-solves | shipped: measured | FLOPs / params kept "
+        "| round_to-8 FLOPs target at that speed-up | more FLOPs kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    gains: dict[str, list[float]] = {r: [] for r in RANKINGS}
+    for key, r in data["results"].items():
+        if "error" in r:
+            model, target, ranking = key.split()
+            lines.append(f"| {model} | {float(target):.1f}x | {ranking} | {r['error']} |||||")
+            continue
+        ref = r["rt8_flops_at_same_speedup"]
+        gain = r["more_flops_than_rt8"]
+        if gain is not None:
+            gains[r["ranking"]].append(gain)
+        tries = ", ".join(f"{s:.2f}x" for s in r["tries"])
+        lines.append(
+            f"| {r['model']} | {r['target']:.1f}x | {r['ranking']} | {tries} | {r['speedup']:.2f}x | "
+            f"{r['flops_kept']:.3f} / {r['params_kept']:.3f} | {f'{ref:.3f}' if ref else 'outside the probes'} | "
+            f"{f'{gain:+.1%}' if gain is not None else '-'} |"
+        )
+    lines += ["", "## Summary", ""]
+    for ranking, values in gains.items():
+        if values:
+            lines.append(
+                f"- {ranking}: more FLOPs than the round_to-8 FLOPs target at equal measured latency: "
+                f"mean {np.mean(values):+.1%}, range {min(values):+.1%} to {max(values):+.1%} over {len(values)} students"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
