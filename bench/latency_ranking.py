@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from latency_targets import JSON_PATH as TARGETS_JSON  # noqa: E402
-from latency_targets import Bench  # noqa: E402
+from latency_targets import Bench, run_entry  # noqa: E402
 
-from cascadec.envinfo import environment  # noqa: E402
 from cascadec.errors import UserError  # noqa: E402
-from cascadec.prune.latency_refine import refine_latency_mask  # noqa: E402
-from cascadec.prune.targets import Budget, MaskSolver  # noqa: E402
-from cascadec.run import git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH = RESULTS / "latency-ranking-cpu.json"
@@ -75,15 +70,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
     data = json.loads(JSON_PATH.read_text()) if args.resume and JSON_PATH.is_file() else {"runs": [], "results": {}}
-    env = environment()
-    data["runs"].append(
-        {
-            "command": "python bench/latency_ranking.py " + " ".join(sys.argv[1:]),
-            "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
-        }
-    )
+    data["runs"].append(run_entry("bench/latency_ranking.py"))
     work = Path(tempfile.mkdtemp(prefix="latency-ranking-"))
     for name in args.models:
         bench = Bench(name, 224, args, work)
@@ -96,16 +83,8 @@ def main() -> None:
                     continue
                 # the solver divides importance by these weights: ones = importance alone
                 bench.latency._weights = per_ms if ranking == "per_ms" else torch.ones_like(per_ms)
-                solver = MaskSolver(bench.index, bench.cost, round_to=bench.latency.table.multiple)
-                budget = Budget.from_target(bench.cost, latency_reduction=1 - 1 / t)
                 try:
-                    refined = refine_latency_mask(
-                        solver,
-                        bench.scores,
-                        budget,
-                        lambda keep, b=bench: b.measure(keep, "refine")["speedup"],
-                        rounds=3,
-                    )
+                    refined = bench.latency_student(t, rounds=3)
                 except UserError as exc:  # an infeasible target: recorded, the others go on
                     data["results"][key] = {"error": str(exc).splitlines()[0]}
                     _save(data)

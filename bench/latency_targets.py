@@ -45,7 +45,7 @@ from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
 from cascadec.prune.latency import attach_latency_model
-from cascadec.prune.latency_refine import refine_latency_mask
+from cascadec.prune.latency_refine import Refined, refine_latency_mask
 from cascadec.prune.shrink import shrink
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.run import git_commit
@@ -86,6 +86,14 @@ class Bench:
         else:
             budget = Budget.from_target(self.cost, flops_reduction=1 - fraction)
         return solver.solve(self.scores, budget)
+
+    def latency_student(self, speedup: float, rounds: int) -> Refined:
+        """As compress does: solved on the table at widths of the probed block, then held to the
+        measured speed-up (``refine_latency_mask``, ``rounds`` measurements)."""
+        solver = MaskSolver(self.index, self.cost, round_to=self.latency.table.multiple)
+        budget = Budget.from_target(self.cost, latency_reduction=1 - 1 / speedup)
+        measure = lambda keep: self.measure(keep, "refine")["speedup"]  # noqa: E731
+        return refine_latency_mask(solver, self.scores, budget, measure, rounds=rounds)
 
     def measure(self, keep: torch.Tensor, tag: str) -> dict[str, Any]:
         """Interleaved rounds against the unpruned network: both p50s and the pooled speed-up."""
@@ -277,6 +285,17 @@ def _flops_fraction_for(latency_dir: Path, batch: int, rounds: int) -> dict[str,
         meter.close()
     best = min(probes, key=lambda p: abs(p["speedup"] - goal))
     return {"goal_speedup": goal, "probes": probes, "flops_fraction": best["flops_fraction"]}
+
+
+def run_entry(script: str) -> dict[str, str]:
+    """What a results file says about one invocation: the command, commit, date and machine."""
+    env = environment()
+    return {
+        "command": f"python {script} " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
+    }
 
 
 def _load() -> dict:
@@ -473,15 +492,7 @@ def main() -> None:
     p.add_argument("--fmnist-batch", type=int, default=32)
     args = p.parse_args()
     data = _load() if args.resume else {"runs": [], "results": {}}
-    env = environment()
-    data["runs"].append(
-        {
-            "command": "python bench/latency_targets.py " + " ".join(sys.argv[1:]),
-            "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
-        }
-    )
+    data["runs"].append(run_entry("bench/latency_targets.py"))
     work = Path(tempfile.mkdtemp(prefix="latency-targets-"))
     for name in args.models:
         bench = Bench(name, args.size, args, work)
@@ -499,16 +510,8 @@ def main() -> None:
                 continue
             print(f"{name} {t}x: latency-targeted", flush=True)
             solver = MaskSolver(bench.index, bench.cost, round_to=bench.latency.table.multiple)
-            budget = Budget.from_target(bench.cost, latency_reduction=1 - 1 / t)
             try:
-                # as compress does: solved on the table, then held to the measured speed-up
-                refined = refine_latency_mask(
-                    solver,
-                    bench.scores,
-                    budget,
-                    lambda keep, b=bench, k=key: b.measure(keep, f"refine-{k}")["speedup"],
-                    rounds=args.refine,
-                )
+                refined = bench.latency_student(t, args.refine)
             except UserError as exc:  # the narrowest network the solver allows is slower than this
                 # what it measures, so the refusal is checked against the backend, not the table
                 narrowest = solver.mask_for_count(torch.zeros(bench.index.num_units), 0)
