@@ -161,7 +161,12 @@ class Bench:
         return out
 
 
-def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path) -> None:
+def fmnist_key(seed: int) -> str:
+    """Where one seed's comparison lives in the results (seed 0: "fmnist", as before seeds)."""
+    return "fmnist" if seed == 0 else f"fmnist-seed{seed}"
+
+
+def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path, seed: int = 0) -> None:
     """The demo recipe's network and schedule (fmnist_quick: shipped ResNet-8 teacher, cascade with
     2 TAs, 1 joint + 3 student epochs, full 10k test split) with a latency target at batch 32, and
     with the FLOPs target whose L1-ranked student measures as fast (``_flops_fraction_for``); both
@@ -169,12 +174,14 @@ def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path) -> None:
     from cascadec.errors import GateFailed
     from cascadec.stages import compress
 
-    entry = data["results"].setdefault("fmnist", {})
+    entry = data["results"].setdefault(fmnist_key(seed), {})
+    entry["seed"] = seed
     batch = args.fmnist_batch
     reduction = 1 - 1 / args.fmnist_target
     common = [f"prune.latency.batch={batch}", "prune.latency.tolerance=null", f"profile.batches=[{batch}]"]
+    seeded = [f"train.seed={seed}"] if seed else []
     if "latency_run" not in entry or not args.resume:
-        out = work / "fmnist-latency"
+        out = work / f"fmnist-latency-{seed}"
         start = time.perf_counter()
         report = compress(
             "cifar_resnet8",
@@ -185,6 +192,7 @@ def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path) -> None:
                 f"prune.target.latency_reduction={reduction}",
                 "prune.round_to=null",  # a latency target's own rounding: the backend's channel block
                 *common,
+                *seeded,
             ],
         )
         entry["latency_run"] = _fmnist_row(report, out, time.perf_counter() - start)
@@ -194,14 +202,18 @@ def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path) -> None:
     if "flops_run" not in entry or not args.resume:
         chosen = _flops_fraction_for(Path(lat["dir"]), batch, args.rounds)
         flops_fraction = chosen["flops_fraction"]
-        out = work / "fmnist-flops"
+        out = work / f"fmnist-flops-{seed}"
         start = time.perf_counter()
         try:
             report = compress(
                 "cifar_resnet8",
                 "fmnist_quick",
                 out=str(out),
-                overrides=[f"prune.target.flops_reduction={1 - flops_fraction:.4f}", f"profile.batches=[{batch}]"],
+                overrides=[
+                    f"prune.target.flops_reduction={1 - flops_fraction:.4f}",
+                    f"profile.batches=[{batch}]",
+                    *seeded,
+                ],
             )
         except GateFailed:  # a parity gate: the row says so
             report = json.loads((out / "report.json").read_text())
@@ -344,7 +356,7 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for model, r in data["results"].items():
-        if model == "fmnist":
+        if model.startswith("fmnist"):
             continue
         t = r.get("table", {})
         reload = f"{r['table_reload_seconds']:.1f}" if "table_reload_seconds" in r else "-"
@@ -363,7 +375,7 @@ def markdown(data: dict) -> str:
     ]
     verdicts = []
     for model, r in data["results"].items():
-        if model == "fmnist":
+        if model.startswith("fmnist"):
             continue
         for key, row in sorted(r.get("targets", {}).items(), key=lambda kv: float(kv[0])):
             if "infeasible" in row:
@@ -406,33 +418,42 @@ def markdown(data: dict) -> str:
                 f"{err:+.1%} | {lat['flops_kept']:.3f} / {lat['params_kept']:.3f} | {cells[0]} | {cells[1]} | "
                 f"{' / '.join(gains)} |"
             )
-    fm = data["results"].get("fmnist") or {}
-    if fm.get("latency_run") and fm.get("flops_run"):
+    seeds = sorted(
+        (
+            r
+            for k, r in data["results"].items()
+            if k.startswith("fmnist") and r.get("latency_run") and r.get("flops_run")
+        ),
+        key=lambda r: r.get("seed", 0),
+    )
+    if seeds:
         lines += [
             "",
-            f"## Fashion-MNIST: latency-targeted against FLOPs-targeted at the same latency (batch {fm.get('batch')})",
+            f"## Fashion-MNIST: latency-targeted against FLOPs-targeted at the same latency (batch {seeds[0].get('batch')})",
             "",
             "fmnist_quick's network and schedule (shipped ResNet-8 teacher, cascade with 2 TAs, 1 joint + 3 student "
-            "epochs, accuracy on the full 10k test split); the FLOPs target (widths rounded to 8, as the recipe "
-            "rounds) is the one whose L1-ranked student of the same teacher measures as fast as the "
-            "latency-targeted student (bisection, each probe timed against the teacher in interleaved rounds). "
-            "Both trained students timed again in interleaved rounds:",
+            "epochs, accuracy on the full 10k test split), one pair of runs per training seed (`train.seed`); the "
+            "FLOPs target (widths rounded to 8, as the recipe rounds) is the one whose L1-ranked student of the same "
+            "teacher measures as fast as that seed's latency-targeted student (bisection, each probe timed against "
+            "the teacher in interleaved rounds). Both trained students timed again in interleaved rounds:",
             "",
-            "| student | target | test accuracy | FLOPs kept | params kept | p50 ms in its run (speed-up) "
+            "| seed | student | target | test accuracy | FLOPs kept | params kept | p50 ms in its run (speed-up) "
             "| p50 ms interleaved |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for key, label in (("latency_run", "latency-targeted"), ("flops_run", "FLOPs-targeted")):
-            r = fm[key]
-            target = (
-                f"{fm.get('target_speedup', 0):.2f}x lower latency"
-                if key == "latency_run"
-                else f"{r.get('flops_reduction_chosen', 0):.1%} fewer FLOPs"
-            )
-            lines.append(
-                f"| {label} | {target} | {r['accuracy']:.2%} | {r['flops_kept']:.3f} | {r['params_kept']:.3f} | "
-                f"{r['student_ms']:.3g} ({r['measured_speedup']:.2f}x) | {fm.get('interleaved_ms', {}).get(key, float('nan')):.3g} |"
-            )
+        for fm in seeds:
+            for key, label in (("latency_run", "latency-targeted"), ("flops_run", "FLOPs-targeted")):
+                r = fm[key]
+                target = (
+                    f"{fm.get('target_speedup', 0):.2f}x lower latency"
+                    if key == "latency_run"
+                    else f"{r.get('flops_reduction_chosen', 0):.1%} fewer FLOPs"
+                )
+                lines.append(
+                    f"| {fm.get('seed', 0)} | {label} | {target} | {r['accuracy']:.2%} | {r['flops_kept']:.3f} | "
+                    f"{r['params_kept']:.3f} | {r['student_ms']:.3g} ({r['measured_speedup']:.2f}x) | "
+                    f"{fm.get('interleaved_ms', {}).get(key, float('nan')):.3g} |"
+                )
     lines += ["", "## Goals", ""]
     if verdicts:
         lines.append(
@@ -443,7 +464,7 @@ def markdown(data: dict) -> str:
         gains = [
             row["latency"]["flops_kept"] / row[f"flops_round_to_{rt}"]["flops_kept"] - 1
             for m, r in data["results"].items()
-            if m != "fmnist"
+            if not m.startswith("fmnist")
             for row in r.get("targets", {}).values()
             if "latency" in row and (row.get(f"flops_round_to_{rt}") or {}).get("bracketed")
         ]
@@ -454,11 +475,13 @@ def markdown(data: dict) -> str:
                 f"student with {label}: {met} of {len(gains)} (gains {', '.join(f'{g:+.1%}' for g in gains)}; "
                 f"{'met' if met == len(gains) else 'not met'})"
             )
-    if fm.get("latency_run") and fm.get("flops_run"):
-        diff = fm["latency_run"]["accuracy"] - fm["flops_run"]["accuracy"]
+    if seeds:
+        diffs = [100 * (fm["latency_run"]["accuracy"] - fm["flops_run"]["accuracy"]) for fm in seeds]
+        mean = sum(diffs) / len(diffs)
         lines.append(
             f"- Fashion-MNIST accuracy of the latency-targeted student at least the FLOPs-targeted one's: "
-            f"{diff * 100:+.2f} points ({'met' if diff >= 0 else 'not met'}; one seed)"
+            f"{mean:+.2f} points on average over {len(diffs)} seed(s) ({', '.join(f'{d:+.2f}' for d in diffs)}; "
+            f"{'met' if mean >= 0 else 'not met'})"
         )
     r50 = data["results"].get("resnet50") or {}
     if r50.get("table") and not r50["table"].get("cached"):
@@ -490,6 +513,7 @@ def main() -> None:
     )
     p.add_argument("--fmnist-target", type=float, default=1.4, help="speed-up asked of the Fashion-MNIST student")
     p.add_argument("--fmnist-batch", type=int, default=32)
+    p.add_argument("--fmnist-seeds", type=int, nargs="+", default=[0], help="training seeds (train.seed), a pair each")
     args = p.parse_args()
     data = _load() if args.resume else {"runs": [], "results": {}}
     data["runs"].append(run_entry("bench/latency_targets.py"))
@@ -531,7 +555,8 @@ def main() -> None:
             entry["targets"][key] = row
             _save(data)
     if args.fmnist:
-        fmnist_comparison(args, data, work)
+        for seed in args.fmnist_seeds:
+            fmnist_comparison(args, data, work, seed)
     print(MD_PATH.read_text())
 
 
