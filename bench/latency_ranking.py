@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +70,8 @@ def main() -> None:
     args = p.parse_args()
     data = json.loads(JSON_PATH.read_text()) if args.resume and JSON_PATH.is_file() else {"runs": [], "results": {}}
     data["runs"].append(run_entry("bench/latency_ranking.py"))
-    work = Path(tempfile.mkdtemp(prefix="latency-ranking-"))
     for name in args.models:
-        bench = Bench(name, 224, args, work)
+        bench = Bench(name, 224, args)
         curve = rt8_curve(name)
         per_ms = bench.latency.unit_weights().clone()
         for t in args.targets:
@@ -89,7 +87,7 @@ def main() -> None:
                     data["results"][key] = {"error": str(exc).splitlines()[0]}
                     _save(data)
                     continue
-                m = bench.measure(refined.keep, "shipped")
+                m = bench.measure(refined.keep)
                 reference = flops_at(curve, m["speedup"])
                 data["results"][key] = {
                     "model": name,

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 
-from cascadec.backends.onnx_export import export_onnx
 from cascadec.envinfo import environment
 from cascadec.errors import UserError
 from cascadec.models import create_model
@@ -45,8 +44,7 @@ from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
 from cascadec.prune.latency import attach_latency_model
-from cascadec.prune.latency_refine import Refined, refine_latency_mask
-from cascadec.prune.shrink import shrink
+from cascadec.prune.latency_refine import Refined, SpeedupMeter, refine_latency_mask
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.run import git_commit
 
@@ -61,7 +59,7 @@ GOAL_TABLE_SECONDS = 300.0
 class Bench:
     """One model: its table, solver inputs, and a timer for any mask."""
 
-    def __init__(self, name: str, size: int, args: argparse.Namespace, work: Path) -> None:
+    def __init__(self, name: str, size: int, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         self.name = name
         self.model = create_model(name, num_classes=1000).eval()
@@ -76,8 +74,16 @@ class Bench:
         self.table_seconds = time.perf_counter() - start
         self.scores = l1_importance(self.model, self.index)
         self.args = args
-        self.work = work
-        export_onnx(self.model, self.example, work / f"{name}-full.onnx")
+        self.meter = SpeedupMeter(
+            self.model,
+            self.index,
+            self.example,
+            backend="onnxruntime",
+            batch=1,
+            threads=None,
+            rounds=args.rounds,
+            seconds=args.duration,
+        )
 
     def solve(self, metric: str, fraction: float, round_to: int | None) -> torch.Tensor:
         solver = MaskSolver(self.index, self.cost, round_to=round_to)
@@ -92,29 +98,13 @@ class Bench:
         measured speed-up (``refine_latency_mask``, ``rounds`` measurements)."""
         solver = MaskSolver(self.index, self.cost, round_to=self.latency.table.multiple)
         budget = Budget.from_target(self.cost, latency_reduction=1 - 1 / speedup)
-        measure = lambda keep: self.measure(keep, "refine")["speedup"]  # noqa: E731
-        return refine_latency_mask(solver, self.scores, budget, measure, rounds=rounds)
+        return refine_latency_mask(solver, self.scores, budget, self.meter, rounds=rounds)
 
-    def measure(self, keep: torch.Tensor, tag: str) -> dict[str, Any]:
-        """Interleaved rounds against the unpruned network: both p50s and the pooled speed-up."""
-        student = shrink(self.model, self.index, keep, self.example)
-        path = self.work / f"{self.name}-{tag}.onnx"
-        export_onnx(student, self.example, path)
-        files = {"full": self.work / f"{self.name}-full.onnx", "student": path}
-
-        def profile_one(which: str, share: Timing) -> dict:
-            return profile_onnx(
-                files[which], [3, self.size, self.size], [1], timing=share, progress=False, keep_samples=True
-            )
-
-        timing = Timing(warmup_s=0.2, min_duration_s=self.args.duration, min_iters=10)
-        pooled, ratios = profile_interleaved(profile_one, ["full", "student"], rounds=self.args.rounds, timing=timing)
-        full_ms, student_ms = pooled["full"][1]["p50_ms"], pooled["student"][1]["p50_ms"]
+    def measure(self, keep: torch.Tensor) -> dict[str, Any]:
+        """Interleaved rounds against the unpruned network (``SpeedupMeter``): both p50s and the
+        pooled speed-up, beside the table's prediction and what the mask keeps."""
         return {
-            "student_ms": student_ms,
-            "full_ms": full_ms,
-            "speedup": full_ms / student_ms,
-            "speedup_rounds": ratios["student"][1],
+            **self.meter.measure(keep),
             "predicted_ms": self.latency.predict(keep),
             "predicted_speedup": self.latency.base_ms / self.latency.predict(keep),
             "flops_kept": self.cost.macs(keep) / self.cost.base_macs,
@@ -133,7 +123,7 @@ class Bench:
                 keep = self.solve("flops", fraction, round_to)
             except UserError:  # below the narrowest network: nothing FLOPs-targeted is that fast
                 break
-            m = self.measure(keep, f"flops-{round_to}-{fraction:.4f}")
+            m = self.measure(keep)
             probes.append((fraction, m))
             faster = [p for p in probes if p[1]["speedup"] >= target]
             slower = [p for p in probes if p[1]["speedup"] < target]
@@ -263,7 +253,6 @@ def _flops_fraction_for(latency_dir: Path, batch: int, rounds: int) -> dict[str,
     round-to-8 student above what its FLOPs say, and choosing the FLOPs run by the table would
     compare students of different measured speed."""
     from cascadec.models import create_model as build
-    from cascadec.profile.engines import profile_onnx
     from cascadec.prune.latency_refine import SpeedupMeter
 
     model = build("cifar_resnet8", weights="builtin:cifar_resnet8_fmnist", num_classes=10, in_channels=1).eval()
@@ -275,14 +264,7 @@ def _flops_fraction_for(latency_dir: Path, batch: int, rounds: int) -> dict[str,
     meter = SpeedupMeter(model, index, example, backend="onnxruntime", batch=batch, threads=None, rounds=rounds)
     try:
         # the latency-targeted student's own speed-up, measured the same way
-        files = {"full": meter.dir / "full.onnx", "student": latency_dir / "student.onnx"}
-
-        def profile_one(which: str, share: Timing) -> dict:
-            return profile_onnx(files[which], [1, 28, 28], [batch], timing=share, progress=False, keep_samples=True)
-
-        timing = Timing(warmup_s=0.2, min_duration_s=meter.seconds, min_iters=10)
-        pooled, _ = profile_interleaved(profile_one, list(files), rounds=rounds, timing=timing)
-        goal = pooled["full"][batch]["p50_ms"] / pooled["student"][batch]["p50_ms"]
+        goal = meter.compare(latency_dir / "student.onnx")["speedup"]
         probes = []
         lo, hi = 0.05, 1.0
         for _ in range(7):
@@ -519,7 +501,7 @@ def main() -> None:
     data["runs"].append(run_entry("bench/latency_targets.py"))
     work = Path(tempfile.mkdtemp(prefix="latency-targets-"))
     for name in args.models:
-        bench = Bench(name, args.size, args, work)
+        bench = Bench(name, args.size, args)
         entry = data["results"].setdefault(name, {"targets": {}})
         if "table" not in entry or not bench.latency.table.cached:
             entry["table"] = bench.latency.table.summary()
@@ -539,11 +521,11 @@ def main() -> None:
             except UserError as exc:  # the narrowest network the solver allows is slower than this
                 # what it measures, so the refusal is checked against the backend, not the table
                 narrowest = solver.mask_for_count(torch.zeros(bench.index.num_units), 0)
-                entry["targets"][key] = {"infeasible": str(exc), "narrowest": bench.measure(narrowest, "narrowest")}
+                entry["targets"][key] = {"infeasible": str(exc), "narrowest": bench.measure(narrowest)}
                 _save(data)
                 continue
             keep = refined.keep
-            row: dict[str, Any] = {"latency": bench.measure(keep, f"latency-{key}")}
+            row: dict[str, Any] = {"latency": bench.measure(keep)}
             row["latency"]["multiple"] = bench.latency.table.multiple
             row["latency"]["refine"] = refined.history
             row["latency"]["table_only"] = refined.history[0]

@@ -76,7 +76,7 @@ class LatencyModel:
         block = self.table.channel_block
         if block <= 1:
             return kept
-        return torch.minimum(torch.ceil(kept / block) * block, torch.maximum(full, kept))
+        return torch.minimum(torch.ceil(kept / block) * block, full)
 
     @staticmethod
     def _axis(grid: torch.Tensor, length: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

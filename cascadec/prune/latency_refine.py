@@ -62,16 +62,29 @@ class SpeedupMeter:
         self.calls = 0
 
     def __call__(self, keep: torch.Tensor) -> float:
+        return self.measure(keep)["speedup"]
+
+    def measure(self, keep: torch.Tensor) -> dict[str, Any]:
+        """The network ``keep`` leaves, shrunk, exported and timed (``compare``)."""
         from cascadec.backends.onnx_export import export_onnx
-        from cascadec.profile.engines import profile_onnx
-        from cascadec.profile.protocol import Timing, profile_interleaved
         from cascadec.prune.shrink import shrink
 
         self.calls += 1
         student = shrink(self.model, self.index, keep.detach().cpu(), self.example)
         path = self.dir / f"student-{self.calls}.onnx"
         export_onnx(student, self.example, path)
-        files = {"full": self.dir / "full.onnx", "student": path}
+        try:
+            return self.compare(path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def compare(self, student: Path) -> dict[str, Any]:
+        """An exported student against the unpruned network: both pooled p50s, the speed-up and
+        its value in each round."""
+        from cascadec.profile.engines import profile_onnx
+        from cascadec.profile.protocol import Timing, profile_interleaved
+
+        files = {"full": self.dir / "full.onnx", "student": Path(student)}
         shape = list(self.example.shape[1:])
 
         def profile_one(which: str, share: Timing) -> dict:
@@ -87,9 +100,14 @@ class SpeedupMeter:
             )
 
         timing = Timing(warmup_s=0.2, min_duration_s=self.seconds, min_iters=10)
-        pooled, _ = profile_interleaved(profile_one, ["full", "student"], rounds=self.rounds, timing=timing)
-        path.unlink(missing_ok=True)
-        return pooled["full"][self.batch]["p50_ms"] / pooled["student"][self.batch]["p50_ms"]
+        pooled, ratios = profile_interleaved(profile_one, ["full", "student"], rounds=self.rounds, timing=timing)
+        full_ms, student_ms = pooled["full"][self.batch]["p50_ms"], pooled["student"][self.batch]["p50_ms"]
+        return {
+            "full_ms": full_ms,
+            "student_ms": student_ms,
+            "speedup": full_ms / student_ms,
+            "speedup_rounds": ratios["student"][self.batch],
+        }
 
     def close(self) -> None:
         self._tmp.cleanup()
