@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,7 +37,7 @@ from cascadec.errors import UserError  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 JSON_PATH = RESULTS / "latency-ranking-cpu.json"
 MD_PATH = RESULTS / "latency-ranking-cpu.md"
-RANKINGS = ("per_ms", "importance")
+from cascadec.prune.latency import RANKINGS  # noqa: E402
 
 
 def rt8_curve(model: str) -> list[tuple[float, float]]:
@@ -64,6 +63,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
+    p.add_argument("--rankings", nargs="+", default=list(RANKINGS), choices=RANKINGS)
     p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resume", action="store_true")
@@ -73,14 +73,12 @@ def main() -> None:
     for name in args.models:
         bench = Bench(name, 224, args)
         curve = rt8_curve(name)
-        per_ms = bench.latency.unit_weights().clone()
         for t in args.targets:
-            for ranking in RANKINGS:
+            for ranking in args.rankings:
                 key = f"{name} {t:g} {ranking}"
                 if key in data["results"]:
                     continue
-                # the solver divides importance by these weights: ones = importance alone
-                bench.latency._weights = per_ms if ranking == "per_ms" else torch.ones_like(per_ms)
+                bench.latency.ranking = ranking
                 try:
                     refined = bench.latency_student(t, rounds=3)
                 except UserError as exc:  # an infeasible target: recorded, the others go on
@@ -102,7 +100,6 @@ def main() -> None:
                 }
                 _save(data)
                 print(key, data["results"][key], flush=True)
-        bench.latency._weights = per_ms
     print(MD_PATH.read_text())
 
 

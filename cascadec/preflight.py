@@ -102,6 +102,7 @@ def inspect_model(
             batch=lat.batch,
             grid_points=lat.grid_points,
             multiple=lat.fixed_multiple,
+            ranking=lat.ranking,
             threads=recipe.profile.threads if recipe is not None else None,
             progress=progress.enabled(),
         )

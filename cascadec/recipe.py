@@ -191,6 +191,12 @@ class LatencySection(_Strict):
         """``multiple`` as the table builder takes it: None to probe."""
         return None if self.multiple == "auto" else int(self.multiple)
 
+    ranking: Literal["per_ms_per_flop", "per_ms", "importance"] = Field(
+        "per_ms_per_flop",
+        description="what the solver divides a unit's importance by under a latency budget: per_ms_per_flop, its "
+        "milliseconds per FLOP (the FLOPs solver's ranking where time follows FLOPs, and FLOPs that are cheap in "
+        "time kept first where it does not); per_ms, its milliseconds (HALP's knapsack ratio); importance, nothing",
+    )
     refine: int = Field(
         3,
         ge=0,

@@ -123,7 +123,7 @@ def test_prediction_is_the_network_scaled_sum_of_its_layers(chain) -> None:
 def test_solver_meets_a_latency_budget_and_ranks_by_importance_per_millisecond(chain) -> None:
     model, index, cost = chain
     table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
-    cost.latency = LatencyModel(table, cost)
+    cost.latency = LatencyModel(table, cost, ranking="per_ms")
     budget = Budget.from_target(cost, latency_reduction=0.4)
     assert budget.metric == "latency" and budget.value == pytest.approx(0.6 * 0.5)
     keep = MaskSolver(index, cost).solve(torch.ones(index.num_units), budget)
@@ -137,6 +137,71 @@ def test_solver_meets_a_latency_budget_and_ranks_by_importance_per_millisecond(c
     assert absolute.keep_fraction == pytest.approx(0.5)
     with pytest.raises(UserError, match="already takes"):
         Budget.from_target(cost, latency_ms=0.9)
+
+
+def test_ms_per_flop_ranking_is_the_flops_solvers_where_time_follows_flops(chain) -> None:
+    """fake_ms is proportional to MACs: every unit costs the same milliseconds per FLOP, so the
+    default ranking leaves importance alone and a latency budget picks exactly the student a
+    FLOPs budget of the same latency picks (the FLOPs solver ranks by importance alone)."""
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    cost.latency = LatencyModel(table, cost)
+    assert cost.latency.ranking == "per_ms_per_flop"
+    assert torch.allclose(cost.latency.unit_weights(), torch.ones(index.num_units), atol=1e-5)
+    scores = torch.rand(index.num_units, generator=torch.Generator().manual_seed(1))
+    solver = MaskSolver(index, cost, round_to=table.multiple)  # as compress rounds a latency target
+    by_flops = solver.solve(scores, Budget.from_target(cost, flops_reduction=0.5))
+    same_ms = 1 - cost.latency.predict(by_flops) / cost.latency.base_ms
+    by_latency = solver.solve(scores, Budget.from_target(cost, latency_reduction=same_ms))
+    assert torch.equal(by_latency, by_flops)
+    # per_ms would not: it divides by milliseconds, which here are FLOPs
+    cost.latency.ranking = "per_ms"
+    assert cost.latency.unit_weights().std() > 0.1
+    cost.latency.ranking = "importance"
+    assert torch.equal(cost.latency.unit_weights(), torch.ones(index.num_units))
+    with pytest.raises(ValueError, match="ranking"):
+        cost.latency.ranking = "fastest"
+
+
+def test_ms_per_flop_ranking_drops_the_slow_layers_flops_first(chain) -> None:
+    """A backend on which conv2 takes 4x the time per MAC of the others: with equal importance,
+    the units that feed or leave conv2 are dropped first, and at the same latency the student
+    keeps more FLOPs than per_ms (which only sees milliseconds) and than the FLOPs target."""
+    model, index, cost = chain
+
+    def slow_conv2(graph: bytes, x_shape: tuple[int, ...]) -> float:
+        ms = fake_ms(graph, x_shape)
+        initializers = onnx.load_from_string(graph).graph.initializer
+        shape = tuple(initializers[0].dims) if initializers else ()
+        return ms * 4 if len(shape) == 4 and shape[1] == 8 else ms  # conv2: 12 x 8 x 3 x 3
+
+    table = build_table(model, EX, cost=cost, timer=slow_conv2, network_ms=lambda: 0.5, use_cache=False)
+    cost.latency = LatencyModel(table, cost)
+    weights = cost.latency.unit_weights()
+    row = cost.layer_names.index("conv2")
+    touches_conv2 = (cost.a_in[row] + cost.a_out[row]) > 0
+    assert weights[touches_conv2].min() > weights[~touches_conv2].max()
+    ones = torch.ones(index.num_units)
+    solver = MaskSolver(index, cost, round_to=table.multiple)
+    by_flops = solver.solve(ones, Budget.from_target(cost, flops_reduction=0.5))
+    same_ms = 1 - cost.latency.predict(by_flops) / cost.latency.base_ms
+    kept = {}
+    for ranking in ("per_ms_per_flop", "per_ms"):
+        cost.latency.ranking = ranking
+        keep = solver.solve(ones, Budget.from_target(cost, latency_reduction=same_ms))
+        assert cost.latency.predict(keep) <= cost.latency.predict(by_flops) * (1 + 1e-9)
+        kept[ranking] = cost.macs(keep)
+    assert kept["per_ms_per_flop"] > cost.macs(by_flops)
+    assert kept["per_ms_per_flop"] >= kept["per_ms"]
+
+
+def test_unit_macs_are_what_removing_one_unit_saves(chain) -> None:
+    _, index, cost = chain
+    full = torch.ones(index.num_units)
+    for u in (0, index.num_units // 2, index.num_units - 1):
+        one_less = full.clone()
+        one_less[u] = 0
+        assert cost.unit_macs()[u] == pytest.approx(cost.macs(full) - cost.macs(one_less))
 
 
 def test_latency_target_without_a_table_is_refused(chain) -> None:
@@ -396,6 +461,38 @@ def test_refinement_holds_the_target_to_the_measured_speedup(chain) -> None:
     assert chosen["measured_speedup"] >= target * 0.98
 
 
+def test_refinement_interpolates_once_two_tries_bracket_the_target(chain) -> None:
+    """A backend whose speed-up grows faster than the table's (measured = predicted ** 1.6): the
+    first try overshoots; once a try lands on either side, the next budget is interpolated
+    between them instead of rescaled by the last error alone."""
+    from cascadec.prune.latency_refine import _next_fraction, refine_latency_mask
+
+    index, cost = _latency_chain(chain)
+    budget = Budget.from_target(cost, latency_reduction=0.5)  # 2x
+    # (budget fraction, measured latency fraction): 0.5 gave 0.3 (too fast), 0.7 gave 0.6 (too slow)
+    assert _next_fraction([(0.5, 0.3), (0.7, 0.6)], budget) == pytest.approx(0.5 + 0.2 * 0.2 / 0.3)
+    assert _next_fraction([(0.5, 0.3)], budget) == pytest.approx(0.5 / (2 / 3))  # damped rescale
+    assert _next_fraction([(0.5, 0.55)], budget) == pytest.approx(0.5 / 1.1)
+
+    wide = Chain(widths=(32, 48, 64)).eval()  # fine enough for budgets to land between tries
+    index = build_groups(wide, EX)
+    cost = CostModel.build(wide, index, EX)
+    cost.latency = LatencyModel(build_table(wide, EX, cost=cost, timer=fake_ms, use_cache=False), cost)
+    budget = Budget.from_target(cost, latency_reduction=0.5)
+    calls = []
+
+    def measured(keep: torch.Tensor) -> float:
+        calls.append(keep)
+        return (cost.latency.base_ms / cost.latency.predict(keep)) ** 1.6
+
+    refined = refine_latency_mask(MaskSolver(index, cost), torch.ones(index.num_units), budget, measured, rounds=5)
+    first, second = refined.history[:2]
+    assert first["measured_speedup"] > 2 * 1.1 and second["measured_speedup"] < 2  # bracketed
+    chosen = next(h for h in refined.history if h["chosen"])
+    assert abs(chosen["measured_speedup"] / 2 - 1) < 0.05
+    assert len(calls) == len(refined.history) and all(not torch.equal(a, b) for a, b in zip(calls, calls[1:]))
+
+
 def test_refinement_stops_at_the_narrowest_network(chain) -> None:
     """A backend that saves nothing: the budget shrinks to the floor and the best try is kept
     (no traceback from an infeasible rescaled budget)."""
@@ -414,8 +511,11 @@ def test_recipe_latency_multiple_and_refine() -> None:
     recipe = Recipe.model_validate(base)
     assert recipe.prune.latency.multiple == "auto" and recipe.prune.latency.fixed_multiple is None
     assert recipe.prune.latency.refine == 3
+    assert recipe.prune.latency.ranking == "per_ms_per_flop"
+    per_ms = Recipe.model_validate({**base, "prune": {**base["prune"], "latency": {"ranking": "per_ms"}}})
+    assert per_ms.prune.latency.ranking == "per_ms"
     fixed = Recipe.model_validate({**base, "prune": {**base["prune"], "latency": {"multiple": 32, "refine": 0}}})
     assert fixed.prune.latency.fixed_multiple == 32 and fixed.prune.latency.refine == 0
-    for bad in ({"multiple": 0}, {"multiple": "fast"}, {"refine": -1}):
+    for bad in ({"multiple": 0}, {"multiple": "fast"}, {"refine": -1}, {"ranking": "flops"}):
         with pytest.raises(ValueError):
             Recipe.model_validate({**base, "prune": {**base["prune"], "latency": bad}})

@@ -55,6 +55,7 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
             batch=p.latency.batch,
             grid_points=p.latency.grid_points,
             multiple=p.latency.fixed_multiple,
+            ranking=p.latency.ranking,
             threads=recipe.profile.threads,
             progress=progress.enabled(),
         )

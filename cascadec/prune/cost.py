@@ -179,6 +179,16 @@ class CostModel:
         per_layer = torch.where(self.depthwise, self.coef * kout, self.coef * kin * kout)
         return float(per_layer.sum())
 
+    def unit_macs(self) -> torch.Tensor:
+        """MACs one unit removes from the unpruned network (a depthwise layer it reaches as input,
+        output or both: one channel of it): the FLOPs a latency ranking sets against milliseconds."""
+        dw = self.depthwise
+        per_in = torch.where(dw, self.coef, self.coef * self.cout)
+        per_out = torch.where(dw, torch.zeros_like(self.coef), self.coef * self.cin)
+        a_in = torch.where(dw[:, None], torch.maximum(self.a_in, self.a_out), self.a_in)
+        a_out = torch.where(dw[:, None], torch.zeros_like(self.a_out), self.a_out)
+        return a_in.T @ per_in + a_out.T @ per_out
+
     def params(self, keep: torch.Tensor) -> float:
         kin, kout = self._kept(keep)
         full_w = torch.where(self.depthwise, self.wcoef * self.cout, self.wcoef * self.cin * self.cout).sum()

@@ -28,13 +28,17 @@ from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
 from cascadec.prune.latency_table import LATENCY_BACKENDS, LatencyTable, build_table, network_ms
 
+# what the solver divides importance by under a latency budget (LatencyModel.unit_weights)
+RANKINGS = ("per_ms_per_flop", "per_ms", "importance")
+DEFAULT_RANKING = "per_ms_per_flop"
+
 # --------------------------------------------------------------------------- the model the solver uses
 
 
 class LatencyModel:
     """Predicted milliseconds of any unit mask, from the table and the cost model's widths."""
 
-    def __init__(self, table: LatencyTable, cost: CostModel) -> None:
+    def __init__(self, table: LatencyTable, cost: CostModel, ranking: str = DEFAULT_RANKING) -> None:
         self.table = table
         self.cost = cost
         self.names = list(cost.layer_names)
@@ -51,6 +55,19 @@ class LatencyModel:
         self.scale = measured / self.layers_full_ms if self.layers_full_ms > 0 else 1.0
         self.base_ms = self.layers_full_ms * self.scale
         self._weights: torch.Tensor | None = None
+        self.ranking = ranking
+
+    @property
+    def ranking(self) -> str:
+        """How the solver ranks units under a latency budget (``unit_weights``)."""
+        return self._ranking
+
+    @ranking.setter
+    def ranking(self, value: str) -> None:
+        if value not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, not {value!r}")
+        self._ranking = value
+        self._weights = None
 
     def _pack(self) -> None:
         """Every layer's grid and times in padded tensors, so one prediction is a few tensor ops
@@ -111,12 +128,29 @@ class LatencyModel:
         return self._layers_ms(keep) * self.scale
 
     def unit_weights(self) -> torch.Tensor:
-        """``unit_costs`` over their mean, floored at a tenth of it (a unit the table sees no
-        time in is not free: the grid is coarse), computed once."""
+        """What the solver divides importance by under a latency budget (``ranking``), over its
+        mean and floored at a tenth of it (a unit the table sees no time in is not free: the grid
+        is coarse); computed once.
+
+        * ``per_ms``: the milliseconds a unit costs (HALP's knapsack ratio);
+        * ``per_ms_per_flop``: its milliseconds per FLOP. The FLOPs solver ranks by importance
+          alone, which is the knapsack ratio for a value of importance x FLOPs under a FLOPs
+          cost; keeping that value and pricing it in milliseconds divides importance by ms per
+          FLOP. Where time is proportional to FLOPs this is the FLOPs solver's ranking; where
+          it is not, the units whose FLOPs are cheap in time are kept first;
+        * ``importance``: nothing (importance alone, only the budget in milliseconds).
+        """
         if self._weights is None:
-            costs = self.unit_costs()
+            costs = self.unit_costs().double()
+            if self.ranking == "importance":
+                costs = torch.ones_like(costs)
+            elif self.ranking == "per_ms_per_flop":
+                flops = self.cost.unit_macs()
+                costs = (costs / costs.mean().clamp_min(1e-12)) / (flops / flops.mean().clamp_min(1e-12)).clamp_min(
+                    1e-3
+                )
             mean = costs.mean().clamp_min(1e-12)
-            self._weights = (costs / mean).clamp_min(0.1)
+            self._weights = (costs / mean).clamp_min(0.1).float()
         return self._weights
 
     def unit_costs(self) -> torch.Tensor:
@@ -154,6 +188,7 @@ def attach_latency_model(
     grid_points: int,
     threads: int | None,
     multiple: int | None = None,
+    ranking: str = DEFAULT_RANKING,
     progress: bool = False,
 ) -> LatencyModel:
     """Measure (or load) the network's table on ``backend`` and attach it to ``cost``; a backend
@@ -181,7 +216,7 @@ def attach_latency_model(
         network_ms=lambda: network_ms(model, example_input, batch=batch, device=device, threads=threads),
         progress=progress,
     )
-    cost.latency = LatencyModel(table, cost)
+    cost.latency = LatencyModel(table, cost, ranking)
     return cost.latency
 
 
@@ -197,5 +232,6 @@ def latency_prediction(latency: LatencyModel, keep: torch.Tensor, budget) -> dic
         "predicted_ms": predicted,
         "predicted_speedup": base / predicted if predicted > 0 else None,
         "target_speedup": 1 / budget.keep_fraction if budget.metric == "latency" else None,
+        "ranking": latency.ranking,
         "table": latency.table.summary(),
     }

@@ -122,37 +122,66 @@ class Refined:
     history: list[dict[str, Any]]
 
 
+# solves allowed per measurement: a budget that lands on a network measured already moves on
+# without timing it again, so a coarse network does not spend its measurements on repeats
+SOLVES_PER_MEASUREMENT = 4
+
+
+def _next_fraction(points: list[tuple[float, float]], budget: Budget) -> float:
+    """The next budget fraction from (budget fraction, measured latency fraction) pairs so far.
+    Once two tries bracket the asked latency fraction: linear between the nearest pair on either
+    side (the response is not proportional: a ranking that follows the table's per-layer costs
+    can overshoot 1.4x on the first try, and rescaling by the ratio alone then oscillates).
+    Before that: the latest budget scaled by the measured error (damped past 1.5x either way:
+    one noisy round)."""
+    goal = budget.keep_fraction
+    slower = [p for p in points if p[1] > goal]
+    faster = [p for p in points if p[1] <= goal]
+    if slower and faster:
+        (f0, y0), (f1, y1) = max(faster, key=lambda p: p[1]), min(slower, key=lambda p: p[1])
+        return min(1.0, max(0.0, f0 + (goal - y0) * (f1 - f0) / (y1 - y0)))
+    fraction, measured = points[-1]
+    ratio = max(2 / 3, min(1.5, measured / goal))
+    return min(1.0, fraction / ratio)
+
+
 def refine_latency_mask(
     solver: MaskSolver, scores: torch.Tensor, budget: Budget, measure: Callable[[torch.Tensor], float], *, rounds: int
 ) -> Refined:
-    """Solve, measure, rescale the budget by the measured error, solve again: at most ``rounds``
-    measurements. Keeps the try whose measured speed-up is nearest the target among those that
+    """Solve, measure, move the budget (``_next_fraction``: rescaled by the measured error, or
+    interpolated once two tries bracket the target), solve again: at most ``rounds``
+    measurements, none spent on a network measured already. Keeps the try whose measured speed-up is nearest the target among those that
     reach it within ``CLOSE_ENOUGH`` (else the nearest overall): a student a little faster than
     asked beats one that fails the gate."""
     target = 1.0 / budget.keep_fraction
     latency = solver.cost.latency
     current = budget
     tries: list[tuple[torch.Tensor, Budget, dict[str, Any]]] = []
-    for _ in range(max(1, rounds)):
+    points: list[tuple[float, float]] = []  # (budget fraction, measured latency fraction), solves too
+    for _ in range(SOLVES_PER_MEASUREMENT * max(1, rounds)):
         try:
             keep = solver.solve(scores, current)
         except UserError:  # a rescaled budget below the narrowest network: keep what was measured
             if not tries:
                 raise
             break
-        measured = float(measure(keep))
-        entry = {
-            "budget_fraction": current.keep_fraction,
-            "predicted_speedup": latency.base_ms / latency.predict(keep) if latency is not None else None,
-            "measured_speedup": measured,
-        }
-        tries.append((keep, current, entry))
-        if abs(measured / target - 1.0) <= CLOSE_ENOUGH:
-            break
-        # the measured fraction of the unpruned latency this budget gave, against the one asked:
-        # scale the budget by their ratio (damped past 1.5x either way: one noisy round)
-        ratio = max(2 / 3, min(1.5, (1.0 / measured) / budget.keep_fraction))
-        fraction = min(1.0, current.keep_fraction / ratio)
+        same = next((t for t in tries if torch.equal(keep, t[0])), None)
+        if same is not None:  # a network measured already: its measurement again, no timing
+            points.append((current.keep_fraction, 1.0 / same[2]["measured_speedup"]))
+        else:
+            if len(tries) >= max(1, rounds):
+                break
+            measured = float(measure(keep))
+            entry = {
+                "budget_fraction": current.keep_fraction,
+                "predicted_speedup": latency.base_ms / latency.predict(keep) if latency is not None else None,
+                "measured_speedup": measured,
+            }
+            tries.append((keep, current, entry))
+            points.append((current.keep_fraction, 1.0 / measured))
+            if abs(measured / target - 1.0) <= CLOSE_ENOUGH:
+                break
+        fraction = _next_fraction(points, budget)
         if abs(fraction - current.keep_fraction) < 1e-6:
             break
         current = budget.scaled(fraction, solver.cost)
