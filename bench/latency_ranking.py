@@ -1,14 +1,16 @@
-"""Does the latency-aware ranking buy FLOPs at equal latency on this CPU? (issue 13's second goal)
+"""Which ranking buys FLOPs at equal latency on this CPU? (issue 13's second goal)
 
     python bench/latency_ranking.py [--models resnet50 mobilenet_v2] [--targets 1.5 2 3] [--resume]
 
 Same setting as bench/latency_targets.py (random weights, 224 px, batch 1, ONNX Runtime on the
 CPU, L1 widths, the cached latency table, widths at the probed channel block). Per model and
-target speed-up, two rankings under the same latency budget, each held to the measured target
+target speed-up, each ranking under the same latency budget, each held to the measured target
 by the same re-solves as compress (``refine_latency_mask``, 3 measurements), then timed once
 more against the unpruned network in interleaved rounds:
 
-* ``per_ms``: importance per millisecond a unit costs (HALP's knapsack; cascadec's default);
+* ``per_ms_per_flop``: importance per millisecond per FLOP (cascadec's default: the FLOPs
+  solver's ranking where time follows FLOPs);
+* ``per_ms``: importance per millisecond a unit costs (HALP's knapsack ratio);
 * ``importance``: importance alone (the FLOPs solver's ranking), only the budget in milliseconds.
 
 Each shipped student's FLOPs are set against the FLOPs-targeted students with round_to 8 that
@@ -113,15 +115,17 @@ def _save(data: dict[str, Any]) -> None:
 
 def markdown(data: dict[str, Any]) -> str:
     lines = [
-        "# Latency targets: importance per millisecond against importance alone (CPU, ONNX Runtime, batch 1)",
+        "# Latency targets: how the solver ranks channels under a latency budget (CPU, ONNX Runtime, batch 1)",
         "",
         "Command: `python bench/latency_ranking.py` (protocol in the script's docstring). FLOPs of the "
-        "round_to-8 FLOPs-targeted students at the same measured speed-up are interpolated from "
-        "[latency-targets-cpu.json](latency-targets-cpu.json)'s probes.",
+        "round_to-8 FLOPs-targeted students at the same measured speed-up are interpolated from the probes "
+        "[latency-targets-cpu.json](latency-targets-cpu.json) held when the row was measured (the run that "
+        "measured it names its commit; each row keeps its reference).",
         "",
     ]
     for run in data.get("runs", []):
-        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`")
+        note = f": {run['note']}" if run.get("note") else ""
+        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`{note}")
     lines += [
         "",
         "| model | target | ranking | measured re-solves | shipped: measured | FLOPs / params kept "

@@ -9,7 +9,9 @@ Per model: the latency table is built (or loaded from the cache: the build time 
 was cached are recorded), then per target speed-up t:
 
 * the latency-targeted student (``prune.target.latency_reduction = 1 - 1/t``; widths at
-  multiples of 8, as a latency target sets them) is shrunk, exported and timed against the
+  multiples of the probed channel block and the default ranking, importance per ms per FLOP,
+  as a latency target sets them; held to the measured target by up to --refine re-solves, as
+  compress does) is shrunk, exported and timed against the
   unpruned network in interleaved rounds (cascadec's profile protocol: 0.2 s warm-up, then at
   least --duration s and 10 runs per round, --rounds rounds, pooled p50): measured speed-up;
 * FLOPs-targeted students, with round_to 8 and without, are searched (secant steps on the FLOPs
@@ -489,6 +491,11 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="with --resume: measure every model's target rows again (the tables and Fashion-MNIST rows are kept)",
+    )
     p.add_argument("--refine", type=int, default=3, help="measured re-solves (prune.latency.refine; 0: table only)")
     p.add_argument(
         "--fmnist", action="store_true", help="also the Fashion-MNIST accuracy comparison (two compress runs)"
@@ -512,7 +519,7 @@ def main() -> None:
         _save(data)
         for t in args.targets:
             key = f"{t:g}"
-            if key in entry["targets"] and args.resume:
+            if key in entry["targets"] and args.resume and not args.remeasure:
                 continue
             print(f"{name} {t}x: latency-targeted", flush=True)
             solver = MaskSolver(bench.index, bench.cost, round_to=bench.latency.table.multiple)
@@ -527,6 +534,7 @@ def main() -> None:
             keep = refined.keep
             row: dict[str, Any] = {"latency": bench.measure(keep)}
             row["latency"]["multiple"] = bench.latency.table.multiple
+            row["latency"]["ranking"] = bench.latency.ranking
             row["latency"]["refine"] = refined.history
             row["latency"]["table_only"] = refined.history[0]
             reached = row["latency"]["speedup"]

@@ -369,6 +369,14 @@ def _training_md(prune: Mapping) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+# prune.latency.ranking in words (LatencyModel.unit_weights)
+_RANKING_WORDS = {
+    "per_ms_per_flop": "per millisecond per FLOP (prune.latency.ranking: per_ms_per_flop)",
+    "per_ms": "per millisecond (prune.latency.ranking: per_ms)",
+    "importance": "alone (prune.latency.ranking: importance)",
+}
+
+
 def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None = None) -> list[str]:
     """Predicted against measured for a latency target (stages.check_latency_target), and the
     measured re-solves that set the student's budget (prune/latency_refine.py)."""
@@ -398,6 +406,10 @@ def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None 
             f"- latency table: {table.get('layers')} layers, {table.get('grid_points')} widths timed, {origin}; "
             + (f"latency steps every {block} channels, " if block > 1 else "latency smooth in width, ")
             + f"widths at multiples of {table.get('multiple', 8)}"
+        )
+    if prediction.get("ranking"):
+        lines.append(
+            f"- channels ranked by importance {_RANKING_WORDS.get(prediction['ranking'], prediction['ranking'])}"
         )
     if refine:
         tries = ", ".join(

@@ -321,6 +321,8 @@ def test_compress_with_a_latency_target_reports_predicted_and_measured(
     tries = report["prune"]["latency_refine"]  # the cascade measured its student before the freeze
     assert 1 <= len(tries) <= 3 and sum(t["chosen"] for t in tries) == 1
     assert all(t["measured_speedup"] > 0 for t in tries) and "prune.latency.refine" in markdown
+    assert report["latency_prediction"]["ranking"] == "per_ms_per_flop"
+    assert "ranked by importance per millisecond per FLOP" in markdown
 
     strict = compress(tmp_path / "strict", 0.2, "0")
     strict_report = json.loads((tmp_path / "strict" / "report.json").read_text())

@@ -145,10 +145,10 @@ class LatencyModel:
             if self.ranking == "importance":
                 costs = torch.ones_like(costs)
             elif self.ranking == "per_ms_per_flop":
+                ms_share = costs / costs.mean().clamp_min(1e-12)
                 flops = self.cost.unit_macs()
-                costs = (costs / costs.mean().clamp_min(1e-12)) / (flops / flops.mean().clamp_min(1e-12)).clamp_min(
-                    1e-3
-                )
+                flops_share = flops / flops.mean().clamp_min(1e-12)
+                costs = ms_share / flops_share.clamp_min(1e-3)  # a unit with no FLOPs: slow per FLOP
             mean = costs.mean().clamp_min(1e-12)
             self._weights = (costs / mean).clamp_min(0.1).float()
         return self._weights
