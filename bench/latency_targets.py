@@ -16,7 +16,7 @@ was cached are recorded), then per target speed-up t:
   least --duration s and 10 runs per round, --rounds rounds, pooled p50): measured speed-up;
 * FLOPs-targeted students, with round_to 8 and without, are searched (secant steps on the FLOPs
   fraction, each step measured the same way) until their measured speed-ups bracket the
-  latency-targeted student's; FLOPs and parameters at that equal latency are interpolated
+  latency-targeted student's (at most 8 students); FLOPs and parameters at that equal latency are interpolated
   between the two nearest measured students. Equal latency is matched on speed-ups (each
   measured against the unpruned network in interleaved rounds), which a shared machine's drift
   between probes does not move.
@@ -56,6 +56,7 @@ MD_PATH = RESULTS / "latency-targets-cpu.md"
 GOAL_SPEEDUP_ERROR = 0.10
 GOAL_MORE_FLOPS = 0.10
 GOAL_TABLE_SECONDS = 300.0
+FLOPS_PROBES = 8  # FLOPs-targeted students measured per comparison, at most
 
 
 class Bench:
@@ -114,17 +115,22 @@ class Bench:
         }
 
     def flops_at_speedup(self, target: float, round_to: int | None, start: float) -> dict[str, Any]:
-        """FLOPs-targeted students until two measured ones bracket the speed-up ``target`` (or 5
+        """FLOPs-targeted students until two measured ones bracket the speed-up ``target`` (or 8
         tries); FLOPs and params at ``target`` interpolated between the two nearest. Speed-ups,
         each measured against the unpruned network in interleaved rounds, not milliseconds: a
         shared machine's drift between probes moves milliseconds, not their ratio."""
         probes: list[tuple[float, dict]] = []
         fraction = start
-        for _ in range(5):
+        narrowest = False
+        for _ in range(FLOPS_PROBES):
             try:
                 keep = self.solve("flops", fraction, round_to)
-            except UserError:  # below the narrowest network: nothing FLOPs-targeted is that fast
-                break
+            except UserError:  # below the narrowest network: halfway back to the last probe
+                if not probes or abs(fraction - probes[-1][0]) < 0.005:
+                    narrowest = True  # nothing FLOPs-targeted is that fast
+                    break
+                fraction = (fraction + probes[-1][0]) / 2
+                continue
             m = self.measure(keep)
             probes.append((fraction, m))
             faster = [p for p in probes if p[1]["speedup"] >= target]
@@ -137,10 +143,12 @@ class Bench:
                 (f1, m1), (f2, m2) = probes[-2], probes[-1]
                 x1, x2 = 1 / m1["speedup"], 1 / m2["speedup"]
                 slope = (f2 - f1) / ((x2 - x1) or 1e-9)
-                fraction = min(0.98, max(0.02, f2 + slope * (1 / target - x2)))
+                step = f2 + slope * (1 / target - x2)
+                # two probes within the noise make a flat secant: at most a 1.5x step either way
+                fraction = min(0.98, max(0.02, f2 / 1.5, min(f2 * 1.5, step)))
         faster = sorted((p for p in probes if p[1]["speedup"] >= target), key=lambda p: p[1]["speedup"])
         slower = sorted((p for p in probes if p[1]["speedup"] < target), key=lambda p: -p[1]["speedup"])
-        out: dict[str, Any] = {"probes": [{"flops_fraction": f, **m} for f, m in probes]}
+        out: dict[str, Any] = {"probes": [{"flops_fraction": f, **m} for f, m in probes], "narrowest": narrowest}
         if faster and slower:
             a, b = faster[0][1], slower[0][1]
             w = (1 / target - 1 / a["speedup"]) / (1 / b["speedup"] - 1 / a["speedup"])
@@ -392,9 +400,12 @@ def markdown(data: dict) -> str:
                     continue
                 slower = all(p["speedup"] < lat["speedup"] for p in f["probes"])
                 fastest = max((p["speedup"] for p in f["probes"]), default=float("nan"))
-                cells.append(
-                    f"none as fast (fastest measured: {fastest:.2f}x)" if slower else "not bracketed in 5 steps"
-                )
+                if not slower:
+                    cells.append(f"not bracketed in {len(f['probes'])} steps")
+                elif f.get("narrowest"):
+                    cells.append(f"none as fast (fastest measured: {fastest:.2f}x)")
+                else:
+                    cells.append(f"none as fast in {len(f['probes'])} steps (fastest measured: {fastest:.2f}x)")
                 gains.append("-")
             rounds = ", ".join(f"{s:.2f}" for s in lat.get("speedup_rounds", []))
             lines.append(
