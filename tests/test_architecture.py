@@ -50,6 +50,15 @@ def test_method_and_criterion_registries_match_the_schema() -> None:
     assert set(CRITERIA) == _literal("importance")
 
 
+def test_latency_rankings_match_the_schema() -> None:
+    from cascadec.prune.latency import DEFAULT_RANKING, RANKINGS
+    from cascadec.recipe import LatencySection
+
+    field = LatencySection.model_fields["ranking"]
+    assert set(RANKINGS) == set(typing.get_args(field.annotation))
+    assert field.default == DEFAULT_RANKING
+
+
 def test_the_schema_knows_every_dataset_the_registry_builds() -> None:
     from cascadec.recipe import DATASETS
 

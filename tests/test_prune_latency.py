@@ -475,6 +475,9 @@ def test_refinement_interpolates_once_two_tries_bracket_the_target(chain) -> Non
     assert _next_fraction([(0.5, 0.3), (0.7, 0.6)], budget) == pytest.approx(0.5 + 0.2 * 0.2 / 0.3)
     assert _next_fraction([(0.5, 0.3)], budget) == pytest.approx(0.5 / (2 / 3))  # damped rescale
     assert _next_fraction([(0.5, 0.55)], budget) == pytest.approx(0.5 / 1.1)
+    # 0.55 landed on the network 0.5 gave: interpolate from 0.55, or the step repeats itself
+    stuck = [(0.5, 0.3), (0.7, 0.6), (0.55, 0.3)]
+    assert _next_fraction(stuck, budget) == pytest.approx(0.55 + 0.2 * 0.15 / 0.3)
 
     wide = Chain(widths=(32, 48, 64)).eval()  # fine enough for budgets to land between tries
     index = build_groups(wide, EX)

@@ -138,7 +138,9 @@ def _next_fraction(points: list[tuple[float, float]], budget: Budget) -> float:
     slower = [p for p in points if p[1] > goal]
     faster = [p for p in points if p[1] <= goal]
     if slower and faster:
-        (f0, y0), (f1, y1) = max(faster, key=lambda p: p[1]), min(slower, key=lambda p: p[1])
+        # nearest on either side; on a tie (one network reached from two budgets) the budget
+        # nearer the other side, so the next step moves past it
+        (f0, y0), (f1, y1) = max(faster, key=lambda p: (p[1], p[0])), min(slower, key=lambda p: (p[1], -p[0]))
         return min(1.0, max(0.0, f0 + (goal - y0) * (f1 - f0) / (y1 - y0)))
     fraction, measured = points[-1]
     ratio = max(2 / 3, min(1.5, measured / goal))
@@ -150,9 +152,9 @@ def refine_latency_mask(
 ) -> Refined:
     """Solve, measure, move the budget (``_next_fraction``: rescaled by the measured error, or
     interpolated once two tries bracket the target), solve again: at most ``rounds``
-    measurements, none spent on a network measured already. Keeps the try whose measured speed-up is nearest the target among those that
-    reach it within ``CLOSE_ENOUGH`` (else the nearest overall): a student a little faster than
-    asked beats one that fails the gate."""
+    measurements, none spent on a network measured already. Keeps the try whose measured
+    speed-up is nearest the target among those that reach it within ``CLOSE_ENOUGH`` (else the
+    nearest overall): a student a little faster than asked beats one that fails the gate."""
     target = 1.0 / budget.keep_fraction
     latency = solver.cost.latency
     current = budget
