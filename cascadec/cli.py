@@ -341,6 +341,18 @@ def _print_inspect(r: dict) -> None:
             + f"widths timed, and a latency target's widths, at multiples of {lat.get('multiple', 8)}",
             highlight=False,
         )
+        if lat.get("time_per_flop"):
+            where = Table(
+                "layers", "input", "count", "share of time", "share of FLOPs", "time per FLOP",
+                title="where the time goes (full width; time per FLOP above 1x goes first under a latency target)",
+            )  # fmt: skip
+            for row in lat["time_per_flop"]:
+                ratio = row["time_per_flop"]
+                where.add_row(
+                    row["kind"], row["input"], str(row["layers"]), f"{row['time_share']:.1%}",
+                    f"{row['flops_share']:.1%}", f"{ratio:.2f}x" if ratio is not None else "-",
+                )  # fmt: skip
+            out.print(where)
     fbs = r.get("fbs")
     if fbs:
         out.print(

@@ -18,7 +18,7 @@ from cascadec.prune.cost import CostModel, count_macs
 from cascadec.prune.fbs import effective_macs, gated_student
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
-from cascadec.prune.latency import attach_latency_model
+from cascadec.prune.latency import attach_latency_model, time_per_flop
 from cascadec.prune.trial import prove_groups
 from cascadec.recipe import LatencySection, Recipe
 
@@ -116,7 +116,11 @@ def inspect_model(
         "frozen": [{"root": f.root, "channels": f.size, "reason": f.reason} for f in index.frozen],
     }
     if cost.latency is not None:
-        out["latency"] = {**cost.latency.table.summary(), "predicted_ms": cost.latency.base_ms}
+        out["latency"] = {
+            **cost.latency.table.summary(),
+            "predicted_ms": cost.latency.base_ms,
+            "time_per_flop": time_per_flop(cost.latency),
+        }
     if recipe is not None and recipe.prune.method == "fbs":  # no static target: the gates' keep ratio
         out["fbs"] = fbs_preview(model, example, recipe.prune.fbs.keep)
     elif analysis is not None:

@@ -281,8 +281,9 @@ def test_latency_gate_compares_measured_speedup_with_the_target(measured, tolera
     assert ("short" in out["message"]) is (not passed)
 
 
-def test_inspect_latency_on_onnx_runtime(isolated_cache) -> None:
-    """The real backend: the table is built once, then loaded; the dry run predicts the student."""
+def test_inspect_latency_on_onnx_runtime(isolated_cache, cli) -> None:
+    """The real backend: the table is built once, then loaded; the dry run predicts the student;
+    where the time goes against the FLOPs is shown per layer kind and input size."""
     from cascadec.preflight import inspect_model
 
     first = inspect_model("cifar_resnet8", in_channels=1, image_size=16, num_classes=10, latency_backend="onnxruntime")
@@ -290,6 +291,28 @@ def test_inspect_latency_on_onnx_runtime(isolated_cache) -> None:
     assert not lat["cached"] and lat["network_ms"] > 0 and lat["grid_points"] > lat["layers"]
     second = inspect_model("cifar_resnet8", in_channels=1, image_size=16, num_classes=10, latency_backend="onnxruntime")
     assert second["latency"]["cached"]
+    rows = second["latency"]["time_per_flop"]
+    assert sum(r["layers"] for r in rows) == lat["layers"]
+    assert sum(r["time_share"] for r in rows) == pytest.approx(1.0)
+    assert sum(r["flops_share"] for r in rows) == pytest.approx(1.0)
+    assert {"conv 3x3", "linear"} <= {r["kind"] for r in rows}
+    shown = cli("inspect", "cifar_resnet8", "--in-channels", "1", "--image-size", "16", "--latency")
+    assert shown.code == 0 and "where the time goes" in shown.out and "conv 3x3" in shown.out
+
+
+def test_time_per_flop_groups_layers_and_finds_the_slow_ones(chain) -> None:
+    """fake_ms: time proportional to MACs plus a small cost per call, so the convs (all 3x3 at
+    16x16: one row) run at about the network's time per FLOP and the tiny linear layer, all call
+    cost, far above it."""
+    from cascadec.prune.latency import time_per_flop
+
+    model, index, cost = chain
+    latency = LatencyModel(build_table(model, EX, cost=cost, timer=fake_ms, use_cache=False), cost)
+    rows = {r["kind"]: r for r in time_per_flop(latency)}
+    assert set(rows) == {"conv 3x3", "linear"} and rows["conv 3x3"]["layers"] == 3
+    assert rows["conv 3x3"]["time_per_flop"] == pytest.approx(1.0, abs=0.05)
+    assert rows["linear"]["time_per_flop"] > 3
+    assert rows["conv 3x3"]["input"] == "16x16" and rows["linear"]["input"] == "-"
 
 
 def test_compress_with_a_latency_target_reports_predicted_and_measured(

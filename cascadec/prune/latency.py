@@ -178,6 +178,42 @@ class LatencyModel:
         return per_unit.float() * self.scale
 
 
+def time_per_flop(latency: LatencyModel) -> list[dict[str, Any]]:
+    """Where the unpruned network's time goes against its FLOPs, per layer kind and input size:
+    the table's full-width entries and the cost model's MACs, each as a share of the layers'
+    total, and their ratio (1 = as fast per FLOP as the network on average). What the default
+    ranking acts on: groups above 1 are the FLOPs a latency target drops first."""
+    cost = latency.cost
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, name in enumerate(latency.names):
+        c = latency.table.tables[latency.table.layers[name]].config
+        ms = latency.table.tables[latency.table.layers[name]].ms[-1][-1]
+        macs = float(cost.coef[i] * (cost.cout[i] if cost.depthwise[i] else cost.cin[i] * cost.cout[i]))
+        kernel = "x".join(str(k) for k in c.kernel)
+        kind = "linear" if c.kind == "linear" else f"{'depthwise' if c.depthwise else 'conv'} {kernel}"
+        size = "x".join(str(d) for d in c.input_hw) if c.kind != "linear" else "-"
+        row = rows.setdefault((kind, size), {"kind": kind, "input": size, "layers": 0, "ms": 0.0, "macs": 0.0})
+        row["layers"] += 1
+        row["ms"] += ms
+        row["macs"] += macs
+    total_ms = sum(r["ms"] for r in rows.values()) or 1.0
+    total_macs = sum(r["macs"] for r in rows.values()) or 1.0
+    out = []
+    for r in rows.values():
+        ms_share, flops_share = r["ms"] / total_ms, r["macs"] / total_macs
+        out.append(
+            {
+                "kind": r["kind"],
+                "input": r["input"],
+                "layers": r["layers"],
+                "time_share": ms_share,
+                "flops_share": flops_share,
+                "time_per_flop": ms_share / flops_share if flops_share > 0 else None,
+            }
+        )
+    return sorted(out, key=lambda r: -(r["time_per_flop"] or float("inf")))
+
+
 def attach_latency_model(
     model: nn.Module,
     example_input: torch.Tensor,
