@@ -122,11 +122,13 @@ class Bench:
         probes: list[tuple[float, dict]] = []
         fraction = start
         narrowest = False
-        for _ in range(FLOPS_PROBES):
+        step_backs = 0
+        while len(probes) < FLOPS_PROBES:
             try:
                 keep = self.solve("flops", fraction, round_to)
             except UserError:  # below the narrowest network: halfway back to the last probe
-                if not probes or abs(fraction - probes[-1][0]) < 0.005:
+                step_backs += 1
+                if not probes or abs(fraction - probes[-1][0]) < 0.005 or step_backs > FLOPS_PROBES:
                     narrowest = True  # nothing FLOPs-targeted is that fast
                     break
                 fraction = (fraction + probes[-1][0]) / 2

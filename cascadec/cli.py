@@ -344,7 +344,7 @@ def _print_inspect(r: dict) -> None:
         if lat.get("time_per_flop"):
             where = Table(
                 "layers", "input", "count", "share of time", "share of FLOPs", "time per FLOP",
-                title="where the time goes (full width; time per FLOP above 1x goes first under a latency target)",
+                title="where the time goes at full width (time per FLOP against the network's)",
             )  # fmt: skip
             for row in lat["time_per_flop"]:
                 ratio = row["time_per_flop"]

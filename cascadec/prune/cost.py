@@ -181,7 +181,9 @@ class CostModel:
 
     def unit_macs(self) -> torch.Tensor:
         """MACs one unit removes from the unpruned network (a depthwise layer it reaches as input,
-        output or both: one channel of it): the FLOPs a latency ranking sets against milliseconds."""
+        output or both: one channel of it): the FLOPs a latency ranking sets against milliseconds.
+        First order: a unit that is both an input and an output channel of one ordinary layer
+        is counted cin + cout times, where removing it saves cin + cout - 1."""
         dw = self.depthwise
         per_in = torch.where(dw, self.coef, self.coef * self.cout)
         per_out = torch.where(dw, torch.zeros_like(self.coef), self.coef * self.cin)

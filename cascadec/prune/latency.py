@@ -12,8 +12,9 @@ solver needs for cascadec's channel groups:
   and scaled so that the full width predicts what
   the whole exported network measured (the rest of the graph, pooling, additions, layout
   reorders, is assumed to shrink with the convs);
-* per unit, the milliseconds it costs (a slope over each layer's width range), by which the
-  solver divides importance under a latency budget: HALP's knapsack, solved greedily.
+* per unit, the milliseconds it costs (a slope over each layer's width range) and, against its
+  FLOPs, its milliseconds per FLOP: the solver divides importance by one of them under a latency
+  budget (``prune.latency.ranking``), HALP's knapsack solved greedily.
 """
 
 from __future__ import annotations
@@ -143,19 +144,23 @@ class LatencyModel:
         if self._weights is None:
             costs = self.unit_costs().double()
             if self.ranking == "importance":
-                costs = torch.ones_like(costs)
+                weights = torch.ones_like(costs)
             elif self.ranking == "per_ms_per_flop":
                 ms_share = costs / costs.mean().clamp_min(1e-12)
                 flops = self.cost.unit_macs()
                 flops_share = flops / flops.mean().clamp_min(1e-12)
-                costs = ms_share / flops_share.clamp_min(1e-3)  # a unit with no FLOPs: slow per FLOP
-            mean = costs.mean().clamp_min(1e-12)
-            self._weights = (costs / mean).clamp_min(0.1).float()
+                ratio = ms_share / flops_share.clamp_min(1e-3)  # a unit with no FLOPs: slow per FLOP
+                # over the median, not the mean: a few units with almost no FLOPs (ratios up to
+                # 1000x) would lift a mean until the floor flattened every ordinary unit
+                weights = ratio / ratio.median().clamp_min(1e-12)
+            else:
+                weights = costs / costs.mean().clamp_min(1e-12)
+            self._weights = weights.clamp_min(0.1).float()
         return self._weights
 
     def unit_costs(self) -> torch.Tensor:
         """Milliseconds one unit saves, averaged over each layer's whole width range (a slope,
-        not the step at full width): what the solver divides importance by."""
+        not the step at full width): what ``unit_weights`` prices a unit by."""
         slopes_in, slopes_out, depthwise = [], [], []
         for name in self.names:
             t = self.table.tables[self.table.layers[name]]
@@ -181,8 +186,10 @@ class LatencyModel:
 def time_per_flop(latency: LatencyModel) -> list[dict[str, Any]]:
     """Where the unpruned network's time goes against its FLOPs, per layer kind and input size:
     the table's full-width entries and the cost model's MACs, each as a share of the layers'
-    total, and their ratio (1 = as fast per FLOP as the network on average). What the default
-    ranking acts on: groups above 1 are the FLOPs a latency target drops first."""
+    total, and their ratio (1 = as fast per FLOP as the network on average). A view of what the
+    default ranking acts on, not its weights: those are slopes over each layer's width range, in
+    which a layer's fixed cost per call cancels, so a layer that is mostly call cost (a small
+    linear head) shows far above 1 here but ranks near 1."""
     cost = latency.cost
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for i, name in enumerate(latency.names):
@@ -211,7 +218,7 @@ def time_per_flop(latency: LatencyModel) -> list[dict[str, Any]]:
                 "time_per_flop": ms_share / flops_share if flops_share > 0 else None,
             }
         )
-    return sorted(out, key=lambda r: -(r["time_per_flop"] or float("inf")))
+    return sorted(out, key=lambda r: (r["time_per_flop"] is not None, r["time_per_flop"] or 0.0), reverse=True)
 
 
 def attach_latency_model(

@@ -1,13 +1,14 @@
 """Hold a latency target to what the backend measures, not only to what the table predicts.
 
 The table (``prune/latency_table.py``) times layers alone; the network they make is off from the
-sum by a few per cent either way, and the solver, ranking importance per millisecond, leans on
-exactly the layers whose alone-time flatters them: on this CPU the first table-only students
-were 4-10 % slower than predicted (docs/benchmarks.md), enough to miss a 10 % gate. So once the
-mask is about to be final (one-shot: at the solve; the cascade: when the masks freeze), the
-student it gives is shrunk, exported and timed against the unpruned network in interleaved
-rounds, and the budget is rescaled by the error and solved again, a few times (a secant on the
-budget): the table still decides which channels go, the backend decides how many.
+sum by a few per cent either way, and the solver, ranking by the table's per-layer costs, leans
+on exactly the layers whose alone-time flatters them: on this CPU table-only students miss by up
+to 7 % on ResNet-50 and 27 % on MobileNetV2 (bench/results/latency-targets-cpu.md), enough to
+miss a 10 % gate. So once the mask is about to be final (one-shot: at the solve; the cascade:
+when the masks freeze), the student it gives is shrunk, exported and timed against the unpruned
+network in interleaved rounds, and the budget is rescaled by the error (or interpolated between
+two tries on either side of the target) and solved again, a few times: the table still decides
+which channels go, the backend decides how many.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ class Refined:
     history: list[dict[str, Any]]
 
 
-# solves allowed per measurement: a budget that lands on a network measured already moves on
-# without timing it again, so a coarse network does not spend its measurements on repeats
+# solves allowed, as a multiple of the measurements: a budget that lands on a network measured
+# already moves on without timing it again, so a coarse network does not spend its measurements
+# on repeats, and this bounds the solves that cost no measurement
 SOLVES_PER_MEASUREMENT = 4
 
 

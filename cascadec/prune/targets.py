@@ -188,7 +188,7 @@ class MaskSolver:
         """The largest mask whose cost is within the budget: global top-k, or one fraction per group."""
         scores = scores.detach().float().cpu()
         if budget.metric == "latency" and self.cost.latency is not None:
-            # HALP's knapsack, greedily: importance per millisecond a unit costs
+            # HALP's knapsack, greedily: importance over a unit's latency weight (prune.latency.ranking)
             scores = scores / self.cost.latency.unit_weights()
         order = torch.argsort(scores, descending=True, stable=True)
         ranks = self._ranks_within_group(scores)
