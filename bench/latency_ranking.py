@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from latency_targets import JSON_PATH as TARGETS_JSON  # noqa: E402
-from latency_targets import Bench, run_entry  # noqa: E402
+from latency_targets import Bench, run_entry, run_lines  # noqa: E402
 
 from cascadec.errors import UserError  # noqa: E402
 
@@ -123,9 +123,7 @@ def markdown(data: dict[str, Any]) -> str:
         "measured it names its commit; each row keeps its reference).",
         "",
     ]
-    for run in data.get("runs", []):
-        note = f": {run['note']}" if run.get("note") else ""
-        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`{note}")
+    lines += run_lines(data.get("runs", []))
     lines += [
         "",
         "| model | target | ranking | measured re-solves | shipped: measured | FLOPs / params kept "

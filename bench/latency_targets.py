@@ -304,6 +304,15 @@ def run_entry(script: str) -> dict[str, str]:
     }
 
 
+def run_lines(runs: list[dict[str, str]]) -> list[str]:
+    """The Markdown list of the invocations ``run_entry`` recorded, each with its note."""
+    return [
+        f"- {r['date']}, commit {r['commit']}: {r['machine']}; `{r['command']}`"
+        + (f": {r['note']}" if r.get("note") else "")
+        for r in runs
+    ]
+
+
 def _load() -> dict:
     if JSON_PATH.is_file():
         return json.loads(JSON_PATH.read_text())
@@ -339,9 +348,7 @@ def markdown(data: dict) -> str:
         "Command: `python bench/latency_targets.py` (see the script's docstring for the protocol).",
         "",
     ]
-    for run in data.get("runs", []):
-        note = f": {run['note']}" if run.get("note") else ""
-        lines.append(f"- {run['date']}, commit {run['commit']}: {run['machine']}; `{run['command']}`{note}")
+    lines += run_lines(data.get("runs", []))
     lines += [
         "",
         "## Latency tables",

@@ -193,8 +193,8 @@ def time_per_flop(latency: LatencyModel) -> list[dict[str, Any]]:
     cost = latency.cost
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for i, name in enumerate(latency.names):
-        c = latency.table.tables[latency.table.layers[name]].config
-        ms = latency.table.tables[latency.table.layers[name]].ms[-1][-1]
+        layer = latency.table.tables[latency.table.layers[name]]
+        c, ms = layer.config, layer.ms[-1][-1]
         macs = float(cost.coef[i] * (cost.cout[i] if cost.depthwise[i] else cost.cin[i] * cost.cout[i]))
         kernel = "x".join(str(k) for k in c.kernel)
         kind = "linear" if c.kind == "linear" else f"{'depthwise' if c.depthwise else 'conv'} {kernel}"
