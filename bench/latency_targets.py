@@ -99,9 +99,14 @@ class Bench:
     def latency_student(self, speedup: float, rounds: int) -> Refined:
         """As compress does: solved on the table at widths of the probed block, then held to the
         measured speed-up (``refine_latency_mask``, ``rounds`` measurements)."""
-        solver = MaskSolver(self.index, self.cost, round_to=self.latency.table.multiple)
         budget = Budget.from_target(self.cost, latency_reduction=1 - 1 / speedup)
-        return refine_latency_mask(solver, self.scores, budget, self.meter, rounds=rounds)
+        return refine_latency_mask(self.latency_solver(), self.scores, budget, self.meter, rounds=rounds)
+
+    def latency_solver(self) -> MaskSolver:
+        """The widths a latency target keeps (as ``analyse`` sets them): multiples of the
+        table's block, and its narrow half block below."""
+        table = self.latency.table
+        return MaskSolver(self.index, self.cost, round_to=table.multiple, narrow=table.narrow)
 
     def measure(self, keep: torch.Tensor) -> dict[str, Any]:
         """Interleaved rounds against the unpruned network (``SpeedupMeter``): both p50s and the
@@ -505,7 +510,7 @@ def markdown(data: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
+    p.add_argument("--models", nargs="*", default=["resnet50", "mobilenet_v2"], help="none: only --fmnist")
     p.add_argument("--targets", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
@@ -542,7 +547,7 @@ def main() -> None:
             if key in entry["targets"] and args.resume and not args.remeasure:
                 continue
             print(f"{name} {t}x: latency-targeted", flush=True)
-            solver = MaskSolver(bench.index, bench.cost, round_to=bench.latency.table.multiple)
+            solver = bench.latency_solver()
             try:
                 refined = bench.latency_student(t, args.refine)
             except UserError as exc:  # the narrowest network the solver allows is slower than this

@@ -60,6 +60,12 @@ def test_width_grid_is_multiples_up_to_the_full_width() -> None:
     assert width_grid(960, 4, 16) == [16, 240, 480, 720, 960]  # the narrowest rounded width is timed
     assert width_grid(8, 4) == [4, 8]
     assert width_grid(1, 4) == [1]
+    # a staircase backend's half block is timed too: the one width below the block a target keeps
+    assert width_grid(960, 4, 16, narrow=8) == [8, 16, 240, 480, 720, 960]
+    assert width_grid(16, 4, 16, narrow=8) == [8, 16]
+    assert width_grid(12, 4, 16, narrow=8) == [6, 8, 12]
+    assert width_grid(8, 4, 16, narrow=8) == [4, 8]  # never past the full width
+    assert width_grid(64, 1, 16, narrow=8) == [64]  # one point: the full width only
 
 
 def test_bilinear_table_is_exact_at_grid_points_and_linear_between() -> None:
@@ -450,16 +456,25 @@ def test_table_probes_the_block_and_grids_at_its_multiples(chain) -> None:
     assert smooth.channel_block == 1 and smooth.multiple == 8  # smooth: the old default rounding
     fixed = build_table(model, EX, cost=cost, timer=stair_ms, multiple=8, use_cache=False)
     assert fixed.probe_ms == [] and fixed.channel_block == 8 and fixed.multiple == 8  # no probe
+    # the half block is timed where the block was probed, not where the recipe fixed a multiple
+    assert table.narrow == 8 and smooth.narrow == 0 and fixed.narrow == 0
+    conv3 = table.tables[table.layers["conv3"]]
+    assert 8 in conv3.out_grid and table.summary()["narrow"] == 8
     again = LatencyTable.from_json(json.loads(json.dumps(table.to_json())))
-    assert (again.channel_block, again.multiple, again.probe_ms) == (16, 16, table.probe_ms)
+    assert (again.channel_block, again.multiple, again.narrow, again.probe_ms) == (16, 16, 8, table.probe_ms)
 
 
 def test_prediction_rounds_widths_up_to_the_block(chain) -> None:
     model, index, cost = chain
     table = build_table(model, EX, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False)
     latency = LatencyModel(table, cost)
-    padded = latency._padded(torch.tensor([50.0, 3.0, 70.0, 12.0]), torch.tensor([64.0, 64.0, 72.0, 12.0]))
-    assert padded.tolist() == [64.0, 16.0, 72.0, 12.0]  # never past the layer's own width
+    widths = torch.tensor([50.0, 3.0, 70.0, 12.0, 9.0, 8.0])
+    padded = latency._padded(widths, torch.tensor([64.0, 64.0, 72.0, 12.0, 64.0, 64.0]))
+    # never past the layer's own width; up to the half block, that half (timed on its own)
+    assert padded.tolist() == [64.0, 8.0, 72.0, 12.0, 16.0, 8.0]
+    table.narrow = 0  # a table without the half block (a fixed multiple): the block is the floor
+    assert latency._padded(torch.tensor([3.0]), torch.tensor([64.0])).tolist() == [16.0]
+    table.narrow = 8
     # conv3 (16 outputs) keeps 9..16 channels: one block, one latency
     group = next(i for i, g in enumerate(index.groups) if g.size == 16)
     offset = index.offsets()[group]
@@ -469,6 +484,56 @@ def test_prediction_rounds_widths_up_to_the_block(chain) -> None:
         keep[offset : offset + 16] = (torch.arange(16) < kept).float()
         predictions.append(latency.predict(keep))
     assert predictions[0] == pytest.approx(predictions[1]) == pytest.approx(predictions[2])
+
+
+def test_latency_solver_keeps_the_half_block_below_the_block(chain) -> None:
+    """On a 16-channel staircase a group 16 wide could not be narrowed at all (the Fashion-MNIST
+    ResNet-8's layer1): the half block is the one width below the block a latency target keeps,
+    priced by its own grid point, and the solver only narrows to it where the table says it pays."""
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False)
+    cost.latency = LatencyModel(table, cost)
+    sizes = [g.size for g in index.groups]
+    assert sorted(sizes) == [12, 16]
+    blocks = MaskSolver(index, cost, round_to=16)
+    halves = MaskSolver(index, cost, round_to=16, narrow=table.narrow)
+    one = torch.ones(len(sizes), dtype=torch.long)
+    assert halves.widths(one).tolist() == [8, 8] and blocks.widths(one).tolist() == sizes
+    assert halves.widths(one * 9).tolist() == [min(16, s) for s in sizes]  # past the half: the block
+    assert halves.narrowest == 8 and blocks.narrowest == 16
+    # the narrowest network the blocks allow is the full one: any latency target is refused
+    budget = Budget.from_target(cost, latency_reduction=0.15)  # the halves' narrowest: 0.81
+    with pytest.raises(UserError, match="keeping 16 channel"):
+        blocks.solve(torch.rand(index.num_units), budget)
+    keep = halves.solve(torch.rand(index.num_units), budget)
+    assert cost.latency.predict(keep) <= budget.value * (1 + 1e-9)
+    kept = torch.bincount(halves.group_of_unit, weights=keep, minlength=len(sizes)).long().tolist()
+    assert all(k in (8, s) for k, s in zip(kept, sizes))  # only the allowed widths
+    with pytest.raises(UserError, match="keeping 8 channel"):
+        halves.solve(torch.rand(index.num_units), Budget.from_target(cost, latency_reduction=0.9))
+
+
+def test_analysis_gives_a_latency_target_the_half_block_but_not_a_recipes_round_to(
+    chain, monkeypatch
+) -> None:
+    from cascadec.prune import analysis as analysis_module
+
+    model, _, _ = chain
+
+    def attach(model, example, cost, **kwargs):
+        cost.latency = LatencyModel(
+            build_table(model, example, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False), cost
+        )
+        return cost.latency
+
+    monkeypatch.setattr(analysis_module, "attach_latency_model", attach)
+    head = {"name": "r", "model": {"name": "chain"}}
+    recipe = Recipe.model_validate({**head, "prune": {"target": {"latency_reduction": 0.2}}})
+    solver = analysis_module.analyse(model, recipe, EX).solver
+    assert (solver.round_to, solver.narrowest) == (16, 8)
+    recipe = Recipe.model_validate({**head, "prune": {"target": {"latency_reduction": 0.2}, "round_to": 4}})
+    solver = analysis_module.analyse(model, recipe, EX).solver
+    assert (solver.round_to, solver.narrowest) == (4, 4)  # the recipe's rounding, exactly
 
 
 def _latency_chain(chain):

@@ -60,7 +60,13 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
             progress=progress.enabled(),
         )
     # a latency target keeps widths at the multiples the backend's kernels block by (prune.latency)
-    round_to = p.round_to or (latency.table.multiple if latency is not None else None)
-    solver = MaskSolver(index, cost, min_channels=p.min_channels, round_to=round_to, allocation=p.allocation)
+    # and, below them, the half block the table timed on its own (LatencyTable.narrow); a
+    # recipe's own round_to is kept to exactly
+    round_to, narrow = p.round_to, 0
+    if latency is not None and not p.round_to:
+        round_to, narrow = latency.table.multiple, latency.table.narrow
+    solver = MaskSolver(
+        index, cost, min_channels=p.min_channels, round_to=round_to, narrow=narrow, allocation=p.allocation
+    )
     budget = Budget.from_section(cost, p.target)
     return Analysis(index, cost, solver, budget, example_input.detach()[:1].clone())

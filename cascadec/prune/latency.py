@@ -8,7 +8,8 @@ solver needs for cascadec's channel groups:
 
 * the predicted latency of any unit mask: the layers' table entries at the widths the mask
   keeps, each rounded up to the backend's channel block (a width between two multiples costs
-  what the next multiple costs: the kernels pad to it), bilinear between grid points, summed
+  what the next multiple costs: the kernels pad to it) or, up to half a block, to that half
+  (timed on its own: narrower than a block, kernels may take another path), bilinear between grid points, summed
   and scaled so that the full width predicts what
   the whole exported network measured (the rest of the graph, pooling, additions, layout
   reorders, is assumed to shrink with the convs);
@@ -90,11 +91,16 @@ class LatencyModel:
         self._out_full = torch.tensor([t.out_grid[-1] for t in tables], dtype=torch.float64)
 
     def _padded(self, kept: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        """Widths rounded up to the channel block, never past the layer's full width."""
+        """Widths rounded up to the channel block, never past the layer's full width; a width
+        up to the table's narrow one (half a block) costs what that one was timed at."""
         block = self.table.channel_block
         if block <= 1:
             return kept
-        return torch.minimum(torch.ceil(kept / block) * block, full)
+        padded = torch.ceil(kept / block) * block
+        narrow = self.table.narrow
+        if narrow:
+            padded = torch.where(kept <= narrow, torch.full_like(kept, float(narrow)), padded)
+        return torch.minimum(padded, full)
 
     @staticmethod
     def _axis(grid: torch.Tensor, length: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -38,7 +38,7 @@ from cascadec.prune.cost import CostModel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LATENCY_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
-TABLE_VERSION = 4
+TABLE_VERSION = 5
 # widths the channel-block probe times (multiples of 4, so blocks of 4, 8, 16 and 32 show)
 PROBE_WIDTHS = tuple(range(32, 100, 4))
 BLOCK_CANDIDATES = (4, 8, 16, 32)
@@ -97,15 +97,22 @@ def _bilinear(in_grid: Sequence[int], out_grid: Sequence[int], ms: np.ndarray, c
     return top * (1 - a) + bottom * a
 
 
-def width_grid(full: int, points: int, multiple: int = 8) -> list[int]:
+def width_grid(full: int, points: int, multiple: int = 8, narrow: int = 0) -> list[int]:
     """``points`` widths from about full/points to full, rounded to ``multiple`` (runtimes block
     channels by 8 or 16, so widths that are multiples are the ones a rounded student has), and
     ``multiple`` itself, the narrowest a rounded student keeps: below the lowest grid point the
     table can only repeat that point's time, which priced a 16-channel MobileNetV2 layer as a
-    240-channel one and refused a 3x target its narrowest student beats twice over."""
+    240-channel one and refused a 3x target its narrowest student beats twice over. ``narrow``
+    (half the channel block, 0: none) is timed too: the one width below the block a latency
+    target may keep (``LatencyTable.narrow``)."""
     if full <= multiple or points <= 1:
-        return [full] if points <= 1 or full <= 1 else sorted({max(1, full // 2), full})
+        out = {full} if points <= 1 or full <= 1 else {max(1, full // 2), full}
+        if points > 1 and 0 < narrow < full:
+            out.add(narrow)
+        return sorted(out)
     out = {full, multiple}
+    if 0 < narrow < multiple:
+        out.add(narrow)
     for k in range(1, points):
         w = int(round(full * k / points / multiple)) * multiple
         out.add(min(full, max(multiple, w)))
@@ -334,6 +341,12 @@ class LatencyTable:
     # the multiple the grid and a latency target's widths use (the block, or 8 where smooth)
     channel_block: int = 1
     multiple: int = 8
+    # the one width below ``multiple`` the grid times and a latency target may keep (half the
+    # channel block; 0: none). Kernels pad a width inside a block up to it, but one narrower
+    # than the block can take another path: on AVX-512 ONNX Runtime a 3x3 conv reading 8
+    # channels at 28x28 took 0.30 ms where 16 took 0.53, so the one group of the Fashion-MNIST
+    # ResNet-8 as wide as the block could not be narrowed at all without it
+    narrow: int = 0
     probe_ms: list[float] = field(default_factory=list)
     build_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
@@ -356,6 +369,7 @@ class LatencyTable:
             "call_overhead_ms": self.call_overhead_ms,
             "channel_block": self.channel_block,
             "multiple": self.multiple,
+            "narrow": self.narrow,
             "probe_ms": self.probe_ms,
             "build_seconds": self.build_seconds,
             "environment": self.environment,
@@ -379,6 +393,7 @@ class LatencyTable:
             call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),
             channel_block=int(data["channel_block"]),
             multiple=int(data["multiple"]),
+            narrow=int(data.get("narrow", 0)),
             probe_ms=[float(v) for v in data.get("probe_ms") or []],
             build_seconds=float(data.get("build_seconds", 0.0)),
             environment=dict(data.get("environment") or {}),
@@ -397,6 +412,7 @@ class LatencyTable:
             "network_ms": self.network_ms,
             "channel_block": self.channel_block,
             "multiple": self.multiple,
+            "narrow": self.narrow,
             "build_seconds": self.build_seconds,
             "cached": self.cached,
         }
@@ -479,18 +495,26 @@ def build_table(
     prunable_in, prunable_out = _prunable_axes(configs, cost)
     start = time.perf_counter()
     probe_ms: list[float] = []
+    narrow = 0
     if multiple is None:
         block, probe_ms = probe_channel_block(timer, batch)
         multiple = block if block > 1 else 8
+        # a staircase backend: half a block may take another kernel path (LatencyTable.narrow);
+        # a multiple the recipe fixes is kept to exactly
+        narrow = block // 2 if block >= 8 else 0
     else:
         block = multiple
     tables: dict[str, LayerTable] = {}
     layers: dict[str, str] = {}
     jobs: dict[str, tuple[LayerConfig, list[int], list[int]]] = {}
     for name, config in configs.items():
-        in_grid = width_grid(config.in_channels, grid_points, multiple) if name in prunable_in else [config.in_channels]
+        in_grid = (
+            width_grid(config.in_channels, grid_points, multiple, narrow) if name in prunable_in else [config.in_channels]
+        )
         out_grid = (
-            width_grid(config.out_channels, grid_points, multiple) if name in prunable_out else [config.out_channels]
+            width_grid(config.out_channels, grid_points, multiple, narrow)
+            if name in prunable_out
+            else [config.out_channels]
         )
         if config.depthwise:
             in_grid = sorted(set(in_grid) | set(out_grid)) if (name in prunable_in or name in prunable_out) else in_grid
@@ -520,6 +544,7 @@ def build_table(
         call_overhead_ms=overhead,
         channel_block=block,
         multiple=multiple,
+        narrow=narrow,
         probe_ms=probe_ms,
         environment=env,
     )

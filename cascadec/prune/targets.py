@@ -81,6 +81,7 @@ class MaskSolver:
         *,
         min_channels: int = 1,
         round_to: int | None = None,
+        narrow: int = 0,
         allocation: str = "global",
     ) -> None:
         if allocation not in ALLOCATIONS:
@@ -110,6 +111,13 @@ class MaskSolver:
         self.step = (
             torch.clamp((self.round_to + per_unit - 1) // per_unit, min=1) if self.round_to else torch.ones_like(sizes)
         )
+        # the one width allowed below round_to (a latency table's half block, LatencyTable.narrow),
+        # in units; 0 where there is none or it is no narrower than a step
+        narrow_units = torch.clamp((narrow + per_unit - 1) // per_unit, min=1)
+        self.narrowest = narrow if narrow > 0 and self.round_to and narrow < self.round_to else self.round_to or 1
+        self.narrow = torch.where(
+            (narrow > 0) & (narrow_units < self.step) & bool(self.round_to), narrow_units, torch.zeros_like(sizes)
+        )
 
     def _leaders(self, scores: torch.Tensor) -> torch.Tensor:
         """True for the best unit of each segment (the first one on ties)."""
@@ -136,9 +144,13 @@ class MaskSolver:
         return ranks - self.offsets[self.group_of_unit]
 
     def widths(self, per_group_kept: torch.Tensor) -> torch.Tensor:
+        """Per group, the allowed width at or above what it would keep: its floor, then a
+        multiple of round_to (or the narrow width below it), never past the group's size."""
         kept = torch.maximum(per_group_kept, self.floor)
         if self.round_to:
-            kept = torch.minimum(self.sizes, ((kept + self.step - 1) // self.step) * self.step)
+            rounded = ((kept + self.step - 1) // self.step) * self.step
+            rounded = torch.where((self.narrow > 0) & (kept <= self.narrow), self.narrow, rounded)
+            kept = torch.minimum(self.sizes, rounded)
         return kept
 
     def mask_for_count(
@@ -160,7 +172,7 @@ class MaskSolver:
         if floor_cost > budget.value * (1 + 1e-9):
             base = self.cost.base(budget.metric)
             raise UserError(
-                f"target infeasible: keeping {max(self.min_channels, self.round_to or 1)} channel(s) per prunable group already costs "
+                f"target infeasible: keeping {max(self.min_channels, self.narrowest)} channel(s) per prunable group already costs "
                 f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
                 + (
                     f"; {len(self.index.frozen)} channel groups are frozen (`cascadec inspect` lists them and why)"
@@ -211,6 +223,7 @@ class MaskSolver:
         unit first, while the cost stays within budget (keeps coarse round_to near the target)."""
         kept = torch.bincount(self.group_of_unit, weights=keep, minlength=len(self.sizes)).long()
         while True:
+            wider = self.widths(kept + 1)  # each group's next allowed width
             candidates = []
             for g in torch.nonzero(kept < self.sizes).flatten().tolist():
                 nxt = (ranks == kept[g]) & (self.group_of_unit == g)
@@ -218,7 +231,7 @@ class MaskSolver:
             grown = False
             for _, g in sorted(candidates, reverse=True):
                 trial_kept = kept.clone()
-                trial_kept[g] = min(int(self.sizes[g]), int(kept[g]) + int(self.step[g]))
+                trial_kept[g] = int(wider[g])
                 trial = (ranks < trial_kept[self.group_of_unit]).float()
                 if self.cost.metric(budget.metric, trial) <= budget.value:
                     kept, keep, grown = trial_kept, trial, True
