@@ -513,9 +513,7 @@ def test_latency_solver_keeps_the_half_block_below_the_block(chain) -> None:
         halves.solve(torch.rand(index.num_units), Budget.from_target(cost, latency_reduction=0.9))
 
 
-def test_analysis_gives_a_latency_target_the_half_block_but_not_a_recipes_round_to(
-    chain, monkeypatch
-) -> None:
+def test_analysis_gives_a_latency_target_the_half_block_but_not_a_recipes_round_to(chain, monkeypatch) -> None:
     from cascadec.prune import analysis as analysis_module
 
     model, _, _ = chain

@@ -509,7 +509,9 @@ def build_table(
     jobs: dict[str, tuple[LayerConfig, list[int], list[int]]] = {}
     for name, config in configs.items():
         in_grid = (
-            width_grid(config.in_channels, grid_points, multiple, narrow) if name in prunable_in else [config.in_channels]
+            width_grid(config.in_channels, grid_points, multiple, narrow)
+            if name in prunable_in
+            else [config.in_channels]
         )
         out_grid = (
             width_grid(config.out_channels, grid_points, multiple, narrow)
