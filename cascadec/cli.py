@@ -338,7 +338,8 @@ def _print_inspect(r: dict) -> None:
                 if block > 1
                 else "channel block: latency smooth in width on this backend; "
             )
-            + f"widths timed, and a latency target's widths, at multiples of {lat.get('multiple', 8)}",
+            + f"widths timed, and a latency target's widths, at multiples of {lat.get('multiple', 8)}"
+            + (f" and {lat['narrow']} below them" if lat.get("narrow") else ""),
             highlight=False,
         )
         if lat.get("time_per_flop"):

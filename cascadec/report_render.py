@@ -406,6 +406,7 @@ def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None 
             f"- latency table: {table.get('layers')} layers, {table.get('grid_points')} widths timed, {origin}; "
             + (f"latency steps every {block} channels, " if block > 1 else "latency smooth in width, ")
             + f"widths at multiples of {table.get('multiple', 8)}"
+            + (f" and {table['narrow']} below them" if table.get("narrow") else "")
         )
     if prediction.get("ranking"):
         lines.append(

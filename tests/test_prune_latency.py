@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers.fake_latency import fake_ms
 from helpers.nets import Chain
 
 from cascadec.errors import UserError
@@ -24,16 +25,6 @@ from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.recipe import Recipe, TargetSection
 
 EX = torch.zeros(1, 1, 16, 16)
-
-
-def fake_ms(graph: bytes, x_shape: tuple[int, ...]) -> float:
-    """Milliseconds as a known function of the layer: MACs of the one conv/matmul in the graph."""
-    model = onnx.load_from_string(graph)
-    if not model.graph.initializer:  # the call-overhead graph
-        return 0.0005
-    weight = onnx.numpy_helper.to_array(model.graph.initializer[0])
-    spatial = int(np.prod(x_shape[2:])) if len(x_shape) > 2 else 1
-    return 1e-6 * weight.size * spatial + 0.001  # a little fixed cost per call (above the overhead graph's)
 
 
 class CountingTimer:
@@ -634,3 +625,23 @@ def test_recipe_latency_multiple_and_refine() -> None:
     for bad in ({"multiple": 0}, {"multiple": "fast"}, {"refine": -1}, {"ranking": "flops"}):
         with pytest.raises(ValueError):
             Recipe.model_validate({**base, "prune": {**base["prune"], "latency": bad}})
+
+
+def test_report_and_inspect_name_the_half_block(capsys) -> None:
+    from cascadec.cli import _print_inspect
+    from cascadec.report_render import _latency_target_md
+
+    table = {"layers": 9, "grid_points": 40, "cached": True, "channel_block": 16, "multiple": 16, "narrow": 8}
+    check = {
+        "backend": "onnxruntime", "batch": 32, "target_speedup": 1.4, "predicted_speedup": 1.41,
+        "measured_speedup": 1.38, "predicted_ms": 1.3, "measured_ms": 1.35, "tolerance": None,
+        "prediction_error": 0.02, "passed": True,
+    }  # fmt: skip
+    markdown = "\n".join(_latency_target_md(check, {"table": table}))
+    assert "widths at multiples of 16 and 8 below them" in markdown
+    without = "\n".join(_latency_target_md(check, {"table": {**table, "narrow": 0}}))
+    assert "widths at multiples of 16" in without and "below them" not in without
+    lat = {**table, "backend": "onnxruntime", "batch": 32, "configurations": 9, "build_seconds": 1.0}
+    _print_inspect({"model": "m", "input_shape": [1, 28, 28], "flops": 1, "params": 1, "prunable_units": 1,
+                    "groups": [], "frozen": [], "latency": lat})  # fmt: skip
+    assert "at multiples of 16 and 8 below them" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ from cascadec.prune.compensate import (
     removed_dims,
     ridge_inverse,
 )
+from cascadec.prune.latency_refine import Refined
 from cascadec.recipe import Recipe
 from cascadec.train.bn import sample_loader
 
@@ -117,14 +119,29 @@ def select_cap(
     steps: int,
     ridge: float,
     per_cost: bool = True,
+    refine: Callable[[torch.Tensor], Refined | None] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """The mask, in ``steps`` equal steps of the budget, re-scored after each. ``per_cost`` off
-    ranks by error alone (the paper; kept for bench/cap_ablation.py)."""
-    keep, record, _ = _select(model, analysis, consumers, stats, steps=steps, ridge=ridge, per_cost=per_cost)
+    ranks by error alone (the paper; kept for bench/cap_ablation.py). ``refine``: the last
+    step's solve held to the backend's measurement (a latency target; ``methods.refine_for_latency``),
+    its tries in that step's record as ``latency_refine``."""
+    keep, record, _ = _select(
+        model, analysis, consumers, stats, steps=steps, ridge=ridge, per_cost=per_cost, refine=refine
+    )
     return keep, record
 
 
-def _select(model, analysis, consumers, stats, *, steps: int, ridge: float, per_cost: bool = True):
+def _select(
+    model,
+    analysis,
+    consumers,
+    stats,
+    *,
+    steps: int,
+    ridge: float,
+    per_cost: bool = True,
+    refine: Callable[[torch.Tensor], Refined | None] | None = None,
+):
     """``select_cap``'s loop; also returns a ranking of every unit consistent with it: units
     removed at a later step rank above earlier ones, survivors above all, and within a step
     by the score that step gave them."""
@@ -142,12 +159,19 @@ def _select(model, analysis, consumers, stats, *, steps: int, ridge: float, per_
         alive = keep > 0.5
         order = torch.zeros_like(ranking)
         order[alive] = torch.argsort(torch.argsort(scores[alive])).float() / max(1, int(alive.sum()))
-        keep = solver.solve(scores, budget.scaled(fraction, cost) if step < steps else budget)
+        refined = refine(scores) if refine is not None and step == steps else None
+        keep = (
+            refined.keep
+            if refined is not None
+            else solver.solve(scores, budget.scaled(fraction, cost) if step < steps else budget)
+        )
         gone = alive & (keep < 0.5)
         ranking[gone] = step + order[gone]  # removed now: above everything removed before
         if step == steps:
             ranking[keep > 0.5] = steps + 1 + order[keep > 0.5]
         record.append({"step": step, "keep_fraction": fraction, "units_kept": int(keep.sum())})
+        if refined is not None:
+            record[-1].update(keep_fraction=refined.budget.keep_fraction, latency_refine=refined.history)
     return keep, record, ranking
 
 
@@ -194,15 +218,19 @@ def compensate_start(student, reference, analysis, keep, loader, recipe, device)
     )
 
 
-def prune_cap(teacher, analysis, recipe: Recipe, loader, device) -> tuple[nn.Module, torch.Tensor, dict]:
-    """CaP's mask and its compensated (still full-width, masked) student; no training."""
+def prune_cap(
+    teacher, analysis, recipe: Recipe, loader, device, refine: Callable[[torch.Tensor], Refined | None] | None = None
+) -> tuple[nn.Module, torch.Tensor, dict]:
+    """CaP's mask and its compensated (still full-width, masked) student; no training.
+    ``refine``: see ``select_cap`` (the measured tries end up in the report's ``latency_refine``)."""
     start = time.perf_counter()
     c = recipe.prune.compensation
     calibration = calibration_loader(loader.dataset, recipe)
     consumers = find_consumers(teacher, analysis.index)
     stats = gather_statistics(teacher, consumers, calibration, device, seed=recipe.train.seed)
     gathered = time.perf_counter() - start
-    keep, steps = select_cap(teacher, analysis, consumers, stats, steps=c.steps, ridge=c.ridge)
+    keep, steps = select_cap(teacher, analysis, consumers, stats, steps=c.steps, ridge=c.ridge, refine=refine)
+    refined = steps[-1].pop("latency_refine", None) if steps else None
     selected = time.perf_counter() - start
     student = copy.deepcopy(teacher)
     report = compensated_student(
@@ -217,6 +245,8 @@ def prune_cap(teacher, analysis, recipe: Recipe, loader, device) -> tuple[nn.Mod
             "seconds": time.perf_counter() - start,
         }
     )
+    if refined is not None:
+        report["latency_refine"] = refined
     log(
         f"CaP: {len(consumers)} consumer layers, {len(calibration.dataset)} calibration images, "
         f"statistics {gathered:.1f} s, selection {selected - gathered:.1f} s in {c.steps} step(s)"

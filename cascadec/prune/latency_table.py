@@ -343,9 +343,9 @@ class LatencyTable:
     multiple: int = 8
     # the one width below ``multiple`` the grid times and a latency target may keep (half the
     # channel block; 0: none). Kernels pad a width inside a block up to it, but one narrower
-    # than the block can take another path: on AVX-512 ONNX Runtime a 3x3 conv reading 8
-    # channels at 28x28 took 0.30 ms where 16 took 0.53, so the one group of the Fashion-MNIST
-    # ResNet-8 as wide as the block could not be narrowed at all without it
+    # than the block can take another path: on this AVX-512 CPU's ONNX Runtime a 3x3 conv
+    # reading 8 channels runs far faster than one reading 16, and without it a group as wide
+    # as the block (the Fashion-MNIST ResNet-8's first stage) could not be narrowed at all
     narrow: int = 0
     probe_ms: list[float] = field(default_factory=list)
     build_seconds: float = 0.0
