@@ -358,7 +358,8 @@ def markdown(data: dict) -> str:
         "",
         "## Latency tables",
         "",
-        "| model | layers | widths timed | channel block (widths at multiples of) | build s | reloaded from the cache, s |",
+        "| model | layers | widths timed | channel block (widths at multiples of; the half block below) "
+        "| build s | reloaded from the cache, s |",
         "|---|---|---|---|---|---|",
     ]
     for model, r in data["results"].items():
@@ -368,7 +369,8 @@ def markdown(data: dict) -> str:
         reload = f"{r['table_reload_seconds']:.1f}" if "table_reload_seconds" in r else "-"
         lines.append(
             f"| {model} | {t.get('layers')} | {t.get('grid_points')} | {t.get('channel_block', 'not probed')} "
-            f"({t.get('multiple', 8)}) | {r.get('table_seconds', 0):.0f} | {reload} |"
+            f"({t.get('multiple', 8)}{'; ' + str(t['narrow']) if t.get('narrow') else ''}) "
+            f"| {r.get('table_seconds', 0):.0f} | {reload} |"
         )
     lines += [
         "",
