@@ -150,7 +150,14 @@ class Bench:
                 (f1, m1), (f2, m2) = probes[-2], probes[-1]
                 x1, x2 = 1 / m1["speedup"], 1 / m2["speedup"]
                 slope = (f2 - f1) / ((x2 - x1) or 1e-9)
-                step = f2 + slope * (1 / target - x2)
+                if slope <= 0:
+                    # fewer FLOPs measured slower: two probes within the noise of a flat curve
+                    # (ResNet-50 unrounded near 1.5x); step on from the one nearest the target,
+                    # by the speed-up still missing, squared (the curve is flat there)
+                    f2, m2 = min(probes, key=lambda p: abs(p[1]["speedup"] - target))
+                    step = f2 * (m2["speedup"] / target) ** 2
+                else:
+                    step = f2 + slope * (1 / target - x2)
                 # two probes within the noise make a flat secant: at most a 1.5x step either way
                 fraction = min(0.98, max(0.02, f2 / 1.5, min(f2 * 1.5, step)))
         faster = sorted((p for p in probes if p[1]["speedup"] >= target), key=lambda p: p[1]["speedup"])
