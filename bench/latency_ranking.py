@@ -53,8 +53,24 @@ def rt8_curve(model: str) -> list[tuple[float, float]]:
     return sorted(points)
 
 
+def front(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The probes no other probe beats on both speed-up and FLOPs kept, by speed-up. Round_to-8
+    FLOPs targets are not monotone where widths fall below the backend's block: MobileNetV2 at
+    0.136 of the FLOPs measured 2.21x, slower than at 0.306 (2.25x); "the FLOPs target as fast" is
+    the best one that fast, and interpolating through a dominated probe priced the 2x row at
+    0.225 of the FLOPs where 0.31 measured faster."""
+    out: list[tuple[float, float]] = []
+    best = -np.inf
+    for speedup, flops in sorted(curve, reverse=True):  # fastest first
+        if flops > best:
+            out.append((speedup, flops))
+            best = flops
+    return sorted(out)
+
+
 def flops_at(curve: list[tuple[float, float]], speedup: float) -> float | None:
-    """Log-log interpolation; None outside the measured range."""
+    """Log-log interpolation on the ``front``; None outside the measured range."""
+    curve = front(curve)
     xs = np.log([p[0] for p in curve])
     if not len(xs) or not xs[0] <= np.log(speedup) <= xs[-1]:
         return None
@@ -69,8 +85,24 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per model per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--reinterpolate",
+        action="store_true",
+        help="measure nothing: set every row against the FLOPs-targeted probes latency-targets-cpu.json holds now",
+    )
     args = p.parse_args()
     data = json.loads(JSON_PATH.read_text()) if args.resume and JSON_PATH.is_file() else {"runs": [], "results": {}}
+    if args.reinterpolate:
+        data = json.loads(JSON_PATH.read_text())
+        for row in data["results"].values():
+            if "speedup" in row:
+                reference = flops_at(rt8_curve(row["model"]), row["speedup"])
+                row["rt8_flops_at_same_speedup"] = reference
+                row["more_flops_than_rt8"] = (row["flops_kept"] / reference - 1) if reference else None
+        data["runs"].append({**run_entry("bench/latency_ranking.py"), "note": "re-interpolated, nothing measured"})
+        _save(data)
+        print(MD_PATH.read_text())
+        return
     data["runs"].append(run_entry("bench/latency_ranking.py"))
     for name in args.models:
         bench = Bench(name, 224, args)

@@ -310,7 +310,7 @@ def run_entry(script: str) -> dict[str, str]:
     env = environment()
     return {
         "command": f"python {script} " + " ".join(sys.argv[1:]),
-        "commit": git_commit(),
+        "commit": git_commit(ignore=("bench/results",)),  # +dirty: code, not earlier results, uncommitted
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{env.get('cpu')}, {env.get('logical_cores')} logical CPUs, {env.get('ram_gb')} GiB RAM",
     }

@@ -71,8 +71,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str | None:
-    """The source commit (with '+dirty' for local changes), so results name the code that made them."""
+def git_commit(ignore: tuple[str, ...] = ()) -> str | None:
+    """The source commit (with '+dirty' for local changes), so results name the code that made them.
+    ``ignore``: paths whose changes do not count (a benchmark's own results files, which the run
+    before it left uncommitted)."""
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
@@ -81,7 +83,8 @@ def git_commit() -> str | None:
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [f":(exclude){path}" for path in ignore],
             capture_output=True,
             text=True,
             timeout=5,
