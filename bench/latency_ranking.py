@@ -14,8 +14,10 @@ more against the unpruned network in interleaved rounds:
 * ``importance``: importance alone (the FLOPs solver's ranking), only the budget in milliseconds.
 
 Each shipped student's FLOPs are set against the FLOPs-targeted students with round_to 8 that
-bench/latency_targets.py measured (every probe of every target, interpolated in log-log at the
-same measured speed-up): the "more FLOPs at equal latency" of its goal, for both rankings.
+bench/latency_targets.py measured (the front of every probe of every target: those no other
+probe beats on both speed-up and FLOPs; interpolated in log-log at the same measured speed-up):
+the "more FLOPs at equal latency" of its goal, for every ranking. ``--reinterpolate`` measures
+nothing and sets every row against the probes the targets file holds now.
 Needs bench/results/latency-targets-cpu.json. Writes bench/results/latency-ranking-cpu.{json,md}.
 """
 
@@ -150,9 +152,10 @@ def markdown(data: dict[str, Any]) -> str:
         "# Latency targets: how the solver ranks channels under a latency budget (CPU, ONNX Runtime, batch 1)",
         "",
         "Command: `python bench/latency_ranking.py` (protocol in the script's docstring). FLOPs of the "
-        "round_to-8 FLOPs-targeted students at the same measured speed-up are interpolated from the probes "
-        "[latency-targets-cpu.json](latency-targets-cpu.json) held when the row was measured (the run that "
-        "measured it names its commit; each row keeps its reference).",
+        "round_to-8 FLOPs-targeted students at the same measured speed-up are interpolated on the front of the "
+        "probes [latency-targets-cpu.json](latency-targets-cpu.json) held when the row was measured, or when "
+        "`--reinterpolate` last ran (each run names its commit; the front: the probes no other probe beats on both "
+        "speed-up and FLOPs kept).",
         "",
     ]
     lines += run_lines(data.get("runs", []))

@@ -45,7 +45,7 @@ from cascadec.profile.protocol import Timing, profile_interleaved
 from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
-from cascadec.prune.latency import attach_latency_model
+from cascadec.prune.latency import attach_latency_model, time_per_flop
 from cascadec.prune.latency_refine import Refined, SpeedupMeter, refine_latency_mask
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.run import git_commit
@@ -160,6 +160,8 @@ class Bench:
                     step = f2 + slope * (1 / target - x2)
                 # two probes within the noise make a flat secant: at most a 1.5x step either way
                 fraction = min(0.98, max(0.02, f2 / 1.5, min(f2 * 1.5, step)))
+                if any(abs(fraction - f) < 0.002 for f, _ in probes):  # measured already: step past it
+                    fraction = max(0.02, min(0.98, fraction * (0.9 if m2["speedup"] < target else 1.1)))
         faster = sorted((p for p in probes if p[1]["speedup"] >= target), key=lambda p: p[1]["speedup"])
         slower = sorted((p for p in probes if p[1]["speedup"] < target), key=lambda p: -p[1]["speedup"])
         out: dict[str, Any] = {"probes": [{"flops_fraction": f, **m} for f, m in probes], "narrowest": narrowest}
@@ -235,6 +237,10 @@ def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path, seed: in
         entry["flops_run"]["flops_reduction_chosen"] = 1 - flops_fraction
         entry["flops_run"]["chosen_by"] = chosen
         _save(data)
+    _annotate_fmnist(entry, batch)
+    _save(data)
+    if "interleaved_ms" in entry and args.resume and not args.remeasure:
+        return  # measured already: --remeasure times the pair again
     # both students, interleaved, same protocol
     files = {k: Path(entry[k]["dir"]) / "student.onnx" for k in ("latency_run", "flops_run")}
 
@@ -247,6 +253,63 @@ def fmnist_comparison(args: argparse.Namespace, data: dict, work: Path, seed: in
     entry["batch"] = batch
     entry["target_speedup"] = args.fmnist_target
     _save(data)
+
+
+def _fmnist_model() -> tuple[torch.nn.Module, torch.Tensor]:
+    model = create_model("cifar_resnet8", weights="builtin:cifar_resnet8_fmnist", num_classes=10, in_channels=1).eval()
+    return model, torch.zeros(1, 1, 28, 28)
+
+
+def _annotate_fmnist(entry: dict, batch: int) -> None:
+    """What the comparison rests on, in the results: each student's kept widths (read from its
+    run's student.widths.json while the run directory exists) and, from the latency table the
+    latency-targeted run used (cached), what a layer costs reading or writing the half block
+    against the full block."""
+    model, example = _fmnist_model()
+    full = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    for key in ("latency_run", "flops_run"):
+        spec = Path(entry[key]["dir"]) / "student.widths.json"
+        if "kept_widths" not in entry[key] and spec.is_file():
+            removed = json.loads(spec.read_text())["removed_channels"]
+            entry[key]["kept_widths"] = {n: f"{full[n] - len(r)}/{full[n]}" for n, r in removed.items() if n in full}
+    if "half_block" not in entry:
+        index = build_groups(model, example)
+        cost = CostModel.build(model, index, example)
+        latency = attach_latency_model(
+            model, example, cost, backend="onnxruntime", batch=batch, grid_points=4, threads=None
+        )
+        entry["half_block"] = half_block_rows(latency)
+
+
+def half_block_rows(latency) -> list[dict[str, Any]]:
+    """Per layer configuration of the table with both the half block and the block on an axis:
+    milliseconds at each (the other axis at full width), so "narrower than a block is cheaper"
+    is a measurement the results hold."""
+    table = latency.table
+    narrow, block = table.narrow, table.multiple
+    rows = []
+    if not narrow:
+        return rows
+    names = {}
+    for name, key in table.layers.items():
+        names.setdefault(key, []).append(name)
+    for key, t in table.tables.items():
+        for axis, grid in (("input", t.in_grid), ("output", t.out_grid)):
+            if narrow in grid and block in grid:
+                at = {
+                    w: (t.at(w, t.out_grid[-1]) if axis == "input" else t.at(t.in_grid[-1], w)) for w in (narrow, block)
+                }
+                rows.append(
+                    {
+                        "layers": names[key],
+                        "axis": axis,
+                        "shape": f"{t.config.in_channels}->{t.config.out_channels} {'x'.join(map(str, t.config.kernel))} "
+                        f"at {'x'.join(map(str, t.config.input_hw))}",
+                        f"ms_{narrow}": at[narrow],
+                        f"ms_{block}": at[block],
+                    }
+                )
+    return rows
 
 
 def _fmnist_row(report: dict, out: Path, seconds: float) -> dict:
@@ -276,11 +339,7 @@ def _flops_fraction_for(latency_dir: Path, batch: int, rounds: int) -> dict[str,
     Measured, not predicted: a table that knows the backend's 16-channel steps prices a
     round-to-8 student above what its FLOPs say, and choosing the FLOPs run by the table would
     compare students of different measured speed."""
-    from cascadec.models import create_model as build
-    from cascadec.prune.latency_refine import SpeedupMeter
-
-    model = build("cifar_resnet8", weights="builtin:cifar_resnet8_fmnist", num_classes=10, in_channels=1).eval()
-    example = torch.zeros(1, 1, 28, 28)
+    model, example = _fmnist_model()
     index = build_groups(model, example)
     cost = CostModel.build(model, index, example)
     scores = l1_importance(model, index)
@@ -456,8 +515,8 @@ def markdown(data: dict) -> str:
             "the teacher in interleaved rounds). Both trained students timed again in interleaved rounds:",
             "",
             "| seed | student | target | test accuracy | FLOPs kept | params kept | p50 ms in its run (speed-up) "
-            "| p50 ms interleaved |",
-            "|---|---|---|---|---|---|---|---|",
+            "| p50 ms interleaved | widths kept (pruned convs) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for fm in seeds:
             for key, label in (("latency_run", "latency-targeted"), ("flops_run", "FLOPs-targeted")):
@@ -470,8 +529,41 @@ def markdown(data: dict) -> str:
                 lines.append(
                     f"| {fm.get('seed', 0)} | {label} | {target} | {r['accuracy']:.2%} | {r['flops_kept']:.3f} | "
                     f"{r['params_kept']:.3f} | {r['student_ms']:.3g} ({r['measured_speedup']:.2f}x) | "
-                    f"{fm.get('interleaved_ms', {}).get(key, float('nan')):.3g} |"
+                    f"{fm.get('interleaved_ms', {}).get(key, float('nan')):.3g} | "
+                    + (", ".join(f"{n} {w}" for n, w in r["kept_widths"].items()) if r.get("kept_widths") else "-")
+                    + " |"
                 )
+        half = next((fm["half_block"] for fm in seeds if fm.get("half_block")), None)
+        if half:
+            narrow, block = (k[3:] for k in half[0] if k.startswith("ms_"))
+            lines += [
+                "",
+                f"The latency table those runs used (batch {seeds[0].get('batch')}), each layer at the half block "
+                f"and at the block on one axis, the other at full width:",
+                "",
+                f"| layers | shape | axis | ms at {narrow} | ms at {block} |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {', '.join(h['layers'])} | {h['shape']} | {h['axis']} | {h['ms_' + narrow]:.3f} | "
+                f"{h['ms_' + block]:.3f} |"
+                for h in half
+            ]
+    spent = [(m, r["time_per_flop"]) for m, r in data["results"].items() if r.get("time_per_flop")]
+    if spent:
+        lines += [
+            "",
+            "## Where the time goes at full width (`cascadec inspect MODEL --latency`, from these tables)",
+            "",
+            "| model | layers | input | count | share of time | share of FLOPs | time per FLOP |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m, rows in spent:
+            lines += [
+                f"| {m} | {t['kind']} | {t['input']} | {t['layers']} | {t['time_share']:.1%} | {t['flops_share']:.1%} | "
+                + (f"{t['time_per_flop']:.2f}x |" if t["time_per_flop"] is not None else "- |")
+                for t in rows
+            ]
     lines += ["", "## Goals", ""]
     if verdicts:
         lines.append(
@@ -550,6 +642,7 @@ def main() -> None:
         else:
             entry["table_reload_seconds"] = bench.table_seconds  # the cache's answer on a later run
         entry["base_ms_predicted"] = bench.latency.base_ms
+        entry["time_per_flop"] = time_per_flop(bench.latency)  # what `cascadec inspect --latency` shows
         _save(data)
         for t in args.targets:
             key = f"{t:g}"

@@ -494,7 +494,7 @@ def test_latency_solver_keeps_the_half_block_below_the_block(chain) -> None:
     assert halves.narrowest == 8 and blocks.narrowest == 16
     # the narrowest network the blocks allow is the full one: any latency target is refused
     budget = Budget.from_target(cost, latency_reduction=0.15)  # the halves' narrowest: 0.81
-    with pytest.raises(UserError, match="keeping 16 channel"):
+    with pytest.raises(UserError, match="keeping 12-16 channel"):  # the 12-wide group whole
         blocks.solve(torch.rand(index.num_units), budget)
     keep = halves.solve(torch.rand(index.num_units), budget)
     assert cost.latency.predict(keep) <= budget.value * (1 + 1e-9)
@@ -645,3 +645,23 @@ def test_report_and_inspect_name_the_half_block(capsys) -> None:
     _print_inspect({"model": "m", "input_shape": [1, 28, 28], "flops": 1, "params": 1, "prunable_units": 1,
                     "groups": [], "frozen": [], "latency": lat})  # fmt: skip
     assert "at multiples of 16 and 8 below them" in capsys.readouterr().out
+
+
+def test_grouped_conv_grids_keep_whole_groups(isolated_cache) -> None:
+    """A grouped conv (16 groups) cannot be timed at the half block's 8 channels (a graph with 0
+    input channels per group): its grid widths are multiples of its groups."""
+    import torch.nn as nn
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+    index = build_groups(model, EX)
+    cost = CostModel.build(model, index, EX)
+    table = build_table(model, EX, cost=cost, timer=stair_ms, network_ms=lambda: 0.5, use_cache=False)
+    assert table.narrow == 8
+    grouped = table.tables[table.layers["3"]]
+    assert grouped.config.groups == 16 and len(grouped.in_grid) + len(grouped.out_grid) > 2
+    assert all(w % 16 == 0 for w in grouped.in_grid + grouped.out_grid)
+    assert 8 in table.tables[table.layers["8"]].in_grid  # the classifier, not grouped, times the half block

@@ -119,7 +119,7 @@ def select_cap(
     steps: int,
     ridge: float,
     per_cost: bool = True,
-    refine: Callable[[torch.Tensor], Refined | None] | None = None,
+    refine: Callable[[torch.Tensor, float], Refined | None] | None = None,
 ) -> tuple[torch.Tensor, list[dict]]:
     """The mask, in ``steps`` equal steps of the budget, re-scored after each. ``per_cost`` off
     ranks by error alone (the paper; kept for bench/cap_ablation.py). ``refine``: the last
@@ -140,7 +140,7 @@ def _select(
     steps: int,
     ridge: float,
     per_cost: bool = True,
-    refine: Callable[[torch.Tensor], Refined | None] | None = None,
+    refine: Callable[[torch.Tensor, float], Refined | None] | None = None,
 ):
     """``select_cap``'s loop; also returns a ranking of every unit consistent with it: units
     removed at a later step rank above earlier ones, survivors above all, and within a step
@@ -159,7 +159,10 @@ def _select(
         alive = keep > 0.5
         order = torch.zeros_like(ranking)
         order[alive] = torch.argsort(torch.argsort(scores[alive])).float() / max(1, int(alive.sum()))
-        refined = refine(scores) if refine is not None and step == steps else None
+        # a re-solve's budget stays within the previous step's: past it, it would bring back
+        # units an earlier step removed (scored _REMOVED, the worst first under a latency weight)
+        previous = 1.0 - (1.0 - budget.keep_fraction) * (step - 1) / steps
+        refined = refine(scores, previous) if refine is not None and step == steps else None
         keep = (
             refined.keep
             if refined is not None
@@ -219,7 +222,12 @@ def compensate_start(student, reference, analysis, keep, loader, recipe, device)
 
 
 def prune_cap(
-    teacher, analysis, recipe: Recipe, loader, device, refine: Callable[[torch.Tensor], Refined | None] | None = None
+    teacher,
+    analysis,
+    recipe: Recipe,
+    loader,
+    device,
+    refine: Callable[[torch.Tensor, float], Refined | None] | None = None,
 ) -> tuple[nn.Module, torch.Tensor, dict]:
     """CaP's mask and its compensated (still full-width, masked) student; no training.
     ``refine``: see ``select_cap`` (the measured tries end up in the report's ``latency_refine``)."""

@@ -150,7 +150,13 @@ def _next_fraction(points: list[tuple[float, float]], budget: Budget) -> float:
 
 
 def refine_latency_mask(
-    solver: MaskSolver, scores: torch.Tensor, budget: Budget, measure: Callable[[torch.Tensor], float], *, rounds: int
+    solver: MaskSolver,
+    scores: torch.Tensor,
+    budget: Budget,
+    measure: Callable[[torch.Tensor], float],
+    *,
+    rounds: int,
+    ceiling: float | None = None,
 ) -> Refined:
     """Solve, measure, move the budget (``_next_fraction``: rescaled by the measured error, or
     interpolated once two tries bracket the target), solve again: at most ``rounds``
@@ -186,6 +192,8 @@ def refine_latency_mask(
             if abs(measured / target - 1.0) <= CLOSE_ENOUGH:
                 break
         fraction = _next_fraction(points, budget)
+        if ceiling is not None:  # a budget past it would need units an earlier step removed (CaP)
+            fraction = min(fraction, ceiling)
         if abs(fraction - current.keep_fraction) < 1e-6:
             break
         current = budget.scaled(fraction, solver.cost)

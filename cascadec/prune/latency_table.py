@@ -521,6 +521,12 @@ def build_table(
         if config.depthwise:
             in_grid = sorted(set(in_grid) | set(out_grid)) if (name in prunable_in or name in prunable_out) else in_grid
             out_grid = [config.out_channels]
+        elif config.kind == "conv" and config.groups > 1:
+            # a grouped conv keeps whole positions of every group: widths are multiples of it
+            in_grid, out_grid = (
+                _whole_groups(in_grid, config.in_channels, config.groups),
+                _whole_groups(out_grid, config.out_channels, config.groups),
+            )
         key = json.dumps([config.key(), in_grid, out_grid])
         layers[name] = key
         jobs.setdefault(key, (config, in_grid, out_grid))
@@ -557,6 +563,11 @@ def build_table(
         tmp.write_text(json.dumps(table.to_json()))
         os.replace(tmp, path)
     return table
+
+
+def _whole_groups(grid: list[int], full: int, groups: int) -> list[int]:
+    """Grid widths rounded up to multiples of a grouped conv's groups (never past its width)."""
+    return sorted({min(full, -(-w // groups) * groups) for w in grid})
 
 
 def _prunable_axes(configs: dict[str, LayerConfig], cost: CostModel | None) -> tuple[set[str], set[str]]:

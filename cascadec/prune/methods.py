@@ -171,11 +171,17 @@ def _fine_tune(
 
 
 def refine_for_latency(
-    teacher: nn.Module, analysis: Analysis, recipe: Recipe, scores: torch.Tensor, runtime: Runtime | None = None
+    teacher: nn.Module,
+    analysis: Analysis,
+    recipe: Recipe,
+    scores: torch.Tensor,
+    runtime: Runtime | None = None,
+    ceiling: float | None = None,
 ) -> Refined | None:
     """A latency target's mask held to the backend's measurement (``prune/latency_refine.py``)
     where ``prune.latency.refine`` allows it; None for other targets. Distributed: rank 0
-    measures, every rank solves the budget it settled on (the scores agree across ranks)."""
+    measures, every rank solves the budget it settled on (the scores agree across ranks).
+    ``ceiling``: the largest budget fraction a re-solve may use (CaP: its previous step's)."""
     lat = recipe.prune.latency
     if analysis.budget.metric != "latency" or analysis.cost.latency is None or lat.refine < 1:
         return None
@@ -194,7 +200,9 @@ def refine_for_latency(
             threads=recipe.profile.threads,
         )
         try:
-            refined = refine_latency_mask(analysis.solver, scores, analysis.budget, meter, rounds=lat.refine)
+            refined = refine_latency_mask(
+                analysis.solver, scores, analysis.budget, meter, rounds=lat.refine, ceiling=ceiling
+            )
         finally:
             meter.close()
     if dist is not None and dist.active:
@@ -246,7 +254,9 @@ def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: R
         student = copy.deepcopy(teacher).to(device)
     else:
         # a latency target: the last selection step's solve is held to the backend's measurement
-        refine = lambda scores: refine_for_latency(teacher, analysis, recipe, scores, runtime)  # noqa: E731
+        def refine(scores: torch.Tensor, ceiling: float) -> Refined | None:
+            return refine_for_latency(teacher, analysis, recipe, scores, runtime, ceiling=ceiling)
+
         student, mask, report = prune_cap(teacher, analysis, recipe, loader, device, refine=refine)
     record = {"cap": report}
     if "latency_refine" in report:

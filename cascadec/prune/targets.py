@@ -114,10 +114,13 @@ class MaskSolver:
         # the one width allowed below round_to (a latency table's half block, LatencyTable.narrow),
         # in units; 0 where there is none or it is no narrower than a step
         narrow_units = torch.clamp((narrow + per_unit - 1) // per_unit, min=1)
-        self.narrowest = narrow if narrow > 0 and self.round_to and narrow < self.round_to else self.round_to or 1
         self.narrow = torch.where(
             (narrow > 0) & (narrow_units < self.step) & bool(self.round_to), narrow_units, torch.zeros_like(sizes)
         )
+        # the channels each group keeps at the least (floors, rounding and the narrow width
+        # applied): what an infeasible target is refused with
+        self.narrowest_channels = (self.widths(torch.zeros_like(sizes)) * per_unit).tolist()
+        self.narrowest = max(self.narrowest_channels, default=1)
 
     def _leaders(self, scores: torch.Tensor) -> torch.Tensor:
         """True for the best unit of each segment (the first one on ties)."""
@@ -172,7 +175,7 @@ class MaskSolver:
         if floor_cost > budget.value * (1 + 1e-9):
             base = self.cost.base(budget.metric)
             raise UserError(
-                f"target infeasible: keeping {max(self.min_channels, self.narrowest)} channel(s) per prunable group already costs "
+                f"target infeasible: keeping {self._narrowest_words()} channel(s) per prunable group already costs "
                 f"{floor_cost / base:.1%} of the unpruned {budget.metric}, above the target {budget.keep_fraction:.1%}"
                 + (
                     f"; {len(self.index.frozen)} channel groups are frozen (`cascadec inspect` lists them and why)"
@@ -180,6 +183,10 @@ class MaskSolver:
                     else ""
                 )
             )
+
+    def _narrowest_words(self) -> str:
+        low, high = min(self.narrowest_channels, default=1), self.narrowest
+        return str(high) if low == high else f"{low}-{high}"
 
     def mask_for_fraction(self, ranks: torch.Tensor, fraction: float) -> torch.Tensor:
         """Every group keeps ``fraction`` of its channels (its best-ranked ones), before floors and rounding."""
