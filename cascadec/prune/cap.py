@@ -230,7 +230,7 @@ def prune_cap(
     refine: Callable[[torch.Tensor, float], Refined | None] | None = None,
 ) -> tuple[nn.Module, torch.Tensor, dict]:
     """CaP's mask and its compensated (still full-width, masked) student; no training.
-    ``refine``: see ``select_cap`` (the measured tries end up in the report's ``latency_refine``)."""
+    ``refine``: see ``select_cap`` (the measured tries stay in the last step's record)."""
     start = time.perf_counter()
     c = recipe.prune.compensation
     calibration = calibration_loader(loader.dataset, recipe)
@@ -238,7 +238,6 @@ def prune_cap(
     stats = gather_statistics(teacher, consumers, calibration, device, seed=recipe.train.seed)
     gathered = time.perf_counter() - start
     keep, steps = select_cap(teacher, analysis, consumers, stats, steps=c.steps, ridge=c.ridge, refine=refine)
-    refined = steps[-1].pop("latency_refine", None) if steps else None
     selected = time.perf_counter() - start
     student = copy.deepcopy(teacher)
     report = compensated_student(
@@ -253,8 +252,6 @@ def prune_cap(
             "seconds": time.perf_counter() - start,
         }
     )
-    if refined is not None:
-        report["latency_refine"] = refined
     log(
         f"CaP: {len(consumers)} consumer layers, {len(calibration.dataset)} calibration images, "
         f"statistics {gathered:.1f} s, selection {selected - gathered:.1f} s in {c.steps} step(s)"
