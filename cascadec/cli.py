@@ -205,6 +205,46 @@ def verify(
 
 
 @app.command()
+def quantize(
+    run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="int8 (Q/DQ per flavour, plus FP16) or fp16 (default: the recipe's, else int8)."
+    ),
+    calib_images: Optional[int] = typer.Option(
+        None, "--calib-images", min=1, help="Training images to calibrate INT8 on (default: the recipe's, 512)."
+    ),
+    overrides: List[str] = typer.Option(
+        [], "--set", help="Override a quantize key: quantize.calibration.method=entropy (repeatable)."
+    ),
+    no_profile: bool = typer.Option(False, "--no-profile", help="Skip timing teacher, student and INT8 student."),
+) -> None:
+    """Reduced-precision students (INT8 Q/DQ for ONNX Runtime and TensorRT, FP16), verified and timed (exit 3 on failure)."""
+    from cascadec.commands import quantize_run
+    from cascadec.quantize.present import quantize_summary_rows
+    from cascadec.quantize.stage import raise_on_quantize_failure
+
+    if precision is not None and precision not in ("int8", "fp16"):
+        raise typer.BadParameter(f"--precision {precision!r}: use int8 or fp16")
+    result = quantize_run(
+        run_dir, precision=precision, calib_images=calib_images, overrides=overrides, profile=not no_profile
+    )
+    table = Table("", "Teacher", "Student", "Change", title="cascadec quantize")
+    for row in quantize_summary_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    for name, artifact in result["artifacts"].items():
+        floats = artifact["graph"].get("float_layers") or []
+        out.print(
+            f"{name}: {run_dir / artifact['file']} ({artifact['consumer']}; selection accuracy "
+            f"{fmt_accuracy(artifact['selection_accuracy'])}"
+            + (f"; kept in float: {', '.join(floats)}" if floats else "")
+            + ")",
+            highlight=False,
+        )
+    raise_on_quantize_failure(result)
+
+
+@app.command()
 def profile(
     target: Path = typer.Argument(
         ..., help="A run directory (teacher and student), an .onnx file or a TensorRT .plan."

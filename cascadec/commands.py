@@ -104,6 +104,48 @@ def calibration_images(recipe: Recipe, count: int) -> np.ndarray:
     return np.stack([np.asarray(train[i][0], dtype=np.float32) for i in range(n)])
 
 
+def quantize_run(
+    run_dir: Path,
+    *,
+    precision: str | None = None,
+    calib_images: int | None = None,
+    overrides: Sequence[str] = (),
+    profile: bool = True,
+) -> dict:
+    """Quantize a finished run's student (cascadec.quantize.stage); returns the outcome's dict.
+    ``precision`` defaults to the recipe's, and to int8 when the recipe has none. The caller
+    decides whether a failed gate fails (:func:`cascadec.quantize.stage.raise_on_quantize_failure`)."""
+    from cascadec.quantize.stage import settings_with, stage_quantize
+
+    with RunDir.open(run_dir) as run:
+        recipe = run.recipe()
+        for text in overrides:
+            keys = parse_override(text)[0]
+            if keys[0] not in ("quantize", "verify") and ".".join(keys[:2]) not in VERIFY_DATA_KEYS:
+                raise UserError(
+                    f"override {'.'.join(keys)!r} cannot apply to a finished run; quantize takes "
+                    f"quantize.*, verify.* and {', '.join(VERIFY_DATA_KEYS)}"
+                )
+        if overrides:
+            recipe = validate_recipe(apply_overrides(recipe.model_dump(mode="json"), list(overrides)), "--set")
+        if precision is None and recipe.quantize.precision == "none":
+            precision = "int8"
+        settings = settings_with(recipe, precision, calib_images)
+        if not run.file("student.widths.json").is_file():
+            raise UserError(f"{run.path}: no student yet; finish the run (cascadec compress --resume) first")
+        teacher, student, shape = _load_models(run)
+        if not (run.file("student.onnx").is_file() and run.file("teacher.onnx").is_file()):
+            stage_export(run, recipe, teacher, student, shape)
+        bundle = load_data(recipe)
+        if bundle.input_shape != list(shape):
+            raise UserError(
+                f"{run.file('recipe.yaml')}: data gives {bundle.input_shape} inputs but the student takes {list(shape)}"
+            )
+        outcome = stage_quantize(run, recipe, teacher, student, bundle, settings, profile=profile)
+        write_run_report(run)
+        return outcome.to_dict()
+
+
 def report_runs(
     run_dirs: Sequence[Path], out: Path | None = None, *, backend: str | None = None, batch: int = 1
 ) -> dict:

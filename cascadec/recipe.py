@@ -447,6 +447,59 @@ class ExportSection(_Strict):
     slim: bool = True
 
 
+# the quantized ONNX flavours cascadec.quantize.flavours builds (tests/test_architecture.py keeps
+# the two in step): one per consumer, since no single INT8 graph is fast on both
+QUANT_FLAVOURS: tuple[str, ...] = ("onnxruntime", "tensorrt")
+
+
+class CalibrationSection(_Strict):
+    """Where INT8 ranges come from: training images (never the test split)."""
+
+    images: int = Field(512, ge=1, description="training images the activation ranges are calibrated on")
+    method: Literal["max", "entropy", "percentile"] = Field(
+        "max", description="max: min/max of each tensor; entropy: KL-optimal clipping; percentile: clip at `percentile`"
+    )
+    percentile: float = Field(99.999, gt=90, le=100, description="method percentile: the kept share of |values|")
+
+
+class QuantizeSection(_Strict):
+    """The quantize stage (cascadec/quantize/): reduced-precision ONNX of the pruned student,
+    calibrated on training images, verified against the FP32 student and timed beside it."""
+
+    precision: Literal["none", "int8", "fp16"] = Field(
+        "none", description="int8: Q/DQ ONNX per flavour (and an FP16 ONNX); fp16: the FP16 ONNX alone; none: off"
+    )
+    flavours: list[Literal["onnxruntime", "tensorrt"]] = Field(
+        default_factory=lambda: list(QUANT_FLAVOURS),
+        min_length=1,
+        description="int8 graphs to build: onnxruntime (U8S8, fast VNNI kernels on x86), tensorrt (S8S8, zero "
+        "points 0, Q/DQ on Conv/Gemm inputs and residual adds, what a strongly typed engine wants)",
+    )
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="layers kept in float: PyTorch module names (layer1.0.conv1) or ONNX node names",
+    )
+    max_accuracy_drop: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="INT8 accuracy may fall this far below the FP32 student's on the selection split; past it, "
+        "the most sensitive layers are kept in float until it holds",
+    )
+    max_float_layers: int = Field(
+        8, ge=0, description="at most this many layers the sensitivity pass keeps in float (0: no sensitivity pass)"
+    )
+    selection_images: int = Field(
+        2000, ge=1, description="selection-split images the accuracy budget and the sensitivity pass are judged on"
+    )
+
+    @field_validator("flavours")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+
 class Recipe(_Strict):
     name: str = Field(description="names the default run directory: letters, digits, '.', '_', '-', '+'")
     description: str = ""
@@ -460,6 +513,7 @@ class Recipe(_Strict):
     export: ExportSection = Field(default_factory=ExportSection)
     verify: VerifySection = Field(default_factory=VerifySection)
     profile: ProfileSection = Field(default_factory=ProfileSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
 
     @field_validator("name")
     @classmethod

@@ -102,6 +102,8 @@ def build_report(run: RunDir) -> dict:
         report["latency_prediction"] = m["prune.latency"]
     if m.get("latency_target"):
         report["latency_target"] = m["latency_target"]
+    if m.get("quantize"):
+        report["quantize"] = m["quantize"]
     history = m.get("prune.history")
     if history:
         report["prune"] = history_summary(history)

@@ -29,6 +29,7 @@ from cascadec.formatting import (
     speedup,
     speedup_range,
 )
+from cascadec.quantize.present import quantize_md, quantize_summary_rows
 from cascadec.verify.present import conditioning_verdict, float64_verdict
 
 
@@ -438,6 +439,8 @@ def render_markdown(report: Mapping) -> str:
         lines += _parity_md(report["parity"])
     if isinstance(report.get("latency"), Mapping) and report["latency"]:
         lines += _latency_md(report["latency"], report.get("speedup_rounds"))
+    if isinstance(report.get("quantize"), Mapping):
+        lines += quantize_md(report["quantize"])
     if isinstance(report.get("latency_target"), Mapping):
         prune = report.get("prune") if isinstance(report.get("prune"), Mapping) else {}
         lines += _latency_target_md(
@@ -480,6 +483,9 @@ def summary_table(report: Mapping) -> Table:
         table.add_row(f"Parity ({name})", "", detail, verdict)
     for row in _latency_summary_rows(report):
         table.add_row(*row)
+    if isinstance(report.get("quantize"), Mapping):
+        for row in quantize_summary_rows(report["quantize"]):
+            table.add_row(*row)
     return table
 
 

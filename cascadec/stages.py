@@ -2,7 +2,7 @@
 writes its own artifacts there, so any stage can be resumed or re-run on its own; each calls
 into the module that owns the work.
 
-    teacher -> prune (+ shrink) -> export -> verify -> profile -> report
+    teacher -> prune (+ shrink) -> export -> verify -> profile -> [quantize] -> report
 
 :func:`compress` runs them all, like torchvision's ``main()``; ``cascadec export``, ``verify``
 and ``profile`` on an existing run are :mod:`cascadec.commands`.
@@ -43,6 +43,7 @@ from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
 from cascadec.prune.trial import check_shrunk
+from cascadec.quantize.stage import raise_on_quantize_failure, stage_quantize
 from cascadec.recipe import ProfileSection, Recipe, load_recipe, validate_recipe
 from cascadec.report import write_run_report
 from cascadec.run import RunDir, closing_run, open_run
@@ -501,10 +502,14 @@ def compress(
             if lat and lat.backend != "onnxruntime" and not run.is_done(f"profile.{lat.backend}"):
                 stage_profile(run, recipe, shape, [lat.batch], backend=lat.backend)
             target_check = check_latency_target(run, recipe) if lat else None
+            if recipe.quantize.precision != "none" and not run.is_done("quantize"):
+                stage_quantize(run, recipe, teacher, student, bundle)
             report = write_run_report(run)
     finally:
         shutdown(dist)
     raise_on_failure(parity)
+    if report.get("quantize"):
+        raise_on_quantize_failure(report["quantize"])
     if target_check is not None and not target_check["passed"]:
         raise GateFailed(target_check["message"])
     return report

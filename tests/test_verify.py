@@ -168,7 +168,7 @@ def test_verify_backends_arrays(exported):
     assert ort["precision"] == "fp32" and ort["atol"] == 1e-4 and ort["rtol"] == 1e-3
     assert ort["mismatched_elements"] == 0 and ort["min_atol_to_pass"] == ort["max_abs_diff"]
     assert ort["thresholds"]["min_top1_agreement"] == 0.999
-    assert out["gate"]["tolerances"]["fp16"]["atol"] == 1e-2
+    assert out["gate"]["tolerances"]["fp16"]["atol"] == 5e-2
     assert "first_divergence" not in ort
     raise_on_failure(out)
 
@@ -363,7 +363,7 @@ def test_verify_backends_uses_the_runner_precision(exported, monkeypatch):
     monkeypatch.setattr(verify_mod, "get_runner", lambda name, **kw: _Fp16Runner(real("onnxruntime", **kw)))
     out = verify_backends(model, path, (x, y), samples=50, progress=False).to_dict()
     result = out["backends"]["onnxruntime"]
-    assert result["precision"] == "fp16" and result["atol"] == 1e-2 and result["passed"] is True
+    assert result["precision"] == "fp16" and result["atol"] == 5e-2 and result["passed"] is True
     # fp16 rounding is <= 2**-11 relative, inside even fp32's rtol 1e-3: only a tighter rtol catches it
     strict = Gate(tolerances={**DEFAULT_TOLERANCES, "fp16": Tolerance(atol=1e-6, rtol=1e-5)})
     failed = verify_backends(model, path, (x, y), samples=50, progress=False, gate=strict).to_dict()["backends"][

@@ -98,9 +98,10 @@ class OrtRunner:
         self.input_name: str = inputs[0].name
         self.output_name: str = outputs[0].name
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
-        # every provider here computes in float32: the TensorRT provider's fp16/int8 modes are
-        # opt-in (trt_fp16_enable / trt_int8_enable) and cascadec does not turn them on
-        self.precision: str = "fp32"
+        # what the graph computes in: a Q/DQ or float16 graph (cascadec quantize) is gated with its
+        # precision's tolerances; the TensorRT provider's own fp16/int8 modes are opt-in
+        # (trt_fp16_enable / trt_int8_enable) and cascadec does not turn them on
+        self.precision: str = graph_precision(self.path)
 
     @property
     def providers(self) -> list[str]:
@@ -132,6 +133,29 @@ class OrtRunner:
                 f"onnxruntime cannot run {self.path}: {first_line(exc)[:200]}; the file may be damaged "
                 "(re-export it: cascadec export RUN)"
             ) from exc
+
+
+QUANTIZED_OPS = frozenset(
+    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+)
+
+
+def graph_precision(path: str | os.PathLike[str]) -> str:
+    """``int8`` for a graph with quantized operators (Q/DQ), ``fp16`` for one holding float16
+    weights or casts to float16, ``fp32`` otherwise. Reads the graph only (no external data)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: ORT's session already said so, or will
+        return "fp32"
+    graph = model.graph
+    if any(node.op_type in QUANTIZED_OPS for node in graph.node):
+        return "int8"
+    half = onnx.TensorProto.FLOAT16
+    if any(init.data_type == half for init in graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == half for a in node.attribute) for node in graph.node
+    ):
+        return "fp16"
+    return "fp32"
 
 
 def value_names(path: str | os.PathLike[str]) -> list[str]:

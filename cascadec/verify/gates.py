@@ -39,14 +39,16 @@ class Tolerance:
 # * fp32: reordered sums (other conv algorithms, BatchNorm folded into conv) move logits of
 #   magnitude ~10 by 1e-6..1e-5; atol 1e-4 / rtol 1e-3 leaves headroom yet catches a wrong
 #   weight or op. Top-1 agreement stays the gate's (0.999 by default).
-# * fp16: an 11-bit mantissa (eps 9.8e-4) accumulated through a network moves logits by
-#   ~1e-3..1e-2, so 1e-2 / 1e-2; a few near-ties may flip, hence top-1 agreement >= 0.99.
+# * fp16: an 11-bit mantissa (eps 9.8e-4) moves logits by about 1e-3 of their scale: rounding
+#   the demo student's weights to fp16 alone (cascadec quantize, logits up to ~20) moved them by
+#   up to 0.028, so atol 5e-2 / rtol 1e-2 (1e-2 failed every network with logits past ~10); a
+#   few near-ties may flip, hence top-1 agreement >= 0.99.
 # * int8: quantisation noise moves logits by ~0.1..1; the tensor bound only catches garbage
 #   (wrong scales, NaNs). An int8 engine is judged by its decisions: top-1 agreement >= 0.97
 #   and at most 1 point of accuracy lost (needs labelled samples).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
-    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_top1_agreement=0.99),
+    "fp16": Tolerance(atol=5e-2, rtol=1e-2, min_top1_agreement=0.99),
     "int8": Tolerance(atol=1.0, rtol=0.2, min_top1_agreement=0.97, max_accuracy_drop=0.01),
 }
 

@@ -1,0 +1,217 @@
+"""The quantize stage: INT8 Q/DQ per consumer and FP16 ONNX, calibrated on training images,
+verified against the FP32 student and timed beside it (cascadec/quantize/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from helpers.cli import invoke_cli, write_recipe
+from onnx import numpy_helper
+
+from cascadec.backends.onnxruntime_backend import OrtRunner, graph_precision
+from cascadec.quantize.flavours import FLAVOURS
+from cascadec.quantize.ptq import int8_kernel_count, ort_kernels
+from cascadec.quantize.sensitivity import keep_in_float, rank_layers
+from cascadec.recipe import QUANT_FLAVOURS, load_recipe
+from cascadec.verify.compare import compare_outputs
+from cascadec.verify.gates import DEFAULT_TOLERANCES
+
+
+@pytest.fixture(scope="module")
+def quantized(finished_run, tmp_path_factory):
+    """A copy of the finished tiny run, quantized once with the CLI (INT8: both flavours + FP16)."""
+    path = tmp_path_factory.mktemp("quantized") / "run"
+    shutil.copytree(finished_run.path, path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASCADEC_CACHE", str(finished_run.cache))
+        mp.setenv("CASCADEC_NO_PROGRESS", "1")
+        mp.setenv("COLUMNS", "120")
+        result = invoke_cli("quantize", path)
+    return path, result
+
+
+def _zero_points(path) -> tuple[set[int], set[int]]:
+    """Element types and values of the activation QuantizeLinear zero points in a Q/DQ graph."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    return {z.data_type for z in zps}, {int(v) for z in zps for v in numpy_helper.to_array(z).ravel()}
+
+
+def test_quantize_writes_one_verified_file_per_consumer(quantized):
+    path, result = quantized
+    assert result.code == 0, result.err
+    report = json.loads((path / "report.json").read_text())
+    q = report["quantize"]
+    assert set(q["artifacts"]) == {"int8-onnxruntime", "int8-tensorrt", "fp16"}
+    for name, artifact in q["artifacts"].items():
+        file = path / artifact["file"]
+        onnx.checker.check_model(str(file))
+        assert graph_precision(file) == artifact["precision"] == ("fp16" if name == "fp16" else "int8")
+        assert q["parity"]["backends"][name]["precision"] == artifact["precision"]  # gated with its own tolerances
+        assert q["parity"]["backends"][name]["passed"] is True
+    assert graph_precision(path / "student.onnx") == "fp32"
+    # the manifest records the library, the calibration data and the layers left in float
+    assert q["library"]["onnxruntime"] and q["calibration"]["split"] == "train" and q["calibration"]["images"] > 0
+    assert q["artifacts"]["int8-onnxruntime"]["graph"]["float_layers"] == []
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["status"] == "done"
+    assert "## Quantization" in (path / "report.md").read_text()
+    assert "int8-onnxruntime" in result.out and "CPU latency INT8" in result.out
+
+
+def test_each_flavour_has_its_consumers_activation_type(quantized):
+    path, _ = quantized
+    types, values = _zero_points(path / FLAVOURS["tensorrt"].file)
+    assert types == {onnx.TensorProto.INT8} and values == {0}  # TensorRT: signed, symmetric
+    types, _ = _zero_points(path / FLAVOURS["onnxruntime"].file)
+    assert types == {onnx.TensorProto.UINT8}  # ORT's VNNI kernels: unsigned activations
+    # ONNX Runtime fuses the ORT flavour into int8 kernels rather than dequantize-then-float
+    kernels = ort_kernels(path / FLAVOURS["onnxruntime"].file)
+    assert kernels.get("QLinearConv", 0) > 0 and int8_kernel_count(kernels) > 0
+    assert int8_kernel_count(ort_kernels(path / "student.onnx")) == 0
+
+
+def test_quantized_outputs_stay_close_to_fp32(quantized):
+    path, _ = quantized
+    x = np.random.default_rng(0).standard_normal((4, *OrtRunner(path / "student.onnx").static_input_shape()))
+    ref = OrtRunner(path / "student.onnx")(x.astype(np.float32))
+    for file in ("student.int8.onnx", "student.int8.trt.onnx", "student.fp16.onnx"):
+        out = OrtRunner(path / file)(x.astype(np.float32))
+        assert out.shape == ref.shape and out.dtype == np.float32  # inputs and outputs stay float32
+        assert np.abs(out - ref).max() < 0.5 * np.abs(ref).max() + 1e-3
+
+
+def test_quantize_reports_pruning_quantization_and_combined_speedups(quantized):
+    path, _ = quantized
+    lat = json.loads((path / "report.json").read_text())["quantize"]["latency"]
+    assert set(lat["speedup"]) == {"pruning", "quantization", "combined"}
+    for b, combined in lat["speedup"]["combined"].items():
+        assert combined == pytest.approx(lat["teacher"][b]["p50_ms"] / lat["student_int8"][b]["p50_ms"])
+    assert lat["protocol"]["rounds"] >= 1
+
+
+def test_exclude_keeps_a_layer_in_float_and_calibrates_on_training_images(copy_run, cli, finished_run, monkeypatch):
+    import cascadec.quantize.stage as stage
+
+    monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
+    seen = []
+    real = stage.sample_images
+
+    def spy(dataset, count, **kw):
+        seen.append(dataset)
+        return real(dataset, count, **kw)
+
+    monkeypatch.setattr(stage, "sample_images", spy)
+    built = []
+    import cascadec.commands as commands
+
+    real_data = commands.load_data
+
+    def load(recipe):
+        bundle = real_data(recipe)
+        built.append(bundle)
+        return bundle
+
+    monkeypatch.setattr(commands, "load_data", load)
+    run = copy_run()
+    r = cli(
+        "quantize", run, "--no-profile", "--set", "quantize.exclude=[conv1]", "--set", "quantize.flavours=[onnxruntime]"
+    )
+    assert r.code == 0, r.err
+    q = json.loads((run / "report.json").read_text())["quantize"]
+    assert q["artifacts"]["int8-onnxruntime"]["graph"]["float_layers"] == ["conv1"]
+    assert "int8-tensorrt" not in q["artifacts"] and q["latency"] is None
+    assert seen and all(d is built[0].train for d in seen)  # never the test split
+    assert "kept in float: conv1" in " ".join(r.out.split())
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--precision", "int4"], "--precision"),
+        (["--set", "quantize.exclude=[no_such_layer]"], "quantize.exclude"),
+        (["--set", "quantize.flavours=[openvino]"], "quantize.flavours"),
+        (["--set", "prune.round_to=8"], "cannot apply to a finished run"),
+    ],
+)
+def test_bad_quantize_input_exits_2_with_one_line(args, expected, copy_run, cli, finished_run, monkeypatch):
+    monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
+    r = cli("quantize", copy_run(), "--no-profile", *args)
+    assert r.code == 2
+    assert len(r.err_lines) == 1 and expected in r.err and "Traceback" not in r.err
+
+
+def test_a_failed_int8_gate_exits_3_and_names_the_file(copy_run, cli, finished_run, monkeypatch):
+    monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
+    run = copy_run()
+    r = cli(
+        "quantize",
+        run,
+        "--no-profile",
+        "--set",
+        "quantize.flavours=[onnxruntime]",
+        "--set",
+        "verify.tolerances.int8.atol=0",
+        "--set",
+        "verify.tolerances.int8.rtol=0",
+    )
+    assert r.code == 3
+    assert "quantize: parity gate failed for int8-onnxruntime" in r.err
+    assert json.loads((run / "report.json").read_text())["quantize"]["passed"] is False
+
+
+def test_ties_in_the_reference_are_not_disagreements():
+    ref = np.array([[1.0, 1.0 + 5e-8, 0.0], [3.0, 0.0, 1.0], [0.0, 2.0, 2.5]])
+    cand = np.array([[1.0 + 5e-8, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 2.6, 2.5]])
+    strict = compare_outputs(ref, cand)
+    assert strict["top1_agreement"] == pytest.approx(1 / 3)
+    tied = compare_outputs(ref, cand, tie_tolerance=DEFAULT_TOLERANCES["fp32"])
+    # row 0 is a tie (margin 5e-8); row 2 flips a 0.5 margin: a real disagreement
+    assert tied["top1_agreement"] == pytest.approx(2 / 3) and tied["top1_ties"] == 1
+
+
+def test_sensitivity_returns_the_most_sensitive_layers_to_float_until_the_budget_holds():
+    nodes = [{"node": f"n{i}", "module": f"m{i}"} for i in range(4)]
+    alone = {"n0": 0.001, "n1": 0.03, "n2": 0.0, "n3": 0.01}  # accuracy lost with one layer quantized
+
+    def accuracy_with(only):
+        return 0.9 - alone[only[0]]
+
+    def accuracy_excluding(excluded):
+        return 0.9 - sum(v for k, v in alone.items() if k not in excluded)
+
+    ranked = rank_layers(nodes, 0.9, accuracy_with)
+    assert [r["module"] for r in ranked] == ["m1", "m3", "m0", "m2"]
+    kept = keep_in_float(ranked, 0.9, 0.005, accuracy_excluding, max_layers=8)
+    assert [k["module"] for k in kept.kept] == ["m1", "m3"] and kept.met
+    capped = keep_in_float(ranked, 0.9, 0.0, accuracy_excluding, max_layers=1)
+    assert [k["module"] for k in capped.kept] == ["m1"] and not capped.met
+
+
+def test_compress_runs_the_quantize_stage_when_the_recipe_asks(tmp_path, finished_run, monkeypatch):
+    recipe = write_recipe(
+        tmp_path / "q.yaml",
+        quantize={"precision": "fp16"},
+        profile={"batches": [1], "duration_s": 0.02, "warmup_s": 0.0, "min_iters": 2, "rounds": 1},
+    )
+    monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
+    monkeypatch.setenv("CASCADEC_NO_PROGRESS", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+    r = invoke_cli("compress", "cifar_resnet8", "--recipe", recipe, "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    q = json.loads((tmp_path / "run" / "report.json").read_text())["quantize"]
+    assert list(q["artifacts"]) == ["fp16"] and q["latency"] is None  # FP16 alone: no int8 graph to time
+    assert "Accuracy fp16" in r.out
+
+
+def test_recipe_quantize_section_is_validated():
+    with pytest.raises(Exception, match="quantize.precision"):
+        load_recipe("fmnist_quick", ["quantize.precision=int4"])
+    assert load_recipe("fmnist_cap_kd").quantize.precision == "none"  # off unless a recipe asks
+    assert load_recipe("fmnist_quick").quantize.precision == "int8"  # the demo shows it
+    assert tuple(FLAVOURS) == QUANT_FLAVOURS
