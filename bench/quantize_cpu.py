@@ -13,8 +13,9 @@ cascadec's protocol (0.2 s warm-up, at least --duration s and 10 runs per round,
 batch 1 and 32. Then ONNX Runtime's own profiler splits one INT8 batch-32 run by operator
 (where the time goes) and the FP32 student's the same way.
 
-accuracy: ``cascadec quantize RUN_DIR`` on a finished run (the demo's), then the FP32 student, both
-INT8 files and the FP16 file evaluated on the full test split with ONNX Runtime.
+accuracy: ``cascadec quantize RUN_DIR [--set quantize.KEY=VALUE]`` on a finished run (the demo's),
+then the FP32 student, both INT8 files and the FP16 file evaluated on the full test split with
+ONNX Runtime; ``--set quantize.qat=always --key NAME`` records QAT + KD's files beside PTQ's.
 
 Results are written after each model (JSON and Markdown): bench/results/quantize-cpu.{json,md}.
 Run nothing else on the machine while it times.
@@ -155,11 +156,13 @@ def accuracy(args: argparse.Namespace, data: dict) -> None:
     from cascadec.run import RunDir
 
     run_dir = Path(args.run_dir)
-    key = run_dir.name
+    key = args.key or run_dir.name
     if args.resume and key in data["accuracy"]:
         print(f"{key}: done, skipped")
         return
     cmd = ["cascadec", "quantize", str(run_dir), "--precision", "int8", "--no-profile"]
+    for text in args.set:
+        cmd += ["--set", text]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode not in (0, 3):
         print(done.stderr[-2000:])
@@ -181,6 +184,8 @@ def accuracy(args: argparse.Namespace, data: dict) -> None:
         "selection": {k: a["selection_accuracy"] for k, a in q["artifacts"].items()},
         "float_layers": {k: a["graph"].get("float_layers") for k, a in q["artifacts"].items()},
         "calibration": q["calibration"],
+        "settings": args.set,
+        "qat": {k: a["qat"] for k, a in q["artifacts"].items() if a.get("qat")},
         "exit": done.returncode,
     }
     data["runs"].append(run_entry(__file__) | {"note": f"accuracy {key}"})
@@ -195,11 +200,11 @@ def _load() -> dict:
 
 
 def _save(data: dict) -> None:
+    from cascadec.fileio import write_json_atomic, write_text_atomic
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = JSON_PATH.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(JSON_PATH)
-    MD_PATH.write_text(markdown(data))
+    write_json_atomic(JSON_PATH, data, indent=1, sort_keys=True)
+    write_text_atomic(MD_PATH, markdown(data))
 
 
 def markdown(data: dict) -> str:
@@ -226,9 +231,14 @@ def markdown(data: dict) -> str:
             for name, pts in e["points_vs_fp32"].items():
                 goal = "" if name == "fp16" else (f"met (<= {limit})" if pts >= -limit else f"missed (> {limit})")
                 floats = e["float_layers"].get(name) or []
+                shipped = (e.get("qat") or {}).get(name, {}).get("shipped")
+                if shipped:
+                    name_shown = f"{name} ({shipped}; QAT selection {100 * e['qat'][name]['qat_selection_accuracy']:.2f} %, PTQ {100 * e['qat'][name]['ptq_selection_accuracy']:.2f} %)"
+                else:
+                    name_shown = name
                 lines.append(
                     f"| {key} | {e.get('recipe', 'fmnist_quick')} | {'' if cut is None else f'{100 * cut:.1f} %'} | "
-                    f"{e['test_images']} | {100 * e['accuracy']['fp32']:.2f} % | {name} | "
+                    f"{e['test_images']} | {100 * e['accuracy']['fp32']:.2f} % | {name_shown} | "
                     f"{100 * e['accuracy'][name]:.2f} % | {pts:+.2f} | {', '.join(floats) or 'none'} | {goal} |"
                 )
         lines.append("")
@@ -276,6 +286,8 @@ def main() -> None:
     s.add_argument("--redo", nargs="*", default=[], help="with --resume: measure these models again")
     a = sub.add_parser("accuracy")
     a.add_argument("run_dir")
+    a.add_argument("--key", help="the entry's name (default: the run directory's)")
+    a.add_argument("--set", action="append", default=[], help="passed to cascadec quantize (repeatable)")
     a.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     data = _load()

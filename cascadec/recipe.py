@@ -493,6 +493,13 @@ class QuantizeSection(_Strict):
     selection_images: int = Field(
         2000, ge=1, description="selection-split images the accuracy budget and the sensitivity pass are judged on"
     )
+    qat: Literal["auto", "always", "off"] = Field(
+        "auto",
+        description="quantization-aware fine-tuning with KD: auto, when INT8 still misses max_accuracy_drop after "
+        "the sensitivity pass; always; off. The INT8 file that scores best on the selection split ships",
+    )
+    qat_epochs: int = Field(1, ge=1, description="epochs of QAT + KD over the training split")
+    qat_lr: float = Field(1e-3, gt=0, description="QAT learning rate (cosine to 0), SGD with train.momentum")
 
     @field_validator("flavours")
     @classmethod

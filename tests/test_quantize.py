@@ -162,7 +162,13 @@ def test_a_failed_int8_gate_exits_3_and_names_the_file(copy_run, cli, finished_r
     )
     assert r.code == 3
     assert "quantize: parity gate failed for int8-onnxruntime" in r.err
-    assert json.loads((run / "report.json").read_text())["quantize"]["passed"] is False
+    line = next(x for x in r.err_lines if x.startswith("most sensitive layers (int8-onnxruntime"))
+    assert "node_" not in line  # named by PyTorch module, not by ONNX node
+    q = json.loads((run / "report.json").read_text())["quantize"]
+    assert q["passed"] is False
+    sens = q["artifacts"]["int8-onnxruntime"]["sensitivity"]
+    assert sens["reason"] == "verify gate failed" and sens["kept_in_float"] == []  # named, nothing changed
+    assert len(sens["sensitivity"]) == q["artifacts"]["int8-onnxruntime"]["graph"]["int8_layers"]
 
 
 def test_ties_in_the_reference_are_not_disagreements():
@@ -215,3 +221,48 @@ def test_recipe_quantize_section_is_validated():
     assert load_recipe("fmnist_cap_kd").quantize.precision == "none"  # off unless a recipe asks
     assert load_recipe("fmnist_quick").quantize.precision == "int8"  # the demo shows it
     assert tuple(FLAVOURS) == QUANT_FLAVOURS
+
+
+def test_batchnorm_folding_keeps_the_function_and_fake_quant_comes_off_cleanly():
+    import torch
+
+    from cascadec.models import create_model
+    from cascadec.quantize.qat import COMPUTE, FakeQuant, calibrate_ranges, fold_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    for m in model.modules():  # non-trivial statistics, so a wrong fold shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        assert fold_batchnorm(model, x[:2]) == 9
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert torch.allclose(model(x), ref, atol=1e-5)
+    names = [n for n, m in model.named_modules() if isinstance(m, COMPUTE)]
+    quant = FakeQuant(model, calibrate_ranges(model, x.numpy(), names), signed=True)
+    out = model(x)
+    assert not torch.allclose(out, ref, atol=1e-6) and torch.allclose(out, ref, atol=0.5)  # quantized, close
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # straight-through gradients reach every weight
+    quant.remove()
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)
+    assert all(isinstance(m.weight, torch.nn.Parameter) for m in model.modules() if isinstance(m, COMPUTE))
+
+
+def test_qat_runs_when_asked_and_the_better_file_ships(copy_run, cli, finished_run, monkeypatch):
+    monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
+    run = copy_run()
+    r = cli("quantize", run, "--no-profile", "--set", "quantize.flavours=[onnxruntime]", "--set", "quantize.qat=always")
+    assert r.code == 0, r.err
+    a = json.loads((run / "report.json").read_text())["quantize"]["artifacts"]["int8-onnxruntime"]
+    qat = a["qat"]
+    assert qat["folded_batchnorms"] > 0 and qat["fake_quantized_layers"] > 0 and qat["train"][0]["loss"] > 0
+    best = max(qat["qat_selection_accuracy"], qat["ptq_selection_accuracy"])
+    assert a["selection_accuracy"] == best
+    assert qat["shipped"] == ("qat" if qat["qat_selection_accuracy"] > qat["ptq_selection_accuracy"] else "ptq")
+    assert graph_precision(run / "student.int8.onnx") == "int8"
+    assert "QAT + KD" in (run / "report.md").read_text()

@@ -60,7 +60,10 @@ def quantize_md(q: Mapping) -> list[str]:
         lines.append("")
     for name, a in (q.get("artifacts") or {}).items():
         sens = a.get("sensitivity")
-        if sens:
+        if sens and sens.get("reason") == "verify gate failed":
+            top = ", ".join(f"{r['module']} (-{r['drop']:.4f})" for r in (sens.get("sensitivity") or [])[:5])
+            lines += [f"Sensitivity ({name}, after the verify gate failed; nothing changed): {top}", ""]
+        elif sens:
             kept = sens.get("kept_in_float") or []
             lines.append(
                 f"Sensitivity ({name}): INT8 missed the {sens.get('budget')} budget; kept in float, most sensitive first: "
@@ -72,6 +75,14 @@ def quantize_md(q: Mapping) -> list[str]:
                     or "none"
                 )
                 + ("" if sens.get("met") else " (budget still not met)")
+            )
+            lines.append("")
+        qat = a.get("qat")
+        if qat:
+            lines.append(
+                f"QAT + KD ({name}, {qat.get('epochs')} epoch(s), lr {qat.get('lr')}): "
+                f"{fmt_accuracy(qat.get('qat_selection_accuracy'))} on the selection split against PTQ's "
+                f"{fmt_accuracy(qat.get('ptq_selection_accuracy'))}; shipped: {qat.get('shipped')}"
             )
             lines.append("")
         if a.get("ort_kernels") is not None:

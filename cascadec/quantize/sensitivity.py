@@ -41,6 +41,9 @@ class FloatLayers:
     sensitivity: list[dict] = field(default_factory=list)  # {"node", "module", "drop"}, most sensitive first
     kept: list[dict] = field(default_factory=list)  # {"node", "module", "drop_alone", "accuracy_after"}
     met: bool = False
+    # why the pass ran: the selection budget was missed (layers go back to float), or the verify
+    # gate failed on the test split (the ranking only names the layers, nothing changes)
+    reason: str = "selection budget missed"
 
     def to_dict(self) -> dict:
         return {
@@ -49,6 +52,7 @@ class FloatLayers:
             "sensitivity": self.sensitivity,
             "kept_in_float": self.kept,
             "met": self.met,
+            "reason": self.reason,
         }
 
 

@@ -40,6 +40,7 @@ from cascadec.quantize.ptq import (
     quantize_int8,
     resolve_exclude,
 )
+from cascadec.quantize.qat import QatInputs, qat_flavour, torch_layers
 from cascadec.quantize.sensitivity import FloatLayers, keep_in_float, onnx_accuracy, rank_layers
 from cascadec.recipe import QuantizeSection, Recipe
 from cascadec.run import RunDir
@@ -65,6 +66,7 @@ class QuantizedArtifact:
     graph: dict[str, Any] = field(default_factory=dict)
     float_layers: FloatLayers | None = None
     kernels: dict[str, int] | None = None  # onnxruntime flavour: what ORT's optimised graph runs
+    qat: dict[str, Any] | None = None  # when QAT + KD ran: its accuracy against PTQ's and which shipped
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -77,6 +79,8 @@ class QuantizedArtifact:
         }
         if self.float_layers is not None:
             out["sensitivity"] = self.float_layers.to_dict()
+        if self.qat is not None:
+            out["qat"] = self.qat
         if self.kernels is not None:
             out["ort_kernels"] = self.kernels
             out["ort_int8_kernels"] = int8_kernel_count(self.kernels)
@@ -114,24 +118,6 @@ class QuantizeOutcome:
             "latency": self.latency,
             "passed": self.passed,
         }
-
-
-def torch_layers(model: nn.Module, shape: list[int]) -> list[tuple[str, tuple[int, ...]]]:
-    """The model's Conv/Linear modules in the order one forward pass runs them, with their weight
-    shapes: how ONNX nodes get their PyTorch names back (:func:`~cascadec.quantize.ptq.compute_nodes`)."""
-    seen: list[tuple[str, tuple[int, ...]]] = []
-    hooks = [
-        module.register_forward_hook(lambda m, i, o, name=name: seen.append((name, tuple(m.weight.shape))))
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear))
-    ]
-    try:
-        with torch.inference_mode():
-            model.cpu().eval()(torch.zeros(1, *shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def _labelled(dataset: Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,9 +191,10 @@ def stage_quantize(
             cache.unlink(missing_ok=True)  # a cache from other images or another student must not be reused
             nodes = compute_nodes(prepared, torch_layers(student, bundle.input_shape))
             excluded = resolve_exclude(q.exclude, nodes)
+            qat = QatInputs(recipe, teacher, student, bundle)
             for name in progress.track(q.flavours, "quantize INT8", total=len(q.flavours)):
                 artifacts[f"int8-{name}"] = _int8_flavour(
-                    run, q, name, prepared, images, cache, nodes, excluded, sel_x, sel_y, fp32_accuracy
+                    run, q, name, prepared, images, cache, nodes, excluded, sel_x, sel_y, fp32_accuracy, qat
                 )
         artifacts["fp16"] = _fp16(run, fp32, sel_x, sel_y, fp32_accuracy)
         outcome = QuantizeOutcome(
@@ -219,6 +206,31 @@ def stage_quantize(
             artifacts=artifacts,
         )
         outcome.parity, outcome.reference_accuracy = _verify(run, recipe, teacher, student, bundle, artifacts)
+        if q.precision == "int8" and q.max_float_layers > 0:
+            for key, artifact in artifacts.items():
+                failed = not outcome.parity.backends[key].passed
+                if failed and artifact.precision == "int8" and artifact.float_layers is None:
+                    # the gate failed on the test split though the selection budget held: name the
+                    # layers INT8 hurts most, for the failure message (nothing is changed)
+                    flavour = get_flavour(key.removeprefix("int8-"))
+                    probe = Probe(
+                        work / f"probe.{flavour.name}.onnx",
+                        prepared,
+                        flavour,
+                        images,
+                        {"method": q.calibration.method, "percentile": q.calibration.percentile, "cache": cache},
+                        sel_x,
+                        sel_y,
+                    )
+                    candidates = [n for n in nodes if n["node"] not in excluded]
+                    artifact.float_layers = FloatLayers(
+                        budget=q.max_accuracy_drop,
+                        reference_accuracy=fp32_accuracy,
+                        sensitivity=rank_layers(candidates, fp32_accuracy, probe.accuracy_only),
+                        met=True,
+                        reason="verify gate failed",
+                    )
+                    probe.path.unlink(missing_ok=True)
         if profile and "int8-onnxruntime" in artifacts:
             outcome.latency = _profile(run, recipe, artifacts["int8-onnxruntime"].file)
         info.update(
@@ -234,6 +246,28 @@ def stage_quantize(
     return outcome
 
 
+@dataclass
+class Probe:
+    """Quantize ``prepared`` with some layers only, or some left out, and score the result on the
+    selection split: the sensitivity pass's two questions, on one cached calibration."""
+
+    path: Path
+    prepared: Path
+    flavour: Any
+    images: np.ndarray
+    method: dict[str, Any]
+    sel_x: np.ndarray
+    sel_y: np.ndarray
+
+    def accuracy_only(self, only: list[str]) -> float:
+        quantize_int8(self.prepared, self.path, self.flavour, self.images, only_nodes=only, **self.method)
+        return onnx_accuracy(self.path, self.sel_x, self.sel_y)
+
+    def accuracy_excluding(self, excluded: list[str]) -> float:
+        quantize_int8(self.prepared, self.path, self.flavour, self.images, exclude_nodes=excluded, **self.method)
+        return onnx_accuracy(self.path, self.sel_x, self.sel_y)
+
+
 def _int8_flavour(
     run: RunDir,
     q: QuantizeSection,
@@ -246,6 +280,7 @@ def _int8_flavour(
     sel_x: np.ndarray,
     sel_y: np.ndarray,
     fp32_accuracy: float,
+    qat: QatInputs | None = None,
 ) -> QuantizedArtifact:
     flavour = get_flavour(name)
     out = run.file(flavour.file)
@@ -263,26 +298,23 @@ def _int8_flavour(
             f"INT8 ({name}): {fp32_accuracy - accuracy:.4f} below FP32 on the selection split, more than "
             f"{q.max_accuracy_drop:g}: finding the layers to keep in float"
         )
-        probe = run.file(WORK_DIR) / f"probe.{name}.onnx"
-
-        def accuracy_only(only: list[str]) -> float:
-            quantize_int8(prepared, probe, flavour, images, only_nodes=only, **method)
-            return onnx_accuracy(probe, sel_x, sel_y)
-
-        def accuracy_excluding(more: list[str]) -> float:
-            quantize_int8(prepared, probe, flavour, images, exclude_nodes=more, **method)
-            return onnx_accuracy(probe, sel_x, sel_y)
-
-        candidates = [n for n in nodes if n["node"] not in excluded]
-        ranked = rank_layers(candidates, fp32_accuracy, accuracy_only)
+        probe = Probe(run.file(WORK_DIR) / f"probe.{name}.onnx", prepared, flavour, images, method, sel_x, sel_y)
+        ranked = rank_layers([n for n in nodes if n["node"] not in excluded], fp32_accuracy, probe.accuracy_only)
         float_layers = keep_in_float(
-            ranked, fp32_accuracy, q.max_accuracy_drop, accuracy_excluding, excluded, q.max_float_layers
+            ranked, fp32_accuracy, q.max_accuracy_drop, probe.accuracy_excluding, excluded, q.max_float_layers
         )
         if float_layers.kept:  # the best graph found is the one shipped
             kept = [*excluded, *(r["node"] for r in float_layers.kept)]
             graph = quantize_int8(prepared, out, flavour, images, exclude_nodes=kept, **method)
             accuracy = onnx_accuracy(out, sel_x, sel_y)
-        probe.unlink(missing_ok=True)
+        probe.path.unlink(missing_ok=True)
+    qat_record = None
+    short = fp32_accuracy - accuracy > q.max_accuracy_drop
+    if qat is not None and (q.qat == "always" or (q.qat == "auto" and short)):
+        kept = [*excluded, *(r["node"] for r in float_layers.kept)] if float_layers else list(excluded)
+        qat_record, graph, accuracy = qat_flavour(
+            run, q, flavour, qat, images, kept, nodes, sel_x, sel_y, graph, accuracy, method
+        )
     kernels = ort_kernels(out) if name == "onnxruntime" else None
     if kernels is not None and int8_kernel_count(kernels) == 0:
         log(f"INT8 ({name}): ONNX Runtime runs no int8 kernel in {out.name}: it will be no faster than FP32")
@@ -300,6 +332,7 @@ def _int8_flavour(
         graph=graph,
         float_layers=float_layers,
         kernels=kernels,
+        qat=qat_record,
     )
 
 

@@ -43,13 +43,16 @@ class Tolerance:
 #   the demo student's weights to fp16 alone (cascadec quantize, logits up to ~20) moved them by
 #   up to 0.028, so atol 5e-2 / rtol 1e-2 (1e-2 failed every network with logits past ~10); a
 #   few near-ties may flip, hence top-1 agreement >= 0.99.
-# * int8: quantisation noise moves logits by ~0.1..1; the tensor bound only catches garbage
-#   (wrong scales, NaNs). An int8 engine is judged by its decisions: top-1 agreement >= 0.97
-#   and at most 1 point of accuracy lost (needs labelled samples).
+# * int8: quantisation moves logits by a few percent of their range, on every logit at once: a
+#   CaP + KD student's INT8 files (cascadec quantize, logits up to ~20) differed by up to 2.2 on
+#   5 of 5120 logits with 99.4 % top-1 agreement and 0.16 points of test accuracy lost, which the
+#   old element bound (atol 1.0 / rtol 0.2) failed. No element bound separates that from garbage,
+#   so an int8 file is judged by its decisions alone: top-1 agreement >= 0.97 and at most 1 point
+#   of accuracy lost (needs labelled samples); NaN/inf outputs fail whatever the tolerances.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
     "fp16": Tolerance(atol=5e-2, rtol=1e-2, min_top1_agreement=0.99),
-    "int8": Tolerance(atol=1.0, rtol=0.2, min_top1_agreement=0.97, max_accuracy_drop=0.01),
+    "int8": Tolerance(atol=None, rtol=None, min_top1_agreement=0.97, max_accuracy_drop=0.01),
 }
 
 
