@@ -223,8 +223,6 @@ def quantize(
     from cascadec.quantize.present import quantize_summary_rows
     from cascadec.quantize.stage import raise_on_quantize_failure
 
-    if precision is not None and precision not in ("int8", "fp16"):
-        raise typer.BadParameter(f"--precision {precision!r}: use int8 or fp16")
     result = quantize_run(
         run_dir, precision=precision, calib_images=calib_images, overrides=overrides, profile=not no_profile
     )

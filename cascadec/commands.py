@@ -117,6 +117,8 @@ def quantize_run(
     decides whether a failed gate fails (:func:`cascadec.quantize.stage.raise_on_quantize_failure`)."""
     from cascadec.quantize.stage import settings_with, stage_quantize
 
+    if precision not in (None, "int8", "fp16"):
+        raise UserError(f"--precision {precision!r}: use int8 or fp16")
     with RunDir.open(run_dir) as run:
         recipe = run.recipe()
         for text in overrides:
