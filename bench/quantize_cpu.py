@@ -68,6 +68,7 @@ def speed_recipe(duration: float, rounds: int) -> dict[str, Any]:
             "precision": "int8",
             "calibration": {"images": 64},
             "max_float_layers": 0,  # random weights: accuracy means nothing here
+            "qat": "off",
             "selection_images": 16,
         },
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cascadec.formatting import MISSING, fmt_accuracy, fmt_ms, fmt_ms_label, get_path
+from cascadec.formatting import MISSING, accuracy_change, fmt_accuracy, fmt_ms, fmt_ms_label, get_path
 
 
 def _points(drop: Any) -> str:
@@ -114,14 +114,16 @@ def quantize_summary_rows(q: Mapping) -> list[list[str]]:
     rows = []
     parity = (q.get("parity") or {}).get("backends") or {}
     ref = q.get("reference_accuracy") or {}
+    samples = (q.get("parity") or {}).get("samples")
     for name in q.get("artifacts") or {}:
         p = parity.get(name) or {}
         verdict = {True: "[green]PASS[/]", False: "[red]FAIL[/]"}.get(p.get("passed"), MISSING)
         rows.append(
             [
-                f"Accuracy {name} (verify)",
+                f"Accuracy {name} ({samples} test images)",
                 fmt_accuracy(ref.get("teacher_fp32")),
                 fmt_accuracy(p.get("accuracy")),
+                f"{accuracy_change(ref.get('student_fp32'), p.get('accuracy'))} vs FP32 student, "
                 f"top-1 {fmt_accuracy(p.get('top1_agreement'))} {verdict}",
             ]
         )
