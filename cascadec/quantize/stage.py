@@ -12,7 +12,6 @@ what the report renders, so neither reads loose keys.
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from cascadec.quantize.ptq import (
 from cascadec.quantize.qat import QatInputs, qat_flavour, torch_layers
 from cascadec.quantize.sensitivity import FloatLayers, keep_in_float, onnx_accuracy, rank_layers
 from cascadec.recipe import QuantizeSection, Recipe
-from cascadec.run import RunDir
+from cascadec.run import RunDir, library_versions
 from cascadec.verify.gates import Gate
 from cascadec.verify.parity import verify_backends
 from cascadec.verify.present import raise_on_failure
@@ -126,16 +125,6 @@ def _labelled(dataset: Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([np.asarray(x, dtype=np.float32) for x in xs]), np.asarray([int(y) for y in ys])
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in ("onnxruntime", "onnx"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
 def settings_with(recipe: Recipe, precision: str | None = None, calib_images: int | None = None) -> QuantizeSection:
     """recipe.quantize with the command's --precision / --calib-images, validated by the schema."""
     data = recipe.quantize.model_dump(mode="json")
@@ -200,7 +189,7 @@ def stage_quantize(
         outcome = QuantizeOutcome(
             precision=q.precision,
             settings=q.model_dump(mode="json"),
-            library=_versions(),
+            library={k: v for k, v in library_versions().items() if k in ("onnx", "onnxruntime")},
             calibration=calibration,
             selection={"images": int(len(sel_x)), "fp32_accuracy": fp32_accuracy},
             artifacts=artifacts,
