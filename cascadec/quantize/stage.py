@@ -29,7 +29,7 @@ from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
 from cascadec.progress import log
 from cascadec.quantize.calibration import sample_images
-from cascadec.quantize.flavours import FP16_FILE, get_flavour
+from cascadec.quantize.flavours import FP16_FILE, Flavour, get_flavour
 from cascadec.quantize.ptq import (
     compute_nodes,
     convert_fp16,
@@ -207,7 +207,7 @@ def stage_quantize(
                         prepared,
                         flavour,
                         images,
-                        {"method": q.calibration.method, "percentile": q.calibration.percentile, "cache": cache},
+                        _ptq_options(q, cache, nodes),
                         sel_x,
                         sel_y,
                     )
@@ -235,6 +235,17 @@ def stage_quantize(
     return outcome
 
 
+def _ptq_options(q: QuantizeSection, cache: Path, nodes: list[dict[str, str]]) -> dict[str, Any]:
+    """``quantize_int8``'s keyword arguments every build of one stage shares: the calibration method,
+    the one calibration cache, and the PyTorch names of the nodes."""
+    return {
+        "method": q.calibration.method,
+        "percentile": q.calibration.percentile,
+        "cache": cache,
+        "names": {n["node"]: n["module"] for n in nodes},
+    }
+
+
 @dataclass
 class Probe:
     """Quantize ``prepared`` with some layers only, or some left out, and score the result on the
@@ -242,7 +253,7 @@ class Probe:
 
     path: Path
     prepared: Path
-    flavour: Any
+    flavour: Flavour
     images: np.ndarray
     method: dict[str, Any]
     sel_x: np.ndarray
@@ -273,12 +284,7 @@ def _int8_flavour(
 ) -> QuantizedArtifact:
     flavour = get_flavour(name)
     out = run.file(flavour.file)
-    method = {
-        "method": q.calibration.method,
-        "percentile": q.calibration.percentile,
-        "cache": cache,
-        "names": {n["node"]: n["module"] for n in nodes},
-    }
+    method = _ptq_options(q, cache, nodes)
     graph = quantize_int8(prepared, out, flavour, images, exclude_nodes=excluded, **method)
     accuracy = onnx_accuracy(out, sel_x, sel_y)
     float_layers = None
