@@ -30,6 +30,24 @@ from cascadec.report_render import summary_table
 from cascadec.verify.present import PARITY_COLUMNS, float64_verdict, parity_rows, raise_on_failure
 from cascadec.verify.results import ParityResult
 
+
+def _flags_show_no_type() -> None:
+    """Typer 0.29's help prints a value type beside every option, flags too (``--resume <bool>``,
+    ``--help <bool>``), though a flag takes no value: show none for flags. Older Typer has no
+    ``display_type_rich`` and shows none already."""
+    option = getattr(typer.core, "TyperOption", None)
+    original = getattr(option, "display_type_rich", None)
+    if original is None or getattr(original, "_cascadec", False):
+        return
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202 - typer's signature
+        return None if getattr(self, "is_flag", False) else original(self, ctx)
+
+    display_type_rich._cascadec = True
+    option.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -159,25 +177,35 @@ def report(
     backend: Optional[str] = typer.Option(
         None, "--backend", help="Latency of this backend (default: onnxruntime, else the first a run has)."
     ),
-    batch: int = typer.Option(1, "--batch", min=1, help="Batch size whose student p50 is plotted."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size whose p50 is compared."),
+    remeasure: bool = typer.Option(
+        True,
+        "--remeasure/--no-remeasure",
+        help="Time every run's ONNX again, side by side in interleaved rounds (default), or read the figures "
+        "each run stored when it ran.",
+    ),
 ) -> None:
-    """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot."""
+    """Compare runs: a table (model, recipe, accuracy, FLOPs, p50) and an accuracy-vs-latency Pareto plot per data set and teacher."""
     from cascadec.commands import report_runs
 
-    result = report_runs(run_dirs, out_path, backend=backend, batch=batch)
-    table = Table(
-        "run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})", title="runs"
-    )
-    for row in result["rows"]:
+    result = report_runs(run_dirs, out_path, backend=backend, batch=batch, remeasure=remeasure)
+    several = len(result["groups"]) > 1
+    columns = ["run", "model", "recipe", "accuracy", "FLOPs", f"p50 ms (bs={batch}, {result['backend']})"]
+    table = Table(*columns, *(["data / teacher"] if several else []), title="runs")
+    for row in [*result["teachers"], *result["students"]]:
         table.add_row(
-            Path(row["dir"] or "?").name,
+            Path(row["dir"]).name if row.get("dir") else row["label"],
             str(row["model"]),
-            str(row["recipe"]),
+            str(row.get("recipe") or ""),
             fmt_accuracy(row["accuracy"]),
             fmt_flops(row["flops"]),
             fmt_ms(row["p50_ms"]),
+            *([row["group"]] if several else []),
         )
     out.print(table)
+    if not several and result["groups"]:
+        out.print(f"data / teacher: {result['groups'][0]}", highlight=False)
+    out.print(f"latencies: {result['source']}", highlight=False)
     out.print(f"wrote {result['plot']}", highlight=False)
 
 
@@ -240,6 +268,8 @@ def quantize(
             highlight=False,
         )
     raise_on_quantize_failure(result)
+    if result.get("latency_target") and not result["latency_target"]["passed"]:
+        raise GateFailed(result["latency_target"]["message"])
 
 
 @app.command()

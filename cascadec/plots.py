@@ -4,7 +4,9 @@
   panel per backend, p90 (thick) and p99 (thin) drawn as upward error bars; on GPU backends
   the compute-time p50 (CUDA events) is drawn dashed under the host latency.
 * ``pareto_plot(reports, path, backend=None, batch="1")``: student accuracy vs student p50 over
-  several runs, the Pareto front (no other run both faster and more accurate) highlighted.
+  several runs, the Pareto front (no other run both faster and more accurate) highlighted;
+  ``comparison_plot(comparison, path)``: the same for ``cascadec report`` (``compare.py``), one
+  front per group of comparable runs, each group's teacher as its reference.
 * ``write_run_plots(run_dir, report)``: what the report stage calls; never fails the stage.
 """
 
@@ -172,60 +174,91 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def pareto_plot(
     reports: Sequence[Mapping], path: str | os.PathLike[str], *, backend: str | None = None, batch: str = "1"
 ) -> Path:
-    """Accuracy vs student p50 at ``batch`` on ``backend`` across runs; runs without both
-    numbers are listed as skipped."""
-    labels, points, skipped = [], [], []
-    for r in reports:
-        label = run_label(r)
-        acc, lat = as_number((r.get("student") or {}).get("accuracy")), student_p50(r, str(batch), backend)
-        if acc is None or lat is None:
-            skipped.append(label)
-            continue
-        labels.append(label)
-        points.append((lat, acc))
+    """Accuracy vs student p50 at ``batch`` on ``backend`` across runs, from the figures they
+    stored (one front); runs without both numbers are listed as skipped. ``cascadec report``
+    draws :func:`comparison_plot` instead."""
+    points = [
+        (run_label(r), "", as_number((r.get("student") or {}).get("accuracy")), student_p50(r, str(batch), backend))
+        for r in reports
+    ]
+    xlabel = f"student latency p50, batch {batch}, {backend or 'onnxruntime (else first backend)'} (ms)"
+    return _fronts_plot(points, [], path, xlabel=xlabel, note=None)
+
+
+def comparison_plot(comparison, path: str | os.PathLike[str]) -> Path:
+    """``cascadec report``'s plot (``cascadec.compare.Comparison``): one front per group of
+    comparable runs (data set and teacher), each group's teacher drawn as its reference, and
+    where the latencies come from written under the axes."""
+    points = [(p.label, p.group, p.accuracy, p.p50_ms) for p in comparison.students]
+    teachers = [(p.label, p.group, p.accuracy, p.p50_ms) for p in comparison.teachers]
+    xlabel = f"latency p50, batch {comparison.batch}, {comparison.backend} (ms)"
+    return _fronts_plot(points, teachers, path, xlabel=xlabel, note=f"latencies: {comparison.source}")
+
+
+_GROUP_COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown")
+
+
+def _fronts_plot(
+    points: Sequence[tuple[str, str, float | None, float | None]],
+    teachers: Sequence[tuple[str, str, float | None, float | None]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    note: str | None,
+) -> Path:
+    """(label, group, accuracy, p50) per student: a Pareto front per group; teachers as stars."""
+    drawn = [(label, group, lat, acc) for label, group, acc, lat in points if acc is not None and lat is not None]
+    skipped = [label for label, _, acc, lat in points if acc is None or lat is None]
+    refs = [(label, group, lat, acc) for label, group, acc, lat in teachers if acc is not None and lat is not None]
+    groups = list(dict.fromkeys(g for _, g, _, _ in drawn + refs))
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    if points:
-        front = pareto_front(points)
-        others = [i for i in range(len(points)) if i not in front]
-        ax.scatter([points[i][0] for i in others], [100 * points[i][1] for i in others], color="tab:gray", label="run")
-        ax.plot(
-            [points[i][0] for i in front],
-            [100 * points[i][1] for i in front],
-            "o-",
-            color="tab:red",
-            markersize=8,
-            label="Pareto front",
-        )
-        ax.margins(x=0.12, y=0.12)
-        middle = (min(p[0] for p in points) + max(p[0] for p in points)) / 2
-        for (lat, acc), label in zip(points, labels):
-            right_half = lat > middle  # labels point inwards so none runs off the axes
-            ax.annotate(
-                label,
-                (lat, 100 * acc),
-                textcoords="offset points",
-                xytext=(-5 if right_half else 5, 5),
-                ha="right" if right_half else "left",
-                fontsize=7,
+    fig, ax = plt.subplots(figsize=(6.5, 4.8 if len(groups) > 1 else 4.5))
+    everything = [(lat, acc) for _, _, lat, acc in drawn + refs]
+    middle = (min(p[0] for p in everything) + max(p[0] for p in everything)) / 2 if everything else 0.0
+    for n, group in enumerate(groups):
+        colour = _GROUP_COLOURS[n % len(_GROUP_COLOURS)]
+        mine = [(lat, acc) for _, g, lat, acc in drawn if g == group]
+        name = f" {group}" if len(groups) > 1 else ""
+        if mine:
+            front = pareto_front(mine)
+            others = [i for i in range(len(mine)) if i not in front]
+            ax.scatter([mine[i][0] for i in others], [100 * mine[i][1] for i in others], color="tab:gray", s=18)
+            ax.plot(
+                [mine[i][0] for i in front],
+                [100 * mine[i][1] for i in front],
+                "o-",
+                color=colour,
+                markersize=7,
+                label=f"Pareto front{name}",
             )
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            f"no run has both accuracy and batch-{batch} latency",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
+        for _, g, lat, acc in refs:
+            if g == group:
+                ax.scatter([lat], [100 * acc], marker="*", s=160, color=colour, edgecolor="black", zorder=3,
+                           label=f"teacher{name}")  # fmt: skip
+    for label, _, lat, acc in drawn + refs:
+        right_half = lat > middle  # labels point inwards so none runs off the axes
+        ax.annotate(
+            label,
+            (lat, 100 * acc),
+            textcoords="offset points",
+            xytext=(-5 if right_half else 5, 5),
+            ha="right" if right_half else "left",
+            fontsize=7,
         )
-    ax.set_xlabel(f"student latency p50, batch {batch}, {backend or 'onnxruntime (else first backend)'} (ms)")
-    ax.set_ylabel("student accuracy (%)")
+    if everything:
+        ax.margins(x=0.12, y=0.12)
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no run has both accuracy and latency", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs latency")
     ax.grid(True, alpha=0.3)
-    if points:
-        ax.legend(fontsize=8)
-    if skipped:
-        fig.text(0.01, 0.01, "skipped (no accuracy or latency): " + ", ".join(skipped), fontsize=6)
+    footer = [
+        line for line in (note, "skipped (no accuracy or latency): " + ", ".join(skipped) if skipped else None) if line
+    ]
+    if footer:
+        fig.text(0.01, 0.01, "\n".join(footer), fontsize=6)
     return _save(fig, path)
 
 

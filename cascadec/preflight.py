@@ -103,6 +103,7 @@ def inspect_model(
             grid_points=lat.grid_points,
             multiple=lat.fixed_multiple,
             ranking=lat.ranking,
+            precision=lat.precision,
             threads=recipe.profile.threads if recipe is not None else None,
             progress=progress.enabled(),
         )

@@ -178,6 +178,12 @@ class LatencySection(_Strict):
 
     backend: Literal["onnxruntime", "onnxruntime-cuda"] = "onnxruntime"
     batch: int = Field(1, ge=1)
+    precision: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="the precision the student ships in: int8 times the table, the refinement and the gate on "
+        "the quantize stage's ONNX Runtime INT8 graphs (needs quantize.precision: int8), so a target such as "
+        "latency_reduction 0.67 (3x) counts from the FP32 teacher and prunes only what INT8 does not already give",
+    )
     grid_points: int = Field(4, ge=2, le=16, description="widths timed per prunable axis of each layer")
     multiple: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = Field(
         "auto",
@@ -185,6 +191,15 @@ class LatencySection(_Strict):
         "auto: the channel block the backend's kernels step by, probed on this machine (16 on an AVX-512 CPU "
         "with ONNX Runtime; 8 where latency is smooth in width)",
     )
+
+    @model_validator(mode="after")
+    def _int8_on_cpu(self) -> LatencySection:
+        if self.precision == "int8" and self.backend != "onnxruntime":
+            raise ValueError(
+                f"prune.latency.precision int8 is timed on onnxruntime (x86 VNNI kernels); {self.backend} has no "
+                "int8 kernels worth targeting"
+            )
+        return self
 
     @property
     def fixed_multiple(self) -> int | None:
@@ -506,6 +521,12 @@ class QuantizeSection(_Strict):
     def _distinct(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
+    @field_validator("qat", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        # YAML 1.1 reads a bare ``off`` (in a recipe or ``--set quantize.qat=off``) as false
+        return "off" if value is False else value
+
 
 class Recipe(_Strict):
     name: str = Field(description="names the default run directory: letters, digits, '.', '_', '-', '+'")
@@ -526,6 +547,16 @@ class Recipe(_Strict):
     @classmethod
     def _safe_name(cls, value: str) -> str:
         return safe_name(value, "recipe name")
+
+    @model_validator(mode="after")
+    def _int8_target_ships_int8(self) -> Recipe:
+        lat = self.prune.latency
+        if self.prune.target.is_latency and lat.precision == "int8" and self.quantize.precision != "int8":
+            raise ValueError(
+                "prune.latency.precision int8 holds the INT8 student to the target: set quantize.precision: int8 "
+                "so the run builds it"
+            )
+        return self
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")

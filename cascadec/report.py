@@ -37,7 +37,7 @@ def write_report(run_dir: str | os.PathLike[str], report: Mapping) -> tuple[Path
 
 
 def build_report(run: RunDir) -> dict:
-    """Assemble report.json from the manifest; the keys are a fixed contract (README)."""
+    """Assemble report.json from the manifest; the keys are a fixed contract (docs/run-directory.md)."""
     m = run.manifest["metrics"]
     recipe = run.recipe()
     report: dict[str, Any] = {

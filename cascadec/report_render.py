@@ -382,9 +382,10 @@ def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None 
     """Predicted against measured for a latency target (stages.check_latency_target), and the
     measured re-solves that set the student's budget (prune/latency_refine.py)."""
     table = prediction.get("table") or {}
+    int8 = check.get("precision") == "int8"
     rows = [
         [
-            "speed-up (teacher / student p50)",
+            "speed-up (FP32 teacher / INT8 student p50)" if int8 else "speed-up (teacher / student p50)",
             f"{check['target_speedup']:.2f}x",
             f"{check['predicted_speedup']:.2f}x",
             f"{check['measured_speedup']:.2f}x",
@@ -393,7 +394,7 @@ def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None 
     ]
     tolerance = check.get("tolerance")
     gate = "report only" if tolerance is None else f"at most {tolerance:.0%} short of the target"
-    lines = [f"## Latency target ({check['backend']}, batch {check['batch']})", ""]
+    lines = [f"## Latency target ({check['backend']}, batch {check['batch']}{', INT8' if int8 else ''})", ""]
     lines += _md_table(["", "target", "predicted", "measured"], rows)
     lines += [
         "",
@@ -413,13 +414,21 @@ def _latency_target_md(check: Mapping, prediction: Mapping, refine: list | None 
         lines.append(
             f"- channels ranked by importance {_RANKING_WORDS.get(prediction['ranking'], prediction['ranking'])}"
         )
+    if int8 and prediction.get("reference_ms") and prediction.get("base_ms"):
+        lines.append(
+            f"- timed in INT8 (prune.latency.precision): the unpruned network {prediction['reference_ms']:.3g} ms in "
+            f"FP32, {prediction['base_ms']:.3g} ms in INT8 ({prediction['reference_ms'] / prediction['base_ms']:.2f}x "
+            "from quantization alone); pruning supplied the rest"
+        )
     if refine:
         tries = ", ".join(
-            f"{t['measured_speedup']:.2f}x at budget {t['budget_fraction']:.3f}"
+            f"{t.get('deployed_speedup', t['measured_speedup']):.2f}x at budget {t['budget_fraction']:.3f}"
             + (" (kept)" if t.get("chosen") else "")
             for t in refine
         )
-        lines.append(f"- measured before the masks were fixed (prune.latency.refine): {tries}")
+        lines.append(
+            f"- measured before the masks were fixed (prune.latency.refine{', INT8 student' if int8 else ''}): {tries}"
+        )
     return lines + [""]
 
 

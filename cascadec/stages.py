@@ -370,15 +370,22 @@ def check_latency_target(run: RunDir, recipe: Recipe) -> dict | None:
     """Predicted against measured, for a latency target: the prune stage's prediction and the
     profile stage's interleaved teacher/student timing at the target's batch on its backend.
     Recorded as ``latency_target``; ``passed`` is False when the measured speed-up falls short of
-    the target's by more than ``prune.latency.tolerance`` (None: reported, never failed)."""
+    the target's by more than ``prune.latency.tolerance`` (None: reported, never failed).
+    ``prune.latency.precision: int8``: the quantize stage's timing instead, the INT8 student
+    against the FP32 teacher in the same rounds."""
     lat = recipe.prune.latency
     predicted = run.metric("prune.latency")
-    profiled = run.metric(f"latency.{lat.backend}")
+    key = str(lat.batch)
+    if lat.precision == "int8":
+        profiled = (run.metric("quantize") or {}).get("latency") or {}
+        student = (profiled.get("student_int8") or {}).get(key) or {}
+        measured_speedup = ((profiled.get("speedup") or {}).get("combined") or {}).get(key)
+    else:
+        profiled = run.metric(f"latency.{lat.backend}") or {}
+        student = (profiled.get("student") or {}).get(key) or {}
+        measured_speedup = (profiled.get("speedup") or {}).get(key)
     if not predicted or not profiled:
         return None
-    key = str(lat.batch)
-    student = (profiled.get("student") or {}).get(key) or {}
-    measured_speedup = (profiled.get("speedup") or {}).get(key)
     if measured_speedup is None or "p50_ms" not in student:
         return None
     target = predicted["target_speedup"]
@@ -388,6 +395,7 @@ def check_latency_target(run: RunDir, recipe: Recipe) -> dict | None:
     out = {
         "backend": lat.backend,
         "batch": lat.batch,
+        "precision": lat.precision,
         "target_speedup": target,
         "predicted_speedup": predicted["predicted_speedup"],
         "measured_speedup": measured_speedup,
@@ -399,8 +407,9 @@ def check_latency_target(run: RunDir, recipe: Recipe) -> dict | None:
         "passed": passed,
     }
     out["message"] = (
-        f"latency target: measured {measured_speedup:.2f}x faster on {lat.backend} at batch {lat.batch}, "
-        f"target {target:.2f}x (predicted {predicted['predicted_speedup']:.2f}x)"
+        f"latency target: measured {measured_speedup:.2f}x faster on {lat.backend} at batch {lat.batch}"
+        + (" (INT8 student against the FP32 teacher)" if lat.precision == "int8" else "")
+        + f", target {target:.2f}x (predicted {predicted['predicted_speedup']:.2f}x)"
         + (
             ""
             if passed
@@ -501,9 +510,9 @@ def compress(
                 stage_profile(run, recipe, shape, batches)
             if lat and lat.backend != "onnxruntime" and not run.is_done(f"profile.{lat.backend}"):
                 stage_profile(run, recipe, shape, [lat.batch], backend=lat.backend)
-            target_check = check_latency_target(run, recipe) if lat else None
             if recipe.quantize.precision != "none" and not run.is_done("quantize"):
                 stage_quantize(run, recipe, teacher, student, bundle)
+            target_check = check_latency_target(run, recipe) if lat else None
             report = write_run_report(run)
     finally:
         shutdown(dist)

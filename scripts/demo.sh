@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs cascadec and runs the embedded default: Fashion-MNIST, offline, CPU, minutes.
-# (README: "Quickstart"). Fashion-MNIST comes from Debian's dataset-fashion-mnist package
+# (README: "Set up on a fresh machine"). Fashion-MNIST comes from Debian's dataset-fashion-mnist package
 # when it is missing and we may install packages; otherwise pass --data or go online.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs cascadec with its test dependencies and runs the test suite (README: "Run the tests").
+# Installs cascadec with its test dependencies and runs the test suite (README: "Set up on a fresh machine").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The Fashion-MNIST tests read Debian's dataset-fashion-mnist files; install them where we can.

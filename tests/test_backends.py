@@ -71,6 +71,7 @@ def assert_parity(model: nn.Module, path, shape: tuple[int, ...], batch: int) ->
     assert np.abs(ort_out - torch_out).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_info(tiny):
     _, path, info = tiny
     assert info["exporter"] == "dynamo"
@@ -92,6 +93,7 @@ def test_ort_matches_torch_dynamic_batch(tiny, batch):
     assert_parity(model, path, (1, 28, 28), batch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18"])
 def test_torchvision_models_export(tmp_path, name):
     torch.manual_seed(0)
@@ -102,6 +104,7 @@ def test_torchvision_models_export(tmp_path, name):
         assert_parity(model, tmp_path / f"{name}.onnx", (3, 64, 64), batch)
 
 
+@pytest.mark.slow
 def test_export_leaves_caller_model_alone(tmp_path):
     model = make_tiny().train()
     export_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", slim=False)
@@ -137,6 +140,7 @@ def test_both_exporters_failing_is_user_error(tmp_path, monkeypatch):
         export_onnx(make_tiny(), torch.randn(1, 1, 28, 28), tmp_path / "x.onnx")
 
 
+@pytest.mark.slow
 def test_fixed_batch_export(tmp_path):
     path = tmp_path / "fixed.onnx"
     export_onnx(make_tiny(), torch.randn(4, 1, 28, 28), path, dynamic_batch=False, slim=False)

@@ -247,6 +247,7 @@ RUNS = [
 @pytest.mark.parametrize(
     "method, over", RUNS, ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for m, o in RUNS]
 )
+@pytest.mark.slow
 def test_prune_model_tiny_run(method, over, tiny_setup) -> None:
     teacher, loader, val = tiny_setup
     teacher_state = copy.deepcopy(teacher.state_dict())

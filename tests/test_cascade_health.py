@@ -66,6 +66,7 @@ def test_augmenting_training_sets_select_without_augmentation(tmp_path) -> None:
     assert torch.equal(view[3][0], view[3][0])  # deterministic
 
 
+@pytest.mark.slow
 def test_no_decision_is_taken_on_the_reported_split(monkeypatch) -> None:
     """Every evaluation inside the prune stage runs on the selection split; the test split is
     only read afterwards, for the reported accuracy."""
@@ -184,6 +185,7 @@ def digits_run():
     return recipe, result
 
 
+@pytest.mark.slow
 def test_ta_ladder_holds_after_a_short_joint_phase(digits_run) -> None:
     _, result = digits_run
     ladder = result.history["ladder"]
@@ -194,6 +196,7 @@ def test_ta_ladder_holds_after_a_short_joint_phase(digits_run) -> None:
     assert accuracies[-1] > 0.5  # the unpruned model is a real teacher, not a collapsed one
 
 
+@pytest.mark.slow
 def test_masks_do_not_change_in_the_frozen_tail(digits_run) -> None:
     recipe, result = digits_run
     h = result.history

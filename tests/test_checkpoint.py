@@ -134,6 +134,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.45])
 def test_sigkill_during_checkpoint_writes_leaves_a_complete_checkpoint(tmp_path, delay) -> None:
     """A writer saving in a loop is killed -9 at an arbitrary moment: what remains under the

@@ -135,6 +135,7 @@ def test_corrupted_checkpoint_leaves_no_run_directory(cli, tmp_path, tiny_recipe
     assert not out_dir.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path, tiny_recipe):
     result = cli_subprocess(
         "compress",
@@ -149,6 +150,7 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(tmp_path, tiny_recipe):
     assert result.out == ""
 
 
+@pytest.mark.slow
 def test_bad_override_in_a_fresh_process_has_no_traceback(tmp_path, tiny_recipe):
     result = cli_subprocess(
         "compress",
@@ -171,6 +173,7 @@ def test_commands_on_a_non_run_directory_exit_2(command, cli, tmp_path):
     assert_user_error(cli(command, tmp_path / "missing"), "not found")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_export_trt_without_tensorrt_exits_2(cli, finished_run):
     line = assert_user_error(cli("export", finished_run.path, "--trt"))
@@ -200,6 +203,7 @@ def test_usage_errors_exit_2(args, cli, finished_run):
 # ---------------------------------------------------------------- offline pre-flight
 
 
+@pytest.mark.slow
 def test_dry_run_works_offline_and_shows_widths_and_target(cli, monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise OSError("network access attempted during --dry-run")
@@ -294,6 +298,7 @@ def test_inspect_shows_groups_and_frozen_layers(cli, monkeypatch):
     assert "first conv" in text and "classifier" in text
 
 
+@pytest.mark.slow
 def test_inspect_json_matches_counted_cost(cli):
     import torch
 
@@ -451,6 +456,7 @@ def test_verify_gate_failure_exits_3_with_a_table(cli, copy_run):
     assert report["parity"]["onnxruntime"]["passed"] is False
 
 
+@pytest.mark.slow
 def test_compress_gate_failure_exits_3_after_writing_the_report(cli, tmp_path, finished_run, monkeypatch):
     monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))  # reuse the trained teacher
     run = tmp_path / "gate"
@@ -464,6 +470,7 @@ def test_compress_gate_failure_exits_3_after_writing_the_report(cli, tmp_path, f
     assert (run / "report.md").is_file() and (run / "student.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_profile_a_run(cli, copy_run):
     run = copy_run()
     result = cli("profile", run, "--batch", "1")
@@ -475,6 +482,7 @@ def test_profile_a_run(cli, copy_run):
     assert latency["student"]["1"]["p50_ms"] > 0
 
 
+@pytest.mark.slow
 def test_profile_an_onnx_file(cli, finished_run):
     result = cli("profile", finished_run.path / "student.onnx", "--batch", "1")
     assert result.code == 0, result.err
@@ -483,3 +491,12 @@ def test_profile_an_onnx_file(cli, finished_run):
 
 def test_profile_missing_onnx_file_exits_2(cli, tmp_path):
     assert_user_error(cli("profile", tmp_path / "absent.onnx", "--batch", "1"), "absent.onnx")
+
+
+def test_help_shows_no_value_type_for_flags(cli) -> None:
+    """A flag takes no value: Typer 0.29 printed ``--resume <bool>``; a valued option keeps its type."""
+    for command in ("compress", "quantize", "export"):
+        result = cli(command, "--help")
+        assert result.code == 0
+        assert "<bool>" not in result.out, result.out
+    assert "<int" in cli("quantize", "--help").out  # --calib-images still says what it takes

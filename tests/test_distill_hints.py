@@ -81,6 +81,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_hinted_runs_leave_a_plain_student(name, tiny_setup) -> None:
     teacher, loader, val = tiny_setup

@@ -111,6 +111,7 @@ def tiny_setup():
     return tiny_data(32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["cascade", "oneshot"])
 def test_hsakd_runs_leave_a_plain_student(method, tiny_setup, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CASCADEC_CACHE", str(tmp_path))
@@ -147,6 +148,7 @@ def test_hsakd_recipe_keys_are_checked() -> None:
     assert DistillLoss().kd_weight == prune_recipe("cascade").distill.kd_weight
 
 
+@pytest.mark.slow
 def test_hsakd_through_the_cli_exports_no_head_and_passes_parity(
     cli, tmp_path, tiny_recipe, finished_run, monkeypatch
 ) -> None:

@@ -35,6 +35,8 @@ from helpers.cli import REPO_ROOT, cli_subprocess, write_recipe
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test spawns torchrun processes that train
+
 WORKER = REPO_ROOT / "tests" / "helpers" / "ddp_worker.py"
 
 
@@ -73,6 +75,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_masks_and_weights_and_average_gradients_exactly(runs) -> None:
     """Identical state is the epoch-end broadcast at work; the gradient check is the real test."""
     rank0, h0 = _load(runs / "two" / "rank0.safetensors")
@@ -97,6 +100,7 @@ def test_two_ranks_match_a_single_process_run_within_tolerance(runs) -> None:
     assert all(e["images_per_s"] > 0 for e in h2["joint"] + [e for e in h2["student"] if e["epoch"] >= 0])
 
 
+@pytest.mark.slow
 def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> None:
     recipe = write_recipe(tmp_path / "tiny.yaml")
     out = tmp_path / "run"

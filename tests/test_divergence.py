@@ -72,6 +72,7 @@ def node_reading(path, initializer: str) -> onnx.NodeProto:
     return next(n for n in onnx.load(str(path)).graph.node if initializer in n.input)
 
 
+@pytest.mark.slow
 def test_a_faithful_graph_has_no_divergent_node(model, exported):
     assert find_first_divergence(model, exported, X, tolerance=TOL) is None
 

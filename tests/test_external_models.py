@@ -38,6 +38,7 @@ def nets(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_user_code_compresses_and_reloads_in_a_fresh_process(cli, nets, tmp_path, isolated_cache, monkeypatch):
     recipe = write_recipe(tmp_path / "tiny.yaml", model={"name": "cifar_resnet8"})
     monkeypatch.chdir(tmp_path)  # a relative builder path, as a user types it
@@ -84,6 +85,7 @@ def test_options_are_refused_for_registry_models():
         create_model("cifar_resnet8", options={"width": 3})
 
 
+@pytest.mark.slow
 def test_timm_models_by_name(cli):
     pytest.importorskip("timm")
     result = cli("inspect", "timm/resnet18", "--image-size", "64", "--num-classes", "5", "--json")

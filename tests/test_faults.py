@@ -75,6 +75,7 @@ def test_unwritable_out_dir_is_exit_2_one_line(cli, recipe, tmp_path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes(recipe, tmp_path) -> None:
     env = {"CASCADEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     out = tmp_path / "run"

@@ -67,6 +67,7 @@ def test_a_damaged_teacher_of_a_finished_run_is_named_and_the_run_stays_finished
     assert manifest["status"] == "finished" and manifest["last_resume"]["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_damaged_teacher_cache_entry_is_named_retrained_and_replaced(cli, tiny_recipe, tmp_path, isolated_cache):
     from cascadec.data.loaders import load_data, model_kwargs
     from cascadec.recipe import load_recipe

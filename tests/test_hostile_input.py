@@ -186,6 +186,7 @@ def no_training(monkeypatch):
 # ---------------------------------------------------------------- 1. random recipes
 
 
+@pytest.mark.slow
 @FAST
 @given(doc=documents)
 @example(doc={"model": {"name": "cifar_resnet8"}, "prune": {"target": {}}})
@@ -211,6 +212,7 @@ def test_garbage_recipe_files_load_or_fail_in_one_line(tmp_path, raw):
     _check_load(_fresh_file(tmp_path, raw))
 
 
+@pytest.mark.slow
 @CLI_SETTINGS
 @given(content=st.one_of(documents.map(_dump), garbage()))
 @example(content=b"\xff\xfe")
@@ -230,6 +232,7 @@ def test_unknown_key_with_a_line_break_still_gives_one_line(tmp_path, text):
     _check_load(_fresh_file(tmp_path, text))
 
 
+@pytest.mark.slow
 def test_deeply_nested_recipe_is_a_user_error(cli, no_training, tmp_path):
     path = _fresh_file(tmp_path, "a: " + "[" * 2000 + "]" * 2000 + "\n")
     result = cli("compress", "cifar_resnet8", "--recipe", str(path), "--dry-run")
@@ -305,6 +308,7 @@ def test_set_overrides_give_a_recipe_or_one_line(sets):
         assert isinstance(recipe, Recipe)
 
 
+@pytest.mark.slow
 def test_deeply_nested_set_value_is_a_user_error():
     with pytest.raises(UserError, match="nested too deeply"):
         load_recipe("fmnist_quick", ["data.options=" + "[" * 2000 + "]" * 2000])
@@ -428,6 +432,7 @@ def arg_paths(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 @CLI_SETTINGS
 @given(args=argument_lists())
 @example(args=["profile", "/nonexistent/run", "--batch", "1,,2"])
@@ -502,6 +507,7 @@ def _run_commands(cli, run: Path, name: str, commands, original: bytes, corrupte
 
 
 def _make_corruption_test(name: str):
+    @pytest.mark.slow  # hypothesis runs every reader of the run on several corruptions
     @CORRUPT_SETTINGS
     @given(data=st.data())
     def test(cli, copy_run, finished_run, data):

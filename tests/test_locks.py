@@ -45,6 +45,7 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     proc.communicate(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_directory_and_the_holder(tmp_path) -> None:
     run_dir = tmp_path / "run"
     holder = _hold(run_dir)
@@ -61,6 +62,7 @@ def test_a_second_writer_is_refused_naming_the_directory_and_the_holder(tmp_path
         _stop(holder)
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_stale_lock(tmp_path) -> None:
     run_dir = tmp_path / "run"
     _stop(_hold(run_dir), signal.SIGKILL)
@@ -82,6 +84,7 @@ def test_locks_are_reentrant_within_a_process_and_released_by_the_last_holder(tm
     assert not locks.holds(path)
 
 
+@pytest.mark.slow
 def test_cli_exit_2_while_another_process_writes_the_run(tmp_path) -> None:
     run_dir = tmp_path / "run"
     holder = _hold(run_dir)
@@ -105,6 +108,7 @@ def _compress(recipe: Path, out: Path, env: dict, *extra: str) -> subprocess.Pop
     )
 
 
+@pytest.mark.slow
 def test_two_compress_processes_on_one_directory(tmp_path) -> None:
     """The second is refused with exit 2 while the first finishes, and what the first wrote is
     bit for bit what a lone run writes."""
@@ -127,6 +131,7 @@ def test_two_compress_processes_on_one_directory(tmp_path) -> None:
         assert (out / name).read_bytes() == (tmp_path / "lone" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_two_processes_need_one_teacher_cache_entry(tmp_path) -> None:
     """Both finish; the teacher is trained once and the other process loads what was written."""
     recipe = write_recipe(tmp_path / "tiny.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,7 @@ def assert_png(path):
     assert data[:8] == PNG_MAGIC and len(data) > 1024
 
 
+@pytest.mark.slow
 def test_latency_plot(tmp_path):
     path = latency_plot(report("resnet8", "quick", 0.9, 0.2), tmp_path / "latency.png")
     assert_png(path)
@@ -80,13 +82,20 @@ def test_pareto_plot(tmp_path):
     assert_png(pareto_plot(reports, tmp_path / "pareto-bs8.png", backend="onnxruntime", batch="8"))
 
 
+def _edited_copy(run: Path, to: Path, **sections: dict) -> Path:
+    """A copy of a finished run whose report.json has these sections' keys changed."""
+    shutil.copytree(run, to)
+    report = json.loads((to / "report.json").read_text())
+    for section, values in sections.items():
+        report[section].update(values)
+    (to / "report.json").write_text(json.dumps(report))
+    return to
+
+
+@pytest.mark.slow
 def test_cli_report_and_profile_write_plots(cli, copy_run, tmp_path):
     run_a = copy_run("a")
-    run_b = tmp_path / "b"
-    shutil.copytree(run_a, run_b)
-    rep = json.loads((run_b / "report.json").read_text())
-    rep["student"]["accuracy"] = 0.01
-    (run_b / "report.json").write_text(json.dumps(rep))
+    run_b = _edited_copy(run_a, tmp_path / "b", student={"accuracy": 0.01})
     result = cli("report", run_a, run_b, "--out", tmp_path / "pareto.png")
     assert result.code == 0, result.err
     assert "cifar_resnet8" in result.out and "accuracy" in result.out
@@ -100,3 +109,39 @@ def test_cli_report_and_profile_write_plots(cli, copy_run, tmp_path):
     result = cli("profile", run_a, "--batch", "1,2")
     assert result.code == 0, result.err
     assert_png(run_a / "latency.png")
+
+
+@pytest.mark.slow
+def test_report_retimes_side_by_side_groups_by_teacher_and_draws_it(cli, copy_run, tmp_path):
+    """Runs measured minutes apart are timed again in the same rounds; the teacher is the
+    reference; runs on another data set or teacher get their own front; --no-remeasure reads
+    what each run stored and says so."""
+    from cascadec.compare import compare_runs
+
+    run_a = copy_run("ra")
+    run_b = _edited_copy(run_a, tmp_path / "rb", student={"accuracy": 0.5})
+    rep = json.loads((run_b / "report.json").read_text())
+
+    both = compare_runs([run_a, run_b])
+    assert both.remeasured and "re-timed side by side" in both.source
+    assert len(both.groups) == 1 and len(both.teachers) == 1  # one data set, one teacher
+    assert all(p.p50_ms and p.p50_ms > 0 for p in [*both.students, *both.teachers])
+    assert both.teachers[0].accuracy == rep["teacher"]["accuracy"]
+
+    stored = compare_runs([run_a, run_b], remeasure=False)
+    assert not stored.remeasured and "stored figures" in stored.source
+    assert stored.students[0].p50_ms == rep["latency"]["onnxruntime"]["student"]["1"]["p50_ms"]
+
+    run_c = _edited_copy(run_a, tmp_path / "rc", teacher={"accuracy": 0.25})  # another teacher: its own group
+    (run_c / "student.onnx").unlink()  # and its files are gone: the stored figures, said so
+    three = compare_runs([run_a, run_b, run_c])
+    assert len(three.groups) == 2 and len(three.teachers) == 2 and not three.remeasured
+    assert "student.onnx is missing" in three.source
+
+    result = cli("report", run_a, run_b, run_c, "--out", tmp_path / "groups.png")
+    assert result.code == 0, result.err
+    text = result.out.replace("\n", "")
+    assert "teacher" in text and "data / teacher" in text and "stored figures" in text
+    assert_png(tmp_path / "groups.png")
+    result = cli("report", run_a, run_b, "--out", tmp_path / "two.png")
+    assert result.code == 0 and "re-timed side by side" in result.out.replace("\n", " ")

@@ -261,6 +261,7 @@ def check_stats(stats: dict, min_iters: int) -> None:
     )
 
 
+@pytest.mark.slow
 def test_profile_onnx_fields(onnx_path):
     prof = profile_onnx(onnx_path, (3, 16, 16), batches=(1, 4), threads=1, **FAST)
     assert list(prof) == [1, 4]
@@ -415,6 +416,7 @@ def test_cli_profile_gpu_backend_without_gpu_exits_2_and_leaves_the_run_alone(cl
     assert (run / "manifest.json").read_text() == before
 
 
+@pytest.mark.slow
 def test_cli_profile_torch_backend_records_latency_per_backend(cli, copy_run):
     run = copy_run()
     result = cli(

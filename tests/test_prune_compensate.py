@@ -183,6 +183,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_prune_model_with_compensation(name, tiny_setup) -> None:
     teacher, loader, val = tiny_setup

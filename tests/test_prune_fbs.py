@@ -112,6 +112,7 @@ def test_an_untraceable_network_is_refused_in_one_line() -> None:
         gate_points(Branchy())
 
 
+@pytest.mark.slow
 def test_a_gated_student_exports_to_onnx_with_parity_and_reloads(tmp_path) -> None:
     torch.manual_seed(0)
     teacher = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
@@ -149,6 +150,7 @@ def test_a_gated_student_exports_to_onnx_with_parity_and_reloads(tmp_path) -> No
         load_student(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_fbs_through_the_cli(cli, tmp_path, tiny_recipe, finished_run, monkeypatch) -> None:
     monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))  # the session's teacher
     out = tmp_path / "fbs"

@@ -301,6 +301,7 @@ def test_latency_gate_compares_measured_speedup_with_the_target(measured, tolera
     assert ("short" in out["message"]) is (not passed)
 
 
+@pytest.mark.slow
 def test_inspect_latency_on_onnx_runtime(isolated_cache, cli) -> None:
     """The real backend: the table is built once, then loaded; the dry run predicts the student;
     where the time goes against the FLOPs is shown per layer kind and input size."""
@@ -335,6 +336,7 @@ def test_time_per_flop_groups_layers_and_finds_the_slow_ones(chain) -> None:
     assert rows["conv 3x3"]["input"] == "16x16" and rows["linear"]["input"] == "-"
 
 
+@pytest.mark.slow
 def test_compress_with_a_latency_target_reports_predicted_and_measured(
     tiny_recipe, tmp_path, cli, isolated_cache
 ) -> None:
@@ -665,3 +667,177 @@ def test_grouped_conv_grids_keep_whole_groups(isolated_cache) -> None:
     assert grouped.config.groups == 16 and len(grouped.in_grid) + len(grouped.out_grid) > 2
     assert all(w % 16 == 0 for w in grouped.in_grid + grouped.out_grid)
     assert 8 in table.tables[table.layers["8"]].in_grid  # the classifier, not grouped, times the half block
+
+
+# ----------------------------------------------------------------- latency targets in INT8
+
+
+def _int8_fake_ms(graph: bytes, x_shape: tuple[int, ...]) -> float:
+    """Half the FP32 fake's time for a quantized layer (its weight is the int8 initializer)."""
+    model = onnx.load_from_string(graph)
+    if not model.graph.initializer:
+        return 0.0005
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node), "an INT8 table times quantized graphs"
+    weight = max((onnx.numpy_helper.to_array(t) for t in model.graph.initializer), key=lambda a: a.size)
+    spatial = int(np.prod(x_shape[2:])) if len(x_shape) > 2 else 1
+    return 0.5e-6 * weight.size * spatial + 0.001
+
+
+def test_int8_table_times_quantized_graphs_and_keys_its_own_cache(chain, isolated_cache) -> None:
+    model, _, cost = chain
+    fp32 = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 1.0)
+    int8 = build_table(
+        model, EX, cost=cost, timer=_int8_fake_ms, network_ms=lambda: 0.4, reference_ms=lambda: 1.0, precision="int8"
+    )
+    assert not int8.cached and int8.precision == "int8" and int8.reference_ms == 1.0
+    assert "precision" not in fp32.environment and int8.environment["precision"] == "int8"
+    assert len(list((isolated_cache / "latency").glob("*.json"))) == 2  # two entries, neither reused
+    again = LatencyTable.from_json(json.loads(json.dumps(int8.to_json())))
+    assert again.precision == "int8" and again.reference_ms == 1.0
+    for name in int8.layers:  # the quantized layers were timed, not the FP32 ones
+        assert int8.layer_ms(name, 4.0, 4.0) < fp32.layer_ms(name, 4.0, 4.0)
+
+
+def test_int8_target_counts_from_fp32_and_budgets_what_int8_leaves(chain) -> None:
+    """ "3x faster in INT8" where INT8 alone gives 2x: the INT8 table's budget is 2/3 of the
+    unpruned INT8 network; the prediction's speed-ups count from the FP32 one."""
+    from cascadec.prune.latency import latency_prediction
+
+    model, index, cost = chain
+    table = build_table(model, EX, cost=cost, timer=fake_ms, network_ms=lambda: 0.5, use_cache=False)
+    table.precision, table.reference_ms = "int8", 1.0  # INT8 unpruned 0.5 ms, FP32 unpruned 1.0 ms
+    cost.latency = LatencyModel(table, cost)
+    budget = Budget.from_target(cost, latency_reduction=1 - 1 / 3)
+    assert budget.keep_fraction == pytest.approx(2 / 3) and budget.value == pytest.approx(0.5 * 2 / 3)
+    keep = MaskSolver(index, cost).solve(torch.ones(index.num_units), budget)
+    record = latency_prediction(cost.latency, keep, budget)
+    assert record["precision"] == "int8" and record["target_speedup"] == pytest.approx(3.0)
+    assert record["predicted_speedup"] == pytest.approx(1.0 / cost.latency.predict(keep))
+    with pytest.raises(UserError, match="INT8 alone already gives 2.00x"):
+        Budget.from_target(cost, latency_reduction=0.4)  # 1.67x: quantization alone is faster
+    # an absolute target is in the table's own precision
+    assert Budget.from_target(cost, latency_ms=0.25).keep_fraction == pytest.approx(0.5)
+
+
+def test_int8_latency_target_needs_the_int8_student_and_a_cpu_table() -> None:
+    base = {"name": "r", "model": {"name": "cifar_resnet8"}}
+    target = {"target": {"latency_reduction": 0.5}}
+    ok = Recipe.model_validate(
+        {**base, "prune": {**target, "latency": {"precision": "int8"}}, "quantize": {"precision": "int8"}}
+    )
+    assert ok.prune.latency.precision == "int8"
+    with pytest.raises(ValueError, match="quantize.precision: int8"):
+        Recipe.model_validate({**base, "prune": {**target, "latency": {"precision": "int8"}}})
+    with pytest.raises(ValueError, match="onnxruntime"):
+        Recipe.model_validate(
+            {
+                **base,
+                "prune": {**target, "latency": {"precision": "int8", "backend": "onnxruntime-cuda"}},
+                "quantize": {"precision": "int8"},
+            }
+        )
+    from cascadec.prune.latency_table import check_precision
+
+    with pytest.raises(UserError, match="fp32 or int8"):
+        check_precision("onnxruntime", "fp16")
+
+
+def test_int8_latency_gate_reads_the_quantize_stages_rounds() -> None:
+    """The INT8 student against the FP32 teacher (quantize.latency), not the FP32 student."""
+    from cascadec.stages import check_latency_target
+
+    recipe = Recipe.model_validate(
+        {
+            "name": "r",
+            "model": {"name": "cifar_resnet8"},
+            "prune": {"target": {"latency_reduction": 0.75}, "latency": {"precision": "int8"}},
+            "quantize": {"precision": "int8"},
+        }
+    )
+    run = _Run(
+        {"predicted_ms": 2.5, "predicted_speedup": 4.0, "target_speedup": 4.0},
+        {"student": {"1": {"p50_ms": 5.0}}, "speedup": {"1": 2.0}},  # FP32 student: 2x
+    )
+    assert check_latency_target(run, recipe) is None  # the quantize stage has not timed anything yet
+    run.metrics["quantize"] = {
+        "latency": {"student_int8": {"1": {"p50_ms": 2.6}}, "speedup": {"combined": {"1": 3.85}}}
+    }
+    out = check_latency_target(run, recipe)
+    assert out["precision"] == "int8" and out["measured_speedup"] == 3.85 and out["passed"]
+    assert out["measured_ms"] == 2.6 and "INT8 student against the FP32 teacher" in out["message"]
+
+
+def test_yaml_off_is_qat_off() -> None:
+    """``--set quantize.qat=off`` and a bare ``qat: off`` in a recipe arrive as YAML's false."""
+    recipe = Recipe.model_validate({"name": "r", "model": {"name": "m"}, "quantize": {"qat": False}})
+    assert recipe.quantize.qat == "off"
+
+
+def test_int8_layer_graph_is_what_ort_runs_as_int8_kernels(tmp_path) -> None:
+    from cascadec.prune.latency_table import int8_graph
+    from cascadec.quantize.ptq import int8_kernel_count, ort_kernels
+
+    config = layer_configs(Chain().eval(), EX)["conv2"]
+    graph, x_shape = layer_onnx(config, 8, 8, batch=2)
+    quantized = int8_graph(graph, x_shape)
+    model = onnx.load_from_string(quantized)
+    onnx.checker.check_model(model)
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in model.graph.node}
+    # uint8 in and out, as inside a quantized network: no float Quantize / Dequantize timed
+    uint8 = onnx.TensorProto.UINT8
+    assert model.graph.input[0].type.tensor_type.elem_type == uint8
+    assert model.graph.output[0].type.tensor_type.elem_type == uint8
+    assert [i.name for i in model.graph.input] == ["x"] and model.graph.output[0].name == "out"
+    from cascadec.prune.latency_table import ort_timer
+
+    assert ort_timer()(quantized, x_shape) > 0  # fed uint8
+    path = tmp_path / "layer.int8.onnx"
+    path.write_bytes(quantized)
+    assert int8_kernel_count(ort_kernels(path)) >= 1  # QLinearConv, not dequantize-then-FP32
+
+
+@pytest.mark.slow
+def test_compress_with_an_int8_latency_target_is_judged_on_the_int8_student(
+    tiny_recipe, tmp_path, cli, isolated_cache, monkeypatch
+) -> None:
+    """End to end: the INT8 table, the refinement timing the INT8 student against the FP32
+    network, and the gate reading the quantize stage's rounds. The table's layers (quantized
+    graphs, checked by the fake) and what INT8 alone gives (1.25x) are pinned, so that the tiny
+    network's noisy timing can neither make the target infeasible nor need no pruning; the
+    refinement and the gate time the real files."""
+    import cascadec.prune.latency as latency_module
+    import cascadec.prune.latency_table as table_module
+
+    def timer(device="cpu", threads=None):
+        def time_layer(graph: bytes, x_shape: tuple[int, ...]) -> float:
+            model = onnx.load_from_string(graph)
+            quantized = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+            return _int8_fake_ms(graph, x_shape) if quantized or not model.graph.initializer else 1.0
+
+        return time_layer
+
+    monkeypatch.setattr(table_module, "ort_timer", timer)
+    monkeypatch.setattr(latency_module, "network_pair_ms", lambda *a, **k: (1.0, 1.25))
+    out = tmp_path / "run"
+    result = cli(
+        "compress", "cifar_resnet8", "--recipe", tiny_recipe, "--out", out,
+        "--set", "prune.target.latency_reduction=0.5", "--set", "prune.latency.precision=int8",
+        "--set", "prune.latency.tolerance=null", "--set", "quantize.precision=int8",
+        "--set", "quantize.flavours=[onnxruntime]", "--set", "quantize.qat=off",
+        "--set", "quantize.max_float_layers=0", "--set", "quantize.max_accuracy_drop=1",
+        "--set", "quantize.calibration.images=32", "--set", "quantize.selection_images=64",
+        "--set", "prune.latency.refine=2",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads((out / "report.json").read_text())
+    prediction, check = report["latency_prediction"], report["latency_target"]
+    assert prediction["precision"] == "int8" and prediction["reference_ms"] == pytest.approx(
+        1.25 * prediction["base_ms"]
+    )
+    assert check["precision"] == "int8" and check["target_speedup"] == pytest.approx(2.0)
+    combined = report["quantize"]["latency"]["speedup"]["combined"][str(check["batch"])]
+    assert check["measured_speedup"] == combined  # the INT8 student against the FP32 teacher
+    tries = report["prune"]["latency_refine"]
+    assert 1 <= len(tries) <= 2 and sum(t["chosen"] for t in tries) == 1
+    assert all(t["deployed_speedup"] == pytest.approx(t["measured_speedup"] * 1.25) for t in tries)
+    assert "## Latency target (onnxruntime, batch 1, INT8)" in (out / "report.md").read_text()

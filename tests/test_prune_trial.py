@@ -286,6 +286,7 @@ def test_check_shrunk_refuses_a_student_that_computes_something_else() -> None:
         ("convnextv2_atto", 64, "LayerNorm"),  # GRN in the MLP; the LayerNorm stream stays frozen
     ],
 )
+@pytest.mark.slow
 def test_timm_models_where_the_failure_classes_were_found(name: str, size: int, why: str | None) -> None:
     model = timm.create_model(name, num_classes=5)
     index, gap = _exact_at(model, size, reduction=0.5, round_to=8)

@@ -42,6 +42,7 @@ def _zero_points(path) -> tuple[set[int], set[int]]:
     return {z.data_type for z in zps}, {int(v) for z in zps for v in numpy_helper.to_array(z).ravel()}
 
 
+@pytest.mark.slow
 def test_quantize_writes_one_verified_file_per_consumer(quantized):
     path, result = quantized
     assert result.code == 0, result.err
@@ -146,6 +147,7 @@ def test_bad_quantize_input_exits_2_with_one_line(args, expected, copy_run, cli,
     assert len(r.err_lines) == 1 and expected in r.err and "Traceback" not in r.err
 
 
+@pytest.mark.slow
 def test_a_failed_int8_gate_exits_3_and_names_the_file(copy_run, cli, finished_run, monkeypatch):
     monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
     run = copy_run()
@@ -199,6 +201,7 @@ def test_sensitivity_returns_the_most_sensitive_layers_to_float_until_the_budget
     assert [k["module"] for k in capped.kept] == ["m1"] and not capped.met
 
 
+@pytest.mark.slow
 def test_compress_runs_the_quantize_stage_when_the_recipe_asks(tmp_path, finished_run, monkeypatch):
     recipe = write_recipe(
         tmp_path / "q.yaml",
@@ -253,6 +256,7 @@ def test_batchnorm_folding_keeps_the_function_and_fake_quant_comes_off_cleanly()
     assert all(isinstance(m.weight, torch.nn.Parameter) for m in model.modules() if isinstance(m, COMPUTE))
 
 
+@pytest.mark.slow
 def test_qat_runs_when_asked_and_the_better_file_ships(copy_run, cli, finished_run, monkeypatch):
     monkeypatch.setenv("CASCADEC_CACHE", str(finished_run.cache))
     run = copy_run()

@@ -63,6 +63,7 @@ def _kill_when_training(
     return proc
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(resume_env) -> None:
     root, recipe, env, reference = resume_env
     out = root / "killed"
@@ -90,7 +91,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(resume_en
     ]
     assert done["status"] == "finished" and len(done["resumed"]) == 1
     assert not (out / "checkpoints").exists()  # removed once the prune stage is done
-    # what README promises: on CPU the resumed student is bit-identical to the uninterrupted one
+    # what docs/run-directory.md ("Resuming") promises: on CPU the resumed student is bit-identical to the uninterrupted one
     for name in ("student.safetensors", "student.widths.json", "teacher.safetensors"):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
@@ -117,6 +118,7 @@ class _StopAfter:
     "method, stop_after",
     [("cascade", 4), ("cascade", 7), ("oneshot", 5), ("cascade-hsakd", 4), ("cascade-hsakd", 7), ("fbs", 5)],
 )
+@pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(method, stop_after, tmp_path, monkeypatch) -> None:
     """Library level: stop after N steps (mid joint phase / in the student phase / mid
     fine-tune), resume from the checkpoint in a fresh Runtime, get bit-identical results."""

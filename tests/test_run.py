@@ -168,6 +168,7 @@ _MANIFEST_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
 def test_sigkill_during_manifest_writes_leaves_a_whole_manifest(tmp_path, delay):
     """Atomicity tested as it matters: a writer killed -9 at an arbitrary moment leaves, under

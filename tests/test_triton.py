@@ -57,6 +57,7 @@ def test_missing_onnx_is_a_user_error(copy_run):
         write_model_repository(run)
 
 
+@pytest.mark.slow
 def test_cli_export_triton(cli, copy_run, tmp_path):
     run = copy_run()
     result = cli("export", run, "--triton", "--triton-dir", tmp_path / "models")

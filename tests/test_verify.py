@@ -151,6 +151,7 @@ def exported(tmp_path_factory):
     return model, path, x, y
 
 
+@pytest.mark.slow
 def test_verify_backends_arrays(exported):
     model, path, x, y = exported
     out = verify_backends(
@@ -544,6 +545,7 @@ def _backend_returning(monkeypatch, outputs: np.ndarray) -> None:
     monkeypatch.setattr(verify_mod, "get_runner", fake)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["float64", "fail"])
 def test_an_exact_backend_of_an_ill_conditioned_network_is_judged_against_float64(ill_conditioned, monkeypatch, policy):
     model, path, x, exact = ill_conditioned

@@ -42,6 +42,8 @@ from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import save_student
 from cascadec.prune.targets import Budget, MaskSolver
 
+pytestmark = pytest.mark.slow  # every test shares a module fixture that prunes and exports a model zoo
+
 # model -> input image size (all accept 64x64; vgg16_bn needs >= 32)
 MODELS: dict[str, int] = {
     "resnet18": 64,
@@ -311,6 +313,7 @@ def _tol(case: Case, rel: float) -> float:
 # ---------------------------------------------------------------- (a) masked == shrunk
 
 
+@pytest.mark.slow
 def test_masks_change_the_output(case):
     """Guard for (a): with random BN statistics, masking half the FLOPs must matter."""
     change = float(np.abs(case.y_full - case.y_masked).max())
@@ -354,6 +357,7 @@ def test_shrunk_flops_meet_the_target(case):
 ONNX_ORDER = [n for n in MODELS if n not in EXPORTED_IN_SUBPROCESS] + [n for n in MODELS if n in EXPORTED_IN_SUBPROCESS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ONNX_ORDER)
 def test_onnxruntime_matches_shrunk_model(name, zoo):
     from cascadec.backends.onnx_export import export_onnx

@@ -65,6 +65,7 @@ def _masked_equals_shrunk(name: str, size: int) -> tuple[object, float]:
     return index, seconds
 
 
+@pytest.mark.slow
 def test_shufflenet_shuffle_groups_frozen_branches_pruned_exactly() -> None:
     index, seconds = _masked_equals_shrunk("shufflenet_v2_x0_5", 32)
     assert seconds < ANALYSIS_BUDGET_S
@@ -75,6 +76,7 @@ def test_shufflenet_shuffle_groups_frozen_branches_pruned_exactly() -> None:
     assert len(inner) == 16 and all({"branch2.0", "branch2.5"} <= {n.split(".", 2)[2] for n in g.layers} for g in inner)
 
 
+@pytest.mark.slow
 def test_swin_analysis_bounded_and_mlp_pruned_exactly() -> None:
     index, seconds = _masked_equals_shrunk("swin_t", 32)
     assert seconds < ANALYSIS_BUDGET_S
@@ -82,6 +84,7 @@ def test_swin_analysis_bounded_and_mlp_pruned_exactly() -> None:
     assert any(f.reason == EXPLODING_REASON for f in index.frozen)
 
 
+@pytest.mark.slow
 def test_deep_swin_within_the_shape_walk_budget_pruned_exactly() -> None:
     # swin_s/swin_b: 18 blocks in stage 3 used up Torch-Pruning's 500-step shape walk, and
     # PatchMerging's concat then failed on a None width (TypeError: int + NoneType). Depth is
@@ -223,6 +226,7 @@ def test_time_limit_refuses_with_user_error() -> None:
         ["compress", "vit_b_16", "--recipe", "zoo_smoke", "--set", "data.image_size=64", "--dry-run"],
     ],
 )
+@pytest.mark.slow
 def test_cli_refusals_are_one_line_exit_2(args: list[str], tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cascadec", *args],

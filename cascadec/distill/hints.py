@@ -2,13 +2,13 @@
 
 Two kinds, one mechanism (``distill.hints``):
 
-* ``stages`` - stage-wise supervision (Zhang & Ou 2020, METHOD.md "Related methods"): the
+* ``stages`` - stage-wise supervision (Zhang & Ou 2020, docs/paper.md "Related methods"): the
   network is cut where its spatial resolution changes; the output of every stage of a pruned
   model is pulled towards the same stage of the *unpruned* pretrained network (in-place
   distillation), through a 1x1 adapter per stage initialised to the identity (the pruned
   model's zeroed channels cannot reproduce the full network's, a mix of its kept ones can).
   The loss per stage is normalised by the teacher feature's energy so stages compare.
-* ``paper`` - the paper's own L2 hints (METHOD.md "Losses": last 3 residual blocks, lambda_H
+* ``paper`` - the paper's own L2 hints (docs/paper.md "Losses": last 3 residual blocks, lambda_H
   0.001): each model's block outputs against those of the model it distils from, no adapter.
   The thesis ablation found them harmful; they are here so that claim can be measured.
 
@@ -29,7 +29,7 @@ from cascadec.errors import UserError
 from cascadec.prune.cost import output_shapes
 
 PAPER_BLOCKS = 3
-DEFAULT_WEIGHTS = {"stages": 1.0, "paper": 0.001}  # paper: lambda_H (METHOD.md, Losses)
+DEFAULT_WEIGHTS = {"stages": 1.0, "paper": 0.001}  # paper: lambda_H (docs/paper.md, Losses)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """HSAKD: hierarchical self-supervised augmented distillation (Yang et al., IJCAI 2021).
 
-METHOD.md, "Related methods". Every batch is shown in its four rotations (0, 90, 180, 270
+docs/paper.md, "Related methods". Every batch is shown in its four rotations (0, 90, 180, 270
 degrees). An auxiliary classifier after every stage (``hints.stage_points``) predicts the
 joint label (class x rotation, 4K outputs). The distilling model matches
 

@@ -1,4 +1,4 @@
-"""Hinton knowledge distillation, as the paper uses it (METHOD.md, Losses).
+"""Hinton knowledge distillation, as the paper uses it (docs/paper.md, Losses).
 
 The paper does not say whether the KL term is scaled by tau^2; we follow Hinton et al.
 (2015) and scale it, so the KD gradient keeps its magnitude at the paper's tau = 15.

@@ -56,6 +56,7 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
             grid_points=p.latency.grid_points,
             multiple=p.latency.fixed_multiple,
             ranking=p.latency.ranking,
+            precision=p.latency.precision,
             threads=recipe.profile.threads,
             progress=progress.enabled(),
         )

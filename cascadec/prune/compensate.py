@@ -1,4 +1,4 @@
-"""Pruning compensation (Xie et al. 2021; METHOD.md, Related methods): refit the weights that
+"""Pruning compensation (Xie et al. 2021; docs/paper.md, Related methods): refit the weights that
 read a pruned group so they reproduce, from the channels that stay, what the removed ones gave.
 
 For a consumer layer y = W x + b whose inputs x split into kept dims S and removed dims R, the
@@ -6,7 +6,7 @@ least-squares refit on input statistics (mean mu, covariance C = E[x x^T] - mu m
 
     W_S' = W C_{:,S} (C_SS + lambda I)^-1        b' = b + W mu - W_S' mu_S
 
-(METHOD.md's closed form, with a ridge lambda so a rank-deficient C_SS cannot blow the solve up).
+(docs/paper.md's closed form, with a ridge lambda so a rank-deficient C_SS cannot blow the solve up).
 A conv is a linear layer on its unfolded patches (dims = in_channel x kh x kw), so a removed
 input channel is a block of kh*kw dims. The same statistics give CaP's criterion: the output
 error that remains when a block b is removed *after* compensation is the OBS term

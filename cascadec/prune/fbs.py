@@ -1,6 +1,6 @@
 """FBS: feature boosting and suppression, dynamic channel gating (Gao et al., ICLR 2019).
 
-METHOD.md, "Related methods". Every gated convolution gets a saliency predictor,
+docs/paper.md, "Related methods". Every gated convolution gets a saliency predictor,
 s = ReLU(W . GAP(x) + b) on the convolution's *input* x, and keeps the top k = ceil(d * C)
 output channels per image, each scaled by its saliency (winner-take-all): the output is
 BN(conv(x)) * wta_k(s). Nothing is removed: the network keeps every parameter, and the

@@ -6,7 +6,7 @@ split (held-out training images), never on the test split the run reports:
 
 * **Which teacher.** A student never distils from a model that is no better than itself: it
   starts at the lowest teacher that beats it, and moves up whenever it catches its teacher
-  (METHOD.md, Schedule step 2), up to the pretrained network at the top.
+  (docs/paper.md, Schedule step 2), up to the pretrained network at the top.
 * **Which epoch.** The student that ships is the best epoch on the selection split, the
   unfine-tuned start included, with its BatchNorm statistics recalibrated on training data.
 """

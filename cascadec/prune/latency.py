@@ -20,6 +20,7 @@ solver needs for cascadec's channel groups:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
-from cascadec.prune.latency_table import LATENCY_BACKENDS, LatencyTable, build_table, network_ms
+from cascadec.prune.latency_table import LATENCY_BACKENDS, LatencyTable, build_table, network_ms, network_pair_ms
 
 # what the solver divides importance by under a latency budget (LatencyModel.unit_weights)
 RANKINGS = ("per_ms_per_flop", "per_ms", "importance")
@@ -56,6 +57,9 @@ class LatencyModel:
         measured = table.network_ms or self.layers_full_ms
         self.scale = measured / self.layers_full_ms if self.layers_full_ms > 0 else 1.0
         self.base_ms = self.layers_full_ms * self.scale
+        # the unpruned network in FP32, which a target's speed-up counts from (the base itself
+        # unless the table was timed in another precision: prune.latency.precision)
+        self.reference_ms = table.reference_ms or self.base_ms
         self._weights: torch.Tensor | None = None
         self.ranking = ranking
 
@@ -238,6 +242,7 @@ def attach_latency_model(
     threads: int | None,
     multiple: int | None = None,
     ranking: str = DEFAULT_RANKING,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> LatencyModel:
     """Measure (or load) the network's table on ``backend`` and attach it to ``cost``; a backend
@@ -253,6 +258,11 @@ def attach_latency_model(
         )
     get_backend(backend).require(timing=True)
     device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+
+    @functools.cache
+    def pair() -> tuple[float, float]:  # INT8 and FP32, interleaved; timed only if the table is not cached
+        return network_pair_ms(model, example_input, batch=batch, device=device, threads=threads)
+
     table = build_table(
         model,
         example_input,
@@ -262,7 +272,13 @@ def attach_latency_model(
         threads=threads,
         grid_points=grid_points,
         multiple=multiple,
-        network_ms=lambda: network_ms(model, example_input, batch=batch, device=device, threads=threads),
+        network_ms=(
+            (lambda: pair()[0])
+            if precision == "int8"
+            else lambda: network_ms(model, example_input, batch=batch, device=device, threads=threads)
+        ),
+        reference_ms=lambda: pair()[1],
+        precision=precision,
         progress=progress,
     )
     cost.latency = LatencyModel(table, cost, ranking)
@@ -273,14 +289,17 @@ def latency_prediction(latency: LatencyModel, keep: torch.Tensor, budget) -> dic
     """What the prune stage records for a latency target: the student's predicted latency next to
     the unpruned network's, the target, and how the table was made."""
     predicted = latency.predict(keep)
-    base = latency.base_ms
+    base, reference = latency.base_ms, latency.reference_ms
     return {
         "backend": latency.table.backend,
         "batch": latency.table.batch,
+        "precision": latency.table.precision,
         "base_ms": base,
+        "reference_ms": reference,
         "predicted_ms": predicted,
-        "predicted_speedup": base / predicted if predicted > 0 else None,
-        "target_speedup": 1 / budget.keep_fraction if budget.metric == "latency" else None,
+        # counted from the unpruned FP32 network (the same as ``base_ms`` for an FP32 table)
+        "predicted_speedup": reference / predicted if predicted > 0 else None,
+        "target_speedup": reference / (budget.keep_fraction * base) if budget.metric == "latency" else None,
         "ranking": latency.ranking,
         "table": latency.table.summary(),
     }

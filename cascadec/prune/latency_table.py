@@ -15,6 +15,11 @@ on a grid of widths, cached per machine (``prune/latency.py`` turns it into pred
 
 The backend is behind one callable (``LayerTimer``): ONNX Runtime on CPU or CUDA here; tests
 pass a fake. TensorRT is not offered: one engine build per grid point takes minutes.
+
+``precision: int8`` (``prune.latency.precision``) times every graph as the quantize stage's
+ONNX Runtime flavour (U8S8 Q/DQ, which ORT runs as VNNI int8 kernels), so a target met in INT8
+prunes only what INT8 does not already give; the unpruned network is then timed in FP32 too
+(``reference_ms``): "3x faster in INT8" is counted from the FP32 network a user starts from.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
+from cascadec.fileio import write_json_atomic
 from cascadec.prune.cost import CostModel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LATENCY_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
+# the precisions a table can be timed in, and the backends that run each fast
+LATENCY_PRECISIONS = {"fp32": LATENCY_BACKENDS, "int8": ("onnxruntime",)}
 TABLE_VERSION = 5
 # widths the channel-block probe times (multiples of 4, so blocks of 4, 8, 16 and 32 show)
 PROBE_WIDTHS = tuple(range(32, 100, 4))
@@ -256,7 +264,11 @@ def ort_timer(device: str = "cpu", threads: int | None = None) -> LayerTimer:
     def time_layer(graph: bytes, x_shape: tuple[int, ...]) -> float:
         nonlocal warm
         session = _create_session(graph, device, threads, "latency table layer")
-        feed = {"x": np.random.default_rng(0).standard_normal(x_shape, dtype=np.float32)}
+        rng = np.random.default_rng(0)
+        if session.get_inputs()[0].type == "tensor(uint8)":  # an INT8 layer (int8_graph)
+            feed = {"x": rng.integers(0, 256, x_shape, dtype=np.uint8)}
+        else:
+            feed = {"x": rng.standard_normal(x_shape, dtype=np.float32)}
         if not warm:  # trtexec's 200 ms, once per table: CPU frequency and the thread pool ramp up
             end = time.perf_counter() + 0.2
             while time.perf_counter() < end:
@@ -265,6 +277,60 @@ def ort_timer(device: str = "cpu", threads: int | None = None) -> LayerTimer:
         return median_ms(lambda: session.run(["out"], feed))
 
     return time_layer
+
+
+# What a graph is timed as: itself (FP32) or its quantized form, made before any timing starts:
+# quantizing between timed calls (ORT's calibrator runs its own sessions) made them noisier here
+GraphTransform = Callable[[bytes, tuple[int, ...]], bytes]
+
+
+def int8_graph(graph: bytes, x_shape: tuple[int, ...]) -> bytes:
+    """A one-layer graph as the quantize stage's ONNX Runtime flavour quantizes it (about 25 ms
+    a graph here, against the quarter second a grid point's timing takes), with uint8 in and
+    out: inside a quantized network ONNX Runtime passes uint8 from one ``QLinearConv`` to the
+    next, so the float Quantize in front and Dequantize behind the layer, which a one-layer graph
+    would otherwise time (memory-bound, and as large as a depthwise conv's own time at high
+    resolution), are taken off (``uint8_boundaries``)."""
+    import tempfile
+
+    from cascadec.quantize.ptq import int8_for_timing
+
+    with tempfile.TemporaryDirectory(prefix="cascadec-int8-layer-") as tmp:
+        src = Path(tmp) / "layer.onnx"
+        src.write_bytes(graph)
+        return uint8_boundaries(int8_for_timing(src, Path(tmp) / "layer.int8.onnx", x_shape).read_bytes())
+
+
+def uint8_boundaries(graph: bytes) -> bytes:
+    """A quantized one-layer graph whose input feeds a QuantizeLinear and whose output comes out
+    of a DequantizeLinear, with both taken off: the graph reads and writes the quantized tensors
+    (same names as before: ``x`` and ``out``). A graph without them is returned as it is."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(graph)
+    g = model.graph
+    first = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == g.input[0].name), None)
+    last = next((n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] == g.output[0].name), None)
+    if first is None or last is None:
+        return graph
+
+    def dims(value: onnx.ValueInfoProto) -> list:
+        return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
+
+    x_shape, y_shape = dims(g.input[0]), dims(g.output[0])
+    kept = [n for n in g.node if n is not first and n is not last]
+    for node in kept:  # rename so the graph's I/O keep their names: x in, out out
+        node.input[:] = [g.input[0].name if i == first.output[0] else i for i in node.input]
+        node.output[:] = [g.output[0].name if o == last.input[0] else o for o in node.output]
+    uint8 = onnx.TensorProto.UINT8
+    new_input = helper.make_tensor_value_info(g.input[0].name, uint8, x_shape)
+    new_output = helper.make_tensor_value_info(g.output[0].name, uint8, y_shape)
+    del g.node[:]
+    g.node.extend(kept)
+    g.input[0].CopyFrom(new_input)
+    g.output[0].CopyFrom(new_output)
+    return model.SerializeToString()
 
 
 def call_overhead_graph() -> tuple[bytes, tuple[int, ...]]:
@@ -316,9 +382,13 @@ def channel_block(ms: Sequence[float], widths: Sequence[int] = PROBE_WIDTHS, *, 
     return 1
 
 
-def probe_channel_block(timer: LayerTimer, batch: int) -> tuple[int, list[float]]:
+def probe_channel_block(
+    timer: LayerTimer, batch: int, transform: GraphTransform | None = None
+) -> tuple[int, list[float]]:
     """Time the probe layer across ``PROBE_WIDTHS`` and read its channel block (``channel_block``)."""
     graphs = [probe_graph(width, batch) for width in PROBE_WIDTHS]
+    if transform is not None:
+        graphs = [(transform(*g), g[1]) for g in graphs]
     # two passes, the faster of each: one slow call (a stray process) must not fake a step
     ms = [min(a, b) for a, b in zip(*([timer(*g) for g in graphs] for _ in range(2)))]
     return channel_block(ms), ms
@@ -336,6 +406,9 @@ class LatencyTable:
     layers: dict[str, str]  # layer name -> configuration key
     tables: dict[str, LayerTable]  # configuration key -> table
     network_ms: float | None = None  # the unpruned network, exported whole, on the backend
+    precision: str = "fp32"  # what the layers and network_ms were timed in
+    # the unpruned network in FP32 where ``precision`` is not: the speed-up a target names counts from it
+    reference_ms: float | None = None
     call_overhead_ms: float = 0.0  # already subtracted from every entry of ``tables``
     # the channel block the backend's kernels step by (``channel_block``; 1: smooth in width) and
     # the multiple the grid and a latency target's widths use (the block, or 8 where smooth)
@@ -366,6 +439,8 @@ class LatencyTable:
                 for k, t in self.tables.items()
             },
             "network_ms": self.network_ms,
+            "precision": self.precision,
+            "reference_ms": self.reference_ms,
             "call_overhead_ms": self.call_overhead_ms,
             "channel_block": self.channel_block,
             "multiple": self.multiple,
@@ -390,6 +465,8 @@ class LatencyTable:
             layers=dict(data["layers"]),
             tables=tables,
             network_ms=data.get("network_ms"),
+            precision=str(data.get("precision", "fp32")),
+            reference_ms=data.get("reference_ms"),
             call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),
             channel_block=int(data["channel_block"]),
             multiple=int(data["multiple"]),
@@ -405,6 +482,8 @@ class LatencyTable:
         return {
             "backend": self.backend,
             "batch": self.batch,
+            "precision": self.precision,
+            "reference_ms": self.reference_ms,
             "layers": len(self.layers),
             "configurations": len(self.tables),
             "grid_points": sum(len(t.in_grid) * len(t.out_grid) for t in self.tables.values()),
@@ -418,8 +497,9 @@ class LatencyTable:
         }
 
 
-def environment(backend: str, device: str, threads: int | None) -> dict[str, Any]:
-    """What the table's numbers depend on besides the network: it keys the cache."""
+def environment(backend: str, device: str, threads: int | None, precision: str = "fp32") -> dict[str, Any]:
+    """What the table's numbers depend on besides the network: it keys the cache (an FP32
+    table's key is what it was before precisions existed, so its cache entries stay valid)."""
     import onnxruntime
 
     from cascadec.envinfo import cpu_model, gpu_name
@@ -433,6 +513,7 @@ def environment(backend: str, device: str, threads: int | None) -> dict[str, Any
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "onnxruntime": onnxruntime.__version__,
+        **({"precision": precision} if precision != "fp32" else {}),
     }
 
 
@@ -465,6 +546,8 @@ def build_table(
     multiple: int | None = None,
     timer: LayerTimer | None = None,
     network_ms: Callable[[], float] | None = None,
+    reference_ms: Callable[[], float] | None = None,
+    precision: str = "fp32",
     use_cache: bool = True,
     progress: bool = False,
 ) -> LatencyTable:
@@ -472,19 +555,21 @@ def build_table(
     says which: a layer whose inputs no group reaches is timed at its full input width).
     ``multiple`` None probes the backend's channel block first (``probe_channel_block``) and
     grids at its multiples: a grid at multiples of 8 on a backend that steps by 16 interpolates
-    across the steps and predicts students faster than they are."""
+    across the steps and predicts students faster than they are. ``precision`` int8 times the
+    quantized graphs (``ort_timer``); ``reference_ms`` then times the unpruned network in FP32."""
     if backend not in LATENCY_BACKENDS:
         raise UserError(
             f"latency targets are measured on {' or '.join(LATENCY_BACKENDS)}; {backend!r} is not supported "
             "(a TensorRT table would need one engine build per grid point)"
         )
+    check_precision(backend, precision)
     device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
     if device == "cuda":
         from cascadec.backends.onnxruntime_backend import require_providers
 
         require_providers("cuda")
     configs = layer_configs(model, example_input)
-    env = environment(backend, device, threads)
+    env = environment(backend, device, threads, precision)
     path = _cache_file(configs, batch, grid_points, multiple, env)
     if use_cache and path.is_file():
         try:
@@ -492,12 +577,13 @@ def build_table(
         except (ValueError, KeyError, TypeError):
             pass  # a damaged entry is measured again and replaced
     timer = timer or ort_timer(device, threads)
+    transform = int8_graph if precision == "int8" else None
     prunable_in, prunable_out = _prunable_axes(configs, cost)
     start = time.perf_counter()
     probe_ms: list[float] = []
     narrow = 0
     if multiple is None:
-        block, probe_ms = probe_channel_block(timer, batch)
+        block, probe_ms = probe_channel_block(timer, batch, transform)
         multiple = block if block > 1 else 8
         # a staircase backend: half a block may take another kernel path (LatencyTable.narrow);
         # a multiple the recipe fixes is kept to exactly
@@ -533,15 +619,19 @@ def build_table(
     from cascadec.progress import track
 
     items = list(jobs.items())
+    points = {
+        (key, cin, cout): layer_onnx(config, cin, cin if config.depthwise else cout, batch)
+        for key, (config, in_grid, out_grid) in items
+        for cin in in_grid
+        for cout in out_grid
+    }
+    if transform is not None:
+        keys = list(points)
+        for k in track(keys, f"latency table: {precision} graphs") if progress else keys:
+            points[k] = (transform(*points[k]), points[k][1])
     overhead = timer(*call_overhead_graph())
     for key, (config, in_grid, out_grid) in track(items, "latency table") if progress else items:
-        ms = []
-        for cin in in_grid:
-            row = []
-            for cout in out_grid:
-                graph, x_shape = layer_onnx(config, cin, cin if config.depthwise else cout, batch)
-                row.append(max(0.0, timer(graph, x_shape) - overhead))
-            ms.append(row)
+        ms = [[max(0.0, timer(*points[key, cin, cout]) - overhead) for cout in out_grid] for cin in in_grid]
         tables[key] = LayerTable(config, in_grid, out_grid, ms)
     table = LatencyTable(
         backend=backend,
@@ -549,6 +639,8 @@ def build_table(
         layers=layers,
         tables=tables,
         network_ms=network_ms() if network_ms else None,
+        precision=precision,
+        reference_ms=reference_ms() if reference_ms and precision != "fp32" else None,
         call_overhead_ms=overhead,
         channel_block=block,
         multiple=multiple,
@@ -558,11 +650,25 @@ def build_table(
     )
     table.build_seconds = round(time.perf_counter() - start, 2)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table.to_json()))
-        os.replace(tmp, path)
+        try:  # a cache that cannot be written costs the next run a rebuild, not this run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, table.to_json(), indent=None)
+        except (OSError, UserError) as exc:
+            from cascadec.progress import log
+
+            log(f"[yellow]latency table not cached ({first_line(exc)}): the next run times it again[/]")
     return table
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Refuse (exit 2) a precision the table cannot time, or one this backend runs no faster."""
+    if precision not in LATENCY_PRECISIONS:
+        raise UserError(f"prune.latency.precision {precision!r}: use {' or '.join(LATENCY_PRECISIONS)}")
+    if backend not in LATENCY_PRECISIONS[precision]:
+        raise UserError(
+            f"prune.latency.precision {precision} is timed on {' or '.join(LATENCY_PRECISIONS[precision])} only; "
+            f"{backend} has no int8 kernels worth targeting"
+        )
 
 
 def _whole_groups(grid: list[int], full: int, groups: int) -> list[int]:
@@ -577,6 +683,52 @@ def _prunable_axes(configs: dict[str, LayerConfig], cost: CostModel | None) -> t
     a_in = cost.a_in.sum(dim=1) > 0
     a_out = cost.a_out.sum(dim=1) > 0
     return {n for n, f in zip(names, a_in.tolist()) if f}, {n for n, f in zip(names, a_out.tolist()) if f}
+
+
+def network_pair_ms(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    batch: int,
+    device: str,
+    threads: int | None,
+    rounds: int = 3,
+    seconds: float = 1.0,
+) -> tuple[float, float]:
+    """The unpruned network in INT8 and in FP32 (in that order), timed in interleaved rounds
+    (``profile_interleaved``): their ratio is what quantization alone gives, and a latency target
+    in INT8 budgets the rest, so drift between two separate timings must not move it."""
+    import tempfile
+
+    from cascadec.backends.onnx_export import export_onnx
+    from cascadec.profile.engines import profile_onnx
+    from cascadec.profile.protocol import Timing, profile_interleaved
+    from cascadec.quantize.ptq import int8_for_timing
+
+    with tempfile.TemporaryDirectory(prefix="cascadec-latency-") as tmp:
+        files = {"fp32": Path(tmp) / "network.onnx", "int8": Path(tmp) / "network.int8.onnx"}
+        was_training = model.training
+        try:
+            export_onnx(model.eval(), example_input[:1], files["fp32"])
+        finally:
+            model.train(was_training)
+        int8_for_timing(files["fp32"], files["int8"], (1, *example_input.shape[1:]), preprocess=True)
+
+        def profile_one(which: str, share: Timing) -> dict:
+            return profile_onnx(
+                files[which],
+                list(example_input.shape[1:]),
+                [batch],
+                device=device,
+                timing=share,
+                threads=threads,
+                progress=False,
+                keep_samples=True,
+            )
+
+        timing = Timing(warmup_s=0.2, min_duration_s=seconds, min_iters=20)
+        pooled, _ = profile_interleaved(profile_one, ["fp32", "int8"], rounds=rounds, timing=timing)
+    return pooled["int8"][batch]["p50_ms"], pooled["fp32"][batch]["p50_ms"]
 
 
 def network_ms(model: nn.Module, example_input: torch.Tensor, *, batch: int, device: str, threads: int | None) -> float:

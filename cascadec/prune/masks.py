@@ -2,7 +2,7 @@
 
 A mask is one vector per group (length = group size). Values are usually 0/1; during
 score learning they carry a straight-through gradient (``hard + s - s.detach()``), so the
-gradient reaching the mask is the signed Taylor term sum_{h,w} dL/dY * Y (METHOD.md Eqs. 3-4).
+gradient reaching the mask is the signed Taylor term sum_{h,w} dL/dY * Y (docs/paper.md Eqs. 3-4).
 
 The hooks read whatever vectors are currently set, so one network can be driven by
 several mask sets in turn (one per model of a TA chain), and several networks that share

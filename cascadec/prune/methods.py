@@ -189,6 +189,8 @@ def refine_for_latency(
     dist = runtime.dist if runtime is not None else None
     refined = None
     table = analysis.cost.latency.table
+    # INT8 (prune.latency.precision): the meter times the INT8 student against the FP32 network
+    scale = analysis.cost.latency.base_ms / analysis.cost.latency.reference_ms
     if dist is None or not dist.active or dist.is_main:
         model = copy.deepcopy(teacher).cpu().eval()  # latency does not depend on the weights
         meter = SpeedupMeter(
@@ -198,6 +200,8 @@ def refine_for_latency(
             backend=table.backend,
             batch=table.batch,
             threads=recipe.profile.threads,
+            precision=table.precision,
+            scale=scale,
         )
         try:
             refined = refine_latency_mask(
@@ -212,10 +216,13 @@ def refine_for_latency(
         if refined is None:
             budget = analysis.budget.scaled(settled[0], analysis.cost)
             refined = Refined(analysis.solver.solve(scores, budget), budget, settled[1])
-    shown = ", ".join(f"{h['measured_speedup']:.2f}x" for h in refined.history)
+    for h in refined.history:
+        h["deployed_speedup"] = h["measured_speedup"] / scale  # against the FP32 network
+    shown = ", ".join(f"{h['deployed_speedup']:.2f}x" for h in refined.history)
     log(
-        f"latency target {1 / analysis.budget.keep_fraction:.2f}x: measured {shown} on {table.backend}; "
-        f"kept the budget {refined.budget.keep_fraction:.3f} of the table's latency"
+        f"latency target {1 / (analysis.budget.keep_fraction * scale):.2f}x: measured {shown} on {table.backend}"
+        + (" (INT8 student against the FP32 network)" if table.precision == "int8" else "")
+        + f"; kept the budget {refined.budget.keep_fraction:.3f} of the table's latency"
     )
     return refined
 

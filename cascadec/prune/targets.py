@@ -51,6 +51,8 @@ class Budget:
             metric, fraction = target_budget(
                 flops_reduction, params_reduction, keep_ratio, latency_reduction, latency_ms, base_ms
             )
+            if latency_reduction is not None:
+                fraction = _reduction_in_table_precision(cost.latency, fraction)
         except ValueError as exc:
             raise UserError(f"target: {exc}") from None
         return cls(metric, fraction * cost.base(metric), fraction)
@@ -69,6 +71,23 @@ class Budget:
 
     def scaled(self, fraction: float, cost: CostModel) -> Budget:
         return Budget(self.metric, fraction * cost.base(self.metric), fraction)
+
+
+def _reduction_in_table_precision(latency, fraction: float) -> float:
+    """A ``latency_reduction`` counts from the unpruned FP32 network; a table timed in INT8
+    (``prune.latency.precision``) budgets against the unpruned INT8 one, which quantization alone
+    has already made faster: the pruning left to do is the rest. ValueError when INT8 alone
+    meets the target (nothing to prune)."""
+    if latency.reference_ms == latency.base_ms:
+        return fraction
+    scaled = fraction * latency.reference_ms / latency.base_ms
+    if scaled >= 1.0:
+        raise ValueError(
+            f"latency_reduction {1 - fraction:g} ({1 / fraction:.2f}x): {latency.table.precision.upper()} alone "
+            f"already gives {latency.reference_ms / latency.base_ms:.2f}x on {latency.table.backend} "
+            "(no channel needs to go): ask for more, or quantize the teacher without pruning"
+        )
+    return scaled
 
 
 class MaskSolver:

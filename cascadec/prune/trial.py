@@ -8,7 +8,7 @@ shape (NF-Nets' weight standardisation). Pruning such a group either crashes aft
 worse, yields a network that computes something other than the masked network the cascade
 trained. Rather than recognise every such op by name, the analysis removes channels from every
 group of a copy of the network and checks that the shrunk copy computes what the masked copy
-does (the exactness the whole method rests on: METHOD.md, "masked == shrunk"). Groups that break
+does (the exactness the whole method rests on: docs/paper.md, "masked == shrunk"). Groups that break
 it are found one by one and frozen with the error as the reason, so ``inspect`` names them and
 ``compress`` never prunes them.
 

@@ -142,6 +142,7 @@ def quantize_int8(
     only_nodes: Sequence[str] | None = None,
     cache: Path | None = None,
     names: Mapping[str, str] | None = None,
+    calibration_batch: int | None = None,
 ) -> dict:
     """One flavour's Q/DQ graph of ``prepared``. ``cache`` (JSON) holds the calibrated ranges:
     written by the first call, read by every later one with the same graph and method.
@@ -153,7 +154,11 @@ def quantize_int8(
     kwargs = flavour.quantize_kwargs()
     kwargs["extra_options"] = {**kwargs["extra_options"], **calib_options}
     input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
-    reader = None if cache is not None and cache.is_file() else ImageReader(images, input_name)
+    reader = (
+        None
+        if cache is not None and cache.is_file()
+        else ImageReader(images, input_name, *([calibration_batch] if calibration_batch else []))
+    )
     tmp = Path(tempfile.mkdtemp(prefix="cascadec-q-", dir=out_path.parent))
     try:
         with _quiet():
@@ -176,6 +181,27 @@ def quantize_int8(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return graph_summary(out_path, names)
+
+
+def int8_for_timing(src: Path, out_path: Path, x_shape: Sequence[int], *, preprocess: bool = False) -> Path:
+    """The ONNX Runtime flavour of ``src`` (U8S8, per-channel weights, as the quantize stage builds
+    it) calibrated on one seeded random batch of ``x_shape``: for timing only (the latency table
+    at ``prune.latency.precision: int8``, the refinement's meter). Int8 kernels run at the same
+    speed whatever the ranges, so no data set is read. ``preprocess``: ``quant_pre_process``
+    first, as the stage does for a whole network (a one-layer graph needs none)."""
+    from cascadec.quantize.flavours import get_flavour
+
+    images = np.random.default_rng(0).standard_normal(tuple(x_shape), dtype=np.float32)
+    source = src
+    if preprocess:
+        source = out_path.with_name(out_path.stem + ".prepared.onnx")
+        prepare(src, source)
+    try:
+        quantize_int8(source, out_path, get_flavour("onnxruntime"), images, calibration_batch=len(images))
+    finally:
+        if source != src:
+            source.unlink(missing_ok=True)
+    return out_path
 
 
 def graph_summary(path: Path, names: Mapping[str, str] | None = None) -> dict:

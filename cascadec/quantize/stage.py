@@ -395,12 +395,17 @@ def _profile(run: RunDir, recipe: Recipe, int8_file: str) -> dict[str, Any]:
     if missing:
         raise UserError(f"{run.file(missing[0])}: missing; run cascadec export {run.path} first")
 
+    lat = recipe.prune.latency
+    # an INT8 latency target is judged on these rounds (stages.check_latency_target): its batch too
+    int8_target = recipe.prune.target.is_latency and lat.precision == "int8"
+    batches = sorted({*p.batches, lat.batch}) if int8_target else list(p.batches)
+
     def profile_one(name: str, share: Timing) -> dict[int, dict]:
         return profile_backend(
             "onnxruntime",
             onnx_path=run.file(files[name]),
             input_shape=None,
-            batches=list(p.batches),
+            batches=batches,
             timing=share,
             threads=p.threads,
             progress=progress.enabled(),

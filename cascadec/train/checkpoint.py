@@ -6,10 +6,10 @@ stored as ONE ``.safetensors`` file: the tensors as safetensors entries and ever
 else as JSON in the safetensors header metadata. One file means one ``rename`` publishes
 tensors and bookkeeping together, so they can never disagree.
 
-Write protocol: write ``NAME.tmp``, ``fsync`` it, ``os.replace`` it over ``NAME``, ``fsync``
-the directory. A process killed at any moment leaves either the previous complete file or
-the new complete file under ``NAME``; a stray ``NAME.tmp`` is ignored (and overwritten by
-the next save). Nothing here unpickles, so loading a checkpoint cannot execute code.
+Written through ``fileio.write_bytes_atomic`` (a unique temp file beside ``NAME``, ``fsync``,
+``os.replace`` over ``NAME``, ``fsync`` of the directory): a process killed at any moment
+leaves either the previous complete file or the new complete file under ``NAME``. Nothing
+here unpickles, so loading a checkpoint cannot execute code.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Typed parity results, so the CLI, the stage and the report read fields instead of
 filtering dict keys by hand. ``to_dict`` gives the manifest/report.json form (a fixed
-contract, README), ``from_dict`` reads it back (a resumed run re-raises a failed gate from
+contract, docs/run-directory.md), ``from_dict`` reads it back (a resumed run re-raises a failed gate from
 what the manifest recorded)."""
 
 from __future__ import annotations
