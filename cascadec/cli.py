@@ -153,9 +153,20 @@ def compress(
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by compress."),
     trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines (needs tensorrt and an NVIDIA GPU)."),
-    fp16: bool = typer.Option(False, "--fp16", help="TensorRT FP16 engine."),
-    int8: bool = typer.Option(False, "--int8", help="TensorRT INT8 engine (calibrated on training images)."),
-    calib_images: int = typer.Option(512, "--calib-images", help="Training images used to calibrate --int8."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="TensorRT FP16 engine, strongly typed from student.fp16.onnx (written if missing)."
+    ),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="TensorRT INT8 engine, strongly typed from cascadec quantize's Q/DQ student.int8.trt.onnx.",
+    ),
+    int8_calibrator: bool = typer.Option(
+        False,
+        "--int8-calibrator",
+        help="TensorRT 10's implicit INT8 calibration of student.onnx instead (deprecated there, gone in 11).",
+    ),
+    calib_images: int = typer.Option(512, "--calib-images", help="Training images used by --int8-calibrator."),
     triton: bool = typer.Option(False, "--triton", help="Write a Triton Inference Server model repository."),
     triton_dir: Optional[Path] = typer.Option(
         None, "--triton-dir", help="Model repository directory (default RUN_DIR/triton)."
@@ -165,7 +176,14 @@ def export(
     from cascadec.commands import export_run
 
     for line in export_run(
-        run_dir, trt=trt, fp16=fp16, int8=int8, calib_images=calib_images, triton=triton, triton_dir=triton_dir
+        run_dir,
+        trt=trt,
+        fp16=fp16,
+        int8=int8,
+        int8_calibrator=int8_calibrator,
+        calib_images=calib_images,
+        triton=triton,
+        triton_dir=triton_dir,
     ):
         out.print(line, highlight=False)
 

@@ -56,14 +56,19 @@ def export_run(
     trt: bool = False,
     fp16: bool = False,
     int8: bool = False,
+    int8_calibrator: bool = False,
     calib_images: int = 512,
     triton: bool = False,
     triton_dir: Path | None = None,
 ) -> list[str]:
     """Re-export ONNX; ``trt`` then builds ``student.plan`` (TensorRT), ``triton`` writes a
-    Triton model repository (default RUN_DIR/triton)."""
-    if (fp16 or int8) and not trt:
-        raise UserError("--fp16/--int8 apply to TensorRT engines: add --trt")
+    Triton model repository (default RUN_DIR/triton). ``fp16`` and ``int8`` build strongly typed
+    engines from the graphs that carry their precision (``_typed_source``); ``int8_calibrator``
+    is TensorRT 10's implicit calibration of the FP32 graph instead."""
+    if (fp16 or int8 or int8_calibrator) and not trt:
+        raise UserError("--fp16/--int8/--int8-calibrator apply to TensorRT engines: add --trt")
+    if sum((fp16, int8, int8_calibrator)) > 1:
+        raise UserError("choose one of --fp16, --int8 and --int8-calibrator")
     if calib_images < 1:
         raise UserError(f"--calib-images {calib_images}: must be a positive number of images")
     if triton_dir is not None and not triton:
@@ -76,12 +81,11 @@ def export_run(
         stage_export(run, recipe, teacher, student, shape)
         lines = [f"wrote {run.file('teacher.onnx')}", f"wrote {run.file('student.onnx')}"]
         if trt:
-            images = calibration_images(recipe, calib_images) if int8 else None
+            images = calibration_images(recipe, calib_images) if int8_calibrator else None
             meta = build_engine(
-                run.file("student.onnx"),
+                _typed_source(run, fp16=fp16, int8=int8),
                 run.file("student.plan"),
-                fp16=fp16,
-                int8=int8,
+                int8=int8_calibrator,
                 batches=tuple(recipe.profile.batches),
                 calibration_images=images,
             )
@@ -93,6 +97,30 @@ def export_run(
             written = write_model_repository(run.path, triton_dir)
             lines += [f"wrote {p}" for p in written]
         return lines
+
+
+def _typed_source(run: RunDir, *, fp16: bool, int8: bool) -> Path:
+    """The ONNX file an engine is built from: the FP16 graph (converted from student.onnx where
+    missing: no data needed), the quantize stage's Q/DQ INT8 graph for TensorRT (calibrated and
+    verified there: it is never made here without them), or the FP32 graph."""
+    from cascadec.quantize.flavours import FP16_FILE, get_flavour
+
+    if fp16:
+        path = run.file(FP16_FILE)
+        if not path.is_file():
+            from cascadec.quantize.ptq import convert_fp16
+
+            convert_fp16(run.file("student.onnx"), path)
+        return path
+    if int8:
+        path = run.file(get_flavour("tensorrt").file)
+        if not path.is_file():
+            raise UserError(
+                f"{path}: missing; run `cascadec quantize {run.path}` first (it calibrates and verifies the Q/DQ "
+                "INT8 graph TensorRT builds strongly typed), or --int8-calibrator for TensorRT 10's implicit calibration"
+            )
+        return path
+    return run.file("student.onnx")
 
 
 def calibration_images(recipe: Recipe, count: int) -> np.ndarray:

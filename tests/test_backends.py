@@ -287,11 +287,20 @@ def test_onnxruntime_trt_backend_asks_for_the_tensorrt_provider(tiny, monkeypatc
     monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: providers)
     monkeypatch.setattr(ortb.ort, "InferenceSession", _RecordingSession)
     _RecordingSession.asked.clear()
+    loaded = []
+    monkeypatch.setattr(ortb, "import_module", lambda name: loaded.append(name))
     runner = get_runner("onnxruntime-trt", onnx_path=path)
-    assert _RecordingSession.asked == [providers] and runner.precision == "fp32"
+    # TF32 off in the CUDA provider: the session is recorded and gated as fp32
+    no_tf32 = ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert _RecordingSession.asked == [["TensorrtExecutionProvider", no_tf32, "CPUExecutionProvider"]]
+    assert runner.precision == "fp32"
+    assert loaded == ["tensorrt"]  # pip TensorRT's libraries loaded before the provider looks for them
     cuda = get_runner("onnxruntime-cuda", onnx_path=path, device="cuda:1")
-    assert _RecordingSession.asked[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
-    assert cuda.precision == "fp32"
+    assert _RecordingSession.asked[-1] == [
+        ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": "0"}),
+        "CPUExecutionProvider",
+    ]
+    assert cuda.precision == "fp32" and loaded == ["tensorrt"]  # the CUDA provider needs no TensorRT
 
 
 def test_divergence_device(monkeypatch):

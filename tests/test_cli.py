@@ -184,6 +184,25 @@ def test_export_fp16_without_trt_exits_2(cli, finished_run):
     assert_user_error(cli("export", finished_run.path, "--fp16"), "--trt")
 
 
+def test_tensorrt_engines_are_built_from_the_graph_that_names_their_precision(cli, copy_run):
+    """--fp16: the FP16 graph (converted where missing, no data needed); --int8: the quantize stage's
+    Q/DQ graph for TensorRT, never made here without its calibration and verification; one at a time."""
+    from cascadec.backends.onnxruntime_backend import graph_precision
+    from cascadec.commands import _typed_source
+    from cascadec.errors import UserError
+    from cascadec.run import RunDir
+
+    run_dir = copy_run("typed")
+    with RunDir.open(run_dir) as run:
+        assert _typed_source(run, fp16=False, int8=False) == run.file("student.onnx")
+        fp16 = _typed_source(run, fp16=True, int8=False)
+        assert fp16 == run.file("student.fp16.onnx") and graph_precision(fp16) == "fp16"
+        with pytest.raises(UserError, match="student.int8.trt.onnx: missing; run `cascadec quantize"):
+            _typed_source(run, fp16=False, int8=True)
+    assert_user_error(cli("export", run_dir, "--trt", "--fp16", "--int8"), "choose one")
+    assert_user_error(cli("export", run_dir, "--int8-calibrator"), "--trt")
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -91,7 +91,7 @@ def fake_tensorrt(calls: list):
         set_flag = rec("set_flag")
         clear_flag = rec("clear_flag")
         create_timing_cache = rec("create_timing_cache", Cache())
-        set_timing_cache = rec("set_timing_cache")
+        set_timing_cache = rec("set_timing_cache", True)  # TensorRT returns whether it took the cache
         get_timing_cache = rec("get_timing_cache", Cache())
 
     class Builder:
@@ -457,3 +457,88 @@ def test_strict_parse_and_build_failures_are_user_errors(strict):
     with pytest.raises(UserError, match="failed to build an engine"):
         build(build_ok=False)
     assert not list(tmp_path.glob("student.plan*"))  # a failed build leaves no engine and no metadata
+
+
+def test_a_builder_tensorrt_cannot_create_is_one_line(monkeypatch, tmp_path):
+    """TensorRT's factory returns nullptr on a CUDA mismatch (pybind11 raises TypeError): exit 2, one line."""
+    from helpers import strict_tensorrt
+
+    monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 0)))
+    monkeypatch.setitem(sys.modules, "tensorrt", strict_tensorrt.make(builder_ok=False))
+    onnx = tmp_path / "student.onnx"
+    onnx.write_bytes(b"onnx-bytes")
+    with pytest.raises(UserError, match="could not create a builder.*nullptr.*nvidia-smi"):
+        trtb.build_engine(onnx, tmp_path / "student.plan")
+    assert not list(tmp_path.glob("student.plan*"))
+
+
+def test_a_timing_cache_from_another_gpu_is_replaced_not_fatal(strict):
+    """set_timing_cache returns False for another GPU's cache (and keeps none): start a new one."""
+    build, tmp_path = strict
+    (tmp_path / "student.timing.cache").write_bytes(b"FROM-ANOTHER-GPU")
+    with pytest.warns(UserWarning, match="timing cache from another GPU"):
+        trt, meta = build(batches=(1, 8, 32))
+    assert trt.events == [("build", [])] and meta["precision"] == "fp32"
+    assert (tmp_path / "student.timing.cache").read_bytes() == b"TIMING"  # the build's own cache replaced it
+
+
+# ---------------------------------------------------------------- strongly typed: TensorRT 10 and 11
+
+
+@pytest.fixture(scope="module")
+def typed_graphs(tmp_path_factory):
+    """A tiny network as cascadec quantize writes it for TensorRT: FP32, Q/DQ INT8 (the TensorRT
+    flavour, S8S8) and FP16, each a real ONNX file."""
+    import torch
+
+    from cascadec.backends.onnx_export import export_onnx
+    from cascadec.quantize.flavours import get_flavour
+    from cascadec.quantize.ptq import convert_fp16, quantize_int8
+
+    root = tmp_path_factory.mktemp("typed")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 28 * 28, 10)
+    ).eval()
+    fp32 = root / "student.onnx"
+    export_onnx(model, torch.zeros(1, 1, 28, 28), fp32)
+    images = np.random.default_rng(0).standard_normal((8, 1, 28, 28), dtype=np.float32)
+    quantize_int8(fp32, root / "student.int8.trt.onnx", get_flavour("tensorrt"), images)
+    convert_fp16(fp32, root / "student.fp16.onnx")
+    return root
+
+
+def _strict_build(monkeypatch, tmp_path, onnx, version, **kwargs):
+    from helpers import strict_tensorrt
+
+    trt = strict_tensorrt.make(version=version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(trtb, "cuda_device", lambda: ("Fake GPU", (8, 9)))
+    return trt, trtb.build_engine(onnx, tmp_path / "student.plan", batches=(1, 8), **kwargs)
+
+
+@pytest.mark.parametrize("version", ["10.8.0", "11.0.0"])
+@pytest.mark.parametrize("name, precision", [("student.int8.trt.onnx", "int8"), ("student.fp16.onnx", "fp16")])
+def test_qdq_and_fp16_graphs_build_strongly_typed(typed_graphs, monkeypatch, tmp_path, version, name, precision):
+    """The graph names its types: a strongly typed network, no precision flag, no calibrator, one
+    code path on TensorRT 10 and 11; the metadata says what the engine computes in."""
+    trt, meta = _strict_build(monkeypatch, tmp_path, typed_graphs / name, version)
+    assert ("network", "strongly typed") in trt.events and trt.events[-1] == ("build", [])
+    assert meta["precision"] == precision and meta["strongly_typed"] and meta["calibration_cache"] is None
+    with pytest.raises(UserError, match=f"already {precision.upper()}"):
+        _strict_build(monkeypatch, tmp_path, typed_graphs / name, version, fp16=True)
+
+
+def test_a_weakly_typed_qdq_network_fails_on_tensorrt_10(typed_graphs, monkeypatch, tmp_path):
+    """What strong typing buys: without the flag, TensorRT 10 refuses Q/DQ nodes unless INT8 is set."""
+    monkeypatch.setattr(trtb, "_network_flags", lambda trt, strongly_typed: 0)
+    with pytest.raises(UserError, match="failed to build"):
+        _strict_build(monkeypatch, tmp_path, typed_graphs / "student.int8.trt.onnx", "10.8.0")
+
+
+def test_tensorrt_11_builds_fp32_and_refuses_the_removed_flags(typed_graphs, monkeypatch, tmp_path):
+    trt, meta = _strict_build(monkeypatch, tmp_path, typed_graphs / "student.onnx", "11.0.0")
+    assert meta["precision"] == "fp32" and trt.events[-1] == ("build", [])  # TF32 cleared
+    for flag in ("fp16", "int8"):
+        with pytest.raises(UserError, match=f"no BuilderFlag.{flag.upper()}.*cascadec quantize"):
+            _strict_build(monkeypatch, tmp_path, typed_graphs / "student.onnx", "11.0.0", **{flag: True})

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from cascadec.backends.onnxruntime_backend import PROVIDERS, require_providers
+from cascadec.backends.onnxruntime_backend import PROVIDER_OPTIONS, PROVIDERS, require_providers
 from cascadec.backends.torch_backend import first_output, resolve_device
 from cascadec.errors import UserError, first_line
 
@@ -169,8 +169,8 @@ class OrtDeviceRunner:
                 if cache_dir is not None:  # engines are built per input shape; keep them between runs
                     trt_options.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(cache_dir))
                 providers.append((name, trt_options))
-            else:
-                providers.append((name, dict(stream_options)))
+            else:  # the CUDA provider: TF32 off (PROVIDER_OPTIONS), as for every fp32 session
+                providers.append((name, {**stream_options, **PROVIDER_OPTIONS.get(name, {})}))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads is not None:
@@ -212,7 +212,11 @@ class OrtDeviceRunner:
     def stage(self, x: np.ndarray) -> None:
         if self.io is None:
             self.bind(int(x.shape[0]))
-        self.device_input.update_inplace(np.ascontiguousarray(x, dtype=np.float32))  # synchronous cudaMemcpy
+        self.device_input.update_inplace(np.ascontiguousarray(x, dtype=np.float32))
+        # update_inplace copies with cudaMemcpy on the legacy default stream, which returns once a
+        # pageable source is staged, not once it has landed; the session computes on self.stream,
+        # which does not wait for stream 0: wait here, so compute never reads a half-copied input
+        torch.cuda.default_stream(self.stream.device).synchronize()
 
     def compute(self) -> None:
         self.session.run_with_iobinding(self.io, self.run_options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,29 @@ def _providers(device: str) -> list[str | tuple[str, dict]]:
             f"onnxruntime has no {wanted} (available: {', '.join(available)}); "
             f"install onnxruntime-gpu{extra} on a machine with an NVIDIA GPU"
         )
-    options = {"device_id": int(index)} if index else {}
-    return [(name, options) if name != "CPUExecutionProvider" and options else name for name in PROVIDERS[kind]]
+    if kind == "tensorrt":
+        _preload_tensorrt_libs()
+    device = {"device_id": int(index)} if index else {}
+    out: list[str | tuple[str, dict]] = []
+    for name in PROVIDERS[kind]:
+        options = {**device, **PROVIDER_OPTIONS.get(name, {})} if name != "CPUExecutionProvider" else {}
+        out.append((name, options) if options else name)
+    return out
+
+
+# ORT's CUDA provider computes float32 convolutions and matmuls in TF32 (10-bit mantissa) by
+# default on Ampere and later, while cascadec records and gates such a session as fp32: off
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
+def _preload_tensorrt_libs() -> None:
+    """Import the ``tensorrt`` package, if installed, before ORT's TensorRT provider loads:
+    pip's TensorRT keeps its libraries in ``tensorrt_libs``, which the provider finds only once
+    the package has loaded them into the process."""
+    try:
+        import_module("tensorrt")
+    except ImportError:
+        pass  # a system TensorRT on the library path needs nothing; a missing one ORT names itself
 
 
 def require_providers(device: str) -> None:

@@ -4,6 +4,11 @@ Written against the TensorRT 10 Python API:
 
 * networks are always explicit-batch in TensorRT 10, so ``create_network(0)``
   (``NetworkDefinitionCreationFlag.EXPLICIT_BATCH`` is deprecated and ignored there);
+* a graph that carries its own precision (``cascadec quantize``'s Q/DQ INT8
+  ``student.int8.trt.onnx`` or FP16 ``student.fp16.onnx``) is built as a **strongly typed**
+  network: TensorRT 10 with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, TensorRT 11 always
+  (the flag deprecated and ignored there), with no precision builder flag and no calibrator, so
+  one code path serves both; the engine computes in the types the graph names;
 * one optimisation profile covers the batch sizes (min / opt / max);
 * ``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` select reduced precision. INT8 uses implicit
   quantisation with an ``IInt8EntropyCalibrator2`` over calibration images (deprecated since
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_bytes_atomic, write_text_atomic
 
 INSTALL_HINT = "pip install 'cascadec[gpu]' on a machine with an NVIDIA GPU (TensorRT needs CUDA)"
@@ -137,20 +142,31 @@ def build_engine(
 ) -> dict:
     """Build ``engine_path`` from ``onnx_path``; write ``<engine>.json`` metadata; return it.
 
+    An ONNX file whose graph is already INT8 (Q/DQ) or FP16 is built strongly typed and takes
+    neither ``fp16`` nor ``int8`` (``_network_flags``); ``fp16``/``int8`` on an FP32 graph are
+    TensorRT 10's builder flags (weakly typed; INT8 through the implicit calibrator).
+
     Timing cache: ``<engine stem>.timing.cache`` next to the engine (or in ``cache_dir``);
     INT8 calibration cache: ``<engine stem>.calib-<images>-<digest>.cache`` in the same place."""
     trt = require_tensorrt(gpu=True)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path}: ONNX file not found; run cascadec export first")
-    if int8 and (calibration_images is None or len(calibration_images) == 0):
-        raise UserError("an INT8 engine needs calibration images (a few hundred training images)")
+    from cascadec.backends.onnxruntime_backend import graph_precision
+
+    typed = graph_precision(onnx_path)  # int8 / fp16: the graph names its own types
+    if typed != "fp32" and (fp16 or int8):
+        raise UserError(
+            f"{onnx_path} is already {typed.upper()} (its precision is in the graph): build it without --fp16/--int8"
+        )
     for flag, wanted in (("FP16", fp16), ("INT8", int8)):
         if wanted and not hasattr(trt.BuilderFlag, flag):
             raise UserError(
-                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in TensorRT 11); "
-                "install tensorrt 10.x or drop --fp16/--int8"
+                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (removed in TensorRT 11): build the "
+                f"{flag} ONNX instead (cascadec quantize RUN_DIR; export --trt --{flag.lower()} uses it)"
             )
+    if int8 and (calibration_images is None or len(calibration_images) == 0):
+        raise UserError("an INT8 engine needs calibration images (a few hundred training images)")
     bmin, bopt, bmax = profile_batches(batches)
     cache_root = Path(cache_dir) if cache_dir is not None else engine_path.parent
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -167,8 +183,8 @@ def build_engine(
     gpu_name, capability = device if device else (None, None)
 
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    builder = _builder(trt, logger)
+    network = builder.create_network(_network_flags(trt, strongly_typed=typed != "fp32"))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -208,16 +224,17 @@ def build_engine(
         config.set_calibration_profile(calib_profile)
         config.int8_calibrator = _make_calibrator(trt, calibration_images, calib_path, cal_batch)
 
-    timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-    config.set_timing_cache(timing, False)  # ignore_mismatch=False: a cache from another GPU is rejected
+    _set_timing_cache(config, timing_path)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"{onnx_path}: TensorRT failed to build an engine (see the TensorRT log above)")
     write_bytes_atomic(engine_path, bytes(memoryview(serialized)))
-    write_bytes_atomic(timing_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    timing = config.get_timing_cache()
+    if timing is not None:
+        write_bytes_atomic(timing_path, bytes(memoryview(timing.serialize())))
 
-    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    precision = typed if typed != "fp32" else "int8" if int8 else "fp16" if fp16 else "fp32"
     meta: dict[str, Any] = {
         "engine": str(engine_path),
         "onnx": str(onnx_path),
@@ -225,6 +242,7 @@ def build_engine(
         "gpu": gpu_name,
         "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
         "precision": precision,
+        "strongly_typed": typed != "fp32",
         "fp16": bool(fp16),
         "int8": bool(int8),
         "input": inp.name,
@@ -236,6 +254,61 @@ def build_engine(
     }
     write_text_atomic(metadata_path(engine_path), json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _network_flags(trt: ModuleType, *, strongly_typed: bool) -> int:
+    """``create_network``'s flags: 0 (explicit batch, the only mode since TensorRT 10), or for
+    a graph that names its own types, strongly typed: TensorRT 10 needs
+    ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; TensorRT 11 networks are strongly typed
+    always and ignore the deprecated flag, so none is passed there."""
+    if not strongly_typed:
+        return 0
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    if _major(trt) >= 11:
+        return 0
+    if flag is None:
+        raise UserError(
+            f"TensorRT {trt.__version__} cannot build a strongly typed network (needs TensorRT 10 or later) from a "
+            "graph that names its own precision"
+        )
+    return 1 << int(flag.value if hasattr(flag, "value") else flag)
+
+
+def _major(trt: ModuleType) -> int:
+    try:
+        return int(str(trt.__version__).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _builder(trt: ModuleType, logger: Any) -> Any:
+    """``trt.Builder``, or one line (exit 2) where TensorRT cannot make one: its factory returns
+    nullptr (pybind11 raises TypeError, older bindings return None) when TensorRT's CUDA does not
+    match the driver or no GPU is usable, which would otherwise surface as an internal error."""
+    try:
+        builder = trt.Builder(logger)
+        detail = "it returned nothing"
+    except (TypeError, RuntimeError) as exc:
+        builder, detail = None, first_line(exc)
+    if builder is None:
+        raise UserError(
+            f"TensorRT {trt.__version__} could not create a builder ({detail}): usually TensorRT's CUDA does not "
+            "match the driver (`nvidia-smi` shows the driver's CUDA version) or no GPU is usable"
+        )
+    return builder
+
+
+def _set_timing_cache(config: Any, path: Path) -> None:
+    """The timing cache at ``path``, or an empty one where TensorRT rejects it (made on another
+    GPU or TensorRT version: ``set_timing_cache`` returns False and keeps none, and the build's
+    cache is then written over it)."""
+    stored = path.read_bytes() if path.is_file() else b""
+    # ignore_mismatch=False: a cache from another GPU is rejected rather than used
+    if config.set_timing_cache(config.create_timing_cache(stored), False):
+        return
+    warnings.warn(f"{path}: timing cache from another GPU or TensorRT version; starting a new one", stacklevel=3)
+    if not config.set_timing_cache(config.create_timing_cache(b""), False):
+        raise UserError("TensorRT refused an empty timing cache; the build cannot record its tactics")
 
 
 def metadata_path(engine_path: str | os.PathLike[str]) -> Path:

@@ -71,3 +71,10 @@ def test_onnxruntime_cuda_iobinding(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
     expected = net()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(OrtDeviceRunner(path, (3, 32, 32)).bind(2)(x), expected, atol=1e-3, rtol=1e-3)
+    runner = OrtDeviceRunner(path, (3, 32, 32))
+    # TF32 off: the session is timed and gated as fp32 (issue 28); ORT reports its options back
+    assert runner.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
+    for _ in range(3):  # a fresh input each time: compute must see it whole (stage waits for the copy)
+        x = np.random.default_rng(_).standard_normal((2, 3, 32, 32), dtype=np.float32)
+        expected = net()(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(runner.bind(2)(x), expected, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,9 @@ def test_int8_engine_builds_with_calibration(tiny_onnx, tmp_path):
 
     images = np.random.default_rng(1).standard_normal((64, 1, 28, 28), dtype=np.float32)
     meta = build_engine(tiny_onnx, tmp_path / "tiny.plan", int8=True, batches=(1, 8), calibration_images=images)
-    assert meta["precision"] == "int8" and (tmp_path / "tiny.calib.cache").is_file()
+    # build_engine keys the cache by the images: tiny.calib-<count>-<digest>.cache
+    assert meta["precision"] == "int8" and Path(meta["calibration_cache"]).is_file()
+    assert Path(meta["calibration_cache"]).name.startswith("tiny.calib-64-")
     assert run_engine(tmp_path / "tiny.plan", images[:8]).shape == (8, 10)
 
 

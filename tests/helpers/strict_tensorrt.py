@@ -1,4 +1,4 @@
-"""A strict stand-in for the TensorRT 10 builder API, for CPU machines.
+"""A strict stand-in for the TensorRT 10 and 11 builder APIs, for CPU machines.
 
 Only the names the TensorRT 10 Python API has (``tensorrt.Builder``, ``IBuilderConfig``,
 ``IOptimizationProfile``, ``OnnxParser``, ``IInt8EntropyCalibrator2``, ``ITimingCache``, the
@@ -11,6 +11,12 @@ batches until ``get_batch`` returns None, write the cache) when the INT8 flag is
 
 ``pointers`` maps an address to the array behind it: tests make ``_to_device`` register CPU
 arrays here, so calibration batches are checked for their shape without a GPU.
+
+``version`` "11.x" gives TensorRT 11's surface: no ``BuilderFlag.FP16`` / ``BF16`` / ``INT8``,
+no ``int8_calibrator`` or calibration profile, no calibrator classes, and every network strongly
+typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` deprecated and ignored). Both versions
+enforce what strong typing means: a strongly typed network refuses precision builder flags, and a
+weakly typed one that holds Q/DQ nodes (seen in the parsed bytes) needs ``BuilderFlag.INT8``.
 """
 
 from __future__ import annotations
@@ -21,18 +27,33 @@ import types
 import numpy as np
 
 
-def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool = True, pointers: dict | None = None):
+def make(
+    *,
+    input_shape=(-1, 1, 28, 28),
+    parse_ok: bool = True,
+    build_ok: bool = True,
+    builder_ok: bool = True,
+    pointers: dict | None = None,
+    version: str = "10.8.0",
+):
+    """``builder_ok`` False: ``Builder(logger)`` fails as pybind11 does when TensorRT's factory
+    returns nullptr (a CUDA mismatch). A timing cache whose bytes are not this fake's own
+    (``b"TIMING"``) or empty is one from another GPU or version: ``set_timing_cache`` returns
+    False and keeps no cache, as TensorRT does with ``ignore_mismatch=False``."""
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.8.0"
+    trt.__version__ = version
+    major = int(version.split(".")[0])
     events: list[tuple] = []
     trt.events = events
     pointers = {} if pointers is None else pointers
 
-    class BuilderFlag(enum.Enum):
-        FP16 = 0
-        BF16 = 1
-        INT8 = 2
-        TF32 = 3
+    flags = {"FP16": 0, "BF16": 1, "INT8": 2, "TF32": 3} if major < 11 else {"TF32": 3}
+    BuilderFlag = enum.Enum("BuilderFlag", flags)
+    WEAK_TYPING = {f for f in BuilderFlag if f.name in ("FP16", "BF16", "INT8")}
+
+    class NetworkDefinitionCreationFlag(enum.Enum):
+        EXPLICIT_BATCH = 0
+        STRONGLY_TYPED = 5
 
     class MemoryPoolType(enum.Enum):
         WORKSPACE = 0
@@ -56,8 +77,10 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
             self.name, self.shape = name, tuple(shape)
 
     class INetworkDefinition:
-        def __init__(self):
+        def __init__(self, strongly_typed=False):
             self._inputs = []
+            self.strongly_typed = strongly_typed
+            self.qdq = False  # the parsed model holds QuantizeLinear / DequantizeLinear
 
         @property
         def num_inputs(self):
@@ -91,6 +114,7 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
                 self._errors.append(ParserError("Unsupported ONNX op: FancyOp"))
                 return False
             self._network._inputs.append(ITensor("input", input_shape))
+            self._network.qdq = b"QuantizeLinear" in bytes(model)
             return True
 
         @property
@@ -181,6 +205,8 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
         def set_timing_cache(self, cache, ignore_mismatch):
             if not isinstance(cache, ITimingCache) or not isinstance(ignore_mismatch, bool):
                 raise TypeError("set_timing_cache(cache: ITimingCache, ignore_mismatch: bool)")
+            if cache.blob not in (b"", b"TIMING") and not ignore_mismatch:
+                return False  # another GPU's or version's cache: rejected, nothing set
             self.timing_cache = cache
             return True
 
@@ -194,11 +220,16 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
         def __init__(self, logger):
             if not isinstance(logger, Logger):
                 raise TypeError("Builder(logger: ILogger)")
+            if not builder_ok:
+                raise TypeError("pybind11::init(): factory function returned nullptr")
 
         def create_network(self, flags=0):
             if not isinstance(flags, int):
                 raise TypeError("create_network(flags: int = 0)")
-            return INetworkDefinition()
+            strongly_typed = major >= 11 or bool(flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED.value))
+            if strongly_typed:
+                events.append(("network", "strongly typed"))
+            return INetworkDefinition(strongly_typed)
 
         def create_builder_config(self):
             return IBuilderConfig()
@@ -212,7 +243,13 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
             assert network.num_inputs == 1, "the network was not parsed"
             assert config.profiles, "no optimisation profile: a dynamic batch axis cannot build"
             assert config.timing_cache is not None and MemoryPoolType.WORKSPACE in config.pools
-            if BuilderFlag.INT8 in config.flags:
+            if network.strongly_typed and config.flags & WEAK_TYPING:
+                events.append(("error", "precision flags on a strongly typed network"))
+                return None
+            if network.qdq and not network.strongly_typed and not any(f.name == "INT8" for f in config.flags):
+                events.append(("error", "Q/DQ nodes in a weakly typed network without BuilderFlag.INT8"))
+                return None
+            if any(f.name == "INT8" for f in config.flags) and not network.qdq:
                 _calibrate(config)
             events.append(("build", sorted(f.name for f in config.flags)))
             return memoryview(b"PLAN") if build_ok else None
@@ -245,7 +282,11 @@ def make(*, input_shape=(-1, 1, 28, 28), parse_ok: bool = True, build_ok: bool =
         events.append(("calibrated", batches))
 
     trt.BuilderFlag, trt.MemoryPoolType, trt.Logger = BuilderFlag, MemoryPoolType, Logger
+    trt.NetworkDefinitionCreationFlag = NetworkDefinitionCreationFlag
     trt.Builder, trt.OnnxParser = Builder, OnnxParser
-    trt.IInt8Calibrator, trt.IInt8EntropyCalibrator2 = IInt8Calibrator, IInt8EntropyCalibrator2
+    if major < 11:
+        trt.IInt8Calibrator, trt.IInt8EntropyCalibrator2 = IInt8Calibrator, IInt8EntropyCalibrator2
+    else:  # TensorRT 11 removed implicit INT8 calibration
+        del IBuilderConfig.int8_calibrator, IBuilderConfig.set_calibration_profile
     trt.IOptimizationProfile, trt.IBuilderConfig, trt.ITimingCache = IOptimizationProfile, IBuilderConfig, ITimingCache
     return trt
