@@ -314,3 +314,15 @@ def test_torchvision_weights_name_errors() -> None:
         create_model("cifar_resnet20", weights="DEFAULT")
     with pytest.raises(UserError, match="needs the model"):
         load_weights(nn.Linear(2, 2), "IMAGENET1K_V1")
+
+
+def test_a_head_too_large_for_memory_is_one_line(cli) -> None:
+    """Found by the hostile-argument search: ``inspect cifar_resnet8 --num-classes 1000000000``
+    asked torch for 256 GB and ended in an internal error (exit 1)."""
+    from cascadec.errors import UserError
+    from cascadec.models import create_model
+
+    with pytest.raises(UserError, match=r"num_classes=10000000000\): its weights do not fit in memory"):
+        create_model("cifar_resnet8", num_classes=10**10)
+    result = cli("inspect", "cifar_resnet8", "--num-classes", "1000000000")
+    assert result.code == 2 and "do not fit in memory" in result.err and "Traceback" not in result.err

@@ -14,10 +14,11 @@ means nothing is downloaded unless the user named torchvision weights.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
@@ -27,7 +28,7 @@ import torchvision.models as tvm
 from torch import nn
 from torchvision.models.mnasnet import MNASNet
 
-from cascadec.errors import UserError
+from cascadec.errors import UserError, first_line
 from cascadec.models import cifar, external
 from cascadec.models.adapt import adapt_input_channels, adapt_num_classes
 from cascadec.models.weights import (
@@ -176,6 +177,33 @@ def create_model(
     for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UserError(f"{key} must be a positive integer, got {value!r}")
+    with _weights_must_fit(name, num_classes, in_channels):
+        return _create(name, num_classes=num_classes, in_channels=in_channels, weights=weights, options=options)
+
+
+@contextlib.contextmanager
+def _weights_must_fit(name: str, num_classes: int | None, in_channels: int | None) -> Iterator[None]:
+    """A head or stem too large for memory (``--num-classes 1000000000``: 256 GB of weights) is
+    refused with one line, not an internal error from torch's allocator."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+            raise
+        sizes = ", ".join(f"{k}={v}" for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if v)
+        raise UserError(
+            f"{name}{f' ({sizes})' if sizes else ''}: its weights do not fit in memory ({first_line(exc, 120)})"
+        ) from None
+
+
+def _create(
+    name: str,
+    *,
+    num_classes: int | None,
+    in_channels: int | None,
+    weights: str | Path | None,
+    options: dict[str, Any] | None,
+) -> nn.Module:
     if external.is_external(name):
         pretrained = str(weights or "").strip() == external.TIMM_PRETRAINED and name.startswith(external.TIMM_PREFIX)
         if name.startswith(external.TIMM_PREFIX):
