@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency_targets import run_entry, run_lines  # noqa: E402
+from latency_targets import run_entry, run_lines, save_results  # noqa: E402
 
 from cascadec.backends.onnx_export import export_onnx  # noqa: E402
 from cascadec.errors import UserError  # noqa: E402
@@ -169,11 +169,7 @@ def _load() -> dict:
 
 
 def _save(data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = JSON_PATH.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(JSON_PATH)
-    MD_PATH.write_text(markdown(data))
+    save_results(data, JSON_PATH, MD_PATH, markdown)
 
 
 def _x(v: float | None) -> str:

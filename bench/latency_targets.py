@@ -390,12 +390,17 @@ def _load() -> dict:
     return {"runs": [], "results": {}}
 
 
-def _save(data: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = JSON_PATH.with_suffix(".tmp")
+def save_results(data: dict, json_path: Path, md_path: Path, render) -> None:
+    """The JSON (replaced whole, so a stopped run leaves the last complete one) and its Markdown."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    tmp.replace(JSON_PATH)
-    MD_PATH.write_text(markdown(data))
+    tmp.replace(json_path)
+    md_path.write_text(render(data))
+
+
+def _save(data: dict) -> None:
+    save_results(data, JSON_PATH, MD_PATH, markdown)
 
 
 def _table_only(lat: dict) -> str:

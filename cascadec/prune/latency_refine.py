@@ -53,7 +53,7 @@ class SpeedupMeter:
         precision: str = "fp32",
         scale: float = 1.0,
     ) -> None:
-        from cascadec.backends.onnx_export import export_onnx
+        from cascadec.prune.latency_table import export_eval
 
         self.model, self.index = model, index
         self.example = example_input.detach()[:1].clone().cpu()
@@ -62,11 +62,7 @@ class SpeedupMeter:
         self.precision, self.scale = precision, scale
         self._tmp = tempfile.TemporaryDirectory(prefix="cascadec-refine-")
         self.dir = Path(self._tmp.name)
-        was_training = model.training
-        try:
-            export_onnx(model.eval(), self.example, self.dir / "full.onnx")
-        finally:
-            model.train(was_training)
+        export_eval(model, self.example, self.dir / "full.onnx")
         self.calls = 0
 
     def _quantized(self, path: Path) -> None:

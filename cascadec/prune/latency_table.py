@@ -685,6 +685,18 @@ def _prunable_axes(configs: dict[str, LayerConfig], cost: CostModel | None) -> t
     return {n for n, f in zip(names, a_in.tolist()) if f}, {n for n, f in zip(names, a_out.tolist()) if f}
 
 
+def export_eval(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
+    """``model`` exported as ``export`` exports it (eval mode, batch axis dynamic), its mode
+    restored after: the table, the network timings and the refinement's meter all time that."""
+    from cascadec.backends.onnx_export import export_onnx
+
+    was_training = model.training
+    try:
+        export_onnx(model.eval(), example_input[:1], path)
+    finally:
+        model.train(was_training)
+
+
 def network_pair_ms(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -700,18 +712,13 @@ def network_pair_ms(
     in INT8 budgets the rest, so drift between two separate timings must not move it."""
     import tempfile
 
-    from cascadec.backends.onnx_export import export_onnx
     from cascadec.profile.engines import profile_onnx
     from cascadec.profile.protocol import Timing, profile_interleaved
     from cascadec.quantize.ptq import int8_for_timing
 
     with tempfile.TemporaryDirectory(prefix="cascadec-latency-") as tmp:
         files = {"fp32": Path(tmp) / "network.onnx", "int8": Path(tmp) / "network.int8.onnx"}
-        was_training = model.training
-        try:
-            export_onnx(model.eval(), example_input[:1], files["fp32"])
-        finally:
-            model.train(was_training)
+        export_eval(model, example_input, files["fp32"])
         int8_for_timing(files["fp32"], files["int8"], (1, *example_input.shape[1:]), preprocess=True)
 
         def profile_one(which: str, share: Timing) -> dict:
@@ -735,16 +742,11 @@ def network_ms(model: nn.Module, example_input: torch.Tensor, *, batch: int, dev
     """The whole network, exported as ``export`` exports it, timed on the backend."""
     import tempfile
 
-    from cascadec.backends.onnx_export import export_onnx
     from cascadec.backends.onnxruntime_backend import _create_session
 
     with tempfile.TemporaryDirectory(prefix="cascadec-latency-") as tmp:
         path = Path(tmp) / "network.onnx"
-        was_training = model.training
-        try:
-            export_onnx(model.eval(), example_input[:1], path)
-        finally:
-            model.train(was_training)
+        export_eval(model, example_input, path)
         session = _create_session(str(path), device, threads, "latency table network")
         name = session.get_inputs()[0].name
         x = np.random.default_rng(0).standard_normal((batch, *example_input.shape[1:]), dtype=np.float32)
