@@ -15,7 +15,10 @@ batch 1 and 32. Then ONNX Runtime's own profiler splits one INT8 batch-32 run by
 
 accuracy: ``cascadec quantize RUN_DIR [--set quantize.KEY=VALUE]`` on a finished run (the demo's),
 then the FP32 student, both INT8 files and the FP16 file evaluated on the full test split with
-ONNX Runtime; ``--set quantize.qat=always --key NAME`` records QAT + KD's files beside PTQ's.
+ONNX Runtime, each INT8 file as the stage judges it (the onnxruntime flavour through ORT's fused
+int8 kernels, the tensorrt flavour with ORT's graph optimisations off) and the other way too,
+so a CPU artefact (int16 saturation without VNNI) shows; ``--set quantize.qat=always --key NAME``
+records QAT + KD's files beside PTQ's, ``--set quantize.reduce_range=false`` the 8-bit weights.
 
 Results are written after each model (JSON and Markdown): bench/results/quantize-cpu.{json,md}.
 Run nothing else on the machine while it times.
@@ -153,6 +156,8 @@ def speed(args: argparse.Namespace, data: dict) -> None:
 
 def accuracy(args: argparse.Namespace, data: dict) -> None:
     from cascadec.data.loaders import load_data
+    from cascadec.envinfo import cpu_model, x86_int8_dot
+    from cascadec.quantize.flavours import get_flavour
     from cascadec.quantize.sensitivity import onnx_accuracy
     from cascadec.run import RunDir
 
@@ -174,7 +179,11 @@ def accuracy(args: argparse.Namespace, data: dict) -> None:
     y = np.asarray([int(val[i][1]) for i in range(len(val))])
     q = json.loads((run_dir / "report.json").read_text())["quantize"]
     files = {"fp32": "student.onnx", **{k: a["file"] for k, a in q["artifacts"].items()}}
-    acc = {name: onnx_accuracy(run_dir / f, x, y) for name, f in files.items()}
+    fused = {k: get_flavour(k.removeprefix("int8-")).judge_fused if k.startswith("int8-") else True for k in files}
+    acc = {name: onnx_accuracy(run_dir / f, x, y, fused=fused[name]) for name, f in files.items()}
+    other_way = {
+        k: onnx_accuracy(run_dir / f, x, y, fused=not fused[k]) for k, f in files.items() if k.startswith("int8-")
+    }
     data["accuracy"][key] = {
         "recipe": recipe.name,
         "flops_reduction": json.loads((run_dir / "report.json").read_text())["student"].get("flops_reduction"),
@@ -182,6 +191,11 @@ def accuracy(args: argparse.Namespace, data: dict) -> None:
         "test_images": int(len(y)),
         "accuracy": acc,
         "points_vs_fp32": {k: 100 * (v - acc["fp32"]) for k, v in acc.items() if k != "fp32"},
+        "judged_fused": {k: v for k, v in fused.items() if k != "fp32"},
+        "other_way_points_vs_fp32": {k: 100 * (v - acc["fp32"]) for k, v in other_way.items()},
+        "cpu": cpu_model(),
+        "cpu_int8_dot": x86_int8_dot(),
+        "reduce_range": {k: a.get("reduce_range") for k, a in q["artifacts"].items() if k.startswith("int8-")},
         "selection": {k: a["selection_accuracy"] for k, a in q["artifacts"].items()},
         "float_layers": {k: a["graph"].get("float_layers") for k, a in q["artifacts"].items()},
         "calibration": q["calibration"],
@@ -223,8 +237,14 @@ def markdown(data: dict) -> str:
             "Goal: INT8 within 0.3 points of the FP32 student for the demo's (fmnist_quick), within 0.5 for the "
             "CaP + KD students.",
             "",
-            "| Run | Recipe | FLOPs cut | Images | FP32 | File | Accuracy | vs FP32 | Float layers | Goal |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "Judged: how the file was scored on ONNX Runtime, fused (its int8 kernels) or unfused (graph "
+            "optimisations off: Q/DQ in float, as TensorRT's int32 accumulation computes it); the other way "
+            "beside it. CPU: `vnni` (int8 dot products into int32) or `avx2` (pairs into int16, saturating); "
+            "rows with these columns empty are from the AVX-512 VNNI machine, every file scored fused. 7-bit: "
+            "`reduce_range` weights.",
+            "",
+            "| Run | Recipe | FLOPs cut | CPU | Images | FP32 | File | Accuracy | vs FP32 | Judged | Other way | 7-bit | Float layers | Goal |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key, e in data["accuracy"].items():
             limit = e.get("goal_points", GOAL_POINTS.get(e.get("recipe", ""), GOAL_POINTS["fmnist_quick"]))
@@ -237,10 +257,17 @@ def markdown(data: dict) -> str:
                     name_shown = f"{name} ({shipped}; QAT selection {100 * e['qat'][name]['qat_selection_accuracy']:.2f} %, PTQ {100 * e['qat'][name]['ptq_selection_accuracy']:.2f} %)"
                 else:
                     name_shown = name
+                judged = (e.get("judged_fused") or {}).get(name)
+                other = (e.get("other_way_points_vs_fp32") or {}).get(name)
+                seven = (e.get("reduce_range") or {}).get(name)
                 lines.append(
                     f"| {key} | {e.get('recipe', 'fmnist_quick')} | {'' if cut is None else f'{100 * cut:.1f} %'} | "
+                    f"{e.get('cpu_int8_dot') or 'vnni'} | "
                     f"{e['test_images']} | {100 * e['accuracy']['fp32']:.2f} % | {name_shown} | "
-                    f"{100 * e['accuracy'][name]:.2f} % | {pts:+.2f} | {', '.join(floats) or 'none'} | {goal} |"
+                    f"{100 * e['accuracy'][name]:.2f} % | {pts:+.2f} | "
+                    f"{'' if judged is None else ('fused' if judged else 'unfused')} | "
+                    f"{'' if other is None else f'{other:+.2f}'} | {'' if seven is None else ('yes' if seven else 'no')} | "
+                    f"{', '.join(floats) or 'none'} | {goal} |"
                 )
         lines.append("")
     if data["speed"]:

@@ -46,6 +46,46 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or ``sysctl`` on macOS; empty when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    if sys.platform == "darwin" and shutil.which("sysctl"):
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout
+            return frozenset(f.lower().replace(".", "_") for f in out.split())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return frozenset()
+
+
+def x86_int8_dot() -> str | None:
+    """How this x86 CPU multiplies int8: ``"vnni"`` (AVX-512 VNNI or AVX-VNNI: u8 x s8 products
+    summed straight into int32) or ``"avx2"`` (no VNNI: ``vpmaddubsw`` adds pairs of products
+    into int16 with saturation, which full-range 8-bit weights can overflow); ``None`` on other
+    architectures, or when the flags cannot be read. Why ONNX Runtime's ``reduce_range`` exists."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return None
+    flags = cpu_flags()
+    if not flags:
+        return None
+    if flags & {"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"}:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "sse"
+
+
 def _version(module: str) -> str | None:
     loaded = sys.modules.get(module)
     if loaded is not None and isinstance(getattr(loaded, "__version__", None), str):
@@ -184,6 +224,7 @@ def environment() -> dict:
     ort_device = onnxruntime.get_device()
     return {
         "cpu": cpu_model(),
+        "cpu_int8_dot": x86_int8_dot(),
         "logical_cores": os.cpu_count(),
         "physical_cores": _physical_cores(),
         "usable_cpus": _usable_cpus(),

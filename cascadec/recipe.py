@@ -495,6 +495,11 @@ class QuantizeSection(_Strict):
         default_factory=list,
         description="layers kept in float: PyTorch module names (layer1.0.conv1) or ONNX node names",
     )
+    reduce_range: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="7-bit weights in the onnxruntime flavour: auto takes them on an x86 CPU without VNNI (whose "
+        "int8 kernels saturate in int16 with 8-bit weights) and not elsewhere; the tensorrt flavour never does",
+    )
     max_accuracy_drop: float = Field(
         0.005,
         ge=0,

@@ -13,7 +13,8 @@ from helpers.cli import invoke_cli, write_recipe
 from onnx import numpy_helper
 
 from cascadec.backends.onnxruntime_backend import OrtRunner, graph_precision
-from cascadec.quantize.flavours import FLAVOURS
+from cascadec.envinfo import x86_int8_dot
+from cascadec.quantize.flavours import FLAVOURS, resolve_reduce_range
 from cascadec.quantize.ptq import int8_kernel_count, ort_kernels
 from cascadec.quantize.sensitivity import keep_in_float, rank_layers
 from cascadec.recipe import QUANT_FLAVOURS, load_recipe
@@ -23,15 +24,24 @@ from cascadec.verify.gates import DEFAULT_TOLERANCES
 
 @pytest.fixture(scope="module")
 def quantized(finished_run, tmp_path_factory):
-    """A copy of the finished tiny run, quantized once with the CLI (INT8: both flavours + FP16)."""
+    """A copy of the finished tiny run, quantized once with the CLI (INT8: both flavours + FP16).
+    Also returns each ONNX Runtime session the stage opened: (file name, fused)."""
     path = tmp_path_factory.mktemp("quantized") / "run"
     shutil.copytree(finished_run.path, path)
+    sessions: list[tuple[str, bool]] = []
+    init = OrtRunner.__init__
+
+    def recording(self, model_path, *args, **kwargs):
+        init(self, model_path, *args, **kwargs)
+        sessions.append((self.path.name, self.fused))
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CASCADEC_CACHE", str(finished_run.cache))
         mp.setenv("CASCADEC_NO_PROGRESS", "1")
         mp.setenv("COLUMNS", "120")
+        mp.setattr(OrtRunner, "__init__", recording)
         result = invoke_cli("quantize", path)
-    return path, result
+    return path, result, sessions
 
 
 def _zero_points(path) -> tuple[set[int], set[int]]:
@@ -44,7 +54,7 @@ def _zero_points(path) -> tuple[set[int], set[int]]:
 
 @pytest.mark.slow
 def test_quantize_writes_one_verified_file_per_consumer(quantized):
-    path, result = quantized
+    path, result, _ = quantized
     assert result.code == 0, result.err
     report = json.loads((path / "report.json").read_text())
     q = report["quantize"]
@@ -65,8 +75,104 @@ def test_quantize_writes_one_verified_file_per_consumer(quantized):
     assert "int8-onnxruntime" in result.out and "CPU latency INT8" in result.out
 
 
+def test_each_flavour_is_judged_as_its_consumer_computes(quantized):
+    """ORT's flavour through ORT's fused int8 kernels; TensorRT's with ORT's graph optimisations
+    off (Q/DQ in float, as TensorRT's int32 accumulation): on a CPU without VNNI the fused kernels
+    saturate in int16, which TensorRT does not (docs/quantization.md)."""
+    path, result, sessions = quantized
+    assert result.code == 0, result.err
+    opened = {name: {fused for n, fused in sessions if n == name} for name, _ in sessions}
+    assert opened["student.int8.onnx"] == {True}
+    assert opened["student.int8.trt.onnx"] == {False}  # every accuracy and the verify gate
+    q = json.loads((path / "report.json").read_text())["quantize"]
+    assert "graph optimisations off" in q["artifacts"]["int8-tensorrt"]["judged_on"]
+    assert "fused" in q["artifacts"]["int8-onnxruntime"]["judged_on"]
+    # reduce_range follows this CPU (auto) for ORT's flavour and never applies to TensorRT's
+    assert q["calibration"]["reduce_range"] == resolve_reduce_range("auto")
+    assert q["calibration"]["cpu_int8_dot"] == x86_int8_dot()
+    assert q["artifacts"]["int8-onnxruntime"]["reduce_range"] == resolve_reduce_range("auto")
+    assert q["artifacts"]["int8-tensorrt"]["reduce_range"] is False
+    assert _max_int8_weight(path / "student.int8.trt.onnx") == 127
+    assert _max_int8_weight(path / "student.int8.onnx") == (64 if resolve_reduce_range("auto") else 127)
+
+
+def _max_int8_weight(path) -> int:
+    """The largest |value| among the int8 initializers of rank >= 2 (the quantized weights)."""
+    model = onnx.load(str(path))
+    weights = [
+        numpy_helper.to_array(i)
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2
+    ]
+    assert weights
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
+@pytest.mark.parametrize(
+    "flavour,reduce_range,expected",
+    [
+        ("onnxruntime", False, 127),
+        ("onnxruntime", True, 64),
+        ("tensorrt", True, 127),  # TensorRT accumulates in int32: 7-bit weights would only cost accuracy
+    ],
+)
+def test_reduce_range_gives_7_bit_weights_to_the_onnxruntime_flavour_only(tmp_path, flavour, reduce_range, expected):
+    import torch
+
+    from cascadec.backends.onnx_export import export_onnx
+    from cascadec.quantize.ptq import prepare, quantize_int8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 3),
+    ).eval()
+    x = torch.randn(1, 1, 8, 8)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    prepare(tmp_path / "m.onnx", tmp_path / "p.onnx")
+    images = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    quantize_int8(tmp_path / "p.onnx", tmp_path / "q.onnx", FLAVOURS[flavour], images, reduce_range=reduce_range)
+    assert _max_int8_weight(tmp_path / "q.onnx") == expected
+
+
+@pytest.mark.parametrize(
+    "machine,flags,expected",
+    [
+        ("x86_64", "fpu sse4_1 avx2 avx512f avx512_vnni", "vnni"),
+        ("x86_64", "fpu sse4_1 avx2 avx_vnni", "vnni"),
+        ("x86_64", "fpu sse4_1 avx2 fma", "avx2"),
+        ("x86_64", "fpu sse4_1", "sse"),
+        ("x86_64", "", None),  # flags unreadable: unknown, and auto keeps 8-bit weights
+        ("aarch64", "fp asimd asimddp", None),
+    ],
+)
+def test_reduce_range_auto_follows_the_cpus_int8_dot_product(monkeypatch, machine, flags, expected):
+    import cascadec.envinfo as envinfo
+
+    monkeypatch.setattr(envinfo.platform, "machine", lambda: machine)
+    monkeypatch.setattr(envinfo, "cpu_flags", lambda: frozenset(flags.split()))
+    assert envinfo.x86_int8_dot() == expected
+    assert resolve_reduce_range("auto") is (expected in ("avx2", "sse"))
+    assert resolve_reduce_range(True) is True and resolve_reduce_range(False) is False
+
+
+def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized):
+    import onnxruntime as ort
+
+    path, _, _ = quantized
+    fused = OrtRunner(path / "student.int8.trt.onnx")
+    unfused = OrtRunner(path / "student.int8.trt.onnx", fused=False)
+    assert unfused.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert fused.session.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = np.random.default_rng(0).standard_normal((4, *fused.static_input_shape())).astype(np.float32)
+    assert np.abs(unfused(x) - fused(x)).max() < 0.5 * np.abs(fused(x)).max() + 1e-3  # the same graph, two ways
+
+
 def test_each_flavour_has_its_consumers_activation_type(quantized):
-    path, _ = quantized
+    path, _, _ = quantized
     types, values = _zero_points(path / FLAVOURS["tensorrt"].file)
     assert types == {onnx.TensorProto.INT8} and values == {0}  # TensorRT: signed, symmetric
     types, _ = _zero_points(path / FLAVOURS["onnxruntime"].file)
@@ -78,7 +184,7 @@ def test_each_flavour_has_its_consumers_activation_type(quantized):
 
 
 def test_quantized_outputs_stay_close_to_fp32(quantized):
-    path, _ = quantized
+    path, _, _ = quantized
     x = np.random.default_rng(0).standard_normal((4, *OrtRunner(path / "student.onnx").static_input_shape()))
     ref = OrtRunner(path / "student.onnx")(x.astype(np.float32))
     for file in ("student.int8.onnx", "student.int8.trt.onnx", "student.fp16.onnx"):
@@ -88,7 +194,7 @@ def test_quantized_outputs_stay_close_to_fp32(quantized):
 
 
 def test_quantize_reports_pruning_quantization_and_combined_speedups(quantized):
-    path, _ = quantized
+    path, _, _ = quantized
     lat = json.loads((path / "report.json").read_text())["quantize"]["latency"]
     assert set(lat["speedup"]) == {"pruning", "quantization", "combined"}
     for b, combined in lat["speedup"]["combined"].items():
@@ -254,6 +360,27 @@ def test_batchnorm_folding_keeps_the_function_and_fake_quant_comes_off_cleanly()
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-5)
     assert all(isinstance(m.weight, torch.nn.Parameter) for m in model.modules() if isinstance(m, COMPUTE))
+
+
+@pytest.mark.parametrize("levels", [127, 64])
+def test_qat_fake_quantizes_weights_on_the_exports_grid(levels):
+    """QAT trains on the grid the export quantizes to: [-127, 127], or [-64, 64] with reduce_range."""
+    import torch
+
+    from cascadec.quantize.qat import ActivationRange, FakeQuant
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 4, 3)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(m.weight.detach().clone()))
+    quant = FakeQuant(torch.nn.Sequential(conv), {"0": ActivationRange(-1.0, 1.0)}, signed=True, weight_levels=levels)
+    torch.nn.Sequential(conv)(torch.randn(1, 2, 5, 5))
+    quant.remove()
+    w, q = conv.weight.detach(), seen[0]
+    scale = w.abs().flatten(1).amax(dim=1) / levels
+    steps = q / scale.view(-1, 1, 1, 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the grid
+    assert steps.abs().amax().round() == levels  # and using all of it
 
 
 @pytest.mark.slow

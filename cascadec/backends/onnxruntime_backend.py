@@ -73,8 +73,12 @@ def require_providers(device: str) -> None:
     _providers(device)
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
+def _session_options(threads: int | None, fused: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    if not fused:
+        # every node runs on its own: a Q/DQ graph is evaluated in float, as a consumer with exact
+        # int32 accumulation (TensorRT) computes it, not through this CPU's fused int8 kernels
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise UserError(f"threads must be a positive integer, got {threads!r}")
@@ -86,10 +90,12 @@ def _session_options(threads: int | None) -> ort.SessionOptions:
     return opts
 
 
-def _create_session(model: str | bytes, device: str, threads: int | None, label: str) -> ort.InferenceSession:
+def _create_session(
+    model: str | bytes, device: str, threads: int | None, label: str, fused: bool = True
+) -> ort.InferenceSession:
     providers = _providers(device)
     try:
-        session = ort.InferenceSession(model, sess_options=_session_options(threads), providers=providers)
+        session = ort.InferenceSession(model, sess_options=_session_options(threads, fused), providers=providers)
     except Exception as exc:  # ORT raises several unrelated classes for unreadable models
         raise UserError(f"onnxruntime cannot load {label}: {first_line(exc)}") from exc
     wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
@@ -108,12 +114,18 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
 
 
 class OrtRunner:
-    """Numpy in, numpy out, so verification and profiling can treat every backend alike."""
+    """Numpy in, numpy out, so verification and profiling can treat every backend alike.
 
-    def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None) -> None:
+    ``fused=False`` turns ORT's graph optimisations off (each node runs alone): how the quantize
+    stage judges an INT8 graph made for another consumer (:mod:`cascadec.quantize.flavours`)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None, *, fused: bool = True
+    ) -> None:
         self.path = _check_path(path)
         self.device = device
-        self.session = _create_session(str(self.path), device, threads, str(self.path))
+        self.fused = fused
+        self.session = _create_session(str(self.path), device, threads, str(self.path), fused)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise UserError(f"{self.path} has {len(inputs)} inputs; cascadec expects a single image input")

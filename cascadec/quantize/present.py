@@ -58,6 +58,20 @@ def quantize_md(q: Mapping) -> list[str]:
             f"{fmt_accuracy(ref.get('teacher_fp32'))}, student FP32 {fmt_accuracy(ref.get('student_fp32'))}."
         )
         lines.append("")
+    judged = [
+        f"`{a.get('file')}` on {a['judged_on']}" for a in (q.get("artifacts") or {}).values() if a.get("judged_on")
+    ]
+    if judged:
+        dot = cal.get("cpu_int8_dot")
+        seven = [f"`{a.get('file')}`" for a in (q.get("artifacts") or {}).values() if a.get("reduce_range")]
+        lines.append(
+            "Judged: "
+            + "; ".join(judged)
+            + "."
+            + (f" This CPU's int8 dot product: {dot}." if dot else "")
+            + (f" 7-bit weights (reduce_range): {', '.join(seven)}." if seven else "")
+        )
+        lines.append("")
     for name, a in (q.get("artifacts") or {}).items():
         sens = a.get("sensitivity")
         if sens and sens.get("reason") == "verify gate failed":

@@ -143,15 +143,17 @@ def quantize_int8(
     cache: Path | None = None,
     names: Mapping[str, str] | None = None,
     calibration_batch: int | None = None,
+    reduce_range: bool = False,
 ) -> dict:
     """One flavour's Q/DQ graph of ``prepared``. ``cache`` (JSON) holds the calibrated ranges:
     written by the first call, read by every later one with the same graph and method.
     ``only_nodes`` quantizes those nodes alone (the sensitivity pass); ``names`` maps node names to
-    PyTorch module names for the summary (:func:`compute_nodes`)."""
+    PyTorch module names for the summary (:func:`compute_nodes`); ``reduce_range``: 7-bit weights
+    where the flavour takes them (:func:`cascadec.quantize.flavours.resolve_reduce_range`)."""
     from onnxruntime.quantization import quantize_static
 
     calibrate, calib_options = calibration_method(method, percentile)
-    kwargs = flavour.quantize_kwargs()
+    kwargs = flavour.quantize_kwargs(reduce_range)
     kwargs["extra_options"] = {**kwargs["extra_options"], **calib_options}
     input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
     reader = (
@@ -188,8 +190,9 @@ def int8_for_timing(src: Path, out_path: Path, x_shape: Sequence[int], *, prepro
     it) calibrated on one seeded random batch of ``x_shape``: for timing only (the latency table
     at ``prune.latency.precision: int8``, the refinement's meter). Int8 kernels run at the same
     speed whatever the ranges, so no data set is read. ``preprocess``: ``quant_pre_process``
-    first, as the stage does for a whole network (a one-layer graph needs none)."""
-    from cascadec.quantize.flavours import get_flavour
+    first, as the stage does for a whole network (a one-layer graph needs none). Weights take
+    this CPU's ``reduce_range`` as the stage's default (``auto``) does."""
+    from cascadec.quantize.flavours import get_flavour, resolve_reduce_range
 
     images = np.random.default_rng(0).standard_normal(tuple(x_shape), dtype=np.float32)
     source = src
@@ -197,7 +200,14 @@ def int8_for_timing(src: Path, out_path: Path, x_shape: Sequence[int], *, prepro
         source = out_path.with_name(out_path.stem + ".prepared.onnx")
         prepare(src, source)
     try:
-        quantize_int8(source, out_path, get_flavour("onnxruntime"), images, calibration_batch=len(images))
+        quantize_int8(
+            source,
+            out_path,
+            get_flavour("onnxruntime"),
+            images,
+            calibration_batch=len(images),
+            reduce_range=resolve_reduce_range("auto"),
+        )
     finally:
         if source != src:
             source.unlink(missing_ok=True)

@@ -106,14 +106,16 @@ class ActivationRange:
 class FakeQuant:
     """Fake quantization hooks on a model's compute layers; ``remove()`` restores the float model."""
 
-    def __init__(self, model: nn.Module, ranges: dict[str, ActivationRange], signed: bool) -> None:
+    def __init__(
+        self, model: nn.Module, ranges: dict[str, ActivationRange], signed: bool, weight_levels: int = 127
+    ) -> None:
         self.handles = []
         for name, m in model.named_modules():
             if name not in ranges:
                 continue
             scale, zero, qmin, qmax = ranges[name].qparams(signed)
             self.handles.append(m.register_forward_pre_hook(_activation_hook(scale, zero, qmin, qmax)))
-            self.handles.append(_weight_hook(m))
+            self.handles.append(_WeightHandle(m, weight_levels))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -129,10 +131,14 @@ def _activation_hook(scale: float, zero: int, qmin: int, qmax: int):
 
 
 class _WeightHandle:
-    """Swaps the layer's weight for its per-channel int8 fake-quantized value around each forward."""
+    """Swaps the layer's weight for its per-channel int8 fake-quantized value around each forward:
+    symmetric in [-levels, levels], 127 as ORT quantizes, 64 with its ``reduce_range`` (7-bit).
+    The handle keeps the Parameter; the module's attribute is the fake-quantized tensor while its
+    forward runs and the Parameter again after it (so optimisers and state_dict see it)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, levels: int = 127) -> None:
         self.module = module
+        self.levels = int(levels)
         self.pre = module.register_forward_pre_hook(self._before)
         self.post = module.register_forward_hook(self._after)
         self.weight = module.weight
@@ -140,10 +146,10 @@ class _WeightHandle:
     def _before(self, module, inputs):
         w = self.weight
         bound = w.detach().abs().flatten(1).amax(dim=1).clamp_min(1e-8)
-        scale = (bound / 127.0).float()
+        scale = (bound / self.levels).float()
         zero = torch.zeros_like(scale, dtype=torch.int32)
         del module.weight
-        module.weight = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
+        module.weight = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -self.levels, self.levels)
 
     def _after(self, module, inputs, output):
         del module.weight
@@ -153,12 +159,6 @@ class _WeightHandle:
     def remove(self) -> None:
         self.pre.remove()
         self.post.remove()
-
-
-def _weight_hook(module: nn.Module) -> _WeightHandle:
-    # the handle keeps the Parameter; the module's attribute is the fake-quantized tensor while
-    # its forward runs and the Parameter again after it (so optimisers and state_dict see it)
-    return _WeightHandle(module)
 
 
 def calibrate_ranges(
@@ -203,9 +203,11 @@ def qat_finetune(
     loss: DistillLoss | None = None,
     runtime: Runtime | None = None,
     max_steps: int | None = None,
+    weight_levels: int = 127,
 ) -> tuple[nn.Module, dict]:
     """A BN-folded copy of ``student`` fine-tuned under fake quantization with KD from
-    ``teacher``; returns it (fake quantizers removed, float weights) and the epochs' records."""
+    ``teacher``; returns it (fake quantizers removed, float weights) and the epochs' records.
+    ``weight_levels``: 127 for 8-bit weights, 64 where the export takes ``reduce_range``."""
     import copy
 
     device = runtime.device if runtime is not None else torch.device("cpu")
@@ -214,7 +216,7 @@ def qat_finetune(
     folded = fold_batchnorm(model, example)
     names = [n for n, m in model.named_modules() if isinstance(m, COMPUTE) and n not in set(float_layers)]
     ranges = calibrate_ranges(model, images, names)
-    quant = FakeQuant(model, ranges, signed)
+    quant = FakeQuant(model, ranges, signed, weight_levels)
     model.to(device)
     teacher = teacher.to(device).eval()
     optimizer = make_optimizer(
@@ -313,6 +315,7 @@ def qat_flavour(
             recipe.distill.ce_weight, recipe.distill.kd_weight if recipe.distill.kd else 0.0, recipe.distill.temperature
         ),
         max_steps=recipe.train.max_steps_per_epoch,
+        weight_levels=64 if flavour.quantize_kwargs(method["reduce_range"])["reduce_range"] else 127,
     )
     tuned_fp32 = work / f"qat.{flavour.name}.onnx"
     export_onnx(tuned, torch.from_numpy(images[:1]), tuned_fp32, opset=recipe.export.opset, slim=recipe.export.slim)
@@ -325,7 +328,7 @@ def qat_flavour(
     tuned_cache.unlink(missing_ok=True)
     tuned_method = {**method, "cache": tuned_cache, "names": {n["node"]: n["module"] for n in tuned_nodes}}
     graph = quantize_int8(tuned_prepared, candidate, flavour, images, exclude_nodes=keep, **tuned_method)
-    accuracy = onnx_accuracy(candidate, sel_x, sel_y)
+    accuracy = onnx_accuracy(candidate, sel_x, sel_y, fused=flavour.judge_fused)
     shipped = "qat" if accuracy > ptq_accuracy else "ptq"
     log(
         f"INT8 ({flavour.name}): QAT + KD {accuracy:.4f} on the selection split against PTQ {ptq_accuracy:.4f}: "

@@ -22,14 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from cascadec import progress
-from cascadec.backends.onnxruntime_backend import graph_precision
+from cascadec.backends.onnxruntime_backend import OrtRunner, graph_precision
 from cascadec.data.bundle import DataBundle
+from cascadec.envinfo import x86_int8_dot
 from cascadec.errors import GateFailed, UserError
 from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
 from cascadec.progress import log
 from cascadec.quantize.calibration import sample_images
-from cascadec.quantize.flavours import FP16_FILE, Flavour, get_flavour
+from cascadec.quantize.flavours import FP16_FILE, Flavour, get_flavour, resolve_reduce_range
 from cascadec.quantize.ptq import (
     compute_nodes,
     convert_fp16,
@@ -66,12 +67,15 @@ class QuantizedArtifact:
     float_layers: FloatLayers | None = None
     kernels: dict[str, int] | None = None  # onnxruntime flavour: what ORT's optimised graph runs
     qat: dict[str, Any] | None = None  # when QAT + KD ran: its accuracy against PTQ's and which shipped
+    judged_on: str = ""  # how its accuracies were computed (Flavour.judged_on)
+    reduce_range: bool = False  # 7-bit weights
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "file": self.file,
             "precision": self.precision,
             "consumer": self.consumer,
+            "judged_on": self.judged_on,
             "selection_accuracy": self.selection_accuracy,
             "accuracy_drop": self.accuracy_drop,
             "graph": self.graph,
@@ -80,6 +84,8 @@ class QuantizedArtifact:
             out["sensitivity"] = self.float_layers.to_dict()
         if self.qat is not None:
             out["qat"] = self.qat
+        if self.precision == "int8":
+            out["reduce_range"] = self.reduce_range
         if self.kernels is not None:
             out["ort_kernels"] = self.kernels
             out["ort_int8_kernels"] = int8_kernel_count(self.kernels)
@@ -171,7 +177,13 @@ def stage_quantize(
         calibration: dict[str, Any] = {"split": "train", "method": q.calibration.method}
         if q.precision == "int8":
             images = sample_images(bundle.train, q.calibration.images, seed=recipe.train.seed)
-            calibration.update(images=int(len(images)), seed=recipe.train.seed)
+            calibration.update(
+                images=int(len(images)),
+                seed=recipe.train.seed,
+                # the CPU judging the files, and whether it gave the onnxruntime flavour 7-bit weights
+                cpu_int8_dot=x86_int8_dot(),
+                reduce_range=resolve_reduce_range(q.reduce_range),
+            )
             if q.calibration.method == "percentile":
                 calibration["percentile"] = q.calibration.percentile
             prepared = work / "prepared.onnx"
@@ -243,6 +255,7 @@ def _ptq_options(q: QuantizeSection, cache: Path, nodes: list[dict[str, str]]) -
         "percentile": q.calibration.percentile,
         "cache": cache,
         "names": {n["node"]: n["module"] for n in nodes},
+        "reduce_range": resolve_reduce_range(q.reduce_range),
     }
 
 
@@ -261,11 +274,11 @@ class Probe:
 
     def accuracy_only(self, only: list[str]) -> float:
         quantize_int8(self.prepared, self.path, self.flavour, self.images, only_nodes=only, **self.method)
-        return onnx_accuracy(self.path, self.sel_x, self.sel_y)
+        return onnx_accuracy(self.path, self.sel_x, self.sel_y, fused=self.flavour.judge_fused)
 
     def accuracy_excluding(self, excluded: list[str]) -> float:
         quantize_int8(self.prepared, self.path, self.flavour, self.images, exclude_nodes=excluded, **self.method)
-        return onnx_accuracy(self.path, self.sel_x, self.sel_y)
+        return onnx_accuracy(self.path, self.sel_x, self.sel_y, fused=self.flavour.judge_fused)
 
 
 def _int8_flavour(
@@ -286,7 +299,7 @@ def _int8_flavour(
     out = run.file(flavour.file)
     method = _ptq_options(q, cache, nodes)
     graph = quantize_int8(prepared, out, flavour, images, exclude_nodes=excluded, **method)
-    accuracy = onnx_accuracy(out, sel_x, sel_y)
+    accuracy = onnx_accuracy(out, sel_x, sel_y, fused=flavour.judge_fused)
     float_layers = None
     if fp32_accuracy - accuracy > q.max_accuracy_drop and q.max_float_layers > 0:
         log(
@@ -301,7 +314,7 @@ def _int8_flavour(
         if float_layers.kept:  # the best graph found is the one shipped
             kept = [*excluded, *(r["node"] for r in float_layers.kept)]
             graph = quantize_int8(prepared, out, flavour, images, exclude_nodes=kept, **method)
-            accuracy = onnx_accuracy(out, sel_x, sel_y)
+            accuracy = onnx_accuracy(out, sel_x, sel_y, fused=flavour.judge_fused)
         probe.path.unlink(missing_ok=True)
     qat_record = None
     short = fp32_accuracy - accuracy > q.max_accuracy_drop
@@ -328,6 +341,8 @@ def _int8_flavour(
         float_layers=float_layers,
         kernels=kernels,
         qat=qat_record,
+        judged_on=flavour.judged_on,
+        reduce_range=flavour.quantize_kwargs(method["reduce_range"])["reduce_range"],
     )
 
 
@@ -341,6 +356,7 @@ def _fp16(run: RunDir, fp32: Path, sel_x: np.ndarray, sel_y: np.ndarray, fp32_ac
         file=out.name,
         precision=graph_precision(out),
         consumer="TensorRT FP16 engines",
+        judged_on="ONNX Runtime CPU",
         selection_accuracy=accuracy,
         accuracy_drop=fp32_accuracy - accuracy,
         graph=graph,
@@ -363,11 +379,12 @@ def _verify(
     merged: dict = {}
     torch_accuracy = None
     for name, artifact in artifacts.items():
+        fused = get_flavour(name.removeprefix("int8-")).judge_fused if name.startswith("int8-") else True
         result = verify_backends(
             student.cpu().eval(),
             run.file(artifact.file),
             DataLoader(subset, batch_size=64, shuffle=False),
-            backends=["onnxruntime"],
+            runners={"onnxruntime": OrtRunner(run.file(artifact.file), device="cpu", fused=fused)},
             gate=gate,
             samples=samples,
             progress=progress.enabled(),

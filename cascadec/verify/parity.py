@@ -10,7 +10,8 @@ per-batch maxima.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ def verify_backends(
     device: str = "cpu",
     engine_path: str | os.PathLike[str] | None = None,
     find_divergence: bool = True,
+    runners: Mapping[str, Any] | None = None,
 ) -> ParityResult:
     """Run PyTorch (reference) and each backend (candidate) on the same real samples.
 
@@ -90,6 +92,10 @@ def verify_backends(
     node whose output diverges is searched on the first few samples
     (:mod:`cascadec.verify.diagnose`) and stored as ``first_divergence``.
 
+    ``runners`` (backend name -> runner) replaces ``backends`` with runners the caller built, as
+    Polygraphy's comparator takes them: the quantize stage judges TensorRT's INT8 graph on an ORT
+    runner with graph optimisations off.
+
     Returns a :class:`~cascadec.verify.results.ParityResult` (``.to_dict()`` is the report's
     form). Never raises on a failed gate: call
     :func:`cascadec.verify.present.raise_on_failure` when failing is wanted.
@@ -99,11 +105,15 @@ def verify_backends(
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     gate = gate or Gate()
-    names = list(dict.fromkeys(canonical_name(b) for b in backends))
     reference = TorchRunner(model, device=device)
-    runners = {
-        n: get_runner(n, onnx_path=onnx_path, model=model, device=device, engine_path=engine_path) for n in names
-    }
+    if runners is None:
+        names = list(dict.fromkeys(canonical_name(b) for b in backends))
+        runners = {
+            n: get_runner(n, onnx_path=onnx_path, model=model, device=device, engine_path=engine_path) for n in names
+        }
+    else:
+        runners = {canonical_name(n): r for n, r in runners.items()}
+        names = list(runners)
     precisions = {n: str(getattr(r, "precision", "fp32")) for n, r in runners.items()}
     for precision in precisions.values():
         gate.tolerance(precision)  # an unknown precision is refused before minutes of inference
