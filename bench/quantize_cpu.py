@@ -262,7 +262,7 @@ def markdown(data: dict) -> str:
                 seven = (e.get("reduce_range") or {}).get(name)
                 lines.append(
                     f"| {key} | {e.get('recipe', 'fmnist_quick')} | {'' if cut is None else f'{100 * cut:.1f} %'} | "
-                    f"{e.get('cpu_int8_dot') or 'vnni'} | "
+                    f"{(e.get('cpu_int8_dot') or 'unknown') if 'cpu_int8_dot' in e else 'vnni'} | "
                     f"{e['test_images']} | {100 * e['accuracy']['fp32']:.2f} % | {name_shown} | "
                     f"{100 * e['accuracy'][name]:.2f} % | {pts:+.2f} | "
                     f"{'' if judged is None else ('fused' if judged else 'unfused')} | "

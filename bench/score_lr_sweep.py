@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from cascadec.data import build_data
 from cascadec.models import create_model
 from cascadec.prune.analysis import analyse
-from cascadec.prune.methods import run_cascade
+from cascadec.prune.cascade_method import run_cascade
 from cascadec.recipe import Recipe
 
 torch.manual_seed(0)

@@ -110,7 +110,7 @@ def compress(
 
     if dry_run:
         resolved = stages.prepare_recipe(model, recipe, data=data, weights=stages.RANDOM_WEIGHTS, overrides=overrides)
-        _print_inspect(run_dry(model, resolved))
+        _print_inspect(run_dry(model, resolved), resolved.prune.method)
         return
     if nproc > 1 and not launched_by_torchrun():
         stages.prepare_recipe(
@@ -354,7 +354,7 @@ def inspect(
     if as_json:
         out.print_json(json.dumps(result))
     else:
-        _print_inspect(result)
+        _print_inspect(result, resolved.prune.method if resolved else None)
 
 
 @recipes_app.command("list")
@@ -393,7 +393,7 @@ def models_list(
 # ---------------------------------------------------------------- printing
 
 
-def _print_inspect(r: dict) -> None:
+def _print_inspect(r: dict, method: str | None = None) -> None:
     out.print(
         f"[bold]{r['model']}[/] input {'x'.join(map(str, r['input_shape']))}: {fmt_flops(r['flops'])}, "
         f"{fmt_params(r['params'])} params, {r['prunable_units']} prunable channels in {len(r['groups'])} groups"
@@ -440,13 +440,11 @@ def _print_inspect(r: dict) -> None:
                     f"{row['flops_share']:.1%}", f"{ratio:.2f}x" if ratio is not None else "-",
                 )  # fmt: skip
             out.print(where)
-    fbs = r.get("fbs")
-    if fbs:
-        out.print(
-            f"FBS: {fbs['gated']} convolutions gated, ceil({fbs['keep']:g} x C) output channels per image; "
-            f"{fmt_flops(fbs['start_effective_flops'])} per image at the start ({fbs['start_effective_flops'] / r['flops']:.1%} "
-            f"of FLOPs) where gated channels are skipped, {fmt_flops(fbs['dense_flops'])} on dense backends; {fbs['note']}"
-        )
+    if method is not None and isinstance(r.get(method), dict):  # what the recipe's method says before a run
+        from cascadec.prune.method import get_method
+
+        for line in get_method(method).preview_lines(r[method], r):
+            out.print(line)
     if target:
         predicted = (
             f", predicted {target['latency_ms']:.3g} ms ({lat['predicted_ms'] / target['latency_ms']:.2f}x faster)"

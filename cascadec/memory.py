@@ -56,9 +56,15 @@ def budget_bytes() -> int:
     limit = os.environ.get("CASCADEC_MEMORY_LIMIT_GB")
     if limit:
         try:
-            return int(float(limit) * 1e9)
+            gigabytes = float(limit)
         except ValueError:
-            raise UserError(f"CASCADEC_MEMORY_LIMIT_GB={limit!r}: expected a number of gigabytes") from None
+            gigabytes = float("nan")
+        # nan, inf (int() overflows) and a budget of nothing are not limits a user meant
+        if not (math.isfinite(gigabytes) and gigabytes > 0):
+            raise UserError(
+                f"CASCADEC_MEMORY_LIMIT_GB={limit!r}: expected a positive, finite number of gigabytes"
+            ) from None
+        return int(gigabytes * 1e9)
     return int(0.6 * available_bytes())
 
 

@@ -14,11 +14,11 @@ from cascadec.data.registry import input_geometry
 from cascadec.errors import UserError, first_line
 from cascadec.models import create_model
 from cascadec.prune.analysis import analyse
-from cascadec.prune.cost import CostModel, count_macs
-from cascadec.prune.fbs import effective_macs, gated_student
+from cascadec.prune.cost import CostModel
 from cascadec.prune.groups import build_groups
 from cascadec.prune.importance import l1_importance
 from cascadec.prune.latency import attach_latency_model, time_per_flop
+from cascadec.prune.method import get_method
 from cascadec.prune.trial import prove_groups
 from cascadec.recipe import LatencySection, Recipe
 
@@ -122,8 +122,10 @@ def inspect_model(
             "predicted_ms": cost.latency.base_ms,
             "time_per_flop": time_per_flop(cost.latency),
         }
-    if recipe is not None and recipe.prune.method == "fbs":  # no static target: the gates' keep ratio
-        out["fbs"] = fbs_preview(model, example, recipe.prune.fbs.keep)
+    # what the method says before a run, in place of the target's widths (FBS: its gates, no static target)
+    preview = get_method(recipe.prune.method).preview(model, example, recipe) if recipe is not None else None
+    if preview is not None:
+        out[recipe.prune.method] = preview
     elif analysis is not None:
         budget = analysis.budget
         keep = analysis.solver.solve(l1_importance(model, index), budget)
@@ -141,21 +143,6 @@ def inspect_model(
             "note": "widths from L1 importance of these weights; the recipe's method learns its own",
         }
     return out
-
-
-def fbs_preview(model: torch.nn.Module, example: torch.Tensor, keep: float) -> dict[str, Any]:
-    """What ``prune.method: fbs`` will gate, and the MACs per image at its start (every image
-    keeps the same channels there; training makes the choice image-dependent)."""
-    gated, pairs = gated_student(model, keep)
-    start = effective_macs(gated, [(example.repeat(2, 1, 1, 1).normal_(), None)], device=example.device)
-    return {
-        "keep": keep,
-        "gated": len(pairs),
-        "dense_flops": count_macs(gated, example),
-        "start_effective_flops": start["effective_macs"],
-        "note": "dense backends (ONNX Runtime, TensorRT) compute every channel; the saving needs a runtime "
-        "that skips channels per image",
-    }
 
 
 def dry_run(model_name: str, recipe: Recipe) -> dict[str, Any]:

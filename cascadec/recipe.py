@@ -251,10 +251,11 @@ class FbsSection(_Strict):
 
 
 class PruneSection(_Strict):
-    method: Literal["cascade", "oneshot", "cap", "fbs"] = Field(
+    method: str = Field(
         "cascade",
-        description="cascade: the paper; oneshot: rank once, fine-tune; cap: compensation-aware, no training "
-        "needed; fbs: dynamic channel gating per image (saves arithmetic only where a runtime skips channels)",
+        description="a registered pruning method (cascadec.prune.method): cascade: the paper; oneshot: rank once, "
+        "fine-tune; cap: compensation-aware, no training needed; fbs: dynamic channel gating per image (saves "
+        "arithmetic only where a runtime skips channels)",
     )
     compensate: bool = Field(
         False,
@@ -282,6 +283,18 @@ class PruneSection(_Strict):
         gt=0,
         description="seconds the channel analysis (groups and the exactness trial) may take before the model is refused",
     )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _registered(cls, value: object) -> object:
+        # the registry is the one list of methods (a plugin registers its own); prune/method.py
+        # imports no torch, and names the built-in ones without importing them
+        from cascadec.prune.method import known_method_names
+
+        known = known_method_names()
+        if value not in known:
+            raise ValueError(f"Input should be {', '.join(repr(k) for k in known[:-1])} or {known[-1]!r}")
+        return value
 
     @model_validator(mode="after")
     def _fbs_has_no_static_target(self) -> PruneSection:

@@ -20,6 +20,7 @@ from typing import Any
 from cascadec.envinfo import environment
 from cascadec.fileio import write_text_atomic
 from cascadec.plots import write_run_plots
+from cascadec.prune.method import get_method
 from cascadec.report_render import render_markdown, to_jsonable
 from cascadec.run import RunDir
 from cascadec.verify.results import ParityResult
@@ -40,6 +41,7 @@ def build_report(run: RunDir) -> dict:
     """Assemble report.json from the manifest; the keys are a fixed contract (docs/run-directory.md)."""
     m = run.manifest["metrics"]
     recipe = run.recipe()
+    method = get_method(recipe.prune.method)
     report: dict[str, Any] = {
         "run": {
             "dir": str(run.path),
@@ -47,11 +49,7 @@ def build_report(run: RunDir) -> dict:
             "recipe": recipe.name,
             "method": recipe.prune.method,
             "target": recipe.prune.target.model_dump(exclude_none=True),
-            "target_description": (
-                f"FBS gates keeping {recipe.prune.fbs.keep:g} of the channels per image"
-                if recipe.prune.method == "fbs"
-                else recipe.prune.target.describe()
-            ),
+            "target_description": method.target_description(recipe),
             "data": recipe.data.name,
             "stages": {k: v.get("seconds") for k, v in run.manifest["stages"].items()},
         },
@@ -71,8 +69,7 @@ def build_report(run: RunDir) -> dict:
     if m.get("teacher.flops") and m.get("student.flops"):
         report["student"]["flops_reduction"] = 1 - m["student.flops"] / m["teacher.flops"]
         report["student"]["params_reduction"] = 1 - m["student.params"] / m["teacher.params"]
-    if m.get("student.effective_flops") is not None:  # FBS: per image, where a runtime skips gated channels
-        report["student"]["effective_flops"] = m["student.effective_flops"]
+    report["student"].update(method.student_report(m))
     parity = m.get("parity")
     if parity:
         result = ParityResult.from_dict(parity)
@@ -91,13 +88,14 @@ def build_report(run: RunDir) -> dict:
         }
         report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
         report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
-        static = {
-            b: m[f"latency.{b}"]["static_equivalent_speedup_rounds"]
-            for b in profiled
-            if "static_equivalent_speedup_rounds" in m[f"latency.{b}"]
-        }
-        if static:  # FBS runs: the untrained static student of the same MACs, timed beside them
-            report["static_equivalent_speedup_rounds"] = static
+        for name in method.extra_model_labels:  # the method's networks timed beside the student
+            rounds = {
+                b: m[f"latency.{b}"][f"{name}_speedup_rounds"]
+                for b in profiled
+                if f"{name}_speedup_rounds" in m[f"latency.{b}"]
+            }
+            if rounds:
+                report[f"{name}_speedup_rounds"] = rounds
     if m.get("prune.latency"):
         report["latency_prediction"] = m["prune.latency"]
     if m.get("latency_target"):
@@ -106,12 +104,13 @@ def build_report(run: RunDir) -> dict:
         report["quantize"] = m["quantize"]
     history = m.get("prune.history")
     if history:
-        report["prune"] = history_summary(history)
+        report["prune"] = history_summary(history, method.history_keys)
     return report
 
 
-def history_summary(history: dict) -> dict:
-    """What report.json keeps of the prune stage's history: the ladder, timings and per-epoch records."""
+def history_summary(history: dict, method_keys: tuple[str, ...] = ()) -> dict:
+    """What report.json keeps of the prune stage's history: the ladder, timings and per-epoch
+    records, and the method's own keys (``PruneMethod.history_keys``)."""
     out = {
         k: history[k]
         for k in (
@@ -122,9 +121,9 @@ def history_summary(history: dict) -> dict:
             "ladder",
             "freeze_step",
             "joint_steps",
-            "cap",
             "compensation",
             "latency_refine",
+            *method_keys,
         )
         if k in history
     }

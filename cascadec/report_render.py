@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from cascadec.errors import UserError
 from cascadec.formatting import (
     MISSING,
     accuracy_change,
@@ -29,6 +30,7 @@ from cascadec.formatting import (
     speedup,
     speedup_range,
 )
+from cascadec.prune.method import PruneMethod, get_method
 from cascadec.quantize.present import quantize_md, quantize_summary_rows
 from cascadec.verify.present import conditioning_verdict, float64_verdict
 
@@ -69,22 +71,14 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
-EFFECTIVE_LABEL = "FLOPs per image if gated channels are skipped (FBS)"
-STATIC_LABEL = "Static student, same MACs:"
-FBS_NOTE = (
-    "FBS keeps every channel and chooses per image which ones to compute: the saving in the row 'if gated "
-    "channels are skipped' is realised only by a runtime that skips channels per image. ONNX Runtime and TensorRT compute dense "
-    "convolutions, so the FLOPs row and the measured latency are what they run. The static student's rows "
-    "time a statically pruned network (global L1 widths, untrained: latency only) of the FBS student's MACs "
-    "per image on the same backend, in its Student column."
-)
-
-
-def _effective_row(t: Mapping, s: Mapping) -> list[str]:
-    """FBS computes every channel on dense backends (the FLOPs row); this is what a runtime that
-    skips the channels its gates suppress would compute, averaged over the validation images."""
-    e = s.get("effective_flops")
-    return [EFFECTIVE_LABEL, fmt_flops(t.get("flops")), fmt_flops(e), ratio_change(t.get("flops"), e)]
+def _method(report: Mapping) -> PruneMethod:
+    """The run's pruning method, whose hooks add its own rows and notes; the neutral base for a
+    report without one (or from a method this installation does not know)."""
+    name = (report.get("run") or {}).get("method") if isinstance(report.get("run"), Mapping) else None
+    try:
+        return get_method(str(name)) if name else PruneMethod()
+    except UserError:
+        return PruneMethod()
 
 
 def _summary_md(report: Mapping) -> list[str]:
@@ -104,16 +98,16 @@ def _summary_md(report: Mapping) -> list[str]:
             ratio_change(t.get("params"), s.get("params")),
         ],
     ]
-    if s.get("effective_flops") is not None:
-        rows.insert(2, _effective_row(t, s))
+    method = _method(report)
+    rows[2:2] = method.summary_rows(report)  # after FLOPs
     for key in ("name", "model"):
         if t.get(key) or s.get(key):
             rows.insert(0, ["Model", t.get(key, MISSING), s.get(key, MISSING), ""])
             break
     rows += _latency_summary_rows(report)
     lines = ["## Summary", ""] + _md_table(["", "Teacher", "Student", "Change"], rows)
-    if s.get("effective_flops") is not None:
-        lines += ["", FBS_NOTE, ""]
+    for note in method.report_notes(report):
+        lines += ["", note, ""]
     return lines
 
 
@@ -296,7 +290,7 @@ def _environment_md(env: Mapping) -> list[str]:
     return ["## Environment", ""] + _md_table(["Key", "Value"], rows)
 
 
-def _training_md(prune: Mapping) -> list[str]:
+def _training_md(prune: Mapping, method: PruneMethod) -> list[str]:
     """How the student was trained: the TA ladder (loud when broken), each model's accuracy per
     joint epoch and the student epochs, all on the selection split (held-out training images)."""
     lines = ["## Training (selection split: held-out training images)", ""]
@@ -329,15 +323,7 @@ def _training_md(prune: Mapping) -> list[str]:
             for e in joint
         ]
         lines += ["Joint phase:", ""] + _md_table(["Epoch", *names, "Masks frozen", "Units changed per model"], rows)
-    cap = prune.get("cap")
-    if isinstance(cap, Mapping) and cap.get("layers") is not None:
-        lines += [
-            f"CaP (no training): {cap.get('calibration_images')} calibration images, "
-            f"{len(cap.get('steps') or [])} selection step(s), {len(cap['layers'])} layer(s) refitted; "
-            f"statistics {fmt_float(cap.get('statistics_seconds'), '.1f')} s, "
-            f"selection {fmt_float(cap.get('selection_seconds'), '.1f')} s, total {fmt_float(cap.get('seconds'), '.1f')} s.",
-            "",
-        ]
+    lines += method.training_lines(prune)
     comp = prune.get("compensation")
     if isinstance(comp, Mapping) and comp.get("layers") is not None:
         lines += [
@@ -443,7 +429,7 @@ def render_markdown(report: Mapping) -> str:
     if isinstance(report.get("teacher"), Mapping) or isinstance(report.get("student"), Mapping):
         lines += _summary_md(report)
     if isinstance(report.get("prune"), Mapping) and report["prune"]:
-        lines += _training_md(report["prune"])
+        lines += _training_md(report["prune"], _method(report))
     if isinstance(report.get("parity"), Mapping) and report["parity"]:
         lines += _parity_md(report["parity"])
     if isinstance(report.get("latency"), Mapping) and report["latency"]:
@@ -476,8 +462,8 @@ def summary_table(report: Mapping) -> Table:
     table.add_row(
         "FLOPs", fmt_flops(t.get("flops")), fmt_flops(s.get("flops")), ratio_change(t.get("flops"), s.get("flops"))
     )
-    if s.get("effective_flops") is not None:
-        table.add_row(*_effective_row(t, s))
+    for row in _method(report).summary_rows(report):
+        table.add_row(*row)
     table.add_row(
         "Params",
         fmt_params(t.get("params")),
@@ -507,10 +493,11 @@ def _latency_summary_rows(report: Mapping) -> list[list[str]]:
         teacher_lat = node.get("teacher") if isinstance(node.get("teacher"), Mapping) else {}
         # "CPU latency" for the compress stage's onnxruntime rows, as the README's demo output shows
         what = "CPU latency" if backend == "onnxruntime" else f"{backend} latency"
-        for key, rounds_key, label in (
-            ("student", "speedup_rounds", what),
-            ("static_equivalent", "static_equivalent_speedup_rounds", f"{STATIC_LABEL} {what}"),
-        ):
+        timed = [("student", "speedup_rounds", what)] + [
+            (name, f"{name}_speedup_rounds", f"{label} {what}")  # the method's networks timed beside the student
+            for name, label in _method(report).extra_model_labels.items()
+        ]
+        for key, rounds_key, label in timed:
             other = node.get(key)
             if not isinstance(other, Mapping):
                 continue

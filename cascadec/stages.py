@@ -28,6 +28,7 @@ from cascadec.backends.onnx_export import export_onnx
 from cascadec.backends.torch_backend import resolve_device
 from cascadec.data.bundle import DataBundle
 from cascadec.data.loaders import Loaders, load_data, make_loaders, model_kwargs
+from cascadec.distill import images_per_sample
 from cascadec.errors import GateFailed, UserError, first_line
 from cascadec.models import create_model
 from cascadec.models.external import canonical_name
@@ -37,8 +38,8 @@ from cascadec.profile.protocol import Timing, compare, profile_interleaved, prot
 from cascadec.progress import log, track
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cost import count_macs, count_params
-from cascadec.prune.fbs import effective_macs, static_equivalent
 from cascadec.prune.latency import latency_prediction
+from cascadec.prune.method import get_method
 from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
@@ -58,9 +59,6 @@ from cascadec.verify.results import ParityResult
 
 TEACHER_WEIGHTS = "teacher.safetensors"
 CHECKPOINTS = "checkpoints"  # training checkpoints of an unfinished prune stage (RUN/checkpoints/*.safetensors)
-
-
-STATIC_EQUIVALENT = "static_equivalent"  # FBS runs: an untrained static student of the same MACs per image
 
 
 # ---------------------------------------------------------------- teacher
@@ -122,6 +120,7 @@ def stage_prune(
     shape = bundle.input_shape
     example = torch.zeros(1, *shape)
     runtime = runtime or training_runtime(run, recipe, device)
+    method = get_method(recipe.prune.method)
     with run.stage("prune") as info:
         info["checkpoints"] = CHECKPOINTS
         torch.manual_seed(recipe.train.seed)
@@ -135,10 +134,9 @@ def stage_prune(
             )
             note = f"; last good checkpoint kept: {CHECKPOINTS}/{', '.join(kept)}" if kept else ""
             raise NonFiniteLoss(f"{exc}{note}") from None
-        extra: dict = {"recipe": recipe.name, "method": recipe.prune.method}
-        if result.mask is None:  # FBS: nothing to shrink, the gated network is the student
+        extra: dict = {"recipe": recipe.name, "method": recipe.prune.method, **result.spec}
+        if result.mask is None:  # the method removed nothing: its trained network is the student
             student, removals = result.student.cpu().to(memory_format=torch.contiguous_format), {}
-            extra["fbs"] = {k: result.history["fbs"][k] for k in ("keep", "gated")}
         else:
             student = shrink(
                 result.student.cpu().to(memory_format=torch.contiguous_format),
@@ -162,9 +160,6 @@ def stage_prune(
             )
         student = student.to(device)
         accuracy = evaluate(student, loaders.val, device=device, description="evaluate student")
-        # FBS: what a runtime that skips gated channels per image would compute (before the
-        # counts below move the student to the CPU)
-        fbs = effective_macs(student, loaders.val, device=device) if result.mask is None else None
         metrics = {
             "teacher.flops": count_macs(teacher.cpu(), example),
             "teacher.params": count_params(teacher),
@@ -174,14 +169,7 @@ def stage_prune(
             "prune.target_fraction": result.analysis.budget.keep_fraction,
             "prune.target_metric": result.analysis.budget.metric,
         }
-        if fbs is not None:
-            metrics.pop("prune.target_fraction")  # FBS has no static target: its budget is prune.fbs.keep
-            metrics.pop("prune.target_metric")
-            metrics["student.effective_flops"] = fbs["effective_macs"]
-            log(
-                f"FBS: {fbs['effective_macs'] / metrics['teacher.flops']:.1%} of the teacher's MACs per image where "
-                f"a runtime skips the gated channels; dense backends compute {metrics['student.flops'] / metrics['teacher.flops']:.1%}"
-            )
+        method.finish_metrics(metrics, student.to(device), loaders.val, device)
         teacher.to(device)
         student.to(device)
         for k, v in metrics.items():
@@ -208,15 +196,10 @@ def stage_export(run: RunDir, recipe: Recipe, teacher: nn.Module, student: nn.Mo
     with run.stage("export") as info:
         sample = torch.zeros(1, *shape)
         models = [("teacher", teacher), ("student", student)]
-        effective = run.metric("student.effective_flops")
-        if effective is not None:  # FBS: a static student of the same MACs per image, for the profile
-            try:
-                static = static_equivalent(teacher, sample, effective)
-            except (UserError, RuntimeError, ValueError, IndexError) as exc:  # for timing only: never fatal
-                log(f"FBS: no static student of the same MACs to time beside it ({first_line(exc)})")
-            else:
-                models.append((STATIC_EQUIVALENT, static))
-                info[STATIC_EQUIVALENT] = {"flops": count_macs(static, sample), "trained": False}
+        # networks the method times beside the student (PruneMethod.extra_models)
+        for extra in get_method(recipe.prune.method).extra_models(teacher, sample, run.manifest["metrics"]):
+            models.append((extra.name, extra.model))
+            info[extra.name] = extra.info
         for name, model in track(models, "export ONNX", total=len(models)):
             exported = export_onnx(
                 model.cpu().eval(), sample, run.file(f"{name}.onnx"), opset=recipe.export.opset, slim=recipe.export.slim
@@ -286,8 +269,9 @@ def stage_profile(
     cuda_graph = p.cuda_graph and backend == "torch-cuda"
     timing = Timing(warmup_s=p.warmup_s, min_duration_s=p.duration_s, min_iters=p.min_iters)
     sources: dict[str, dict[str, Any]] = {}
-    for name in ("teacher", "student", STATIC_EQUIVALENT):
-        if name == STATIC_EQUIVALENT:  # FBS runs: timed beside the gated student on ONNX backends
+    extras = list(get_method(recipe.prune.method).extra_model_labels)  # the method's, beside the student
+    for name in ("teacher", "student", *extras):
+        if name in extras:  # timed on ONNX backends, where the export stage wrote them
             if spec.runs == "onnx" and run.file(f"{name}.onnx").is_file():
                 sources[name] = {"onnx_path": run.file(f"{name}.onnx")}
             continue
@@ -318,14 +302,15 @@ def stage_profile(
             )
 
         # the teacher first: ratios are teacher / student
-        names = [n for n in ("teacher", "student", STATIC_EQUIVALENT) if n in sources]
+        names = [n for n in ("teacher", "student", *extras) if n in sources]
         pooled, ratios = profile_interleaved(profile_one, names, rounds=p.rounds, timing=timing)
         out: dict[str, Any] = {name: {str(b): v for b, v in pooled[name].items()} for name in names}
         if "teacher" in out:
             out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
             out["speedup_rounds"] = {str(b): r for b, r in ratios["student"].items()}
-            if STATIC_EQUIVALENT in out:
-                out[f"{STATIC_EQUIVALENT}_speedup_rounds"] = {str(b): r for b, r in ratios[STATIC_EQUIVALENT].items()}
+            for name in extras:
+                if name in out:
+                    out[f"{name}_speedup_rounds"] = {str(b): r for b, r in ratios[name].items()}
         out["protocol"] = protocol_record(
             backend=backend,
             device=spec.device,
@@ -354,11 +339,10 @@ def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = Non
         per_image = check_input_memory(recipe)
     shape = "x".join(map(str, bundle.input_shape))
     batch = min(recipe.data.batch_size, len(bundle.train))
-    rotations = 4 if recipe.distill.method == "hsakd" else 1  # HSAKD trains on every batch's 4 rotations
+    copies, why = images_per_sample(recipe.distill)  # a distillation that trains on transformed copies
     memory.require(
-        memory.TRAINING_FACTOR * batch * rotations * per_image,
-        f"training {recipe.model.name} on batches of {batch} {shape} images"
-        + (" in 4 rotations (distill.method: hsakd)" if rotations > 1 else ""),
+        memory.TRAINING_FACTOR * batch * copies * per_image,
+        f"training {recipe.model.name} on batches of {batch} {shape} images" + (f" {why}" if copies > 1 else ""),
         "lower data.batch_size or data.image_size",
     )
     analysis = analyse(model, recipe, torch.zeros(1, *bundle.input_shape))

@@ -47,7 +47,7 @@ def child(name: str, size: int, out: Path) -> None:
     from cascadec.models import create_model
     from cascadec.profile.engines import profile_onnx
     from cascadec.profile.protocol import Timing
-    from cascadec.quantize.flavours import FLAVOURS
+    from cascadec.quantize.flavours import FLAVOURS, resolve_reduce_range
     from cascadec.quantize.ptq import int8_kernel_count, ort_kernels, prepare, quantize_int8
 
     row: dict = {"model": name, "image_size": size}
@@ -67,7 +67,14 @@ def child(name: str, size: int, out: Path) -> None:
             fp32 = OrtRunner(work / "fp32.onnx")(x.numpy())
             for flavour in FLAVOURS.values():
                 stage = f"quantize ({flavour.name})"
-                graph = quantize_int8(work / "prepared.onnx", work / flavour.file, flavour, images, cache=cache)
+                graph = quantize_int8(
+                    work / "prepared.onnx",
+                    work / flavour.file,
+                    flavour,
+                    images,
+                    cache=cache,
+                    reduce_range=resolve_reduce_range("auto"),  # as the stage builds it on this CPU
+                )
                 stage = f"run ({flavour.name})"
                 out_q = OrtRunner(work / flavour.file)(x.numpy())
                 row[flavour.name] = {

@@ -15,8 +15,9 @@ from cascadec.data import build_data
 from cascadec.data.loaders import make_loaders
 from cascadec.errors import UserError
 from cascadec.models import create_model
+from cascadec.prune.cascade_method import check_ladder
 from cascadec.prune.finetune import first_better
-from cascadec.prune.methods import check_ladder, prune_model
+from cascadec.prune.methods import prune_model
 from cascadec.prune.scores import TaylorMagnitude, freeze_step, score_schedule
 from cascadec.recipe import Recipe
 from cascadec.teacher import train_teacher
@@ -71,8 +72,8 @@ def test_no_decision_is_taken_on_the_reported_split(monkeypatch) -> None:
     """Every evaluation inside the prune stage runs on the selection split; the test split is
     only read afterwards, for the reported accuracy."""
     import cascadec.prune.cascade as cascade_mod
+    import cascadec.prune.cascade_method as methods_mod
     import cascadec.prune.finetune as finetune_mod
-    import cascadec.prune.methods as methods_mod
 
     bundle = build_data("digits", train_limit=128, seed=0)
     recipe = Recipe.model_validate(

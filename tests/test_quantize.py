@@ -88,7 +88,7 @@ def test_each_flavour_is_judged_as_its_consumer_computes(quantized):
     assert "graph optimisations off" in q["artifacts"]["int8-tensorrt"]["judged_on"]
     assert "fused" in q["artifacts"]["int8-onnxruntime"]["judged_on"]
     # reduce_range follows this CPU (auto) for ORT's flavour and never applies to TensorRT's
-    assert q["calibration"]["reduce_range"] == resolve_reduce_range("auto")
+    assert q["calibration"]["reduce_range"] == resolve_reduce_range("auto")  # (the unit tests below force both)
     assert q["calibration"]["cpu_int8_dot"] == x86_int8_dot()
     assert q["artifacts"]["int8-onnxruntime"]["reduce_range"] == resolve_reduce_range("auto")
     assert q["artifacts"]["int8-tensorrt"]["reduce_range"] is False
@@ -159,7 +159,7 @@ def test_reduce_range_auto_follows_the_cpus_int8_dot_product(monkeypatch, machin
     assert resolve_reduce_range(True) is True and resolve_reduce_range(False) is False
 
 
-def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized):
+def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized, tmp_path):
     import onnxruntime as ort
 
     path, _, _ = quantized
@@ -169,6 +169,18 @@ def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized):
     assert fused.session.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     x = np.random.default_rng(0).standard_normal((4, *fused.static_input_shape())).astype(np.float32)
     assert np.abs(unfused(x) - fused(x)).max() < 0.5 * np.abs(fused(x)).max() + 1e-3  # the same graph, two ways
+    # what each session runs: unfused, every Q/DQ on its own and the convolutions in float; fused,
+    # ORT's int8 kernels (the same session options OrtRunner builds, with the graph written out)
+    from cascadec.backends.onnxruntime_backend import _session_options
+
+    ran = {}
+    for fuse in (True, False):
+        opts = _session_options(None, fuse)
+        opts.optimized_model_filepath = str(tmp_path / f"ran.{fuse}.onnx")
+        ort.InferenceSession(str(path / "student.int8.trt.onnx"), opts, providers=["CPUExecutionProvider"])
+        ran[fuse] = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+    assert "QLinearConv" not in ran[False] and {"DequantizeLinear", "Conv"} <= ran[False]
+    assert "QLinearConv" in ran[True]
 
 
 def test_each_flavour_has_its_consumers_activation_type(quantized):

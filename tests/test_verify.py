@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import cascadec.verify.parity as verify_mod
 from cascadec.backends.onnx_export import export_onnx
+from cascadec.backends.runner import BaseRunner
 from cascadec.errors import GateFailed, UserError
 from cascadec.verify.compare import compare_outputs
 from cascadec.verify.diagnose import conditioning
@@ -203,7 +204,7 @@ def test_verify_backends_detects_divergence(exported, monkeypatch):
 
     def skewed(name, **kwargs):
         runner = real(name, **kwargs)
-        return lambda a: runner(a) + np.linspace(0, 1, 10, dtype=np.float32)
+        return FnRunner(lambda a: runner(a) + np.linspace(0, 1, 10, dtype=np.float32))
 
     monkeypatch.setattr(verify_mod, "get_runner", skewed)
     out = verify_backends(model, path, (x, y), samples=50, progress=False).to_dict()
@@ -344,6 +345,16 @@ def test_gate_from_recipe_merges_overrides_onto_defaults():
     assert Gate.from_recipe(load_recipe("fmnist_quick").verify).tolerances == DEFAULT_TOLERANCES
     with pytest.raises(UserError, match="verify.tolerances.bf16"):
         load_recipe("fmnist_quick", ["verify.tolerances.bf16.atol=1"])
+
+
+class FnRunner(BaseRunner):
+    """A function as a runner (fp32 unless told): what a test's stand-in engine needs to be."""
+
+    def __init__(self, fn, precision: str = "fp32") -> None:
+        self.fn, self.precision = fn, precision
+
+    def infer(self, x):
+        return self.fn(x)
 
 
 class _Fp16Runner:
@@ -540,7 +551,7 @@ def _backend_returning(monkeypatch, outputs: np.ndarray) -> None:
             served["n"] += len(a)
             return outputs[start : start + len(a)].astype(np.float32)
 
-        return run
+        return FnRunner(run)
 
     monkeypatch.setattr(verify_mod, "get_runner", fake)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cascadec.backends.onnxruntime_backend import PROVIDER_OPTIONS, PROVIDERS, require_providers
+from cascadec.backends.runner import BaseRunner
 from cascadec.backends.torch_backend import first_output, resolve_device
 from cascadec.errors import UserError, first_line
 
@@ -56,7 +57,7 @@ def require_cuda(what: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-class TorchCudaRunner:
+class TorchCudaRunner(BaseRunner):
     """Eager PyTorch (or a captured CUDA graph of it) on one batch shape.
 
     The input lives in a fixed device buffer so a CUDA graph, which replays fixed addresses,
@@ -123,13 +124,13 @@ class TorchCudaRunner:
             raise RuntimeError("fetch() before compute()")
         return self.output.detach().to("cpu", torch.float32).numpy()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: np.ndarray) -> np.ndarray:
         self.stage(x)
         self.compute()
         return self.fetch()
 
 
-class OrtDeviceRunner:
+class OrtDeviceRunner(BaseRunner):
     """ONNX Runtime on the CUDA (or TensorRT) execution provider through IOBinding.
 
     Input and output are bound to device memory, so ``run_with_iobinding`` does no host copies;
@@ -225,7 +226,7 @@ class OrtDeviceRunner:
         self.stream.synchronize()
         return self.io.copy_outputs_to_cpu()[0]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: np.ndarray) -> np.ndarray:
         if self.device_input is None or tuple(self.device_input.shape()) != tuple(x.shape):
             self.bind(int(x.shape[0]))
         self.stage(x)

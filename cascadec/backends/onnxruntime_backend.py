@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from cascadec.backends.runner import BaseRunner
 from cascadec.errors import UserError, first_line
 
 # execution providers per ONNX Runtime device, most preferred first (CPU last, so nodes a GPU
@@ -113,7 +114,7 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
     return path
 
 
-class OrtRunner:
+class OrtRunner(BaseRunner):
     """Numpy in, numpy out, so verification and profiling can treat every backend alike.
 
     ``fused=False`` turns ORT's graph optimisations off (each node runs alone): how the quantize
@@ -155,7 +156,7 @@ class OrtRunner:
         if bad:
             raise UserError(f"input shape {tuple(shape)} does not match {self.path.name} input {expected}")
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.check_input(x.shape)
         try:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # imports no engine: the runner modules (torch, onnxruntime, tensorrt) load in require() and
 # get_runner(), when a backend is actually used. `cascadec --help` then answers in a fraction
 # of a second instead of the five it takes to import torch and ONNX Runtime.
-Runner = Callable[["np.ndarray"], "np.ndarray"]
+Runner = Callable[["np.ndarray"], "np.ndarray"]  # every runner is a cascadec.backends.runner.BaseRunner
 Artifact = Literal["torch", "onnx", "engine"]
 Place = Literal["cpu", "cuda", "tensorrt"]
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cascadec.backends.runner import BaseRunner
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_bytes_atomic, write_text_atomic
 
@@ -370,7 +371,7 @@ def _torch_dtype(trt: ModuleType, trt_dtype: Any) -> Any:
         raise UserError(f"TensorRT engine I/O type {trt_dtype} is not supported by cascadec's runner") from exc
 
 
-class TrtRunner:
+class TrtRunner(BaseRunner):
     """Run a serialized TensorRT engine: numpy in, numpy out, like every other runner.
 
     ``stage`` / ``compute`` / ``fetch`` split one call so latency code can time the engine
@@ -495,7 +496,7 @@ class TrtRunner:
         self.stream.synchronize()
         return self._buffers[self.output_name].float().cpu().numpy()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: np.ndarray) -> np.ndarray:
         self.stage(x)
         self.compute()
         return self.fetch()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cascadec.backends.runner import BaseRunner
 from cascadec.errors import UserError
 
 
@@ -35,7 +36,7 @@ def first_output(out: object) -> torch.Tensor:
     return out
 
 
-class TorchRunner:
+class TorchRunner(BaseRunner):
     """Wraps a model as a reference backend; moves it to ``device`` and puts it in eval mode."""
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
@@ -43,8 +44,9 @@ class TorchRunner:
             raise UserError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.precision = "fp32"
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def infer(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
             out = first_output(self.model(tensor))

@@ -257,7 +257,7 @@ def attach_latency_model(
             "(a TensorRT table would need one engine build per grid point)"
         )
     get_backend(backend).require(timing=True)
-    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    device = get_backend(backend).device
 
     @functools.cache
     def pair() -> tuple[float, float]:  # INT8 and FP32, interleaved; timed only if the table is not cached

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cascadec.backends import get_backend
 from cascadec.errors import UserError
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.targets import Budget, MaskSolver
@@ -57,7 +58,7 @@ class SpeedupMeter:
 
         self.model, self.index = model, index
         self.example = example_input.detach()[:1].clone().cpu()
-        self.device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+        self.device = get_backend(backend).device
         self.batch, self.threads, self.rounds, self.seconds = batch, threads, rounds, seconds
         self.precision, self.scale = precision, scale
         self._tmp = tempfile.TemporaryDirectory(prefix="cascadec-refine-")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cascadec.backends import get_backend
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_json_atomic
 from cascadec.prune.cost import CostModel
@@ -563,7 +564,7 @@ def build_table(
             "(a TensorRT table would need one engine build per grid point)"
         )
     check_precision(backend, precision)
-    device = "cuda" if backend == "onnxruntime-cuda" else "cpu"
+    device = get_backend(backend).device
     if device == "cuda":
         from cascadec.backends.onnxruntime_backend import require_providers
 

@@ -1,20 +1,23 @@
-"""The pruning methods a recipe can choose (``prune.method``), on one shared code path.
+"""The one-shot methods (``prune.method: oneshot`` and ``cap``), the pieces every method shares
+(importance, distillation specs, latency refinement, the fine-tuning tail) and
+:func:`prune_model`, the prune stage's entry point.
 
 * ``oneshot``: rank units once (Taylor or L1 on the pretrained network), cut to the target,
   fine-tune for joint_epochs + student_epochs, with KD from the teacher when ``distill.kd``.
   Baselines (a) and (b) of the benchmark.
-* ``cascade``: the paper's method (cascade.py). ``cascade.num_tas: 0`` gives learned scores
-  without TAs (baseline c); ``cascade.cascade_update: false`` switches Eq. 5 off.
+* ``cap``: CaP's compensation-aware selection and refit (cap.py), fine-tuned the same way.
+* ``cascade`` (cascade_method.py) and ``fbs`` (fbs_method.py) live in their own modules.
 
-Both spend the same epochs, data and optimiser, so the benchmark compares like with like.
+They spend the same epochs, data and optimiser, so the benchmark compares like with like. Each
+is a :class:`~cascadec.prune.method.PruneMethod` registered by name.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,29 +26,17 @@ from cascadec.data.sampler import position
 from cascadec.distill.hints import HintSpec, hint_spec
 from cascadec.distill.hsakd import HsakdSpec, HsakdWeights, store_heads, teacher_heads
 from cascadec.distill.losses import DistillLoss
-from cascadec.errors import UserError
+from cascadec.formatting import fmt_float
 from cascadec.progress import log
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cap import calibration_loader, compensate_start, prune_cap
-from cascadec.prune.cascade import CascadeTrainer
-from cascadec.prune.fbs import build_started
 from cascadec.prune.finetune import student_phase
 from cascadec.prune.importance import CRITERIA
 from cascadec.prune.latency_refine import Refined, SpeedupMeter, refine_latency_mask
-from cascadec.prune.scores import freeze_step, make_score_optimizer, score_schedule
+from cascadec.prune.method import PruneContext, PruneMethod, PruneOutcome, get_method, register_method
 from cascadec.recipe import Recipe
 from cascadec.train.bn import recalibration_loader
-from cascadec.train.checkpoint import rng_state, set_rng_state
-from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in
 from cascadec.train.runtime import Runtime
-
-
-@dataclass
-class PruneResult:
-    student: nn.Module  # full-width network; ``mask`` says which units survive
-    mask: torch.Tensor | None  # None: nothing removed (FBS: the student's gates choose per image)
-    analysis: Analysis
-    history: dict = field(default_factory=dict)
 
 
 def distill_loss(recipe: Recipe) -> DistillLoss:
@@ -227,363 +218,103 @@ def refine_for_latency(
     return refined
 
 
-def run_oneshot(
-    teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
-) -> PruneResult:
-    start = time.perf_counter()
-    resume = runtime.load("student") if runtime is not None else None
-    if resume is not None:
-        mask = resume["mask"].to(device)  # the importance ranking is not recomputed on resume
-    else:
-        scores = initial_importance(teacher, analysis, recipe, loader, device, runtime)
-        mask = analysis.solver.solve(scores, analysis.budget)
-    student = copy.deepcopy(teacher).to(device)
-    record = {}
-    refined = refine_for_latency(teacher, analysis, recipe, scores, runtime) if resume is None else None
-    if refined is not None:
-        mask = refined.keep.to(device)
-        record["latency_refine"] = refined.history
-    if recipe.prune.compensate and resume is None:
-        record["compensation"] = compensate_start(student, teacher, analysis, mask, loader, recipe, device)
-    return _fine_tuned(
-        teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record
-    )
+@register_method
+class OneShot(PruneMethod):
+    """Rank units once (Taylor or L1 on the pretrained network), cut to the target, fine-tune."""
+
+    name = "oneshot"
+    description = "rank once, fine-tune"
+
+    def run(self, ctx: PruneContext) -> PruneOutcome:
+        teacher, analysis, recipe, device, runtime = ctx.teacher, ctx.analysis, ctx.recipe, ctx.device, ctx.runtime
+        start = time.perf_counter()
+        resume = runtime.load("student") if runtime is not None else None
+        if resume is not None:
+            mask = resume["mask"].to(device)  # the importance ranking is not recomputed on resume
+        else:
+            scores = initial_importance(teacher, analysis, recipe, ctx.loader, device, runtime)
+            mask = analysis.solver.solve(scores, analysis.budget)
+        student = copy.deepcopy(teacher).to(device)
+        record = {}
+        refined = refine_for_latency(teacher, analysis, recipe, scores, runtime) if resume is None else None
+        if refined is not None:
+            mask = refined.keep.to(device)
+            record["latency_refine"] = refined.history
+        if recipe.prune.compensate and resume is None:
+            record["compensation"] = compensate_start(student, teacher, analysis, mask, ctx.loader, recipe, device)
+        return fine_tuned(ctx, student, mask, resume, start, record)
 
 
-def run_cap(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
+@register_method
+class Cap(PruneMethod):
     """CaP: compensation-aware selection and refit on calibration images, then BatchNorm
     statistics re-estimated on the same images; the recipe's epochs (0 for a retrain-free run)
     fine-tune it like a one-shot student."""
-    start = time.perf_counter()
-    resume = runtime.load("student") if runtime is not None else None
-    if resume is not None:
-        mask, report = resume["mask"].to(device), {}
-        student = copy.deepcopy(teacher).to(device)
-    else:
-        # a latency target: the last selection step's solve is held to the backend's measurement
-        def refine(scores: torch.Tensor, ceiling: float) -> Refined | None:
-            return refine_for_latency(teacher, analysis, recipe, scores, runtime, ceiling=ceiling)
 
-        student, mask, report = prune_cap(teacher, analysis, recipe, loader, device, refine=refine)
-    record = {"cap": report}
-    last = (report.get("steps") or [{}])[-1]
-    if "latency_refine" in last:  # where the report reads a latency target's tries
-        record["latency_refine"] = last.pop("latency_refine")
-    return _fine_tuned(
-        teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record
-    )
+    name = "cap"
+    description = "compensation-aware, no training needed"
+    history_keys = ("cap",)
 
+    def run(self, ctx: PruneContext) -> PruneOutcome:
+        teacher, analysis, recipe, device, runtime = ctx.teacher, ctx.analysis, ctx.recipe, ctx.device, ctx.runtime
+        start = time.perf_counter()
+        resume = runtime.load("student") if runtime is not None else None
+        if resume is not None:
+            mask, report = resume["mask"].to(device), {}
+            student = copy.deepcopy(teacher).to(device)
+        else:
+            # a latency target: the last selection step's solve is held to the backend's measurement
+            def refine(scores: torch.Tensor, ceiling: float) -> Refined | None:
+                return refine_for_latency(teacher, analysis, recipe, scores, runtime, ceiling=ceiling)
 
-def run_fbs(teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None) -> PruneResult:
-    """FBS: the teacher with saliency gates (a deterministic start, so a resumed run rebuilds it
-    and loads its checkpoint), trained like a one-shot student; ``mask`` is None: nothing is
-    removed, the gates choose channels per image."""
-    start = time.perf_counter()
-    if "target" in recipe.prune.model_fields_set:
-        log(f"FBS: prune.target ({recipe.prune.target.describe()}) is not used; the budget is prune.fbs.keep")
-    resume = runtime.load("student") if runtime is not None else None
-    student, report = build_started(teacher, recipe.prune.fbs.keep)
-    return _fine_tuned(
-        teacher,
-        student.to(device),
-        None,
-        analysis,
-        recipe,
-        loader,
-        select_loader,
-        device,
-        runtime,
-        resume,
-        start,
-        {"fbs": report},
-    )
+            student, mask, report = prune_cap(teacher, analysis, recipe, ctx.loader, device, refine=refine)
+        record = {"cap": report}
+        last = (report.get("steps") or [{}])[-1]
+        if "latency_refine" in last:  # where the report reads a latency target's tries
+            record["latency_refine"] = last.pop("latency_refine")
+        return fine_tuned(ctx, student, mask, resume, start, record)
+
+    def training_lines(self, prune: Mapping[str, Any]) -> list[str]:
+        cap = prune.get("cap")
+        if not (isinstance(cap, Mapping) and cap.get("layers") is not None):
+            return []
+        return [
+            f"CaP (no training): {cap.get('calibration_images')} calibration images, "
+            f"{len(cap.get('steps') or [])} selection step(s), {len(cap['layers'])} layer(s) refitted; "
+            f"statistics {fmt_float(cap.get('statistics_seconds'), '.1f')} s, "
+            f"selection {fmt_float(cap.get('selection_seconds'), '.1f')} s, total {fmt_float(cap.get('seconds'), '.1f')} s.",
+            "",
+        ]
 
 
-def _fine_tuned(
-    teacher, student, mask, analysis, recipe, loader, select_loader, device, runtime, resume, start, record: dict
-) -> PruneResult:
-    """The one-shot tail shared by ``oneshot`` and ``cap``: fine-tune the masked student for
-    joint + student epochs with KD from the teacher (or none), and return it."""
+def fine_tuned(ctx: PruneContext, student, mask, resume: dict | None, start: float, record: dict) -> PruneOutcome:
+    """The one-shot tail shared by ``oneshot``, ``cap`` and ``fbs``: fine-tune the (masked)
+    student for joint + student epochs with KD from the teacher (or none), and return it."""
+    teacher, recipe = ctx.teacher, ctx.recipe
     teachers = [("teacher", teacher)] if recipe.distill.kd else [("none", None)]
-    hsakd = hsakd_spec_for(recipe, teacher, analysis, loader, device, runtime)
+    hsakd = hsakd_spec_for(recipe, teacher, ctx.analysis, ctx.loader, ctx.device, ctx.runtime)
     if hsakd is not None:
         record["hsakd"] = hsakd.report
     history = _fine_tune(
         student,
         mask,
-        analysis,
+        ctx.analysis,
         teachers,
         recipe,
-        loader,
-        select_loader,
-        device,
+        ctx.loader,
+        ctx.select_loader,
+        ctx.device,
         recipe.train.joint_epochs + recipe.train.student_epochs,
         promote=False,
-        runtime=runtime,
+        runtime=ctx.runtime,
         resume=resume,
         hint_teacher=teacher,
         hsakd=hsakd,
         teacher_heads=[hsakd.teacher_heads] if hsakd is not None else None,
     )
-    return PruneResult(
-        student, mask, analysis, {**record, "fine_tune": history, "seconds": time.perf_counter() - start}
+    return PruneOutcome(
+        student, mask, ctx.analysis, {**record, "fine_tune": history, "seconds": time.perf_counter() - start}
     )
-
-
-def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Scores start at importance / c (mean 1); gradients are divided by c too, so Eq. 5's
-    step size alpha = score_lr is relative to the initial Taylor scale and one recipe value
-    works across models and data sets."""
-    c = float(importance.abs().mean()) or 1.0
-    return importance / c, c
-
-
-def run_cascade(
-    teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
-) -> PruneResult:
-    """The paper's schedule, with masks that settle: the scores' step anneals to zero and the
-    last ``cascade.freeze_fraction`` of the joint phase trains on fixed masks, after every
-    model's BatchNorm statistics are recalibrated. At the end of the joint phase each model is
-    evaluated on the selection split (the TA ladder) before the student phase starts.
-
-    With a checkpointing ``runtime`` the joint phase saves a ``joint`` checkpoint (after
-    scoring, every epoch, every N steps, on Ctrl-C) and the student phase a ``student`` one;
-    a resumed run continues from whichever is furthest along."""
-    runtime = runtime or Runtime(device)
-    start = time.perf_counter()
-    c, t = recipe.cascade, recipe.train
-    joint_state, student_state = runtime.load("joint"), runtime.load("student")
-    if student_state is not None and joint_state is None:
-        raise UserError(
-            f"{runtime.checkpoint_dir}: a student checkpoint without its joint checkpoint; delete the directory to restart"
-        )
-    if joint_state is None:
-        importance = initial_importance(teacher, analysis, recipe, loader, device, runtime)
-        scores, scale = _scale_free_scores(importance)
-    else:
-        scores, scale = torch.zeros(analysis.index.num_units), float(joint_state["score_scale"])
-    base = copy.deepcopy(teacher)
-    hsakd = hsakd_spec_for(recipe, teacher, analysis, loader, device, runtime)
-    if hsakd is not None and joint_state is not None and joint_state.get("hsakd_teacher_heads") is not None:
-        hsakd.teacher_heads.load_state_dict(joint_state["hsakd_teacher_heads"])  # the heads this run distils from
-    trainer = CascadeTrainer(
-        base,
-        teacher,
-        analysis.index,
-        analysis.solver,
-        analysis.budget,
-        scores,
-        num_tas=c.num_tas,
-        ta_ratios=c.ta_ratios,
-        cascade_update=c.cascade_update,
-        loss=distill_loss(recipe),
-        device=device,
-        hints=hint_spec_for(recipe, base, analysis),
-        hsakd=hsakd,
-    )
-    weights, score_params = trainer.parameters()
-    for s in score_params:
-        s.register_hook(lambda g, scale=scale: g / scale)
-    weight_opt = make_optimizer(weights, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-    score_opt = make_score_optimizer(score_params, signal=c.score_signal, optimizer=c.score_optimizer, lr=c.score_lr)
-    joint_steps = t.joint_epochs * steps_in(loader, t.max_steps_per_epoch)
-    sched = cosine_schedule(weight_opt, joint_steps)
-    trainer.freeze_at = freeze_step(joint_steps, c.freeze_fraction)
-    score_sched = score_schedule(score_opt, trainer.freeze_at) if score_opt is not None else None
-    recal, recal_batches = _recalibration(recipe, loader)
-
-    def on_freeze() -> None:
-        if recal is not None:
-            trainer.recalibrate(recal, recal_batches)
-        log(
-            f"joint phase: masks fixed from step {trainer.freeze_at} of {joint_steps}"
-            + (", BatchNorm statistics recalibrated" if recal is not None else "")
-        )
-
-    trainer.on_freeze = on_freeze
-    refine_record: list[dict] = []
-
-    def before_freeze() -> None:
-        # the student's mask is about to be final: hold its latency target to the backend
-        refined = refine_for_latency(teacher, analysis, recipe, trainer.scores[0], runtime)
-        if refined is not None:
-            trainer.set_student_budget(refined.budget)
-            refine_record[:] = refined.history
-
-    trainer.before_freeze = before_freeze
-    if joint_state is not None:
-        trainer.load_checkpoint_state(joint_state["trainer"])
-        weight_opt.load_state_dict(joint_state["weight_optimizer"])
-        if score_opt is not None:
-            score_opt.load_state_dict(joint_state["score_optimizer"])
-        sched.load_state_dict(joint_state["scheduler"])
-        if score_sched is not None and joint_state.get("score_scheduler") is not None:
-            score_sched.load_state_dict(joint_state["score_scheduler"])
-        if trainer.freeze_due(sched.last_epoch):
-            trainer.freeze(callback=False)  # the checkpoint holds the recalibrated statistics
-        runtime.restore_scaler(joint_state)
-        initial_mask = joint_state["initial_mask"]
-        joint = list(joint_state["history"])
-        first_epoch, first_step, partial = joint_state["epoch"], joint_state["step"], joint_state["partial"]
-        if student_state is None:
-            set_rng_state(joint_state["rng"])
-            log(f"joint phase: resuming at epoch {first_epoch}, step {first_step}")
-    else:
-        initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()
-        joint, first_epoch, first_step, partial = [], 0, 0, {}
-
-    def save_joint(epoch: int, step: int, partial: dict) -> None:
-        if runtime.checkpoint_dir is None:
-            return
-        runtime.save(
-            "joint",
-            {
-                "phase": "joint",
-                "epoch": epoch,
-                "step": step,
-                "partial": partial,
-                "score_scale": scale,
-                "initial_mask": initial_mask,
-                "trainer": trainer.checkpoint_state(),
-                "weight_optimizer": weight_opt.state_dict(),
-                "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
-                "score_scheduler": score_sched.state_dict() if score_sched is not None else None,
-                "scheduler": sched.state_dict(),
-                "history": joint,
-                "rng": rng_state(),
-                "ladder": ladder_acc,
-                "hsakd_teacher_heads": hsakd.teacher_heads.state_dict() if hsakd is not None else None,
-                "latency_refine": refine_record
-                or (joint_state.get("latency_refine") if joint_state is not None else None),
-            },
-        )
-
-    ladder_acc: list[float] = list(joint_state.get("ladder") or []) if joint_state is not None else []
-    if joint_state is None:
-        if trainer.freeze_due(0):
-            trainer.freeze()  # a joint phase too short to move the masks at all
-        save_joint(0, 0, {})  # a resumed run need not score the units again
-    names = trainer.names
-    for epoch in range(first_epoch, t.joint_epochs):
-        resumed_here = epoch == first_epoch
-        before = [m.detach().cpu().clone() for m in trainer.state.hard_masks]
-        record = trainer.joint_epoch(
-            loader,
-            weight_opt,
-            score_opt,
-            sched,
-            max_steps=t.max_steps_per_epoch,
-            epoch=epoch,
-            runtime=runtime,
-            start_step=first_step if resumed_here else 0,
-            partial=partial if resumed_here else None,
-            save=save_joint,
-            score_scheduler=score_sched,
-        )
-        record["mask_changes"] = [int((b != a.cpu()).sum()) for b, a in zip(before, trainer.state.hard_masks)]
-        record["frozen"] = trainer.frozen
-        record["accuracies"] = trainer.evaluate_models(select_loader) if c.track_accuracy else None
-        joint.append(record)
-        shown = ", ".join(f"{n} {x:.3f}" for n, x in zip(names, record["losses"]))  # losses run student first
-        accs = (
-            "; selection accuracy " + ", ".join(f"{n} {a:.4f}" for n, a in zip(names, record["accuracies"]))
-            if record["accuracies"]
-            else ""
-        )
-        log(f"joint epoch {epoch}: loss {shown}{accs}, {record['images_per_s']:.0f} images/s")
-        save_joint(epoch + 1, 0, {})
-    joint_seconds = sum(epoch["seconds"] for epoch in joint)  # the joint loop only, not scoring/setup
-    if not ladder_acc:  # (a resumed run whose joint phase had finished kept these in its checkpoint)
-        if recal is not None:
-            trainer.recalibrate(recal, recal_batches)  # the statistics of the weights the models end with
-        ladder_acc = trainer.evaluate_models(select_loader)
-        save_joint(t.joint_epochs, 0, {})
-    ladder = check_ladder(names, trainer.state.fractions, ladder_acc, c.ladder_check)
-    teachers = [
-        (f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j))
-        for j in range(1, len(trainer.models))
-    ]
-    teachers.append(("teacher", teacher))
-    heads = None
-    if hsakd is not None:  # each TA teaches with the heads it trained; the teacher with its cached ones
-        heads = [trainer.frozen_heads(j) for j in range(1, len(trainer.models))] + [hsakd.teacher_heads]
-    student_start_heads = trainer.aux_heads[0] if hsakd is not None else None
-    teacher_accuracy = [
-        *ladder_acc[1:],
-        evaluate(teacher, select_loader, device=device, description="evaluate teacher"),
-    ]
-    student, mask = trainer.extract_student()
-    final_mask = mask.cpu()
-    compensation = None
-    if recipe.prune.compensate and student_state is None:
-        # toward the unmasked shared network the student was cut from (the top of the ladder)
-        compensation = compensate_start(student, student, analysis, final_mask, loader, recipe, device)
-    history = {
-        "fractions": trainer.state.fractions,
-        "joint": joint,
-        "joint_seconds": joint_seconds,
-        "mask_changed_units": int((final_mask != initial_mask).sum()),
-        "ladder": ladder,
-        "freeze_step": trainer.freeze_at,
-        "joint_steps": joint_steps,
-    }
-    if compensation is not None:
-        history["compensation"] = compensation
-    if refine_record or (joint_state is not None and joint_state.get("latency_refine")):
-        history["latency_refine"] = refine_record or joint_state["latency_refine"]
-    if hsakd is not None:
-        history["hsakd"] = hsakd.report
-    history["student"] = _fine_tune(
-        student,
-        mask,
-        analysis,
-        teachers,
-        recipe,
-        loader,
-        select_loader,
-        device,
-        t.student_epochs,
-        promote=c.promote_teacher,
-        runtime=runtime,
-        resume=student_state,
-        teacher_accuracy=teacher_accuracy,
-        hint_teacher=teacher,
-        hsakd=hsakd,
-        teacher_heads=heads,
-        start_heads=student_start_heads,
-    )
-    history["seconds"] = time.perf_counter() - start
-    return PruneResult(student, final_mask, analysis, history)
-
-
-# prune.method -> the function that runs it; a new method is one entry here and its module
-METHODS: dict[str, Callable[..., PruneResult]] = {
-    "cascade": run_cascade,
-    "oneshot": run_oneshot,
-    "cap": run_cap,
-    "fbs": run_fbs,
-}
-
-
-def check_ladder(names: list[str], fractions: list[float], accuracies: list[float], policy: str) -> dict:
-    """The TA ladder at the end of the joint phase: each model should be at least as accurate
-    (on the selection split) as the one below it, or it cannot teach it. A broken ladder is
-    logged loudly, recorded in the manifest and the report, and stops the run with
-    ``cascade.ladder_check: stop``."""
-    rungs = [{"model": n, "keep": f, "accuracy": a} for n, f, a in zip(names, fractions, accuracies)]
-    broken = [
-        f"{names[j]} {accuracies[j]:.4f} < {names[j - 1]} {accuracies[j - 1]:.4f}"
-        for j in range(1, len(accuracies))
-        if accuracies[j] < accuracies[j - 1]
-    ]
-    if len(names) > 1:
-        log("TA ladder (selection split): " + " <= ".join(f"{n} {a:.4f}" for n, a in zip(names, accuracies)))
-    if broken and policy != "off":
-        message = "TA ladder broken at the end of the joint phase: " + "; ".join(broken)
-        if policy == "stop":
-            raise UserError(f"{message} (cascade.ladder_check: stop)")
-        log(f"WARNING: {message}")
-    return {"rungs": rungs, "broken": broken, "healthy": not broken}
 
 
 def prune_model(
@@ -595,7 +326,7 @@ def prune_model(
     device,
     runtime: Runtime | None = None,
     analysis: Analysis | None = None,
-) -> PruneResult:
+) -> PruneOutcome:
     """Entry point of the prune stage: analyse, then run the recipe's method. ``select_loader``
     (held-out training images) drives every decision; the caller reports on the test split.
     A ``runtime`` with a checkpoint directory makes the stage resumable and turns Ctrl-C into
@@ -604,8 +335,9 @@ def prune_model(
     runtime = runtime or Runtime(device)
     teacher = runtime.prepare_model(teacher).eval()
     analysis = analysis or analyse(teacher, recipe, example_input.to(device))
-    runner = METHODS[recipe.prune.method]
+    method = get_method(recipe.prune.method)
+    ctx = PruneContext(teacher, analysis, recipe, loader, select_loader, device, runtime)
     if runtime.checkpoint_dir is None:
-        return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)
+        return method.run(ctx)
     with runtime.stop.installed():
-        return runner(teacher, analysis, recipe, loader, select_loader, device, runtime)
+        return method.run(ctx)

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import replacing, write_json_atomic
 from cascadec.models import create_model
-from cascadec.prune.fbs import install_gates
 from cascadec.prune.shrink import apply_removals
 
 SPEC_FORMAT = "cascadec-widths/1"
@@ -82,18 +81,6 @@ def read_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _install_fbs(model: nn.Module, fbs: Any, path: Path) -> None:
-    """The FBS gates a student was saved with (prune/fbs.py), before its weights load."""
-    try:
-        keep = float(fbs["keep"])
-        pairs = [(str(conv), str(norm)) for conv, norm in fbs["gated"]]
-        if not 0 < keep <= 1:
-            raise ValueError(f"keep {keep} outside (0, 1]")
-        install_gates(model, pairs, keep, initialise=False)
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: fbs gates do not fit model ({first_line(exc)})") from None
-
-
 def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student from ``student.widths.json`` + ``student.safetensors`` in ``directory``."""
     directory = Path(directory)
@@ -108,8 +95,14 @@ def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
         raise UserError(
             f"{directory / 'student.widths.json'}: removals do not fit model {spec['model']!r} ({first_line(exc)})"
         ) from None
-    if spec.get("fbs") is not None:
-        _install_fbs(model, spec["fbs"], directory / "student.widths.json")
+    # what the method added to the architecture (FBS: its gates), by the spec's method, or by the
+    # key a method saves its structure under (a spec written without "method"); a method this
+    # process has not registered added nothing it knows how to rebuild (the weights then say so)
+    from cascadec.prune.method import get_method, is_registered, method_names
+
+    method = spec.get("method") or next((m for m in method_names() if m in spec), None)
+    if method is not None and is_registered(str(method)):
+        get_method(str(method)).restore_student(model, spec, directory / "student.widths.json")
     weights = directory / "student.safetensors"
     try:
         state = load_file(str(weights))

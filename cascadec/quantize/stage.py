@@ -181,8 +181,9 @@ def stage_quantize(
                 images=int(len(images)),
                 seed=recipe.train.seed,
                 # the CPU judging the files, and whether it gave the onnxruntime flavour 7-bit weights
+                # (None: no onnxruntime flavour built; each file records its own too)
                 cpu_int8_dot=x86_int8_dot(),
-                reduce_range=resolve_reduce_range(q.reduce_range),
+                reduce_range=resolve_reduce_range(q.reduce_range) if "onnxruntime" in q.flavours else None,
             )
             if q.calibration.method == "percentile":
                 calibration["percentile"] = q.calibration.percentile

@@ -114,7 +114,7 @@ def verify_backends(
     else:
         runners = {canonical_name(n): r for n, r in runners.items()}
         names = list(runners)
-    precisions = {n: str(getattr(r, "precision", "fp32")) for n, r in runners.items()}
+    precisions = {n: str(r.precision) for n, r in runners.items()}
     for precision in precisions.values():
         gate.tolerance(precision)  # an unknown precision is refused before minutes of inference
     outputs: dict[str, list[np.ndarray]] = {"__ref__": [], **{n: [] for n in names}}
