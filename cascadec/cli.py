@@ -357,6 +357,25 @@ def inspect(
         _print_inspect(result, resolved.prune.method if resolved else None)
 
 
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Check the GPU stack: driver, torch's CUDA, onnxruntime(-gpu), TensorRT; one line per mismatch (exit 3)."""
+    from cascadec.doctor import doctor as run_doctor
+
+    result = run_doctor()
+    if as_json:
+        out.print_json(json.dumps(result))
+    else:
+        colour = {"ok": "green", "unavailable": "yellow", "mismatch": "red"}
+        table = Table("piece", "status", "detail", title="cascadec doctor")
+        for c in result["checks"]:
+            table.add_row(c["name"], f"[{colour[c['status']]}]{c['status']}[/]", c["detail"])
+        out.print(table)
+    if not result["passed"]:
+        bad = [f"{c['name']}: {c['detail']}" for c in result["checks"] if c["status"] == "mismatch"]
+        raise GateFailed("doctor: " + " | ".join(bad))
+
+
 @recipes_app.command("list")
 def recipes_list() -> None:
     """Shipped recipes with their model, data and target."""

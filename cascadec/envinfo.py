@@ -172,11 +172,6 @@ def _nvidia_smi(fields: tuple[str, ...] = ("name", "driver_version", "memory.tot
     return None
 
 
-def _nvidia_driver() -> str | None:
-    info = _nvidia_smi(("driver_version",))
-    return info.get("driver_version") if info else None
-
-
 def _gpu() -> dict:
     info: dict = {
         "gpu": None,

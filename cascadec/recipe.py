@@ -398,6 +398,11 @@ class TrainSection(_Strict):
         20, ge=0, description="training batches that re-estimate BatchNorm statistics when masks freeze (0: off)"
     )
     select_best: bool = Field(True, description="ship the student phase's best epoch on the selection split")
+    shrunk_student: bool = Field(
+        True,
+        description="the student phase trains the physically shrunk network (the same function as the masked "
+        "one, less compute); false: the masked full-width network. Masked anyway with distill.hints or hsakd",
+    )
     checkpoint_every_steps: Optional[int] = Field(
         None, ge=1, description="also checkpoint every N steps (a checkpoint is always written at each epoch end)"
     )

@@ -38,6 +38,7 @@ from cascadec.errors import UserError
 from cascadec.progress import Status
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
+from cascadec.prune.shrink import shrink
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.train.bn import BATCHNORMS, recalibrate_batchnorm
 from cascadec.train.loop import evaluate, steps_in
@@ -404,13 +405,19 @@ class CascadeTrainer:
         for tap in [*self.taps, *([self.teacher_tap] if self.teacher_tap is not None else [])]:
             tap.remove()
 
-    def frozen_model(self, j: int) -> nn.Module:
-        """An independent copy of model j with its final hard mask baked into fresh hooks."""
+    def frozen_model(self, j: int, example: torch.Tensor | None = None) -> nn.Module:
+        """An independent copy of model j with its final hard mask baked into fresh hooks, or,
+        given an ``example`` input, physically shrunk to that mask (the same function at its
+        width's cost: what a TA teaching the student phase needs when nothing reads its features)."""
         self.release()
         clone = copy.deepcopy(self.models[j]).eval()
+        mask = self.state.hard_masks[j].detach().clone()
+        if example is not None:
+            clone = shrink(clone, self.index, mask.cpu(), example)
+        else:
+            ChannelMasks(clone, self.index).install().set(mask)
         for p in clone.parameters():
             p.requires_grad_(False)
-        ChannelMasks(clone, self.index).install().set(self.state.hard_masks[j].detach().clone())
         return clone
 
     def frozen_heads(self, j: int) -> nn.ModuleList | None:

@@ -216,8 +216,14 @@ def run_cascade(
         ladder_acc = trainer.evaluate_models(select_loader)
         save_joint(t.joint_epochs, 0, {})
     ladder = check_ladder(names, trainer.state.fractions, ladder_acc, c.ladder_check)
+    # the TAs teach shrunk to their masks (the same function, less compute) unless their features
+    # are read (hints, HSAKD heads)
+    shrunk_tas = t.shrunk_student and hsakd is None and recipe.distill.hints == "none"
     teachers = [
-        (f"TA{j} (keep {trainer.state.fractions[j]:.2f})", trainer.frozen_model(j))
+        (
+            f"TA{j} (keep {trainer.state.fractions[j]:.2f})",
+            trainer.frozen_model(j, example=analysis.example if shrunk_tas else None),
+        )
         for j in range(1, len(trainer.models))
     ]
     teachers.append(("teacher", teacher))

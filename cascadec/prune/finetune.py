@@ -9,6 +9,10 @@ split (held-out training images), never on the test split the run reports:
   (docs/paper.md, Schedule step 2), up to the pretrained network at the top.
 * **Which epoch.** The student that ships is the best epoch on the selection split, the
   unfine-tuned start included, with its BatchNorm statistics recalibrated on training data.
+* **Which network.** The masked student computes the same function as the shrunk one, at the
+  full width's cost; the phase trains the shrunk network (``shrunk``) and writes its weights back
+  into the full-width student at the end (``shrink.write_back``), so callers see no difference.
+  Hints and HSAKD read full-width features and keep the masked network.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cascadec.distill.losses import DistillLoss
 from cascadec.progress import log
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
+from cascadec.prune.shrink import shrink, shrink_positions, write_back
 from cascadec.train.bn import recalibrate_batchnorm
 from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import cosine_schedule, evaluate, make_optimizer, steps_in, train_epoch
@@ -68,6 +73,8 @@ def student_phase(
     hsakd: HsakdSpec | None = None,
     teacher_heads: list[nn.ModuleList] | None = None,
     start_heads: nn.ModuleList | None = None,
+    example: torch.Tensor | None = None,
+    shrunk: bool = False,
 ) -> list[dict]:
     """Fine-tune the masked student in place; returns one record per epoch (plus the start).
 
@@ -79,10 +86,30 @@ def student_phase(
 
     With ``hsakd`` every teacher level has its auxiliary heads in ``teacher_heads`` (aligned
     with ``teachers``); the student's own start as a copy of ``start_heads`` (default: the
-    first teacher's) and are trained here, beside the network, never in it."""
+    first teacher's) and are trained here, beside the network, never in it.
+
+    ``shrunk`` (with ``example``, an input of the network): train the physically shrunk student
+    and write it back into ``student`` at the end; the checkpoints then hold the shrunk weights
+    (``layout``), and a checkpoint of the other layout resumes the masked network."""
     runtime = runtime or Runtime(device)
     hooks = None
-    if mask is not None:  # None: a student without channel masks (FBS gates its channels itself)
+    full, positions = student, None
+    if (
+        shrunk
+        and mask is not None
+        and example is not None
+        and hints is None
+        and hsakd is None
+        and (resume is None or resume.get("layout") == "shrunk")
+    ):
+        positions = shrink_positions(student, index, mask, example)
+        if positions is None:
+            log("student phase: this network's shrink changes weights (not a pure selection): training it masked")
+    if positions is not None:
+        # the same function at the shrunk width's cost; every name below trains this network
+        student = runtime.prepare_model(shrink(full, index, mask.cpu(), example.to(next(full.parameters()).device)))
+        student.train()
+    elif mask is not None:  # None: a student without channel masks (FBS gates its channels itself)
         hooks = ChannelMasks(student, index).install()
         hooks.set(mask.to(device))
     # distill.hints: stage hints pull the student's stages towards ``hint_teacher`` (the pretrained
@@ -166,6 +193,7 @@ def student_phase(
             "student",
             {
                 "phase": "student",
+                "layout": "shrunk" if positions is not None else "masked",
                 "epoch": epoch,
                 "step": step,
                 "partial": partial,
@@ -257,6 +285,8 @@ def student_phase(
         record["kept"] = record["epoch"] == best["epoch"]
     if hooks is not None:
         hooks.remove()
+    if positions is not None:
+        write_back(full, student, positions)
     return history
 
 

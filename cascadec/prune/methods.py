@@ -158,6 +158,8 @@ def _fine_tune(
         hsakd=hsakd,
         teacher_heads=teacher_heads,
         start_heads=start_heads,
+        example=analysis.example,
+        shrunk=t.shrunk_student,
     )
 
 

@@ -8,6 +8,7 @@ architecture from its width spec in a fresh process before its weights are loade
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn as nn
@@ -186,3 +187,57 @@ def shrink(model: nn.Module, index: GroupIndex, keep: torch.Tensor, example_inpu
     with torch.no_grad():
         apply_removals(student, pruned_root_idxs(index, keep), example_input)
     return student
+
+
+def _tensors(model: nn.Module):
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
+def shrink_positions(
+    model: nn.Module, index: GroupIndex, keep: torch.Tensor, example_input: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """For every floating tensor of ``shrink(model, ...)``: the flat positions in ``model``'s tensor
+    of the same name that its entries are (row-major), found by shrinking a float64 copy whose
+    entries are their own positions. None where the shrink is not a pure selection (a folded
+    weight standardisation or a rescaled response norm changes values): the caller then keeps
+    training the masked network. What lets a phase train the shrunk network and write it back."""
+    probe = copy.deepcopy(model).cpu().double()
+    with torch.no_grad():
+        for _, t in _tensors(probe):
+            if t.is_floating_point():
+                t.copy_(torch.arange(t.numel(), dtype=torch.float64).view(t.shape))
+    full = {name: t.numel() for name, t in _tensors(probe)}
+    cut = shrink(probe, index, keep.detach().cpu(), example_input.detach().cpu().double())
+    out: dict[str, torch.Tensor] = {}
+    for name, t in _tensors(cut):
+        if not t.is_floating_point():
+            continue
+        pos = t.detach().reshape(-1)
+        if (
+            name not in full
+            or not torch.equal(pos, pos.round())
+            or (pos.numel() and (pos.min() < 0 or pos.max() >= full[name]))
+            or pos.unique().numel() != pos.numel()
+        ):
+            return None
+        out[name] = pos.long()
+    return out
+
+
+def write_back(full: nn.Module, shrunk: nn.Module, positions: dict[str, torch.Tensor]) -> None:
+    """Copy a (trained) shrunk network's tensors into the full-width one it was cut from, at
+    :func:`shrink_positions`; the removed units keep what they held (masks zero them, and the
+    shrink step removes them again). Integer buffers of the same shape (BatchNorm's step count)
+    are copied whole."""
+    targets = dict(_tensors(full))
+    with torch.no_grad():
+        for name, t in _tensors(shrunk):
+            target = targets.get(name)
+            if target is None:
+                continue
+            if name in positions:
+                flat = target.detach().contiguous().view(-1).clone()
+                flat[positions[name].to(flat.device)] = t.detach().reshape(-1).to(flat.device, flat.dtype)
+                target.copy_(flat.view(target.shape))
+            elif target.shape == t.shape:
+                target.copy_(t)
