@@ -41,6 +41,7 @@ class Facts:
     tensorrt: str | None = None  # the importable tensorrt module's version
     tensorrt_cuda: str | None = None  # the CUDA major of its libraries (tensorrt-cuXX packages)
     tensorrt_error: str | None = None  # why tensorrt is installed but does not import
+    driver_missing: str = "nvidia-smi not found"  # why no driver was read
 
 
 @dataclass
@@ -58,29 +59,36 @@ def _major(version: str | None) -> int | None:
 def _distributions(pattern: str) -> dict[str, str]:
     out = {}
     for dist in metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
-        if re.fullmatch(pattern, name):
-            out[name] = dist.version
+        try:  # a dist-info left without METADATA by an interrupted pip must not stop the checks
+            name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+            if re.fullmatch(pattern, name):
+                out[name] = dist.version
+        except Exception:
+            continue
     return out
 
 
-def _driver() -> tuple[str | None, str | None]:
-    """(driver version, newest CUDA it supports) from nvidia-smi's header; time-bounded."""
+def _driver() -> tuple[str | None, str | None, str]:
+    """(driver version, newest CUDA it supports, why not) from nvidia-smi's header; time-bounded."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None, None
+        return None, None, "nvidia-smi not found"
     try:
-        text = subprocess.run([exe], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    driver = re.search(r"Driver Version:\s*([\d.]+)", text)
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", text)
-    return (driver.group(1) if driver else None), (cuda.group(1) if cuda else None)
+        done = subprocess.run([exe], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, None, f"nvidia-smi did not run ({type(exc).__name__})"
+    driver = re.search(r"Driver Version:\s*([\d.]+)", done.stdout)
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", done.stdout)
+    if driver is None:
+        said = (done.stdout or done.stderr or "").strip().splitlines()
+        return None, None, f"nvidia-smi: {said[0][:120] if said else f'exit {done.returncode}'}"
+    return driver.group(1), (cuda.group(1) if cuda else None), ""
 
 
 def _onnxruntime_cuda(version: str | None, packages: list[str]) -> str | None:
     """The CUDA an onnxruntime-gpu build targets: its build info where the build records it, else
-    PyPI's rule (onnxruntime-gpu 1.19-1.26 for CUDA 12, from 1.27 for CUDA 13)."""
+    PyPI's rule: 1.19 on for CUDA 12, and from 1.27 for CUDA 13 (that cut-off is the read-only
+    audit's in issue 28, not checked against an installed package here)."""
     if "onnxruntime-gpu" not in packages:
         return None
     try:
@@ -89,7 +97,7 @@ def _onnxruntime_cuda(version: str | None, packages: list[str]) -> str | None:
         recorded = getattr(info, "cuda_version", None)
         if recorded:
             return str(recorded)
-    except ImportError:
+    except Exception:  # whatever a broken install raises: fall back to the version rule
         pass
     m = re.match(r"(\d+)\.(\d+)", version or "")
     if not m:
@@ -110,7 +118,7 @@ def gather() -> Facts:
         facts.torch, facts.torch_cuda = torch.__version__, torch.version.cuda
     except Exception:  # pragma: no cover - torch is a dependency
         pass
-    facts.driver, facts.driver_cuda = _driver()
+    facts.driver, facts.driver_cuda, facts.driver_missing = _driver()
     ort_dists = _distributions(r"onnxruntime(-gpu|-directml|-openvino)?")
     facts.onnxruntime_packages = sorted(ort_dists)
     try:
@@ -147,7 +155,7 @@ def judge(f: Facts) -> list[Check]:
             Check(
                 "NVIDIA driver",
                 "unavailable",
-                "no NVIDIA driver (nvidia-smi not found): GPU backends unavailable; the CPU paths "
+                f"no NVIDIA driver ({f.driver_missing}): GPU backends unavailable; the CPU paths "
                 "(torch, onnxruntime CPU, INT8 on the CPU) work",
             )
         )
@@ -168,13 +176,16 @@ def judge(f: Facts) -> list[Check]:
     else:
         checks.append(Check("torch", "ok", f"torch {f.torch}, built for CUDA {f.torch_cuda}"))
     # onnxruntime
-    if "onnxruntime" in f.onnxruntime_packages and "onnxruntime-gpu" in f.onnxruntime_packages:
+    both = "onnxruntime" in f.onnxruntime_packages and "onnxruntime-gpu" in f.onnxruntime_packages
+    if both and "CUDAExecutionProvider" not in f.onnxruntime_providers:
+        # cascadec depends on onnxruntime and [gpu] adds onnxruntime-gpu: both write one folder, and
+        # only a CPU build without the CUDA provider means the CPU package won
         checks.append(
             Check(
                 "onnxruntime",
                 "mismatch",
-                "both onnxruntime and onnxruntime-gpu are installed; they install into one folder and the last one "
-                "wins: pip uninstall -y onnxruntime onnxruntime-gpu, then install one of them",
+                "onnxruntime and onnxruntime-gpu are both installed and the CPU build won their shared folder (no "
+                "CUDA provider): pip install --force-reinstall --no-deps onnxruntime-gpu",
             )
         )
     ort_cuda = _major(f.onnxruntime_cuda)
@@ -197,8 +208,8 @@ def judge(f: Facts) -> list[Check]:
                 f"torch is built for CUDA {f.torch_cuda} (cascadec times ORT's GPU providers with torch's "
                 "streams, in one process: both must use one CUDA major)"
             )
-        if "CUDAExecutionProvider" not in f.onnxruntime_providers:
-            problems.append("its CUDA provider is not available (CUDA/cuDNN libraries not found)")
+        if "CUDAExecutionProvider" not in f.onnxruntime_providers and not both:
+            problems.append("the imported onnxruntime has no CUDA provider (not a GPU build)")
         checks.append(
             Check(
                 "onnxruntime-gpu",
@@ -215,8 +226,9 @@ def judge(f: Facts) -> list[Check]:
             Check(
                 "tensorrt",
                 "mismatch",
-                f"tensorrt is installed but does not import ({f.tensorrt_error}); pip's tensorrt-cuXX-libs "
-                "download from NVIDIA's index: pip install --extra-index-url https://pypi.nvidia.com tensorrt",
+                f"tensorrt is installed but does not import ({f.tensorrt_error}): its CUDA libraries are missing or "
+                "do not match, or a tensorrt-cuXX-libs stub could not fetch them from NVIDIA's index "
+                "(pip install --extra-index-url https://pypi.nvidia.com tensorrt)",
             )
         )
     else:

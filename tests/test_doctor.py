@@ -58,8 +58,15 @@ def test_a_cpu_machine_passes_and_says_what_it_cannot_run():
             "onnxruntime-gpu",
             ["CUDA 13", "driver 550.54", "torch is built for CUDA 12.4"],
         ),
-        ({"onnxruntime_packages": ["onnxruntime", "onnxruntime-gpu"]}, "onnxruntime", ["both", "one folder"]),
-        ({"onnxruntime_providers": ["CPUExecutionProvider"]}, "onnxruntime-gpu", ["CUDA provider is not available"]),
+        (
+            {
+                "onnxruntime_packages": ["onnxruntime", "onnxruntime-gpu"],
+                "onnxruntime_providers": ["CPUExecutionProvider"],
+            },
+            "onnxruntime",
+            ["both installed", "CPU build won", "--force-reinstall"],
+        ),
+        ({"onnxruntime_providers": ["CPUExecutionProvider"]}, "onnxruntime-gpu", ["no CUDA provider"]),
         ({"tensorrt": "11.0.0"}, "tensorrt", ["TensorRT 11.0.0", "supports TensorRT 10"]),
         ({"tensorrt_cuda": "13"}, "tensorrt", ["CUDA 13 libraries", "torch for CUDA 12.4", "up to 12.4"]),
         (
@@ -79,6 +86,13 @@ def test_each_mismatch_is_one_line_naming_both_sides(changes, name, words):
     assert set(bad) == ({"torch", "onnxruntime-gpu", "tensorrt"} if name == "torch" else {name})
 
 
+def test_the_gpu_extra_beside_the_core_onnxruntime_passes_while_the_gpu_build_wins():
+    """cascadec depends on onnxruntime and [gpu] adds onnxruntime-gpu: both installed is the
+    documented install, a mismatch only when the CPU build overwrote the GPU one."""
+    result = doc.doctor(_gpu_machine(onnxruntime_packages=["onnxruntime", "onnxruntime-gpu"]))
+    assert result["passed"] is True
+
+
 def test_the_onnxruntime_gpu_cuda_major_follows_its_version():
     assert doc._onnxruntime_cuda("1.27.1", ["onnxruntime-gpu"]) == "13"
     assert doc._onnxruntime_cuda("1.20.1", ["onnxruntime-gpu"]) == "12"
@@ -86,9 +100,9 @@ def test_the_onnxruntime_gpu_cuda_major_follows_its_version():
 
 
 def test_the_command_exits_3_on_a_mismatch_and_0_otherwise(cli, monkeypatch):
-    monkeypatch.setattr(doc, "gather", lambda: _gpu_machine(onnxruntime_packages=["onnxruntime", "onnxruntime-gpu"]))
+    monkeypatch.setattr(doc, "gather", lambda: _gpu_machine(tensorrt="11.0.0"))
     r = cli("doctor")
-    assert r.code == 3 and "both onnxruntime and onnxruntime-gpu" in r.err and "Traceback" not in r.err
+    assert r.code == 3 and "supports TensorRT 10" in r.err and "Traceback" not in r.err
     monkeypatch.setattr(doc, "gather", _gpu_machine)
     r = cli("doctor", "--json")
     assert r.code == 0 and json.loads(r.out)["passed"] is True

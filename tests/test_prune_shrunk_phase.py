@@ -151,3 +151,25 @@ def test_a_masked_checkpoint_resumes_masked(tmp_path):
         max_steps=2, runtime=Runtime(CPU, checkpoint_dir=tmp_path / "b"), resume=state, example=EX, shrunk=True,
     )  # fmt: skip
     assert [r["epoch"] for r in history] == [-1, 0, 1]
+
+
+def test_a_shrunk_checkpoint_the_phase_cannot_train_shrunk_is_one_line(tmp_path):
+    from cascadec.errors import UserError
+    from cascadec.train.runtime import Runtime
+
+    teacher, loader, _ = tiny_data()
+    index, mask = _half_mask(teacher)
+    runtime = Runtime(CPU, checkpoint_dir=tmp_path)
+    student_phase(
+        copy.deepcopy(teacher), mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
+        epochs=1, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
+        max_steps=1, runtime=runtime, example=EX, shrunk=True,
+    )  # fmt: skip
+    state = runtime.load("student")
+    assert state["layout"] == "shrunk"
+    with pytest.raises(UserError, match="holds the shrunk student"):
+        student_phase(
+            copy.deepcopy(teacher), mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
+            epochs=2, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
+            max_steps=1, resume=state, example=EX, shrunk=False,
+        )  # fmt: skip

@@ -412,8 +412,8 @@ class CascadeTrainer:
         self.release()
         clone = copy.deepcopy(self.models[j]).eval()
         mask = self.state.hard_masks[j].detach().clone()
-        if example is not None:
-            clone = shrink(clone, self.index, mask.cpu(), example)
+        if example is not None:  # traced on the model's device (the stage's example is on the CPU)
+            clone = shrink(clone, self.index, mask.cpu(), example.to(next(clone.parameters()).device))
         else:
             ChannelMasks(clone, self.index).install().set(mask)
         for p in clone.parameters():

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from cascadec.distill.hints import HintedLoss, HintSpec, identity_adapters
 from cascadec.distill.hsakd import AuxNetwork, HsakdLoss, HsakdSpec, Rotated, student_heads
 from cascadec.distill.losses import DistillLoss
+from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import ChannelMasks
@@ -90,7 +91,8 @@ def student_phase(
 
     ``shrunk`` (with ``example``, an input of the network): train the physically shrunk student
     and write it back into ``student`` at the end; the checkpoints then hold the shrunk weights
-    (``layout``), and a checkpoint of the other layout resumes the masked network."""
+    (``layout``); a masked checkpoint (written before, or with shrunk off) resumes masked, and a shrunk
+    one that this phase cannot train shrunk is refused with one line."""
     runtime = runtime or Runtime(device)
     hooks = None
     full, positions = student, None
@@ -105,6 +107,11 @@ def student_phase(
         positions = shrink_positions(student, index, mask, example)
         if positions is None:
             log("student phase: this network's shrink changes weights (not a pure selection): training it masked")
+    if resume is not None and resume.get("layout") == "shrunk" and positions is None:
+        raise UserError(
+            "the student checkpoint holds the shrunk student, but this phase trains the masked one "
+            "(train.shrunk_student false, distill.hints or HSAKD): resume with the settings it was written with"
+        )
     if positions is not None:
         # the same function at the shrunk width's cost; every name below trains this network
         student = runtime.prepare_model(shrink(full, index, mask.cpu(), example.to(next(full.parameters()).device)))

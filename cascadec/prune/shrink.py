@@ -200,14 +200,23 @@ def shrink_positions(
     of the same name that its entries are (row-major), found by shrinking a float64 copy whose
     entries are their own positions. None where the shrink is not a pure selection (a folded
     weight standardisation or a rescaled response norm changes values): the caller then keeps
-    training the masked network. What lets a phase train the shrunk network and write it back."""
+    training the masked network. What lets a phase train the shrunk network and write it back.
+    The positions are then checked against a real shrink of ``model`` (a rescaling that happens to
+    map positions onto positions would pass the first test), and a probe the network cannot run
+    (a float64 trace on the CPU) gives None too."""
     probe = copy.deepcopy(model).cpu().double()
     with torch.no_grad():
         for _, t in _tensors(probe):
             if t.is_floating_point():
                 t.copy_(torch.arange(t.numel(), dtype=torch.float64).view(t.shape))
     full = {name: t.numel() for name, t in _tensors(probe)}
-    cut = shrink(probe, index, keep.detach().cpu(), example_input.detach().cpu().double())
+    try:
+        cut = shrink(probe, index, keep.detach().cpu(), example_input.detach().cpu().double())
+        real = shrink(copy.deepcopy(model).cpu(), index, keep.detach().cpu(), example_input.detach().cpu())
+    except Exception:  # e.g. a float32 constant made inside forward: train masked, as before
+        return None
+    values = dict(_tensors(copy.deepcopy(model).cpu()))
+    reals = dict(_tensors(real))
     out: dict[str, torch.Tensor] = {}
     for name, t in _tensors(cut):
         if not t.is_floating_point():
@@ -221,6 +230,9 @@ def shrink_positions(
         ):
             return None
         out[name] = pos.long()
+        picked = values[name].detach().contiguous().view(-1)[out[name]]
+        if name not in reals or not torch.equal(picked, reals[name].detach().reshape(-1)):
+            return None
     return out
 
 
