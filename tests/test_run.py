@@ -211,15 +211,28 @@ def test_run_under_a_regular_file_is_a_user_error(tmp_path, recipe):
     assert blocker.read_text() == "x"
 
 
-def test_read_only_parent_is_a_user_error(tmp_path, recipe):
+def test_read_only_parent_is_a_user_error(tmp_path, recipe, monkeypatch):
+    """As root (how CI runs) chmod does not stop writes, so the kernel's answer is simulated:
+    the same EACCES a read-only parent gives an unprivileged user."""
+    import errno
+    import pathlib
+
     parent = tmp_path / "locked"
     parent.mkdir()
     parent.chmod(0o500)
     try:
         if os.access(parent, os.W_OK):
-            pytest.skip("running as root: chmod does not stop writes (the regular-file case above covers this)")
+            real_mkdir = pathlib.Path.mkdir
+
+            def refused(self, *args, **kwargs):
+                if parent in self.parents:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                return real_mkdir(self, *args, **kwargs)
+
+            monkeypatch.setattr(pathlib.Path, "mkdir", refused)
         message = user_error(RunDir.create, parent / "run", recipe)
         assert str(parent / "run") in message
+        assert not (parent / "run").exists()
     finally:
         parent.chmod(0o700)
 
