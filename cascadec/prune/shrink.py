@@ -215,7 +215,7 @@ def shrink_positions(
         real = shrink(copy.deepcopy(model).cpu(), index, keep.detach().cpu(), example_input.detach().cpu())
     except Exception:  # e.g. a float32 constant made inside forward: train masked, as before
         return None
-    values = dict(_tensors(copy.deepcopy(model).cpu()))
+    values = dict(_tensors(model))  # read only: no third copy of the network
     reals = dict(_tensors(real))
     out: dict[str, torch.Tensor] = {}
     for name, t in _tensors(cut):
@@ -230,7 +230,7 @@ def shrink_positions(
         ):
             return None
         out[name] = pos.long()
-        picked = values[name].detach().contiguous().view(-1)[out[name]]
+        picked = values[name].detach().cpu().contiguous().view(-1)[out[name]]
         if name not in reals or not torch.equal(picked, reals[name].detach().reshape(-1)):
             return None
     return out
