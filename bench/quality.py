@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import tp_baseline  # noqa: F401  (registers tp_taylor_local / tp_taylor_global: Torch-Pruning itself)
 
 from cascadec.backends.torch_backend import resolve_device
 from cascadec.data import build_data
@@ -97,6 +98,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2],
         "methods": ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_2ta", "cascade_3ta", "cascade_1ta"],
         "last_methods": ["cascade_1ta"],
+        "teacher": {"train_limit": None, "epochs": 30, "lr": 0.05},
+    },
+    # issue 32 item 4: the methods at equal training time, not equal epochs. The converge
+    # profile's data and schedule (one-shot methods and Torch-Pruning fine-tune 3 + 3 = 6 epochs);
+    # the cascade gets fewer epochs, chosen so that its end-to-end seconds are at least theirs
+    # (`cascade_2ta_eqt`: 1 joint + 3 student epochs, see bench/README.md for the calibration).
+    "equal_time": {
+        "model": "cifar_resnet8",
+        "train_limit": 12000,
+        "val_limit": None,
+        "batch_size": 128,
+        "joint_epochs": 3,
+        "student_epochs": 3,
+        "lr": 0.01,
+        "max_steps_per_epoch": None,
+        "targets": [0.5, 0.75, 0.9],
+        "seeds": [0, 1, 2],
+        "methods": ["cap_kd", "cascade_2ta_eqt", "oneshot_kd_uniform", "tp_taylor_local_kd", "tp_taylor_global_kd"],
         "teacher": {"train_limit": None, "epochs": 30, "lr": 0.05},
     },
     "full": {
@@ -265,6 +284,24 @@ METHODS: dict[str, dict[str, Any]] = {
         "distill": {"kd": True},
         "cascade": {"num_tas": 2},
     },
+    # issue 32 item 4: Torch-Pruning itself (bench/tp_baseline.py) and the cascade at equal time
+    "tp_taylor_local_kd": {
+        "label": "Torch-Pruning MetaPruner, group Taylor, local (one ratio for every layer) + KD",
+        "prune": {"method": "tp_taylor_local"},
+        "distill": {"kd": True},
+    },
+    "tp_taylor_global_kd": {
+        "label": "Torch-Pruning MetaPruner, group Taylor, global threshold + KD",
+        "prune": {"method": "tp_taylor_global"},
+        "distill": {"kd": True},
+    },
+    "cascade_2ta_eqt": {
+        "label": "cascade, 2 TAs, 1 joint + 3 student epochs (the others' training time)",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+        "train": {"joint_epochs": 1, "student_epochs": 3},
+    },
 }
 DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "cascade_2ta", "cascade_3ta"]
 # masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
@@ -275,7 +312,7 @@ TA_METHODS = tuple(
     m
     for m in CASCADE_METHODS
     if METHODS[m]["cascade"]["num_tas"] > 0
-    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd"))
+    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd", "_eqt"))
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 ONESHOT_NO_RETRAIN = ("oneshot_none", "oneshot_l1_none", "oneshot_uniform_none")  # issue 14's baselines for CaP
@@ -524,6 +561,8 @@ def run_one(
             k: cap.get(k) for k in ("calibration_images", "statistics_seconds", "selection_seconds", "seconds")
         }
         rec["train_images"] = len(loaders.train.dataset)
+    if h.get("torch_pruning"):
+        rec["torch_pruning"] = {k: v for k, v in h["torch_pruning"].items()}
     if dynamic is not None:
         rec["fbs"] = {**dynamic, "keep": h["fbs"]["keep"], "gated": len(h["fbs"]["gated"])}
     comp = h.get("compensation")
@@ -1191,6 +1230,13 @@ def write_outputs(out: Path, stem: str, doc: dict) -> None:
         write_plot(out / f"{stem}.png", doc)
     except Exception as exc:  # a plotting problem must not lose the numbers
         print(f"warning: plot failed: {exc}", file=sys.stderr, flush=True)
+    if doc.get("profile") == "equal_time":
+        import equal_time
+
+        try:
+            equal_time.write(out, stem, doc, {m: spec["label"] for m, spec in METHODS.items()})
+        except Exception as exc:
+            print(f"warning: equal-time section failed: {exc}", file=sys.stderr, flush=True)
 
 
 def _loadavg() -> list[float] | None:

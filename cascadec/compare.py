@@ -138,7 +138,7 @@ def _retime(runs: list[_Run], backend: str, batch: int) -> tuple[dict[str, float
             keep_samples=True,
         )
 
-    timing = Timing(warmup_s=0.2, min_duration_s=SECONDS, min_iters=10)
+    timing = Timing(min_duration_s=SECONDS)  # the protocol's warm-up and run count (profile.defaults)
     pooled, _ = profile_interleaved(profile_one, list(files), rounds=ROUNDS, timing=timing)
     p50 = {name: pooled[name][batch]["p50_ms"] for name in files}
     students = {k.split(":", 1)[1]: v for k, v in p50.items() if k.startswith("student:")}

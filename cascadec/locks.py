@@ -31,6 +31,9 @@ except ImportError:  # Windows: no advisory locks; one process per run directory
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".cascadec.lock"
+# the concurrency tests' barrier (hold_point): "NAME:FOLDER"; never set in a real run
+HOLD_ENV = "CASCADEC_HOLD_AT"
+HOLD_TIMEOUT_S = 600.0
 
 _HELD: dict[str, list[int]] = {}  # resolved lock-file path -> [open descriptor, holders in this process]
 
@@ -132,3 +135,23 @@ def waiting(path: str | os.PathLike[str], *, what: str, poll_s: float = 0.5) -> 
         yield
     finally:
         os.close(fd)
+
+
+def hold_point(name: str) -> None:
+    """A barrier the concurrency tests place a process at, so that they do not race start-up
+    times (issue 31): with ``CASCADEC_HOLD_AT=NAME:FOLDER`` the process writes
+    ``FOLDER/NAME.reached`` (its pid) when it gets here and waits until ``FOLDER/NAME.release``
+    exists. The points sit where a lock is held: ``run-locked`` (a new run directory's
+    manifest written under its lock), ``teacher-cache`` (the teacher cache entry's lock taken,
+    nothing checked or trained yet). Without the variable, as in every real run, nothing happens."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    point, _, folder = spec.partition(":")
+    if point != name or not folder:
+        return
+    where = Path(folder)
+    (where / f"{name}.reached").write_text(str(os.getpid()))
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while not (where / f"{name}.release").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)

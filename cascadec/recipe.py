@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascadec.errors import UserError, first_line
-from cascadec.verify.gates import DEFAULT_TOLERANCES
+from cascadec.profile.defaults import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, DEFAULT_ROUNDS, MIN_WARMUP_S
+from cascadec.verify.gates import DEFAULT_ILL_CONDITIONED, DEFAULT_MIN_TOP1_AGREEMENT, DEFAULT_TOLERANCES
 
 
 class _Strict(BaseModel):
@@ -431,12 +432,12 @@ class VerifySection(_Strict):
 
     samples: int = Field(512, ge=1)
     tolerances: dict[Precision, ToleranceSection] = Field(default_factory=dict, validate_default=True)
-    min_top1_agreement: Optional[float] = Field(0.999, ge=0, le=1)
+    min_top1_agreement: Optional[float] = Field(DEFAULT_MIN_TOP1_AGREEMENT, ge=0, le=1)
     min_top5_agreement: Optional[float] = Field(None, ge=0, le=1)
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1, description="torch accuracy minus backend accuracy")
     max_abs_diff: Optional[float] = Field(None, gt=0, description="legacy: hard cap on max |diff| of fp32 backends")
     ill_conditioned: Literal["float64", "fail"] = Field(
-        "float64",
+        DEFAULT_ILL_CONDITIONED,
         description="a network whose PyTorch float32 output is itself further from float64 than the tolerance: "
         "float64 judges each backend against PyTorch float64 (it passes where it is no worse than PyTorch float32); "
         "fail: the gate against PyTorch float32 stands",
@@ -467,12 +468,12 @@ class ProfileSection(_Strict):
     runs, after its own warm-up) so that machine drift cannot masquerade as a speed-up."""
 
     batches: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
-    warmup_s: float = Field(0.2, ge=0)
-    duration_s: float = Field(3.0, gt=0)
-    min_iters: int = Field(10, ge=1)
+    warmup_s: float = Field(MIN_WARMUP_S, ge=0)
+    duration_s: float = Field(DEFAULT_DURATION_S, gt=0)
+    min_iters: int = Field(DEFAULT_MIN_ITERS, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     cuda_graph: bool = False  # torch-cuda only: replay a captured CUDA graph
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1)
 
 
 class ExportSection(_Strict):

@@ -154,6 +154,7 @@ class RunDir:
                 run._resume(recipe, digest, resume)
             else:
                 run._start(recipe, digest, command)
+            locks.hold_point("run-locked")
         except BaseException:
             run.release()
             raise

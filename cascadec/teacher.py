@@ -125,6 +125,7 @@ def obtain_teacher(
         else contextlib.nullcontext()
     )
     with guard:
+        locks.hold_point("teacher-cache")
         if cached.is_file() and _load_cached(model, cached):
             return model.eval(), f"cache {cached}"
         _train(model, recipe, bundle, loaders, device, runtime)

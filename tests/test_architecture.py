@@ -126,3 +126,24 @@ def test_every_backend_runner_implements_the_one_interface() -> None:
         if re.search(r'"cuda" if \w+ == "onnxruntime-cuda"', path.read_text(encoding="utf-8"))
     ]
     assert not hits, f"derive the device from Backend.device, not the name: {hits}"
+
+
+def test_the_verify_and_profile_defaults_have_one_home() -> None:
+    """The recipe schema and the runtime objects read one set of defaults (issue 29 item 4):
+    a default changed in one place cannot leave the other behind."""
+    from cascadec.profile.protocol import Timing
+    from cascadec.recipe import ProfileSection, VerifySection
+    from cascadec.verify.gates import Gate
+
+    profile, timing = ProfileSection(), Timing()
+    assert (profile.warmup_s, profile.duration_s, profile.min_iters) == (
+        timing.warmup_s,
+        timing.min_duration_s,
+        timing.min_iters,
+    )
+    verify, gate = VerifySection(), Gate()
+    assert Gate.from_recipe(verify) == gate
+    assert Gate.from_recipe(object()) == gate  # a section without the keys: the same defaults
+    package = Path(__file__).resolve().parents[1] / "cascadec"
+    homes = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if "0.999" in p.read_text()]
+    assert homes == ["verify/gates.py"], homes

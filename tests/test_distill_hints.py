@@ -117,3 +117,95 @@ def test_hint_recipe_keys_are_checked() -> None:
     spec = hint_spec("paper", None, net, torch.randn(1, 1, 16, 16))
     assert spec.weight == 0.001 and spec.points == ["layer1.0", "layer2.0", "layer3.0"]
     assert hint_spec("none", None, net, torch.randn(1, 1, 16, 16)) is None
+
+
+def test_stage_hint_terms_are_normalised_by_the_teacher_features_energy() -> None:
+    """Each stage term is the adapted feature's MSE divided by the teacher feature's mean square:
+    scaling both features by 10 leaves the loss as it was (without the division it grows 100x)."""
+    net = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    points = stage_points(net, x)[:1]
+    adapters = identity_adapters(net, points, x)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 16, 28, 28, generator=g) * 3.0
+    s = t + torch.randn(2, 16, 28, 28, generator=g)
+    loss = hint_loss({points[0]: s}, {points[0]: t}, points, adapters)
+    expected = ((s - t) ** 2).mean() / (t**2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    scaled = hint_loss({points[0]: 10 * s}, {points[0]: 10 * t}, points, adapters)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def _hinted_trainer(kind: str):
+    from cascadec.prune.cascade import CascadeTrainer
+    from cascadec.prune.cost import CostModel
+    from cascadec.prune.groups import build_groups
+    from cascadec.prune.targets import Budget, MaskSolver
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    example = torch.randn(1, 1, 16, 16)
+    index = build_groups(model, example)
+    cost = CostModel.build(model, index, example)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():  # a teacher whose features differ from the shared network's
+        for p in teacher.parameters():
+            p.mul_(1.5)
+    trainer = CascadeTrainer(
+        copy.deepcopy(model),
+        teacher,
+        index,
+        MaskSolver(index, cost),
+        Budget.from_target(cost, flops_reduction=0.5),
+        torch.rand(index.num_units) + 0.1,
+        num_tas=1,
+        ta_ratios=None,
+        cascade_update=True,
+        loss=DistillLoss(),
+        device=CPU,
+        hints=hint_spec(kind, None, model, example),
+    )
+    return trainer, teacher
+
+
+@pytest.mark.parametrize("kind", ["stages", "paper"])
+def test_joint_hints_compare_each_model_with_the_right_features(kind, monkeypatch) -> None:
+    """Stage hints pull every model towards the pretrained teacher's stages; the paper's hints
+    pull each model towards the model above it (the teacher for the top one). A swap of the two
+    feature sources, or of the adapters, fails here."""
+    from cascadec.distill.hints import FeatureTap
+    from cascadec.prune import cascade as cascade_module
+
+    trainer, teacher = _hinted_trainer(kind)
+    seen: list[tuple[dict, dict, object]] = []
+
+    def spy(student, reference, points, adapters):
+        seen.append(
+            (
+                {k: v.detach().clone() for k, v in student.items()},
+                {k: v.detach().clone() for k, v in reference.items()},
+                adapters,
+            )
+        )
+        return hint_loss(student, reference, points, adapters)
+
+    monkeypatch.setattr(cascade_module, "hint_loss", spy)
+    images, labels = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    points = trainer.hints.points
+    tap = FeatureTap(teacher, points)
+    with torch.no_grad():
+        teacher(images)
+    teacher_features = {k: v.detach().clone() for k, v in tap.features.items()}
+    tap.remove()
+    trainer.joint_loss(images, labels)
+    assert len(seen) == len(trainer.models) == 2
+    top, student = seen  # the loop runs from the top model down
+    for _features, _reference, adapters in seen:
+        assert (adapters is not None) == (kind == "stages")
+    for p in points:
+        assert torch.allclose(top[1][p], teacher_features[p])  # the top model: the teacher either way
+        if kind == "stages":
+            assert torch.allclose(student[1][p], teacher_features[p])
+        else:
+            assert torch.allclose(student[1][p], top[0][p])  # the model above, not the teacher
+            assert not torch.allclose(student[1][p], teacher_features[p])

@@ -108,21 +108,55 @@ def _compress(recipe: Path, out: Path, env: dict, *extra: str) -> subprocess.Pop
     )
 
 
+def _held_at(point: str, barrier: Path) -> dict:
+    """Environment that stops a process at ``locks.hold_point(point)`` until ``_release``."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    return {locks.HOLD_ENV: f"{point}:{barrier}"}
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first (exit {proc.returncode}): {proc.stderr.read()}")
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s"
+        time.sleep(0.02)
+
+
+def _release(point: str, barrier: Path) -> None:
+    (barrier / f"{point}.release").write_text("go")
+
+
+def test_hold_point_is_inert_without_the_variable_and_waits_with_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(locks.HOLD_ENV, raising=False)
+    locks.hold_point("run-locked")  # returns at once: no variable
+    monkeypatch.setenv(locks.HOLD_ENV, f"other:{tmp_path}")
+    locks.hold_point("run-locked")  # another point: returns at once
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv(locks.HOLD_ENV, f"run-locked:{tmp_path}")
+    monkeypatch.setattr(locks, "HOLD_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    locks.hold_point("run-locked")  # no release file: waits until the (shortened) timeout
+    assert time.monotonic() - started >= 0.2
+    assert (tmp_path / "run-locked.reached").read_text() == str(os.getpid())
+
+
 @pytest.mark.slow
 def test_two_compress_processes_on_one_directory(tmp_path) -> None:
-    """The second is refused with exit 2 while the first finishes, and what the first wrote is
-    bit for bit what a lone run writes."""
+    """The second is refused with exit 2 while the first holds the directory, and what the
+    first wrote is bit for bit what a lone run writes. The first is held at a barrier with the
+    lock taken (``locks.hold_point``), so the outcome never depends on start-up times."""
     recipe = write_recipe(tmp_path / "tiny.yaml")
     env = {"CASCADEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     lone = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", tmp_path / "lone", env=env)
     assert lone.code == 0, lone.err
-    out = tmp_path / "shared"
-    first = _compress(recipe, out, env, "--resume")
-    deadline = time.monotonic() + 120
-    while not (out / "manifest.json").exists():  # the manifest is written under the lock
-        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
-        time.sleep(0.05)
-    second = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", out, "--resume", env=env)
+    out, barrier = tmp_path / "shared", tmp_path / "barrier"
+    first = _compress(recipe, out, {**env, **_held_at("run-locked", barrier)}, "--resume")
+    try:
+        _wait_for(barrier / "run-locked.reached", first, "the first writer's lock")
+        second = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", out, "--resume", env=env)
+    finally:
+        _release("run-locked", barrier)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert second.code == 2 and f"in use by process {first.pid}" in second.err and "Traceback" not in second.err
@@ -133,18 +167,40 @@ def test_two_compress_processes_on_one_directory(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_two_processes_need_one_teacher_cache_entry(tmp_path) -> None:
-    """Both finish; the teacher is trained once and the other process loads what was written."""
+    """Both finish; the teacher is trained once and the other process loads what was written.
+    The first is held inside the cache entry's lock before it looks at the cache; the second
+    must then say it waits (without the lock it would train a teacher of its own, every time)."""
     recipe = write_recipe(tmp_path / "tiny.yaml")
     env = {"CASCADEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    procs = [_compress(recipe, tmp_path / f"run{i}", env) for i in range(2)]
-    errs = []
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-        errs.append(err)
+    barrier = tmp_path / "barrier"
+    first = _compress(recipe, tmp_path / "run0", {**env, **_held_at("teacher-cache", barrier)})
+    log = tmp_path / "second.err"
+    try:
+        _wait_for(barrier / "teacher-cache.reached", first, "the first process's cache lock")
+        with open(log, "w") as err_file:
+            second = subprocess.Popen(
+                compress_command(recipe, tmp_path / "run1"),
+                env={**os.environ, "COLUMNS": "80", "CASCADEC_NO_PROGRESS": "1", **env},
+                cwd=str(REPO_ROOT),
+                stdout=subprocess.DEVNULL,
+                stderr=err_file,
+                text=True,
+            )
+        deadline = time.monotonic() + 180
+        while "waiting for it" not in log.read_text():
+            assert second.poll() is None, f"the second process did not wait for the lock: {log.read_text()}"
+            assert time.monotonic() < deadline, "the second process never reached the cache lock"
+            time.sleep(0.05)
+    finally:
+        _release("teacher-cache", barrier)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.wait(timeout=300) == 0, log.read_text()
+    errs = [first_err, log.read_text()]
     trained = sum("teacher: no weights given; training" in err for err in errs)
     loaded = sum("teacher: loaded from cache" in err for err in errs)
     assert (trained, loaded) == (1, 1), errs
+    assert "teacher: no weights given; training" in first_err  # the held one trained, the other waited
     a, b = (tmp_path / f"run{i}" / "teacher.safetensors" for i in range(2))
     assert a.read_bytes() == b.read_bytes()
     assert len(list((tmp_path / "cache" / "teachers").glob("*.safetensors"))) == 1

@@ -40,6 +40,42 @@ def test_the_documented_recipes_ship():
     } <= set(SHIPPED)
 
 
+# the measured winner at each shipped budget (docs/benchmarks.md, "At equal training time"): a
+# recipe that runs another method says why in its "# method:" line (issue 32 item 5)
+MEASURED_WINNER = "cap"
+WINNER_RECIPES = {"fmnist_quick", "fmnist_cap_kd", "imagenet_50pct"}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_says_why_it_runs_its_method(name):
+    text = (recipes_dir() / f"{name}.yaml").read_text()
+    why = [line for line in text.splitlines() if line.startswith("# method: ")]
+    assert len(why) == 1, f"{name}: one '# method: ...' line says why this method"
+    recipe = load_recipe(name)
+    assert why[0].startswith(f"# method: {_METHOD_WORDS[recipe.prune.method]}"), (name, why[0])
+    if name in WINNER_RECIPES:
+        assert recipe.prune.method == MEASURED_WINNER and recipe.train.student_epochs > 0, name
+        assert "measured winner" in why[0]
+    elif recipe.prune.method != MEASURED_WINNER or recipe.train.student_epochs + recipe.train.joint_epochs == 0:
+        assert (
+            "measured winner" in why[0]
+            or "not a static network" in why[0]
+            or "coverage" in why[0]
+            or ("no training" in why[0])
+        ), f"{name} runs {recipe.prune.method}: its '# method:' line must say why not the measured winner"
+
+
+_METHOD_WORDS = {"cascade": "the cascade", "cap": "CaP", "fbs": "FBS", "oneshot": "one-shot"}
+
+
+def test_the_demo_and_the_first_example_run_the_measured_winner():
+    """README's first commands name these recipes; the cascade has its own."""
+    for name in ("fmnist_quick", "imagenet_50pct"):
+        assert load_recipe(name).prune.method == MEASURED_WINNER
+    for name in ("fmnist_cascade", "imagenet_50pct_cascade"):
+        assert load_recipe(name).prune.method == "cascade"
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_recipe_validates(name):
     recipe = load_recipe(name)
@@ -162,7 +198,7 @@ def test_a_new_target_replaces_the_old_one(override, field):
 
 def test_target_override_leaves_the_rest_of_prune_alone():
     r = load_recipe("fmnist_quick", ["prune.round_to=16", "prune.target.keep_ratio=0.5"])
-    assert r.prune.round_to == 16 and r.prune.method == "cascade"
+    assert r.prune.round_to == 16 and r.prune.method == "cap"
 
 
 def test_model_on_the_command_line_drops_the_recipes_weights():

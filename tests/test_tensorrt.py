@@ -186,14 +186,17 @@ def test_fp16_on_tensorrt_without_the_flag_is_refused(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- TrtRunner against a fake runtime
 
 
-def fake_runtime(calls: list, registry: dict):
+def fake_runtime(calls: list, registry: dict, io_dtypes: dict | None = None):
     """The TensorRT 10 runtime surface TrtRunner uses. ``registry`` maps a device pointer to the
-    (CPU) tensor behind it, so the fake engine reads and writes through the addresses it is given."""
+    (CPU) tensor behind it, so the fake engine reads and writes through the addresses it is given.
+    ``io_dtypes`` (tensor name -> "FLOAT" / "HALF" / "INT32", default FLOAT) is what the engine
+    reports for its I/O; the engine refuses buffers of another dtype, as TensorRT reads raw bytes."""
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
-    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")
-    trt.nptype = lambda t: {"FLOAT": np.float32, "HALF": np.float16}[t]
+    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF", INT32="INT32")
+    trt.nptype = lambda t: {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32}[t]
+    io_dtypes = {"input": "FLOAT", "logits": "FLOAT", **(io_dtypes or {})}
 
     class Logger:
         WARNING = "WARNING"
@@ -220,6 +223,9 @@ def fake_runtime(calls: list, registry: dict):
         def execute_async_v3(self, stream_handle):
             calls.append(("execute_async_v3", (stream_handle,)))
             x, out = registry[self.addresses["input"]], registry[self.addresses["logits"]]
+            for name, t in (("input", x), ("logits", out)):
+                want = trt.nptype(io_dtypes[name])
+                assert t.numpy().dtype == want, f"{name}: a {t.dtype} buffer for a {want.__name__} tensor"
             out.copy_(x.flatten(1)[:, :10] * 2 + 1)  # a known function of the input
             return True
 
@@ -236,7 +242,7 @@ def fake_runtime(calls: list, registry: dict):
             return (-1, 1, 28, 28) if name == "input" else (-1, 10)
 
         def get_tensor_dtype(self, name):
-            return "FLOAT"
+            return io_dtypes[name]
 
         def get_tensor_profile_shape(self, name, profile_index):
             assert (name, profile_index) == ("input", 0)
@@ -282,6 +288,7 @@ def runtime(monkeypatch, tmp_path):
 
     def h2d(buffer, host, stream):
         calls.append(("h2d", (tuple(host.shape),)))
+        assert host.dtype == buffer.dtype, f"a {host.dtype} host tensor copied into a {buffer.dtype} buffer"
         buffer.copy_(host)
         stream.synchronize()
 
@@ -293,11 +300,31 @@ def runtime(monkeypatch, tmp_path):
     plan = tmp_path / "student.plan"
     plan.write_bytes(b"PLAN")
     (tmp_path / "student.plan.json").write_text(json.dumps({"tensorrt": "10.99.1", "precision": "fp16"}))
-    return types.SimpleNamespace(calls=calls, plan=plan, dir=tmp_path)
+    return types.SimpleNamespace(calls=calls, plan=plan, dir=tmp_path, registry=registry)
 
 
 def expected(x):
     return x.reshape(len(x), -1)[:, :10] * 2 + 1
+
+
+@pytest.mark.parametrize(
+    ("io_dtypes", "atol"),
+    [({"input": "HALF", "logits": "HALF"}, 1e-2), ({"logits": "INT32"}, 0.0), ({"input": "HALF"}, 1e-2)],
+)
+def test_trt_runner_casts_to_and_from_the_engines_io_types(runtime, monkeypatch, io_dtypes, atol):
+    """An FP16-I/O engine gets half-precision input bytes, an INT32 output comes back as float32:
+    the runner converts on both sides (TensorRT reads and writes raw bytes of the engine's types)."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime(runtime.calls, runtime.registry, io_dtypes))
+    runner = trtb.TrtRunner(runtime.plan)
+    x = np.random.default_rng(2).uniform(-4, 4, (3, 1, 28, 28)).astype(np.float32)
+    if io_dtypes.get("logits") == "INT32":
+        x = np.round(x)  # integer inputs: the engine's integer output is exact
+    out = runner(x)
+    assert out.dtype == np.float32 and out.shape == (3, 10)
+    np.testing.assert_allclose(out, expected(x), rtol=1e-3, atol=atol)
+    import torch
+
+    assert runner._buffers["input"].dtype == {"HALF": torch.float16}.get(io_dtypes.get("input"), torch.float32)
 
 
 def test_trt_runner_interface_and_call_order(runtime):

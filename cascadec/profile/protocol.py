@@ -30,10 +30,7 @@ import torch
 
 from cascadec.backends.cuda_runners import DeviceRunner
 from cascadec.errors import UserError
-
-MIN_WARMUP_S = 0.2  # trtexec --warmUp default (ms=200)
-DEFAULT_DURATION_S = 3.0  # trtexec --duration default
-DEFAULT_MIN_ITERS = 10  # trtexec --iterations default
+from cascadec.profile.defaults import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S
 
 STATS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms")
 FIELDS = (*STATS, "iterations", "throughput")

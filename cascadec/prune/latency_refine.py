@@ -113,7 +113,7 @@ class SpeedupMeter:
                 keep_samples=True,
             )
 
-        timing = Timing(warmup_s=0.2, min_duration_s=self.seconds, min_iters=10)
+        timing = Timing(min_duration_s=self.seconds)
         pooled, ratios = profile_interleaved(profile_one, ["full", "student"], rounds=self.rounds, timing=timing)
         full_ms, student_ms = pooled["full"][self.batch]["p50_ms"], pooled["student"][self.batch]["p50_ms"]
         return {

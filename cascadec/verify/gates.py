@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from cascadec.errors import UserError
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+# the gate's defaults, one home: cascadec.recipe.VerifySection takes them from here
+DEFAULT_MIN_TOP1_AGREEMENT = 0.999
+DEFAULT_ILL_CONDITIONED = "float64"
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Tolerance:
 # Why these numbers:
 # * fp32: reordered sums (other conv algorithms, BatchNorm folded into conv) move logits of
 #   magnitude ~10 by 1e-6..1e-5; atol 1e-4 / rtol 1e-3 leaves headroom yet catches a wrong
-#   weight or op. Top-1 agreement stays the gate's (0.999 by default).
+#   weight or op. Top-1 agreement stays the gate's (DEFAULT_MIN_TOP1_AGREEMENT).
 # * fp16: an 11-bit mantissa (eps 9.8e-4) moves logits by about 1e-3 of their scale: rounding
 #   the demo student's weights to fp16 alone (cascadec quantize, logits up to ~20) moved them by
 #   up to 0.028, so atol 5e-2 / rtol 1e-2 (1e-2 failed every network with logits past ~10); a
@@ -72,13 +75,13 @@ class Gate:
     """
 
     tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
-    min_top1_agreement: float | None = 0.999
+    min_top1_agreement: float | None = DEFAULT_MIN_TOP1_AGREEMENT
     min_top5_agreement: float | None = None
     max_accuracy_drop: float | None = None
     max_abs_diff: float | None = None
     # a backend of a network whose own float32 output is further from float64 than the tolerance:
     # "float64" judges it against PyTorch float64 (no worse than PyTorch float32), "fail": the gate stands
-    ill_conditioned: str = "float64"
+    ill_conditioned: str = DEFAULT_ILL_CONDITIONED
 
     def tolerance(self, precision: str) -> Tolerance:
         if precision not in self.tolerances:
@@ -185,11 +188,11 @@ class Gate:
             tolerances[str(precision)] = Tolerance(**values)
         return cls(
             tolerances=tolerances,
-            min_top1_agreement=getattr(section, "min_top1_agreement", 0.999),
+            min_top1_agreement=getattr(section, "min_top1_agreement", DEFAULT_MIN_TOP1_AGREEMENT),
             min_top5_agreement=getattr(section, "min_top5_agreement", None),
             max_accuracy_drop=getattr(section, "max_accuracy_drop", None),
             max_abs_diff=getattr(section, "max_abs_diff", None),
-            ill_conditioned=getattr(section, "ill_conditioned", "float64"),
+            ill_conditioned=getattr(section, "ill_conditioned", DEFAULT_ILL_CONDITIONED),
         )
 
     def as_dict(self) -> dict:

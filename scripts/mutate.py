@@ -1,0 +1,280 @@
+"""Do the tests catch one-token slips in the core numeric modules? Sampled mutation testing (issue 31).
+
+    python scripts/mutate.py                       # every module below, 20 sampled mutants each
+    python scripts/mutate.py --modules cascadec/prune/compensate.py --sample 0   # all of one module
+    python scripts/mutate.py --resume              # continue, keeping the mutants already judged
+
+Each mutant changes one operator or constant of one module (``+`` to ``-``, ``<`` to ``<=``,
+``and`` to ``or``, ``not x`` to ``x``, a number n to n + 1, ``True`` to ``False``: the slips an
+audit found the suite blind to), applied to a copy of the package; the module's tests (below)
+then run against the copy. A mutant is *killed* when they fail or run past three times the
+unmutated run's time; it *survives* when they pass. The module is rewritten with ``ast.unparse``
+for every mutant and for the unmutated baseline alike, so formatting never differs between them.
+Mutants are drawn at random (``--seed``) from every candidate site, so the score is an estimate
+of the module's score with the sample's uncertainty (the report gives the count of candidates).
+
+Results: ``bench/results/mutation.{json,md}``, rewritten after every mutant (``--resume`` keeps
+what was judged): per module the candidates, mutants run, killed, survived, and each survivor
+with its line, so it can be killed by a new test or explained as equivalent.
+The TensorRT builder has its own hand-written mutants: ``scripts/mutate_tensorrt.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# module -> the tests that are meant to catch its mistakes (pytest arguments)
+MODULES: dict[str, list[str]] = {
+    "cascadec/prune/compensate.py": ["tests/test_prune_compensate.py", "tests/test_audit.py", "-k", "compens or cap"],
+    "cascadec/prune/cap.py": ["tests/test_prune_compensate.py", "tests/test_audit.py", "-k", "cap"],
+    "cascadec/distill/losses.py": ["tests/test_distill.py", "tests/test_audit.py", "-k", "kd or distill or hsakd"],
+    "cascadec/distill/hints.py": ["tests/test_distill_hints.py", "-m", "not slow"],
+    "cascadec/prune/targets.py": ["tests/test_prune_targets.py", "-m", "not slow"],
+    "cascadec/memory.py": ["tests/test_audit.py", "tests/test_zoo_refusals.py", "-k", "memory or activation or refus"],
+}
+BINOPS = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Div,
+    ast.Pow: ast.Mult,
+}
+CMPOPS = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+}
+
+
+@dataclass
+class Site:
+    """One mutant: the ``number``-th candidate node in ``ast.walk`` order and what it becomes."""
+
+    number: int
+    line: int
+    what: str
+
+
+def _docstring_ids(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                out.add(id(first.value))
+    return out
+
+
+def _annotation_ids(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            annotations.append(node.returns)
+            args = node.args
+            annotations += [a.annotation for a in args.args + args.kwonlyargs + args.posonlyargs]
+        for a in annotations:
+            if a is not None:
+                out.update(id(n) for n in ast.walk(a))
+    return out
+
+
+def _mutation(node: ast.AST, skip: set[int]) -> str | None:
+    """What mutating ``node`` would do, or None when it is not a candidate."""
+    if id(node) in skip:
+        return None
+    if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
+        return f"{type(node.op).__name__} -> {BINOPS[type(node.op)].__name__}"
+    if isinstance(node, ast.AugAssign) and type(node.op) in BINOPS:
+        return f"{type(node.op).__name__}= -> {BINOPS[type(node.op)].__name__}="
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in CMPOPS:
+        return f"{type(node.ops[0]).__name__} -> {CMPOPS[type(node.ops[0])].__name__}"
+    if isinstance(node, ast.BoolOp):
+        return "And -> Or" if isinstance(node.op, ast.And) else "Or -> And"
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        return f"{type(node.op).__name__} dropped"
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool):
+            return f"{node.value} -> {not node.value}"
+        if isinstance(node.value, (int, float)):
+            return f"{node.value!r} -> {node.value + 1!r}"
+    return None
+
+
+def _apply(node: ast.AST) -> ast.AST:
+    """Mutate ``node`` in place (or return its replacement)."""
+    if isinstance(node, (ast.BinOp, ast.AugAssign)):
+        node.op = BINOPS[type(node.op)]()
+    elif isinstance(node, ast.Compare):
+        node.ops = [CMPOPS[type(node.ops[0])]()]
+    elif isinstance(node, ast.BoolOp):
+        node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+    elif isinstance(node, ast.UnaryOp):
+        return node.operand
+    elif isinstance(node, ast.Constant):
+        node.value = (not node.value) if isinstance(node.value, bool) else node.value + 1
+    return node
+
+
+def sites(source: str) -> list[Site]:
+    tree = ast.parse(source)
+    skip = _docstring_ids(tree) | _annotation_ids(tree)
+    out = []
+    for number, node in enumerate(ast.walk(tree)):
+        what = _mutation(node, skip)
+        if what is not None:
+            out.append(Site(number, getattr(node, "lineno", 0), what))
+    return out
+
+
+def mutant(source: str, site: Site) -> str:
+    """The module's text with ``site`` mutated (through ``ast.unparse``)."""
+    tree = ast.parse(source)
+    nodes = list(ast.walk(tree))
+    target = nodes[site.number]
+    replacement = _apply(target)
+    if replacement is not target:  # an operand replaces its UnaryOp: swap it in the parent
+        for parent in nodes:
+            for field, value in ast.iter_fields(parent):
+                if value is target:
+                    setattr(parent, field, replacement)
+                elif isinstance(value, list):
+                    for i, item in enumerate(value):
+                        if item is target:
+                            value[i] = replacement
+    return ast.unparse(tree)
+
+
+def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+    """'pass', 'fail' or 'timeout', and the seconds, of the module's tests against ``root``."""
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "CASCADEC_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if proc.returncode == 5:  # no test selected: a broken selection, not a verdict
+        raise SystemExit(f"no tests selected by {tests}")
+    return ("pass" if proc.returncode == 0 else "fail"), seconds
+
+
+def write(doc: dict, out: Path) -> None:
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out.with_suffix(".json"))
+    lines = [
+        "# Mutation testing of the core numeric modules (scripts/mutate.py)",
+        "",
+        f"`{doc['command']}` ({doc['status']}). A mutant is killed when the module's tests fail (or run past 3x "
+        "the unmutated run's time); the score is killed / run. Mutants are a random sample of the candidate sites "
+        "(`--seed`), so each score estimates the module's.",
+        "",
+        "| module | tests | candidates | run | killed | survived | score |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in doc["modules"].items():
+        judged = [r for r in m["mutants"] if r["verdict"] in ("fail", "timeout", "pass")]
+        killed = sum(r["verdict"] != "pass" for r in judged)
+        score = f"{100 * killed / len(judged):.0f} %" if judged else "-"
+        lines.append(
+            f"| `{name}` | `{' '.join(m['tests'])}` | {m['candidates']} | {len(judged)} | {killed} | "
+            f"{len(judged) - killed} | {score} |"
+        )
+    lines += ["", "## Survivors", ""]
+    for name, m in doc["modules"].items():
+        for r in m["mutants"]:
+            if r["verdict"] == "pass":
+                note = f" - {r['note']}" if r.get("note") else ""
+                lines.append(f"- `{name}` line {r['line']}: {r['what']}: `{r['text']}`{note}")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modules", nargs="+", default=list(MODULES), help="modules (keys of MODULES)")
+    p.add_argument("--sample", type=int, default=20, help="mutants per module (0: every candidate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "mutation")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out.with_suffix("")
+    doc = {"command": "python scripts/mutate.py " + " ".join(argv if argv is not None else sys.argv[1:]), "modules": {}}
+    if args.resume and out.with_suffix(".json").is_file():
+        doc["modules"] = json.loads(out.with_suffix(".json").read_text())["modules"]
+    doc["status"] = "running"
+    with tempfile.TemporaryDirectory(prefix="cascadec-mutants-") as tmp:
+        root = Path(tmp)
+        for part in ("cascadec", "tests", "recipes"):
+            shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+        for name in args.modules:
+            tests = MODULES[name]
+            source = (REPO / name).read_text()
+            candidates = sites(source)
+            chosen = list(candidates)
+            random.Random(args.seed).shuffle(chosen)
+            if args.sample:
+                chosen = chosen[: args.sample]
+            entry = doc["modules"].setdefault(name, {"tests": tests, "mutants": []})
+            entry["candidates"] = len(candidates)
+            judged = {(r["number"], r["what"]) for r in entry["mutants"]}
+            (root / name).write_text(ast.unparse(ast.parse(source)))
+            verdict, base = run_tests(root, tests, timeout=1800)
+            if verdict != "pass":
+                raise SystemExit(f"{name}: the tests fail on the unmutated (unparsed) copy; fix them first")
+            entry["baseline_seconds"] = round(base, 1)
+            print(f"{name}: {len(candidates)} candidates, {len(chosen)} to run, baseline {base:.0f} s", flush=True)
+            for site in chosen:
+                if (site.number, site.what) in judged:
+                    continue
+                text = mutant(source, site)
+                (root / name).write_text(text)
+                shutil.rmtree((root / name).parent / "__pycache__", ignore_errors=True)
+                verdict, seconds = run_tests(root, tests, timeout=max(60.0, 3 * base))
+                line = source.splitlines()[site.line - 1].strip() if site.line else ""
+                entry["mutants"].append(
+                    {
+                        "number": site.number,
+                        "line": site.line,
+                        "what": site.what,
+                        "text": line,
+                        "verdict": verdict,
+                        "seconds": round(seconds, 1),
+                    }
+                )
+                print(f"  line {site.line}: {site.what}: {verdict} ({seconds:.0f} s)", flush=True)
+                write(doc, out)
+            (root / name).write_text(source)
+    doc["status"] = "finished"
+    write(doc, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
