@@ -169,6 +169,7 @@ def plot(path: Path, doc: dict, labels: dict[str, str]) -> None:
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, target in zip(axes[0], targets):
+        finals: list[float] = []
         for i, method in enumerate(cfg["methods"]):
             first = True
             for run in doc["runs"]:
@@ -178,6 +179,7 @@ def plot(path: Path, doc: dict, labels: dict[str, str]) -> None:
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
+                finals.append(100 * ys[-1])
                 ax.plot(
                     xs,
                     [100 * y for y in ys],
@@ -190,6 +192,9 @@ def plot(path: Path, doc: dict, labels: dict[str, str]) -> None:
         teacher = doc.get("teacher", {}).get("accuracy")
         if teacher is not None and not math.isnan(teacher):
             ax.axhline(100 * teacher, color="grey", linestyle=":", label="teacher (test)")
+        if finals:  # zoom on where the runs end; the first epochs' climb is cut off below
+            top = 100 * teacher + 1 if teacher is not None and not math.isnan(teacher) else max(finals) + 1
+            ax.set_ylim(max(0.0, min(finals) - 8), top)
         ax.set_title(f"{100 * target:.0f} % fewer FLOPs")
         ax.set_xlabel("cumulative training seconds (1 thread)")
         ax.set_ylabel("selection accuracy (%)")
