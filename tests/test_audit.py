@@ -395,3 +395,25 @@ def test_fbs_gates_scale_the_normalised_output_of_gated_convs_in_a_chain() -> No
     assert len({tuple(row.nonzero().flatten().tolist()) for row in g1}) > 1  # images keep different channels
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert (got - teacher(x)).abs().max() > 1e-2  # the gates did something
+
+
+def test_onnx_activation_bytes_count_every_float_tensor_at_batch_one(tmp_path) -> None:
+    """A conv (1 -> 4 channels, 3x3, no padding) then a ReLU on a 1x8x8 input, exported with a
+    dynamic batch: the estimate is the input plus both 4x6x6 float tensors at batch 1, and an
+    unreadable file falls back to FALLBACK_ACTIVATIONS input sizes (mutation testing found both
+    unpinned)."""
+    import torch
+
+    from cascadec import memory
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(
+        net, torch.zeros(2, 1, 8, 8), str(path), input_names=["x"], dynamic_axes={"x": {0: "n"}}, dynamo=False
+    )
+    image = memory.image_bytes((1, 8, 8))
+    assert image == 8 * 8 * 4
+    assert memory.onnx_activation_bytes(path, (1, 8, 8)) == image + 2 * (4 * 6 * 6 * 4)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00 not onnx")
+    assert memory.onnx_activation_bytes(garbage, (1, 8, 8)) == memory.FALLBACK_ACTIVATIONS * image

@@ -209,3 +209,12 @@ def test_joint_hints_compare_each_model_with_the_right_features(kind, monkeypatc
         else:
             assert torch.allclose(student[1][p], top[0][p])  # the model above, not the teacher
             assert not torch.allclose(student[1][p], teacher_features[p])
+
+
+def test_hint_weights_default_to_one_for_stages_and_the_papers_lambda_h() -> None:
+    """Stage hints weigh 1.0; the paper's hints its lambda_H = 0.001 (docs/paper.md, Losses)."""
+    net = create_model("cifar_resnet8", num_classes=10, in_channels=1)
+    x = torch.randn(1, 1, 28, 28)
+    assert hint_spec("stages", None, net, x).weight == 1.0
+    assert hint_spec("paper", None, net, x).weight == 0.001
+    assert hint_spec("stages", 0.25, net, x).weight == 0.25

@@ -244,3 +244,37 @@ def test_uniform_allocation_keeps_the_same_fraction_of_every_group(r18, value) -
 def test_unknown_allocation_is_a_user_error(r8) -> None:
     with pytest.raises(UserError, match="allocation"):
         MaskSolver(r8.index, r8.cost, allocation="layerwise")
+
+
+def _plain_group(size: int, members: list | None = None):
+    from cascadec.prune.groups import ChannelGroup, GroupIndex, Member
+
+    everything = list(range(size))
+    group = ChannelGroup(index=0, root="a", size=size, members=members or [Member("a", "out", everything, everything)])
+    return GroupIndex(groups=[group], frozen=[], first_conv=None, classifier=None)
+
+
+def test_the_narrow_width_is_kept_at_its_boundary_and_rounded_above_it() -> None:
+    """round_to 8 with a 4-channel narrow width (a latency table's half block): 3 or 4 kept
+    channels become 4, 5 become 8 (mutation testing found the boundary unpinned)."""
+    solver = MaskSolver(_plain_group(16), None, round_to=8, narrow=4)
+    assert [int(solver.widths(torch.tensor([k]))[0]) for k in (1, 3, 4, 5, 8, 9, 16)] == [4, 4, 4, 8, 8, 16, 16]
+
+
+def test_every_segment_of_a_split_group_ranks_its_best_unit_first() -> None:
+    """A group whose units 0-1 and 2-3 feed different layers (two segments): each segment's best
+    unit leads, so the group's floor keeps one unit of each (mutation testing: ``>=`` to ``>``
+    in the leader test went unnoticed)."""
+    from cascadec.prune.groups import Member
+
+    members = [
+        Member("a", "out", [0, 1, 2, 3], [0, 1, 2, 3]),
+        Member("b", "in", [0, 1], [0, 1]),
+        Member("c", "in", [0, 1], [2, 3]),
+    ]
+    solver = MaskSolver(_plain_group(4, members), None)
+    assert solver.num_segments == 2
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.3])
+    assert solver._leaders(scores).tolist() == [True, False, False, True]
+    ranks = solver._ranks_within_group(scores)
+    assert sorted(ranks[[0, 3]].tolist()) == [0, 1]  # both leaders before unit 1, which outscores unit 3
