@@ -404,6 +404,12 @@ class TrainSection(_Strict):
         description="the student phase trains the physically shrunk network (the same function as the masked "
         "one, less compute); false: the masked full-width network. Masked anyway with distill.hints or hsakd",
     )
+    cache_teacher_logits: bool = Field(
+        True,
+        description="KD epochs read each teacher's logits from a table computed once, where the training images "
+        "are not augmented (Fashion-MNIST, digits, synthetic); the teacher runs every step otherwise, and with "
+        "distill.hints or hsakd. false: always online",
+    )
     checkpoint_every_steps: Optional[int] = Field(
         None, ge=1, description="also checkpoint every N steps (a checkpoint is always written at each epoch end)"
     )

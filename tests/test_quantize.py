@@ -348,7 +348,7 @@ def test_batchnorm_folding_keeps_the_function_and_fake_quant_comes_off_cleanly()
     import torch
 
     from cascadec.models import create_model
-    from cascadec.quantize.qat import COMPUTE, FakeQuant, calibrate_ranges, fold_batchnorm
+    from cascadec.quantize.fake_quant import COMPUTE, FakeQuant, calibrate_ranges, fold_batchnorm
 
     torch.manual_seed(0)
     model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
@@ -379,7 +379,7 @@ def test_qat_fake_quantizes_weights_on_the_exports_grid(levels):
     """QAT trains on the grid the export quantizes to: [-127, 127], or [-64, 64] with reduce_range."""
     import torch
 
-    from cascadec.quantize.qat import ActivationRange, FakeQuant
+    from cascadec.quantize.fake_quant import ActivationRange, FakeQuant
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(2, 4, 3)
@@ -409,3 +409,4 @@ def test_qat_runs_when_asked_and_the_better_file_ships(copy_run, cli, finished_r
     assert qat["shipped"] == ("qat" if qat["qat_selection_accuracy"] > qat["ptq_selection_accuracy"] else "ptq")
     assert graph_precision(run / "student.int8.onnx") == "int8"
     assert "QAT + KD" in (run / "report.md").read_text()
+    assert not list(run.glob("checkpoints/qat.*"))  # the flavour finished: its QAT checkpoint is gone

@@ -24,7 +24,7 @@ from cascadec.errors import UserError
 __all__ = ["EpochBatchSampler", "position"]
 
 # Distinct training phases draw distinct orders even at the same epoch number.
-PHASES = {"teacher": 1, "importance": 2, "joint": 3, "student": 4, "heads": 5}
+PHASES = {"teacher": 1, "importance": 2, "joint": 3, "student": 4, "heads": 5, "qat": 6}
 
 
 class EpochBatchSampler(Sampler[list[int]]):

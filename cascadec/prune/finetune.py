@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from cascadec.distill.hints import HintedLoss, HintSpec, identity_adapters
 from cascadec.distill.hsakd import AuxNetwork, HsakdLoss, HsakdSpec, Rotated, student_heads
+from cascadec.distill.logit_cache import LogitCache
 from cascadec.distill.losses import DistillLoss
 from cascadec.errors import UserError
 from cascadec.progress import log
@@ -76,6 +77,7 @@ def student_phase(
     start_heads: nn.ModuleList | None = None,
     example: torch.Tensor | None = None,
     shrunk: bool = False,
+    cache_logits: bool = True,
 ) -> list[dict]:
     """Fine-tune the masked student in place; returns one record per epoch (plus the start).
 
@@ -92,7 +94,12 @@ def student_phase(
     ``shrunk`` (with ``example``, an input of the network): train the physically shrunk student
     and write it back into ``student`` at the end; the checkpoints then hold the shrunk weights
     (``layout``); a masked checkpoint (written before, or with shrunk off) resumes masked, and a shrunk
-    one that this phase cannot train shrunk is refused with one line."""
+    one that this phase cannot train shrunk is refused with one line.
+
+    ``cache_logits``: each teacher's logits are computed once and read back every epoch where
+    the training images are not augmented (cascadec.distill.logit_cache); not with hints or HSAKD,
+    which read the teacher's features. The seconds that took are in the epoch's record
+    (``teacher_logits_seconds``), apart from its training ``seconds``."""
     runtime = runtime or Runtime(device)
     hooks = None
     full, positions = student, None
@@ -221,8 +228,16 @@ def student_phase(
             },
         )
 
+    logits = LogitCache(
+        loader,
+        runtime,
+        enabled=cache_logits and hints is None and hsakd is None,
+        images_ahead=(epochs - first_epoch) * steps * _global_batch(loader),
+    )
     for epoch in range(first_epoch, epochs):
         name, teacher = teachers[level]
+        before = logits.seconds
+        cached = logits.loader_for(level, teacher)
         resumed = epoch == first_epoch
         source = hint_teacher if hints is not None and hints.kind == "stages" else teacher
         epoch_loss = (
@@ -238,12 +253,12 @@ def student_phase(
         try:
             stats = train_epoch(
                 trainee,
-                loader,
+                cached or loader,
                 opt,
                 sched,
                 epoch_loss,
                 device=device,
-                teacher=teaching,
+                teacher=None if cached is not None else teaching,
                 description=f"student epoch {epoch} (teacher {name})",
                 max_steps=max_steps,
                 epoch=epoch,
@@ -273,6 +288,8 @@ def student_phase(
             "images": stats["images"],
             "images_per_s": rate,
         }
+        if logits.seconds > before:
+            record["teacher_logits_seconds"] = logits.seconds - before
         history.append(record)
         against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
         log(f"student epoch {epoch}: selection accuracy {acc:.4f}{against}, {rate:.0f} images/s")
@@ -295,6 +312,11 @@ def student_phase(
     if positions is not None:
         write_back(full, student, positions)
     return history
+
+
+def _global_batch(loader: DataLoader) -> int:
+    """Images per step over all ranks (an EpochBatchSampler's batch_size is the global batch)."""
+    return getattr(loader.batch_sampler, "batch_size", None) or loader.batch_size or 1
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -160,6 +160,7 @@ def _fine_tune(
         start_heads=start_heads,
         example=analysis.example,
         shrunk=t.shrunk_student,
+        cache_logits=t.cache_teacher_logits,
     )
 
 

@@ -1,191 +1,46 @@
 """Quantization-aware fine-tuning with KD, for students PTQ and the sensitivity pass leave short.
 
-The student's BatchNorms are folded into their convolutions first (what ``quant_pre_process``
-does to the graph PTQ quantizes), then every Conv/Linear that the INT8 graph quantizes gets
-fake quantization at the same points: per-channel symmetric int8 weights (recomputed from the
-weights each step) and a per-tensor activation range on its input, calibrated once on training
-images as PTQ's ``max`` calibration does (unsigned asymmetric for the ONNX Runtime flavour,
-signed symmetric for TensorRT's). ``torch.fake_quantize_per_*_affine`` are core ops with
-straight-through gradients. The student then fine-tunes with KD from the teacher in the one
-training loop (``train.loop.train_epoch``); the fake quantizers are removed and the fine-tuned
-float weights go through the same PTQ export as before, so QAT and PTQ ship the same kinds of
-file. Residual adds (quantized in the ONNX Runtime graph) are not modelled here.
+The student, BatchNorms folded, trains under fake quantization at the INT8 graph's points
+(``quantize/fake_quant.py``) with KD from the teacher in the one training loop
+(``train.loop.train_epoch``): checkpoints at epoch ends, every ``train.checkpoint_every_steps``
+and on Ctrl-C (``RUN/checkpoints/qat.<flavour>.safetensors``, resumed when the stage runs again
+on the same inputs), and the teacher's logits computed once where the images are not augmented.
+The fake quantizers are then removed and the fine-tuned float weights go through the same PTQ
+export as before, so QAT and PTQ ship the same kinds of file. Residual adds (quantized in the
+ONNX Runtime graph) are not modelled here. It runs in one process on the CPU (no DDP yet).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from torch.utils.data import DataLoader
 
 from cascadec.backends.onnx_export import export_onnx
 from cascadec.data.bundle import DataBundle
+from cascadec.data.sampler import EpochBatchSampler
+from cascadec.distill.logit_cache import LogitCache
 from cascadec.distill.losses import DistillLoss
 from cascadec.progress import log
+from cascadec.quantize.fake_quant import COMPUTE, FakeQuant, calibrate_ranges, fold_batchnorm
 from cascadec.quantize.flavours import Flavour
 from cascadec.quantize.ptq import compute_nodes, prepare, quantize_int8
 from cascadec.quantize.sensitivity import onnx_accuracy
 from cascadec.recipe import QuantizeSection, Recipe
 from cascadec.run import RunDir
+from cascadec.train.checkpoint import rng_state, set_rng_state
 from cascadec.train.loop import cosine_schedule, make_optimizer, train_epoch
 from cascadec.train.runtime import Runtime
 
-COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
-    """Fold every BatchNorm that reads a Conv/Linear's output directly into that layer (in place;
-    the BatchNorm becomes Identity), as ``quant_pre_process`` folds them in the graph PTQ
-    quantizes. Pairs are found by running ``example`` once: a BatchNorm is folded only when its
-    input is the very tensor a compute layer returned and no other BatchNorm reads that tensor.
-    (A layer whose output also feeds something else would be changed for that reader too; the
-    channel-pruned CNNs cascadec builds have none.) Returns how many were folded."""
-    produced: dict[int, str] = {}
-    pairs: dict[str, str] = {}
-    feeds: dict[str, int] = {}
-    modules = dict(model.named_modules())
-    hooks = []
-    for name, m in modules.items():
-        if isinstance(m, COMPUTE):
-            hooks.append(m.register_forward_hook(lambda mod, i, o, name=name: produced.__setitem__(id(o), name)))
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-
-            def pre(mod, inputs, name=name):
-                src = produced.get(id(inputs[0]))
-                if src is not None:
-                    pairs[name] = src
-                    feeds[src] = feeds.get(src, 0) + 1
-
-            hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    folded = 0
-    for bn_name, src in pairs.items():
-        if feeds[src] != 1:
-            continue
-        layer, bn = modules[src], modules[bn_name]
-        fused = fuse_linear_bn_eval(layer, bn) if isinstance(layer, nn.Linear) else fuse_conv_bn_eval(layer, bn)
-        fused.bias.requires_grad_(True)  # BatchNorm's shift lives here now: it trains (torch freezes a new bias)
-        _set(model, src, fused)
-        _set(model, bn_name, nn.Identity())
-        folded += 1
-    return folded
-
-
-def _set(model: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent_name, _, child = dotted.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-@dataclass
-class ActivationRange:
-    low: float
-    high: float
-
-    def qparams(self, signed: bool) -> tuple[float, int, int, int]:
-        """(scale, zero point, qmin, qmax) as ONNX Runtime's quantizer derives them."""
-        low, high = min(self.low, 0.0), max(self.high, 0.0)
-        if signed:
-            bound = max(abs(low), abs(high)) or 1e-8
-            return bound / 127.0, 0, -128, 127
-        scale = (high - low) / 255.0 or 1e-8
-        return scale, int(round(-low / scale)), 0, 255
-
-
-class FakeQuant:
-    """Fake quantization hooks on a model's compute layers; ``remove()`` restores the float model."""
-
-    def __init__(
-        self, model: nn.Module, ranges: dict[str, ActivationRange], signed: bool, weight_levels: int = 127
-    ) -> None:
-        self.handles = []
-        for name, m in model.named_modules():
-            if name not in ranges:
-                continue
-            scale, zero, qmin, qmax = ranges[name].qparams(signed)
-            self.handles.append(m.register_forward_pre_hook(_activation_hook(scale, zero, qmin, qmax)))
-            self.handles.append(_WeightHandle(m, weight_levels))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-def _activation_hook(scale: float, zero: int, qmin: int, qmax: int):
-    def hook(module, inputs):
-        return (torch.fake_quantize_per_tensor_affine(inputs[0], scale, zero, qmin, qmax), *inputs[1:])
-
-    return hook
-
-
-class _WeightHandle:
-    """Swaps the layer's weight for its per-channel int8 fake-quantized value around each forward:
-    symmetric in [-levels, levels], 127 as ORT quantizes, 64 with its ``reduce_range`` (7-bit).
-    The handle keeps the Parameter; the module's attribute is the fake-quantized tensor while its
-    forward runs and the Parameter again after it (so optimisers and state_dict see it)."""
-
-    def __init__(self, module: nn.Module, levels: int = 127) -> None:
-        self.module = module
-        self.levels = int(levels)
-        self.pre = module.register_forward_pre_hook(self._before)
-        self.post = module.register_forward_hook(self._after)
-        self.weight = module.weight
-
-    def _before(self, module, inputs):
-        w = self.weight
-        bound = w.detach().abs().flatten(1).amax(dim=1).clamp_min(1e-8)
-        scale = (bound / self.levels).float()
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-        del module.weight
-        module.weight = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -self.levels, self.levels)
-
-    def _after(self, module, inputs, output):
-        del module.weight
-        module.weight = self.weight
-        return output
-
-    def remove(self) -> None:
-        self.pre.remove()
-        self.post.remove()
-
-
-def calibrate_ranges(
-    model: nn.Module, images: np.ndarray, names: Iterable[str], batch: int = 64
-) -> dict[str, ActivationRange]:
-    """Min/max of each named layer's input over ``images`` (PTQ's ``max`` calibration)."""
-    wanted = set(names)
-    ranges: dict[str, ActivationRange] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if name in wanted:
-
-            def pre(mod, inputs, name=name):
-                x = inputs[0].detach()
-                r = ranges.setdefault(name, ActivationRange(float("inf"), float("-inf")))
-                r.low, r.high = min(r.low, float(x.min())), max(r.high, float(x.max()))
-
-            hooks.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model.eval()
-            for start in range(0, len(images), batch):
-                model(torch.from_numpy(images[start : start + batch]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return ranges
+CHECKPOINT_DIR = "checkpoints"  # = cascadec.stages.CHECKPOINTS (stages imports this module)
 
 
 def qat_finetune(
@@ -204,13 +59,24 @@ def qat_finetune(
     runtime: Runtime | None = None,
     max_steps: int | None = None,
     weight_levels: int = 127,
+    checkpoint: str | None = None,
+    key: str = "",
+    cache_logits: bool = True,
 ) -> tuple[nn.Module, dict]:
     """A BN-folded copy of ``student`` fine-tuned under fake quantization with KD from
     ``teacher``; returns it (fake quantizers removed, float weights) and the epochs' records.
-    ``weight_levels``: 127 for 8-bit weights, 64 where the export takes ``reduce_range``."""
+    ``weight_levels``: 127 for 8-bit weights, 64 where the export takes ``reduce_range``.
+
+    With a checkpointing ``runtime`` and a ``checkpoint`` name, the state is saved at every epoch
+    end, every ``train.checkpoint_every_steps`` steps and on Ctrl-C (then KeyboardInterrupt), and a
+    saved state whose ``key`` (what it was trained from) matches is resumed, mid-epoch included;
+    one with another key is ignored. Resuming mid-epoch needs ``loader`` from an
+    ``EpochBatchSampler`` (:func:`qat_loader`). ``cache_logits``: the teacher's logits computed
+    once where the images are not augmented (cascadec.distill.logit_cache)."""
     import copy
 
-    device = runtime.device if runtime is not None else torch.device("cpu")
+    runtime = runtime or Runtime(torch.device("cpu"))
+    device = runtime.device
     model = copy.deepcopy(student).cpu().eval()
     example = torch.from_numpy(images[:2])
     folded = fold_batchnorm(model, example)
@@ -224,28 +90,86 @@ def qat_finetune(
     )
     steps = min(len(loader), max_steps) if max_steps else len(loader)
     scheduler = cosine_schedule(optimizer, steps * epochs)
-    records = []
+    records: list[dict] = []
+    first_epoch, first_step, partial = 0, 0, {}
+    state = runtime.load(checkpoint) if checkpoint else None
+    if state is not None and state.get("key") != key:
+        log(f"QAT: {checkpoint} checkpoint was written for other inputs; starting again")
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        runtime.restore_scaler(state)
+        records, first_epoch, first_step, partial = (
+            list(state["records"]),
+            state["epoch"],
+            state["step"],
+            state["partial"],
+        )
+        set_rng_state(state["rng"])
+        log(f"QAT: resuming at epoch {first_epoch}, step {first_step}")
+
+    def save(epoch: int, step: int, partial: dict) -> None:
+        if checkpoint is not None:
+            runtime.save(
+                checkpoint,
+                {
+                    "phase": "qat",
+                    "key": key,
+                    "epoch": epoch,
+                    "step": step,
+                    "partial": partial,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "records": records,
+                    "rng": rng_state(),
+                },
+            )
+
+    logits = LogitCache(
+        loader,
+        runtime,
+        enabled=cache_logits,
+        images_ahead=(epochs - first_epoch) * steps * loader.batch_sampler.batch_size,
+    )
     try:
-        for epoch in range(epochs):
-            records.append(
-                train_epoch(
+        with runtime.stop.installed():
+            for epoch in range(first_epoch, epochs):
+                cached = logits.loader_for(0, teacher)
+                resumed = epoch == first_epoch
+                record = train_epoch(
                     model,
-                    loader,
+                    cached or loader,
                     optimizer,
                     scheduler,
                     loss or DistillLoss(),
                     device=device,
-                    teacher=teacher,
+                    teacher=None if cached is not None else teacher,
                     description=f"QAT + KD epoch {epoch}",
                     max_steps=max_steps,
                     epoch=epoch,
                     runtime=runtime,
-                    phase="student",
+                    phase="qat",
+                    start_step=first_step if resumed else 0,
+                    partial=partial if resumed else None,
+                    save=save,
                 )
-            )
+                if logits.seconds:
+                    record["teacher_logits_seconds"], logits.seconds = logits.seconds, 0.0
+                records.append(record)
+                save(epoch + 1, 0, {})
     finally:
         quant.remove()
     return model.cpu().eval(), {"folded_batchnorms": folded, "fake_quantized_layers": len(names), "epochs": records}
+
+
+def qat_loader(dataset, batch_size: int, seed: int) -> DataLoader:
+    """QAT's training batches in a seeded order that a checkpoint can point back into (the
+    sampler's ``qat`` phase), so an interrupted epoch resumes at its step."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, shuffle=True, drop_last=len(dataset) > batch_size)
+    return DataLoader(dataset, batch_sampler=sampler)
 
 
 def torch_layers(model: nn.Module, shape: list[int]) -> list[tuple[str, tuple[int, ...]]]:
@@ -276,6 +200,33 @@ class QatInputs:
     bundle: DataBundle
 
 
+def _inputs_key(
+    run: RunDir,
+    q: QuantizeSection,
+    flavour: Flavour,
+    float_modules: list[str],
+    levels: int,
+    images: int,
+    recipe: Recipe,
+) -> str:
+    """What a QAT checkpoint was trained from: a checkpoint for another student, flavour, float
+    layers or schedule must not be resumed."""
+    digest = hashlib.sha256(run.file("student.onnx").read_bytes()).hexdigest()
+    parts = [
+        digest,
+        flavour.name,
+        ",".join(sorted(float_modules)),
+        levels,
+        images,
+        q.qat_epochs,
+        q.qat_lr,
+        recipe.train.seed,
+        recipe.data.batch_size,
+        recipe.train.max_steps_per_epoch,
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
 def qat_flavour(
     run: RunDir,
     q: QuantizeSection,
@@ -294,12 +245,11 @@ def qat_flavour(
     weights; the file that scores best on the selection split is the one left in place."""
     recipe, work = qat.recipe, run.file("quantize")
     float_modules = [n["module"] for n in nodes if n["node"] in set(float_nodes)]
-    loader = DataLoader(
-        qat.bundle.train,
-        batch_size=recipe.data.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(recipe.train.seed),
-    )
+    loader = qat_loader(qat.bundle.train, recipe.data.batch_size, recipe.train.seed)
+    weight_levels = 64 if flavour.quantize_kwargs(method["reduce_range"])["reduce_range"] else 127
+    key = _inputs_key(run, q, flavour, float_modules, weight_levels, len(images), recipe)
+    runtime = Runtime.for_recipe(recipe.train, torch.device("cpu"), checkpoint_dir=run.file(CHECKPOINT_DIR))
+    name = f"qat.{flavour.name}"
     log(f"INT8 ({flavour.name}): quantization-aware fine-tuning with KD, {q.qat_epochs} epoch(s)")
     tuned, record = qat_finetune(
         qat.student,
@@ -315,7 +265,11 @@ def qat_flavour(
             recipe.distill.ce_weight, recipe.distill.kd_weight if recipe.distill.kd else 0.0, recipe.distill.temperature
         ),
         max_steps=recipe.train.max_steps_per_epoch,
-        weight_levels=64 if flavour.quantize_kwargs(method["reduce_range"])["reduce_range"] else 127,
+        weight_levels=weight_levels,
+        runtime=runtime,
+        checkpoint=name,
+        key=key,
+        cache_logits=recipe.train.cache_teacher_logits,
     )
     tuned_fp32 = work / f"qat.{flavour.name}.onnx"
     export_onnx(tuned, torch.from_numpy(images[:1]), tuned_fp32, opset=recipe.export.opset, slim=recipe.export.slim)
@@ -337,6 +291,9 @@ def qat_flavour(
     if shipped == "qat":
         os.replace(candidate, run.file(flavour.file))
     candidate.unlink(missing_ok=True)
+    path = runtime.checkpoint_path(name)
+    if path is not None:  # this flavour's file is in place: its QAT state is not needed again
+        path.unlink(missing_ok=True)
     out = {
         "ptq_selection_accuracy": ptq_accuracy,
         "qat_selection_accuracy": accuracy,
@@ -345,6 +302,9 @@ def qat_flavour(
         "lr": q.qat_lr,
         "folded_batchnorms": record["folded_batchnorms"],
         "fake_quantized_layers": record["fake_quantized_layers"],
-        "train": [{k: e.get(k) for k in ("loss", "seconds", "images_per_s")} for e in record["epochs"]],
+        "train": [
+            {k: e.get(k) for k in ("loss", "seconds", "images_per_s", "teacher_logits_seconds") if k in e}
+            for e in record["epochs"]
+        ],
     }
     return out, (graph if shipped == "qat" else ptq_graph), max(accuracy, ptq_accuracy)

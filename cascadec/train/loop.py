@@ -69,6 +69,9 @@ def train_epoch(
     labels, teacher_logits_or_None)``). A ``runtime`` (cascadec.train.runtime) adds mixed
     precision and gradient averaging across ranks.
 
+    A loader whose batches carry a third element (``cascadec.distill.logit_cache.with_logits``)
+    brings the teacher's logits with it, and ``teacher`` is not run.
+
     ``phase`` names the sampler's order (cascadec.data.sampler.PHASES). A resumed epoch starts
     at ``start_step`` with ``partial`` (``loss_sum``, ``steps``, ``images``, ``seconds``) carrying
     the sums of the steps already done. ``save(epoch, next_step, partial)`` writes a mid-epoch
@@ -97,13 +100,15 @@ def train_epoch(
 
     params = [p for p in model.parameters() if p.requires_grad]
     with Status(description, steps) as status:
-        for step, (images, labels) in enumerate(loader, start=first):
+        for step, (images, labels, *cached) in enumerate(loader, start=first):
             if step >= steps:
                 break
             images, labels = runtime.batch(images, labels)
             with runtime.autocast():
                 teacher_logits = None
-                if teacher is not None:
+                if cached:  # the teacher's logits, computed once (cascadec.distill.logit_cache)
+                    teacher_logits = cached[0].to(runtime.device, non_blocking=True).float()
+                elif teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(images).float()
                 loss = loss_fn(model(images).float(), labels, teacher_logits)
