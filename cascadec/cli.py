@@ -269,9 +269,14 @@ def quantize(
     from cascadec.quantize.present import quantize_summary_rows
     from cascadec.quantize.stage import raise_on_quantize_failure
 
-    result = quantize_run(
-        run_dir, precision=precision, calib_images=calib_images, overrides=overrides, profile=not no_profile
-    )
+    try:
+        result = quantize_run(
+            run_dir, precision=precision, calib_images=calib_images, overrides=overrides, profile=not no_profile
+        )
+    except KeyboardInterrupt:
+        # QAT saved its checkpoint on the way out: the same command picks it up
+        err.print(f"interrupted (run cascadec quantize {run_dir} again to resume)", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     table = Table("", "Teacher", "Student", "Change", title="cascadec quantize")
     for row in quantize_summary_rows(result):
         table.add_row(*row)

@@ -525,6 +525,11 @@ class QuantizeSection(_Strict):
         description="7-bit weights in the onnxruntime flavour: auto takes them on an x86 CPU without VNNI (whose "
         "int8 kernels saturate in int16 with 8-bit weights) and not elsewhere; the tensorrt flavour never does",
     )
+    tensorrt_float: Literal["fp16", "fp32"] = Field(
+        "fp16",
+        description="the tensorrt flavour's float parts (between its Q/DQ pairs, layers kept out of INT8, biases, "
+        "scales): fp16 (Model Optimizer's high_precision_dtype; TensorRT runs those layers in FP16) or fp32",
+    )
     max_accuracy_drop: float = Field(
         0.005,
         ge=0,

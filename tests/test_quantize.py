@@ -139,6 +139,34 @@ def test_reduce_range_gives_7_bit_weights_to_the_onnxruntime_flavour_only(tmp_pa
 
 
 @pytest.mark.parametrize(
+    "setting, float_types", [("fp16", {onnx.TensorProto.FLOAT16}), ("fp32", {onnx.TensorProto.FLOAT})]
+)
+def test_the_tensorrt_flavours_float_parts_follow_the_recipe(tmp_path, setting, float_types):
+    """``quantize.tensorrt_float``: FP16 by default, FP32 where a recipe asks; the outputs agree."""
+    import torch
+
+    from cascadec.backends.onnx_export import export_onnx
+    from cascadec.quantize.ptq import prepare, quantize_int8
+    from cascadec.quantize.stage import flavour_for
+    from cascadec.recipe import QuantizeSection
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 3))
+    export_onnx(model.eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    prepare(tmp_path / "m.onnx", tmp_path / "p.onnx")
+    images = np.random.default_rng(0).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    q = QuantizeSection(precision="int8", tensorrt_float=setting)
+    assert flavour_for(q, "onnxruntime").float_dtype == "fp32"  # ORT's flavour keeps FP32 whatever the key
+    graph = quantize_int8(tmp_path / "p.onnx", tmp_path / "q.onnx", flavour_for(q, "tensorrt"), images)
+    assert graph["float_parts"] == setting
+    model_q = onnx.load(str(tmp_path / "q.onnx"))
+    floats = {i.data_type for i in model_q.graph.initializer} - {onnx.TensorProto.INT8, onnx.TensorProto.INT64}
+    assert floats == float_types
+    ref = OrtRunner(tmp_path / "m.onnx")(images[:4])
+    assert np.abs(OrtRunner(tmp_path / "q.onnx", fused=False)(images[:4]) - ref).max() < 0.1 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize(
     "machine,flags,expected",
     [
         ("x86_64", "fpu sse4_1 avx2 avx512f avx512_vnni", "vnni"),
@@ -162,9 +190,9 @@ def test_reduce_range_auto_follows_the_cpus_int8_dot_product(monkeypatch, machin
 def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized, tmp_path):
     import onnxruntime as ort
 
-    path, _, _ = quantized
-    fused = OrtRunner(path / "student.int8.trt.onnx")
-    unfused = OrtRunner(path / "student.int8.trt.onnx", fused=False)
+    path, _, _ = quantized  # ORT's flavour: FP32 around its Q/DQ, which ORT's CPU fusions take
+    fused = OrtRunner(path / "student.int8.onnx")
+    unfused = OrtRunner(path / "student.int8.onnx", fused=False)
     assert unfused.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert fused.session.get_session_options().graph_optimization_level != ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     x = np.random.default_rng(0).standard_normal((4, *fused.static_input_shape())).astype(np.float32)
@@ -177,7 +205,7 @@ def test_onnxruntime_runner_can_run_each_node_on_its_own(quantized, tmp_path):
     for fuse in (True, False):
         opts = _session_options(None, fuse)
         opts.optimized_model_filepath = str(tmp_path / f"ran.{fuse}.onnx")
-        ort.InferenceSession(str(path / "student.int8.trt.onnx"), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path / "student.int8.onnx"), opts, providers=["CPUExecutionProvider"])
         ran[fuse] = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
     assert "QLinearConv" not in ran[False] and {"DequantizeLinear", "Conv"} <= ran[False]
     assert "QLinearConv" in ran[True]
@@ -193,6 +221,27 @@ def test_each_flavour_has_its_consumers_activation_type(quantized):
     kernels = ort_kernels(path / FLAVOURS["onnxruntime"].file)
     assert kernels.get("QLinearConv", 0) > 0 and int8_kernel_count(kernels) > 0
     assert int8_kernel_count(ort_kernels(path / "student.onnx")) == 0
+
+
+def test_the_tensorrt_flavour_is_int8_with_fp16_elsewhere_and_float_biases(quantized):
+    """What a strongly typed TensorRT network needs: DequantizeLinear of int8 only (its parser takes
+    no int32 bias), FP16 scales and float parts (ModelOpt's high_precision_dtype fp16), opset 19
+    for the FP16 scales, float32 at the edges; ONNX Runtime's flavour keeps FP32 elsewhere."""
+    path, _, _ = quantized
+    model = onnx.load(str(path / FLAVOURS["tensorrt"].file))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert dq and q
+    assert {inits[n.input[0]].data_type for n in dq if n.input[0] in inits} == {onnx.TensorProto.INT8}
+    assert {inits[n.input[1]].data_type for n in dq + q} == {onnx.TensorProto.FLOAT16}
+    floats = {i.data_type for i in model.graph.initializer} - {onnx.TensorProto.INT8, onnx.TensorProto.INT64}
+    assert floats == {onnx.TensorProto.FLOAT16}  # no FP32 weight, bias or scale left
+    edges = [*model.graph.input, *model.graph.output]
+    assert {v.type.tensor_type.elem_type for v in edges} == {onnx.TensorProto.FLOAT}
+    ort = onnx.load(str(path / FLAVOURS["onnxruntime"].file))
+    assert onnx.TensorProto.FLOAT16 not in {i.data_type for i in ort.graph.initializer}
 
 
 def test_quantized_outputs_stay_close_to_fp32(quantized):

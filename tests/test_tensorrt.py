@@ -556,6 +556,34 @@ def test_qdq_and_fp16_graphs_build_strongly_typed(typed_graphs, monkeypatch, tmp
         _strict_build(monkeypatch, tmp_path, typed_graphs / name, version, fp16=True)
 
 
+@pytest.mark.parametrize("version", ["10.8.0", "11.0.0"])
+def test_an_int32_bias_dequantize_is_refused_by_the_parser(typed_graphs, monkeypatch, tmp_path, version):
+    """ONNX Runtime's QDQ default quantizes biases to int32 with a DequantizeLinear, which TensorRT's
+    parser does not take: the TensorRT flavour keeps biases float, and a file that has one fails with
+    the parser's error in one line."""
+    from cascadec.quantize.flavours import get_flavour
+    from cascadec.quantize.ptq import quantize_int8
+
+    flavour = get_flavour("tensorrt")
+    assert flavour.quantize_kwargs()["extra_options"]["QuantizeBias"] is False
+    images = np.random.default_rng(0).standard_normal((8, 1, 28, 28), dtype=np.float32)
+    biased = tmp_path / "biased.onnx"
+    with monkeypatch.context() as mp:
+        mp.setattr(type(flavour), "quantize_kwargs", _with_int32_bias(type(flavour).quantize_kwargs))
+        quantize_int8(typed_graphs / "student.onnx", biased, flavour, images)
+    with pytest.raises(UserError, match="DequantizeLinear.*INT32"):
+        _strict_build(monkeypatch, tmp_path, biased, version)
+
+
+def _with_int32_bias(kwargs):
+    def patched(self, reduce_range=False):
+        out = kwargs(self, reduce_range)
+        out["extra_options"] = {**out["extra_options"], "QuantizeBias": True}
+        return out
+
+    return patched
+
+
 def test_a_weakly_typed_qdq_network_fails_on_tensorrt_10(typed_graphs, monkeypatch, tmp_path):
     """What strong typing buys: without the flag, TensorRT 10 refuses Q/DQ nodes unless INT8 is set."""
     monkeypatch.setattr(trtb, "_network_flags", lambda trt, strongly_typed: 0)

@@ -41,6 +41,9 @@ class Flavour:
     # judged with ORT's graph optimisations on (fused int8 kernels) or off (Q/DQ evaluated in float)
     judge_fused: bool = True
     judged_on: str = ""
+    # the dtype of everything outside the Q/DQ pairs: "fp16" for TensorRT (ModelOpt's
+    # high_precision_dtype), where FP16 is what its non-INT8 layers should run in
+    float_dtype: str = "fp32"
 
     def quantize_kwargs(self, reduce_range: bool = False) -> dict[str, Any]:
         """``quantize_static`` keyword arguments (everything but paths, reader and method).
@@ -82,11 +85,15 @@ _ENTRIES: tuple[Flavour, ...] = (
         symmetric_activations=True,
         # ModelOpt's placement: Q/DQ on the inputs of the compute layers and of residual adds
         op_types=("Conv", "ConvTranspose", "Gemm", "MatMul", "Add"),
-        # keep Relu explicit: TensorRT fuses it itself, and a symmetric range cannot absorb it
-        extra_options={"QDQKeepRemovableActivations": True},
-        description="S8S8 Q/DQ (zero points 0), per-channel weights, on Conv/Gemm/MatMul inputs and residual adds",
+        # keep Relu explicit: TensorRT fuses it itself, and a symmetric range cannot absorb it.
+        # Biases stay float: TensorRT's parser takes DequantizeLinear of INT8 (FP8, INT4) only, not
+        # the int32 bias DequantizeLinear ORT writes by default; it adds the bias after its INT8 conv
+        extra_options={"QDQKeepRemovableActivations": True, "QuantizeBias": False},
+        description="S8S8 Q/DQ (zero points 0), per-channel weights, on Conv/Gemm/MatMul inputs and residual adds; "
+        "FP16 elsewhere (biases, scales, the layers between)",
         judge_fused=False,
         judged_on="ONNX Runtime CPU, graph optimisations off: Q/DQ in float, as TensorRT's int32 accumulation",
+        float_dtype="fp16",
     ),
 )
 FLAVOURS: dict[str, Flavour] = {f.name: f for f in _ENTRIES}

@@ -149,7 +149,9 @@ def quantize_int8(
     written by the first call, read by every later one with the same graph and method.
     ``only_nodes`` quantizes those nodes alone (the sensitivity pass); ``names`` maps node names to
     PyTorch module names for the summary (:func:`compute_nodes`); ``reduce_range``: 7-bit weights
-    where the flavour takes them (:func:`cascadec.quantize.flavours.resolve_reduce_range`)."""
+    where the flavour takes them (:func:`cascadec.quantize.flavours.resolve_reduce_range`). A flavour
+    whose ``float_dtype`` is "fp16" gets everything outside its Q/DQ pairs in FP16
+    (:func:`float_parts_to_fp16`)."""
     from onnxruntime.quantization import quantize_static
 
     calibrate, calib_options = calibration_method(method, percentile)
@@ -174,6 +176,8 @@ def quantize_int8(
                 calibration_cache_path=str(cache) if cache is not None else None,
                 **kwargs,
             )
+        if flavour.float_dtype == "fp16":
+            float_parts_to_fp16(tmp / "model.onnx")
         onnx.checker.check_model(str(tmp / "model.onnx"))
         os.replace(tmp / "model.onnx", out_path)
     except UserError:
@@ -182,7 +186,7 @@ def quantize_int8(
         raise UserError(f"INT8 quantization ({flavour.name}) failed: {first_line(exc)}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return graph_summary(out_path, names)
+    return {**graph_summary(out_path, names), "float_parts": flavour.float_dtype}
 
 
 def int8_for_timing(src: Path, out_path: Path, x_shape: Sequence[int], *, preprocess: bool = False) -> Path:
@@ -249,6 +253,31 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> dict:
     except Exception as exc:
         raise UserError(f"FP16 conversion failed: {first_line(exc)}") from exc
     return {"bytes": out_path.stat().st_size}
+
+
+FP16_QDQ_OPSET = 19  # QuantizeLinear / DequantizeLinear take float16 scales from opset 19 on
+
+
+def float_parts_to_fp16(path: Path) -> None:
+    """Rewrite the Q/DQ graph at ``path`` with its float parts in FP16: the tensors between the Q/DQ
+    pairs, the layers left in float, the biases, and the Q/DQ scales themselves (so DequantizeLinear
+    writes FP16 straight into the INT8 layer TensorRT fuses it with; a Cast there would break the
+    fusion). Inputs and outputs stay float32. This is what ModelOpt's ONNX PTQ writes with
+    ``high_precision_dtype="fp16"``; a strongly typed TensorRT network then runs the non-INT8 layers
+    in FP16 instead of FP32. Float16 scales need opset 19, so an older graph is converted to it
+    first (``onnx.version_converter``)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < FP16_QDQ_OPSET:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, FP16_QDQ_OPSET)
+    with _quiet():
+        model = convert_float_to_float16(model, keep_io_types=True)
+    _topological_order(model.graph)
+    onnx.save(model, str(path))
 
 
 def _topological_order(graph: onnx.GraphProto) -> None:

@@ -12,7 +12,7 @@ what the report renders, so neither reads loose keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,7 @@ def stage_quantize(
                 if failed and artifact.precision == "int8" and artifact.float_layers is None:
                     # the gate failed on the test split though the selection budget held: name the
                     # layers INT8 hurts most, for the failure message (nothing is changed)
-                    flavour = get_flavour(key.removeprefix("int8-"))
+                    flavour = flavour_for(q, key.removeprefix("int8-"))
                     probe = Probe(
                         work / f"probe.{flavour.name}.onnx",
                         prepared,
@@ -246,6 +246,15 @@ def stage_quantize(
         )
     run.record("quantize", outcome.to_dict())
     return outcome
+
+
+def flavour_for(q: QuantizeSection, name: str) -> Flavour:
+    """The flavour as this recipe builds it: ``quantize.tensorrt_float`` sets the TensorRT flavour's
+    float parts (FP16 by default)."""
+    flavour = get_flavour(name)
+    if flavour.float_dtype != "fp32":  # the flavours whose float parts may be reduced
+        flavour = replace(flavour, float_dtype=q.tensorrt_float)
+    return flavour
 
 
 def _ptq_options(q: QuantizeSection, cache: Path, nodes: list[dict[str, str]]) -> dict[str, Any]:
@@ -296,7 +305,7 @@ def _int8_flavour(
     fp32_accuracy: float,
     qat: QatInputs | None = None,
 ) -> QuantizedArtifact:
-    flavour = get_flavour(name)
+    flavour = flavour_for(q, name)
     out = run.file(flavour.file)
     method = _ptq_options(q, cache, nodes)
     graph = quantize_int8(prepared, out, flavour, images, exclude_nodes=excluded, **method)

@@ -17,6 +17,8 @@ no ``int8_calibrator`` or calibration profile, no calibrator classes, and every 
 typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` deprecated and ignored). Both versions
 enforce what strong typing means: a strongly typed network refuses precision builder flags, and a
 weakly typed one that holds Q/DQ nodes (seen in the parsed bytes) needs ``BuilderFlag.INT8``.
+The parser refuses a DequantizeLinear of anything but INT8, FP8 or INT4 (an int32 bias), as
+TensorRT's ONNX parser does.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ import enum
 import types
 
 import numpy as np
+import onnx
+
+# DequantizeLinear inputs TensorRT's ONNX parser takes (onnx-tensorrt's operator table: INT8; FP8
+# and INT4 in TensorRT 10): an int32 bias DequantizeLinear (ONNX Runtime's QDQ default) is refused
+_DQ_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.INT4}
+
+
+def _unsupported_dequantize(blob: bytes) -> str | None:
+    """The parser error for a DequantizeLinear whose quantized input is an initializer of another type."""
+    if b"DequantizeLinear" not in blob:
+        return None
+    graph = onnx.load_from_string(blob).graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and types.get(node.input[0], onnx.TensorProto.INT8) not in _DQ_TYPES:
+            name = onnx.TensorProto.DataType.Name(types[node.input[0]])
+            return f"DequantizeLinear {node.name}: input of type {name}; expected INT8, FP8 or INT4"
+    return None
 
 
 def make(
@@ -112,6 +132,10 @@ def make(
                 raise TypeError("parse(model: buffer, path: str = None)")
             if not parse_ok:
                 self._errors.append(ParserError("Unsupported ONNX op: FancyOp"))
+                return False
+            bad = _unsupported_dequantize(bytes(model))
+            if bad:
+                self._errors.append(ParserError(bad))
                 return False
             self._network._inputs.append(ITensor("input", input_shape))
             self._network.qdq = b"QuantizeLinear" in bytes(model)
