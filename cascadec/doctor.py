@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Status = Literal["ok", "unavailable", "mismatch"]
-# the TensorRT majors cascadec builds engines for (pyproject's [gpu] extra pins the same)
-SUPPORTED_TENSORRT_MAJORS = (10,)
+# the TensorRT majors cascadec builds engines for (pyproject's gpu-cu12 / gpu-cu13 extras pin the same):
+# 10 (strongly typed networks from Q/DQ and FP16 ONNX, or its implicit calibrator) and 11 (strongly
+# typed only), checked against the strict fakes of both APIs, not on a GPU
+SUPPORTED_TENSORRT_MAJORS = (10, 11)
 
 
 @dataclass
@@ -236,7 +238,8 @@ def judge(f: Facts) -> list[Check]:
         problems = []
         if _major(f.tensorrt) not in SUPPORTED_TENSORRT_MAJORS:
             problems.append(
-                f"cascadec supports TensorRT {', '.join(map(str, SUPPORTED_TENSORRT_MAJORS))}.x (pip install 'tensorrt<11')"
+                f"cascadec supports TensorRT {' and '.join(map(str, SUPPORTED_TENSORRT_MAJORS))}.x "
+                f"(pip install 'tensorrt>=10,<{SUPPORTED_TENSORRT_MAJORS[-1] + 1}')"
             )
         if driver_cuda is not None and trt_cuda is not None and trt_cuda > driver_cuda:
             problems.append(

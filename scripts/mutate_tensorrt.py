@@ -38,8 +38,8 @@ MUTATIONS: list[tuple[str, str, str]] = [
     ),
     (
         "create_timing_cache() without its blob",
-        'config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")',
-        "config.create_timing_cache()",
+        "if config.set_timing_cache(config.create_timing_cache(stored), False):",
+        "if config.set_timing_cache(config.create_timing_cache(), False):",
     ),
     (
         "a parse failure ignored",
@@ -66,8 +66,8 @@ MUTATIONS: list[tuple[str, str, str]] = [
     ("calibration cache never written", "write_bytes_atomic(cache_path, bytes(cache))", "pass"),
     (
         "timing cache accepts other GPUs' entries",
-        "config.set_timing_cache(timing, False)",
-        "config.set_timing_cache(timing, True)",
+        "if config.set_timing_cache(config.create_timing_cache(stored), False):",
+        "if config.set_timing_cache(config.create_timing_cache(stored), True):",
     ),
     (
         "calibration batch not capped by the profile",
@@ -83,6 +83,37 @@ MUTATIONS: list[tuple[str, str, str]] = [
         "engine written before the build is checked",
         "    if serialized is None:\n",
         "    write_bytes_atomic(engine_path, b'') if serialized is None else None\n    if serialized is None:\n",
+    ),
+    # the strongly typed path (issue 28 item 1): a graph that names its precision, on TensorRT 10 and 11
+    (
+        "a Q/DQ or FP16 graph built weakly typed",
+        'network = builder.create_network(_network_flags(trt, strongly_typed=typed != "fp32"))',
+        "network = builder.create_network(_network_flags(trt, strongly_typed=False))",
+    ),
+    (
+        "STRONGLY_TYPED passed as a value, not a bit",
+        "return 1 << int(flag.value if hasattr(flag, \"value\") else flag)",
+        "return int(flag.value if hasattr(flag, \"value\") else flag)",
+    ),
+    (
+        "--int8 accepted on a graph that is already INT8",
+        'if typed != "fp32" and (fp16 or int8):',
+        'if typed != "fp32" and fp16:',
+    ),
+    (
+        "TensorRT 11's missing FP16/INT8 flags not checked",
+        "if wanted and not hasattr(trt.BuilderFlag, flag):",
+        "if False:",
+    ),
+    (
+        "metadata says strongly typed for every engine",
+        '"strongly_typed": typed != "fp32" or _major(trt) >= 11,',
+        '"strongly_typed": True,',
+    ),
+    (
+        "a rejected timing cache taken as set",
+        "if config.set_timing_cache(config.create_timing_cache(stored), False):\n        return",
+        "config.set_timing_cache(config.create_timing_cache(stored), False)\n    if True:\n        return",
     ),
 ]
 
@@ -126,7 +157,7 @@ def main() -> None:
         "",
         f"`python scripts/mutate_tensorrt.py`: {caught} of {len(rows)} mutations of "
         f"`{TARGET}` make `tests/test_tensorrt.py` fail ({100 * caught / len(rows):.0f} %), on a CPU machine "
-        "(the tests run against fakes of the TensorRT 10 API; no GPU is involved).",
+        "(the tests run against fakes of the TensorRT 10 and 11 APIs; no GPU is involved).",
         "",
         "| mutation | caught |",
         "|---|---|",

@@ -67,7 +67,7 @@ def test_a_cpu_machine_passes_and_says_what_it_cannot_run():
             ["both installed", "CPU build won", "--force-reinstall"],
         ),
         ({"onnxruntime_providers": ["CPUExecutionProvider"]}, "onnxruntime-gpu", ["no CUDA provider"]),
-        ({"tensorrt": "11.0.0"}, "tensorrt", ["TensorRT 11.0.0", "supports TensorRT 10"]),
+        ({"tensorrt": "12.0.0"}, "tensorrt", ["TensorRT 12.0.0", "supports TensorRT 10 and 11"]),
         ({"tensorrt_cuda": "13"}, "tensorrt", ["CUDA 13 libraries", "torch for CUDA 12.4", "up to 12.4"]),
         (
             {"tensorrt": None, "tensorrt_error": "OSError: libnvinfer.so.10"},
@@ -99,8 +99,14 @@ def test_the_onnxruntime_gpu_cuda_major_follows_its_version():
     assert doc._onnxruntime_cuda("1.20.1", ["onnxruntime"]) is None  # the CPU package targets no CUDA
 
 
+@pytest.mark.parametrize("version", ["10.7.0", "11.4.0"])
+def test_tensorrt_10_and_11_are_supported(version):
+    checks = {c.name: c for c in judge(_gpu_machine(tensorrt=version))}
+    assert checks["tensorrt"].status == "ok", checks["tensorrt"]
+
+
 def test_the_command_exits_3_on_a_mismatch_and_0_otherwise(cli, monkeypatch):
-    monkeypatch.setattr(doc, "gather", lambda: _gpu_machine(tensorrt="11.0.0"))
+    monkeypatch.setattr(doc, "gather", lambda: _gpu_machine(tensorrt="12.0.0"))
     r = cli("doctor")
     assert r.code == 3 and "supports TensorRT 10" in r.err and "Traceback" not in r.err
     monkeypatch.setattr(doc, "gather", _gpu_machine)

@@ -552,8 +552,9 @@ def test_qdq_and_fp16_graphs_build_strongly_typed(typed_graphs, monkeypatch, tmp
     trt, meta = _strict_build(monkeypatch, tmp_path, typed_graphs / name, version)
     assert ("network", "strongly typed") in trt.events and trt.events[-1] == ("build", [])
     assert meta["precision"] == precision and meta["strongly_typed"] and meta["calibration_cache"] is None
-    with pytest.raises(UserError, match=f"already {precision.upper()}"):
-        _strict_build(monkeypatch, tmp_path, typed_graphs / name, version, fp16=True)
+    for flag in ("fp16", "int8"):  # the graph's own precision: no builder flag on top of it
+        with pytest.raises(UserError, match=f"already {precision.upper()}"):
+            _strict_build(monkeypatch, tmp_path, typed_graphs / name, version, **{flag: True})
 
 
 @pytest.mark.parametrize("version", ["10.8.0", "11.0.0"])
@@ -594,6 +595,9 @@ def test_a_weakly_typed_qdq_network_fails_on_tensorrt_10(typed_graphs, monkeypat
 def test_tensorrt_11_builds_fp32_and_refuses_the_removed_flags(typed_graphs, monkeypatch, tmp_path):
     trt, meta = _strict_build(monkeypatch, tmp_path, typed_graphs / "student.onnx", "11.0.0")
     assert meta["precision"] == "fp32" and trt.events[-1] == ("build", [])  # TF32 cleared
+    assert meta["strongly_typed"] is True  # every TensorRT 11 network is
+    _, meta10 = _strict_build(monkeypatch, tmp_path, typed_graphs / "student.onnx", "10.8.0")
+    assert meta10["strongly_typed"] is False  # TensorRT 10 builds an FP32 graph weakly typed
     for flag in ("fp16", "int8"):
         with pytest.raises(UserError, match=f"no BuilderFlag.{flag.upper()}.*cascadec quantize"):
             _strict_build(monkeypatch, tmp_path, typed_graphs / "student.onnx", "11.0.0", **{flag: True})

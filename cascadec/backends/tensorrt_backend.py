@@ -243,7 +243,7 @@ def build_engine(
         "gpu": gpu_name,
         "compute_capability": f"{capability[0]}.{capability[1]}" if capability else None,
         "precision": precision,
-        "strongly_typed": typed != "fp32",
+        "strongly_typed": typed != "fp32" or _major(trt) >= 11,  # every TensorRT 11 network is
         "fp16": bool(fp16),
         "int8": bool(int8),
         "input": inp.name,
