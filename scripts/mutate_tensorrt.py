@@ -92,8 +92,8 @@ MUTATIONS: list[tuple[str, str, str]] = [
     ),
     (
         "STRONGLY_TYPED passed as a value, not a bit",
-        "return 1 << int(flag.value if hasattr(flag, \"value\") else flag)",
-        "return int(flag.value if hasattr(flag, \"value\") else flag)",
+        'return 1 << int(flag.value if hasattr(flag, "value") else flag)',
+        'return int(flag.value if hasattr(flag, "value") else flag)',
     ),
     (
         "--int8 accepted on a graph that is already INT8",
