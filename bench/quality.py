@@ -228,6 +228,11 @@ METHODS: dict[str, dict[str, Any]] = {
         "prune": {"method": "cap"},
         "distill": {"kd": True},
     },
+    "cap_kd_stem": {
+        "label": "CaP + KD with the first conv's outputs pruned too (prune.prune_stem: true; issue 32 item 6)",
+        "prune": {"method": "cap", "prune_stem": True},
+        "distill": {"kd": True},
+    },
     "oneshot_kd_1ep": {
         "label": "one-shot Taylor + 1 epoch of KD fine-tuning",
         "prune": {"method": "oneshot", "importance": "taylor"},

@@ -258,6 +258,11 @@ class PruneSection(_Strict):
         "fine-tune; cap: compensation-aware, no training needed; fbs: dynamic channel gating per image (saves "
         "arithmetic only where a runtime skips channels)",
     )
+    prune_stem: bool = Field(
+        False,
+        description="also prune the first conv's output channels (and whatever is tied to them, such as a "
+        "residual stream); the paper and cascadec's default leave them (docs/benchmarks.md measures both)",
+    )
     compensate: bool = Field(
         False,
         description="refit the layers that read pruned channels before fine-tuning starts "
@@ -429,7 +434,7 @@ class ToleranceSection(_Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)
 
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "tf32", "fp16", "int8"]
 
 
 class VerifySection(_Strict):

@@ -177,6 +177,7 @@ RUNS = {
         "train": {"joint_epochs": 0, "student_epochs": 0},
     },
     "cap-then-finetune": {"prune": {"method": "cap", "compensation": {"images": 16}}},
+    "cap-stem-pruned": {"prune": {"method": "cap", "prune_stem": True, "compensation": {"images": 16}}},
     "oneshot-compensated": {"prune": {"method": "oneshot", "compensate": True, "compensation": {"images": 16}}},
     "cascade-compensated": {"prune": {"method": "cascade", "compensate": True, "compensation": {"images": 16}}},
     "cascade-cap-ranking": {"prune": {"method": "cascade", "importance": "cap", "compensation": {"images": 16}}},
@@ -203,6 +204,9 @@ def test_prune_model_with_compensation(name, tiny_setup) -> None:
     assert (y_masked - y_small).abs().max().item() < 1e-5
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k  # the teacher is never modified
+    if recipe.prune.prune_stem:  # the stem's group is one of the groups CaP chose from
+        stem = [g for g in a.index.groups if any(m.module == "conv1" and m.role == "out" for m in g.members)]
+        assert len(stem) == 1
     h = result.history
     if recipe.prune.method == "cap":
         cap = h["cap"]

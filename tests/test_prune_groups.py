@@ -148,8 +148,22 @@ def test_resnet_couples_block_outputs(resnet_index) -> None:
     assert len(idx.groups) == 5
 
 
+def test_prune_stem_makes_the_stem_group_prunable_and_exact() -> None:
+    """``prune.prune_stem``: the first conv's outputs (and the stage-1 residual stream tied to them)
+    become one prunable group, which the exactness trial keeps (masked == shrunk)."""
+    from cascadec.prune.trial import prove_groups
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    index = prove_groups(model, build_groups(model, EX, prune_stem=True), EX)
+    stem = [g for g in index.groups if "conv1" in _outs(g)]
+    assert len(stem) == 1 and {"conv1", "layer1.0.conv2"} <= _outs(stem[0])
+    assert "conv1" not in {f.root for f in index.frozen}
+    assert "fc" in {f.root for f in index.frozen}  # the classifier stays frozen either way
+
+
 def test_resnet_stage1_stream_is_frozen_with_the_stem(resnet_index) -> None:
-    """Identity shortcuts tie layer1's output to the stem conv, which is never pruned."""
+    """Identity shortcuts tie layer1's output to the stem conv, kept by default (prune.prune_stem)."""
     idx = resnet_index
     prunable_outs = set().union(*(_outs(g) for g in idx.groups))
     assert "conv1" not in prunable_outs and "layer1.0.conv2" not in prunable_outs

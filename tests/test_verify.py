@@ -329,6 +329,31 @@ def test_legacy_max_abs_diff_caps_fp32_only():
     assert gate.check(r, "fp16") == []
 
 
+def test_onnxruntimes_tensorrt_provider_is_gated_as_tf32(tmp_path, monkeypatch):
+    """The TensorRT provider computes an fp32 graph in TF32 (TensorRT's default, no provider option
+    against it): recorded and gated as its own precision; the CUDA provider runs with TF32 off."""
+    import onnxruntime as ort
+
+    import cascadec.backends.onnxruntime_backend as ortb
+    from cascadec.quantize.ptq import convert_fp16
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    convert_fp16(tmp_path / "m.onnx", tmp_path / "h.onnx")
+    # no GPU here: every device gets a CPU session, which is all the precision logic reads
+    cpu = lambda path, device, threads, label, fused: ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # noqa: E731
+    monkeypatch.setattr(ortb, "_create_session", cpu)
+    assert ortb.OrtRunner(tmp_path / "m.onnx", device="tensorrt").precision == "tf32"
+    assert ortb.OrtRunner(tmp_path / "m.onnx", device="cuda").precision == "fp32"
+    assert ortb.OrtRunner(tmp_path / "h.onnx", device="tensorrt").precision == "fp16"
+    assert ortb.PROVIDER_OPTIONS["CUDAExecutionProvider"]["use_tf32"] == "0"
+    assert Gate().tolerance("tf32") == DEFAULT_TOLERANCES["fp16"] != DEFAULT_TOLERANCES["fp32"]
+    from cascadec.recipe import load_recipe
+
+    gate = Gate.from_recipe(load_recipe("fmnist_quick", ["verify.tolerances.tf32.atol=0.1"]).verify)
+    assert gate.tolerance("tf32").atol == 0.1
+
+
 def test_gate_from_recipe_merges_overrides_onto_defaults():
     from cascadec.recipe import load_recipe
 

@@ -135,8 +135,11 @@ class OrtRunner(BaseRunner):
         self.input_shape: list[int | str | None] = list(inputs[0].shape)
         # what the graph computes in: a Q/DQ or float16 graph (cascadec quantize) is gated with its
         # precision's tolerances; the TensorRT provider's own fp16/int8 modes are opt-in
-        # (trt_fp16_enable / trt_int8_enable) and cascadec does not turn them on
-        self.precision: str = graph_precision(self.path)
+        # (trt_fp16_enable / trt_int8_enable) and cascadec does not turn them on, but it computes an
+        # fp32 graph in TF32 (TensorRT's default; the provider has no option against it), which is
+        # recorded and gated as its own precision; the CUDA provider's TF32 is off (PROVIDER_OPTIONS)
+        graph = graph_precision(self.path)
+        self.precision: str = "tf32" if device == "tensorrt" and graph == "fp32" else graph
 
     @property
     def providers(self) -> list[str]:

@@ -38,7 +38,7 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
     architecture."""
     limit = recipe.prune.analysis_timeout_s
     start = time.monotonic()
-    index = build_groups(model, example_input, timeout_s=limit)
+    index = build_groups(model, example_input, timeout_s=limit, prune_stem=recipe.prune.prune_stem)
     index = prove_groups(model, index, example_input, timeout_s=max(1.0, limit - (time.monotonic() - start)))
     if not index.groups:
         reasons = "; ".join(sorted({f.reason for f in index.frozen})[:3]) or "no conv/linear layers"

@@ -493,7 +493,7 @@ def _freeze_reason(
 ) -> str | None:
     for module, member in group_members:
         if member.role == "out" and member.module == first_conv:
-            return f"holds the output channels of the first conv '{first_conv}' (never pruned)"
+            return f"holds the output channels of the first conv '{first_conv}' (kept by policy; prune.prune_stem: true prunes it)"
         if member.role == "out" and member.module == classifier:
             return f"holds the outputs of the classifier '{classifier}'"
         if isinstance(module, _CHANNEL_MIXING_NORMS) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1):
@@ -635,8 +635,12 @@ def _mask_points(dg, group_members: list[tuple[nn.Module, Member]]) -> list[Memb
     return points
 
 
-def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: float | None = 300) -> GroupIndex:
-    """Analyse ``model`` once; the result is plain data reused by masks, cost model and shrink."""
+def build_groups(
+    model: nn.Module, example_input: torch.Tensor, *, timeout_s: float | None = 300, prune_stem: bool = False
+) -> GroupIndex:
+    """Analyse ``model`` once; the result is plain data reused by masks, cost model and shrink.
+    ``prune_stem``: the first conv's output group is prunable like any other (by default it is
+    frozen by policy, as the paper leaves it; ``prune.prune_stem``)."""
     order = _execution_order(model, example_input)
     first_conv = next((n for n in order if isinstance(model.get_submodule(n), _CONV)), None)
     classifier = order[-1] if order else None
@@ -675,7 +679,7 @@ def build_groups(model: nn.Module, example_input: torch.Tensor, *, timeout_s: fl
         size = len(tp_group[0].idxs)
         reason = (
             (f"Torch-Pruning gives no channel mapping for '{unmapped}'" if unmapped else None)
-            or _freeze_reason(members, first_conv, classifier)
+            or _freeze_reason(members, None if prune_stem else first_conv, classifier)
             or _graph_freeze_reason(dg, tp_group, param_names, owners)
             or _mapping_problem(members, size)
         )

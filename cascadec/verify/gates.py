@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from cascadec.errors import UserError
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "fp16", "int8")
 # the gate's defaults, one home: cascadec.recipe.VerifySection takes them from here
 DEFAULT_MIN_TOP1_AGREEMENT = 0.999
 DEFAULT_ILL_CONDITIONED = "float64"
@@ -46,6 +46,10 @@ class Tolerance:
 #   the demo student's weights to fp16 alone (cascadec quantize, logits up to ~20) moved them by
 #   up to 0.028, so atol 5e-2 / rtol 1e-2 (1e-2 failed every network with logits past ~10); a
 #   few near-ties may flip, hence top-1 agreement >= 0.99.
+# * tf32: float32 tensors whose convolutions and matmuls multiply with a 10-bit mantissa, FP16's
+#   precision in FP32's range: ONNX Runtime's TensorRT provider computes an fp32 graph that way
+#   (TensorRT turns TF32 on by default and the provider has no option to turn it off), so it is
+#   gated as its own precision with FP16's bounds. Not measured on a GPU here.
 # * int8: quantisation moves logits by a few percent of their range, on every logit at once: a
 #   CaP + KD student's INT8 files (cascadec quantize, logits up to ~20) differed by up to 2.2 on
 #   5 of 5120 logits with 99.4 % top-1 agreement and 0.16 points of test accuracy lost, which the
@@ -54,6 +58,7 @@ class Tolerance:
 #   of accuracy lost (needs labelled samples); NaN/inf outputs fail whatever the tolerances.
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+    "tf32": Tolerance(atol=5e-2, rtol=1e-2, min_top1_agreement=0.99),
     "fp16": Tolerance(atol=5e-2, rtol=1e-2, min_top1_agreement=0.99),
     "int8": Tolerance(atol=None, rtol=None, min_top1_agreement=0.97, max_accuracy_drop=0.01),
 }
