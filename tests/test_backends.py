@@ -290,10 +290,11 @@ def test_onnxruntime_trt_backend_asks_for_the_tensorrt_provider(tiny, monkeypatc
     loaded = []
     monkeypatch.setattr(ortb, "import_module", lambda name: loaded.append(name))
     runner = get_runner("onnxruntime-trt", onnx_path=path)
-    # TF32 off in the CUDA provider: the session is recorded and gated as fp32
+    # TF32 off in the CUDA provider behind it; TensorRT itself computes an fp32 graph in TF32 (its
+    # default, which the provider cannot turn off): recorded and gated as tf32
     no_tf32 = ("CUDAExecutionProvider", {"use_tf32": "0"})
     assert _RecordingSession.asked == [["TensorrtExecutionProvider", no_tf32, "CPUExecutionProvider"]]
-    assert runner.precision == "fp32"
+    assert runner.precision == "tf32"
     assert loaded == ["tensorrt"]  # pip TensorRT's libraries loaded before the provider looks for them
     cuda = get_runner("onnxruntime-cuda", onnx_path=path, device="cuda:1")
     assert _RecordingSession.asked[-1] == [
