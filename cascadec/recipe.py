@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cascadec.errors import UserError, first_line
 from cascadec.profile.defaults import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, DEFAULT_ROUNDS, MIN_WARMUP_S
-from cascadec.verify.gates import DEFAULT_ILL_CONDITIONED, DEFAULT_MIN_TOP1_AGREEMENT, DEFAULT_TOLERANCES
+from cascadec.verify.gates import DEFAULT_ILL_CONDITIONED, DEFAULT_MIN_TOP1_AGREEMENT, DEFAULT_TOLERANCES, PRECISIONS
 
 
 class _Strict(BaseModel):
@@ -434,7 +434,7 @@ class ToleranceSection(_Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0, le=1)
 
 
-Precision = Literal["fp32", "tf32", "fp16", "int8"]
+Precision = Literal[PRECISIONS]  # type: ignore[valid-type]  # the gates' list is the one home
 
 
 class VerifySection(_Strict):
@@ -679,25 +679,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``--set key.sub=value`` strings applied to a recipe's data (before validation)."""
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"override {text!r}: {p!r} is not a section")
-            node = child
-        if parts[-1] == "target" and isinstance(value, dict):
-            node[parts[-1]] = value
-        elif len(parts) >= 2 and parts[-2] == "target" and parts[0] == "prune":
-            # a new target replaces the old one: they are mutually exclusive
-            node.clear()
-            node[parts[-1]] = value
-        else:
-            node[parts[-1]] = value
+        _assign(data, parts, value, text)
     return data
+
+
+def _assign(data: dict[str, Any], parts: list[str], value: Any, text: str) -> None:
+    """The one way a value lands in a recipe's data, from ``--set`` or a command's option."""
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {text!r}: {p!r} is not a section")
+        node = child
+    if parts[-1] == "target" and isinstance(value, dict):
+        node[parts[-1]] = value
+    elif len(parts) >= 2 and parts[-2] == "target" and parts[0] == "prune":
+        # a new target replaces the old one: they are mutually exclusive
+        node.clear()
+        node[parts[-1]] = value
+    else:
+        node[parts[-1]] = value
+
+
+def with_values(recipe: Recipe, values: dict[str, Any], source: str) -> Recipe:
+    """``recipe`` with dotted keys set (a command's options, such as ``profile.duration_s`` from
+    ``--duration``; None keeps the recipe's value), validated by the schema as ``--set`` is, so
+    a bad option is refused as a bad recipe value would be. Unchanged: ``recipe`` itself."""
+    changed = {k: v for k, v in values.items() if v is not None}
+    if not changed:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    for key, value in changed.items():
+        _assign(data, key.split("."), value, f"{key}={value}")
+    return validate_recipe(data, source)
 
 
 def _printable(part: object) -> str:

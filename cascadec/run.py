@@ -9,7 +9,8 @@ Layout (all pickle-free)::
       student.widths.json      the student's width spec (removed channels per group)
       student.safetensors      the student's weights
       checkpoints/             while the prune stage runs: joint.safetensors, student.safetensors
-                               (training state for --resume; removed when the stage finishes)
+                               (training state for --resume; removed when the stage finishes);
+                               while QAT runs: qat.<flavour>.safetensors (removed once its file is written)
       teacher.onnx, student.onnx
       report.json, report.md
 
@@ -45,6 +46,7 @@ from cascadec.recipe import Recipe, recipe_to_yaml, validate_recipe
 from cascadec.train.distributed import Dist
 
 MANIFEST_FORMAT = "cascadec-run/1"
+CHECKPOINTS = "checkpoints"  # RUN/checkpoints: training state of an unfinished stage (the layout above)
 
 
 def library_versions() -> dict[str, str]:

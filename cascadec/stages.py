@@ -44,10 +44,12 @@ from cascadec.prune.methods import prune_model
 from cascadec.prune.shrink import pruned_root_idxs, shrink
 from cascadec.prune.spec import load_student, save_student, state_dict_for_safetensors
 from cascadec.prune.trial import check_shrunk
+from cascadec.quantize.qat import QatInputs
+from cascadec.quantize.qat_ranks import QatRanks, follow
 from cascadec.quantize.stage import raise_on_quantize_failure, stage_quantize
-from cascadec.recipe import ProfileSection, Recipe, load_recipe, validate_recipe
+from cascadec.recipe import ProfileSection, Recipe, load_recipe, with_values
 from cascadec.report import write_run_report
-from cascadec.run import RunDir, closing_run, open_run
+from cascadec.run import CHECKPOINTS, RunDir, closing_run, open_run
 from cascadec.teacher import obtain_teacher
 from cascadec.train.distributed import init_from_env, shutdown
 from cascadec.train.loop import evaluate
@@ -58,7 +60,6 @@ from cascadec.verify.present import raise_on_failure
 from cascadec.verify.results import ParityResult
 
 TEACHER_WEIGHTS = "teacher.safetensors"
-CHECKPOINTS = "checkpoints"  # training checkpoints of an unfinished prune stage (RUN/checkpoints/*.safetensors)
 
 
 # ---------------------------------------------------------------- teacher
@@ -238,12 +239,8 @@ def stage_verify(
 def profile_settings(recipe: Recipe, overrides: dict[str, Any] | None = None) -> ProfileSection:
     """recipe.profile with ``overrides`` (CLI --duration etc.; None means "keep") applied and
     validated by the schema, so a bad override is refused as a bad recipe value would be."""
-    changed = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if not changed:
-        return recipe.profile
-    data = recipe.model_dump(mode="json")
-    data["profile"].update(changed)
-    return validate_recipe(data, "profile options").profile
+    values = {f"profile.{k}": v for k, v in (overrides or {}).items()}
+    return with_values(recipe, values, "profile options").profile
 
 
 def stage_profile(
@@ -466,11 +463,11 @@ def compress(
     when a parity gate fails.
 
     Under torchrun (WORLD_SIZE > 1) every rank trains the teacher and prune stages in data
-    parallel; rank 0 alone writes the run directory and runs export, verify and profile, and
-    the other ranks return an empty dict once the prune stage is done."""
+    parallel; rank 0 alone writes the run directory and runs export, verify, profile and
+    quantize, the other ranks joining it only to train QAT (cascadec.quantize.qat_ranks); they
+    return an empty dict when rank 0 is done."""
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dist, dev = init_from_env(resolve_device(device))
-    target_check: dict | None = None
     try:
         per_image = check_input_memory(recipe)  # an image size past the machine: refused before data is built
         bundle = load_data(recipe)  # fail on missing data before creating anything
@@ -482,22 +479,17 @@ def compress(
         with closing_run(run):
             teacher = stage_teacher(run, recipe, bundle, loaders, dev, runtime)
             student = stage_prune(run, recipe, teacher, bundle, loaders, dev, runtime, analysis)
+            q = recipe.quantize
+            ranks = QatRanks.open(dist, dev, wants_qat=q.precision == "int8" and q.qat != "off")
             if not dist.is_main:
+                if ranks is not None:  # rank 0 may ask them to fine-tune the INT8 student with it
+                    follow(ranks, QatInputs(recipe, teacher, student, bundle, ranks=ranks), run)
                 return {}
-            shape = bundle.input_shape
-            if not run.is_done("export"):
-                stage_export(run, recipe, teacher, student, shape)
-            parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
-            lat = recipe.prune.latency if recipe.prune.target.is_latency else None
-            if not run.is_done("profile"):
-                batches = sorted({*recipe.profile.batches, lat.batch}) if lat else None
-                stage_profile(run, recipe, shape, batches)
-            if lat and lat.backend != "onnxruntime" and not run.is_done(f"profile.{lat.backend}"):
-                stage_profile(run, recipe, shape, [lat.batch], backend=lat.backend)
-            if recipe.quantize.precision != "none" and not run.is_done("quantize"):
-                stage_quantize(run, recipe, teacher, student, bundle)
-            target_check = check_latency_target(run, recipe) if lat else None
-            report = write_run_report(run)
+            try:
+                parity, target_check, report = _main_rank_stages(run, recipe, teacher, student, bundle, ranks)
+            finally:
+                if ranks is not None:
+                    ranks.close()
     finally:
         shutdown(dist)
     raise_on_failure(parity)
@@ -506,3 +498,25 @@ def compress(
     if target_check is not None and not target_check["passed"]:
         raise GateFailed(target_check["message"])
     return report
+
+
+def _main_rank_stages(
+    run: RunDir, recipe: Recipe, teacher: nn.Module, student: nn.Module, bundle: DataBundle, ranks: QatRanks | None
+) -> tuple[Any, dict | None, dict]:
+    """Rank 0's part of :func:`compress` after the prune stage: export, verify, profile,
+    quantize (the other ranks join its QAT through ``ranks``), the report."""
+    shape = bundle.input_shape
+    if not run.is_done("export"):
+        stage_export(run, recipe, teacher, student, shape)
+    parity = run.metric("parity") if run.is_done("verify") else stage_verify(run, recipe, student, bundle.val)
+    lat = recipe.prune.latency if recipe.prune.target.is_latency else None
+    if not run.is_done("profile"):
+        batches = sorted({*recipe.profile.batches, lat.batch}) if lat else None
+        stage_profile(run, recipe, shape, batches)
+    if lat and lat.backend != "onnxruntime" and not run.is_done(f"profile.{lat.backend}"):
+        stage_profile(run, recipe, shape, [lat.batch], backend=lat.backend)
+    if recipe.quantize.precision != "none" and not run.is_done("quantize"):
+        stage_quantize(run, recipe, teacher, student, bundle, ranks=ranks)
+    target_check = check_latency_target(run, recipe) if lat else None
+    report = write_run_report(run)
+    return parity, target_check, report

@@ -102,7 +102,12 @@ def test_two_ranks_match_a_single_process_run_within_tolerance(runs) -> None:
 
 @pytest.mark.slow
 def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> None:
-    recipe = write_recipe(tmp_path / "tiny.yaml")
+    """The whole pipeline on two ranks, INT8 QAT included: rank 1 waits through rank 0's export,
+    verify, profile and PTQ, trains QAT with it, and both exit 0 once rank 0 says it is done."""
+    recipe = write_recipe(
+        tmp_path / "tiny.yaml",
+        quantize={"precision": "int8", "flavours": ["onnxruntime"], "qat": "always", "calibration": {"images": 32}},
+    )
     out = tmp_path / "run"
     env = {"CASCADEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", out, "--nproc", "2", env=env)
@@ -111,10 +116,13 @@ def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> No
     assert result.err.count("joint epoch 0:") == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["stages"]["prune"]["status"] == "done"
-    assert (out / "student.onnx").is_file() and not (out / "checkpoints").exists()
+    assert (out / "student.onnx").is_file() and not list((out / "checkpoints").glob("*"))
     assert 1 - manifest["metrics"]["student.flops"] / manifest["metrics"]["teacher.flops"] == pytest.approx(
         0.5, abs=0.02
     )
+    qat = manifest["metrics"]["quantize"]["artifacts"]["int8-onnxruntime"]["qat"]
+    assert qat["ranks"] == 2 and "on 2 ranks" in result.err
+    assert qat["train"] and qat["train"][0]["images_per_s"] > 0
 
 
 def test_ranks_other_than_0_never_write_the_run_directory(tmp_path) -> None:

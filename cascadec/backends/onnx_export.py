@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import onnx
-import onnxslim
 import torch
 from torch import nn
 
@@ -195,6 +194,8 @@ def export_onnx(
     slimmed = False
     if slim:
         try:
+            import onnxslim  # here, not at import: it takes ~1 s and only export uses it
+
             proto = onnxslim.slim(proto)
             slimmed = True
         except Exception as exc:  # slimming is an optimisation; an unslimmed valid file is still useful

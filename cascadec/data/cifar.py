@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.datasets as tvd
 
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import RandomCropFlip, TensorImageDataset
@@ -209,6 +208,8 @@ def _cache_dir() -> Path:
 def _download(spec: CifarSpec, target: Path) -> None:
     try:
         target.mkdir(parents=True, exist_ok=True)
+        import torchvision.datasets as tvd  # here, not at import: torchvision takes ~2 s and only a download needs it
+
         getattr(tvd, spec.torchvision_class)(str(target), train=True, download=True)
     except Exception as exc:
         raise UserError(f"downloading {spec.name} into {target} failed: {first_line(exc)}") from None

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import TensorImageDataset
@@ -33,6 +31,9 @@ SPLIT_SEED = 0
 
 def build(root: Path | None, *, image_size: int | None, download: bool, seed: int) -> DataBundle:
     """Digits as a :class:`DataBundle`; ``root`` and ``download`` are unused (bundled data)."""
+    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes ~2 s to import
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     images = torch.from_numpy((digits.images / 16.0).astype(np.float32)).unsqueeze(1)
     targets = torch.from_numpy(digits.target.astype(np.int64))

@@ -7,7 +7,9 @@ and on Ctrl-C (``RUN/checkpoints/qat.<flavour>.safetensors``, resumed when the s
 on the same inputs), and the teacher's logits computed once where the images are not augmented.
 The fake quantizers are then removed and the fine-tuned float weights go through the same PTQ
 export as before, so QAT and PTQ ship the same kinds of file. Residual adds (quantized in the
-ONNX Runtime graph) are not modelled here. It runs in one process on the CPU (no DDP yet).
+ONNX Runtime graph) are not modelled here. Under torchrun every rank trains it in data parallel
+(``quantize/qat_ranks.py`` carries the job from rank 0 to the others); one process trains it on
+the CPU.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,12 +38,14 @@ from cascadec.quantize.flavours import Flavour
 from cascadec.quantize.ptq import compute_nodes, prepare, quantize_int8
 from cascadec.quantize.sensitivity import onnx_accuracy
 from cascadec.recipe import QuantizeSection, Recipe
-from cascadec.run import RunDir
+from cascadec.run import CHECKPOINTS, RunDir
 from cascadec.train.checkpoint import rng_state, set_rng_state
+from cascadec.train.distributed import SINGLE, Dist
 from cascadec.train.loop import cosine_schedule, make_optimizer, train_epoch
 from cascadec.train.runtime import Runtime
 
-CHECKPOINT_DIR = "checkpoints"  # = cascadec.stages.CHECKPOINTS (stages imports this module)
+if TYPE_CHECKING:
+    from cascadec.quantize.qat_ranks import QatRanks
 
 
 def qat_finetune(
@@ -165,10 +170,19 @@ def qat_finetune(
     return model.cpu().eval(), {"folded_batchnorms": folded, "fake_quantized_layers": len(names), "epochs": records}
 
 
-def qat_loader(dataset, batch_size: int, seed: int) -> DataLoader:
+def qat_loader(dataset, batch_size: int, seed: int, dist: Dist = SINGLE) -> DataLoader:
     """QAT's training batches in a seeded order that a checkpoint can point back into (the
-    sampler's ``qat`` phase), so an interrupted epoch resumes at its step."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, shuffle=True, drop_last=len(dataset) > batch_size)
+    sampler's ``qat`` phase), so an interrupted epoch resumes at its step; under torchrun each
+    rank takes its slice of every global batch, as in the other phases."""
+    sampler = EpochBatchSampler(
+        len(dataset),
+        batch_size,
+        seed=seed,
+        shuffle=True,
+        drop_last=len(dataset) > batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     return DataLoader(dataset, batch_sampler=sampler)
 
 
@@ -192,12 +206,68 @@ def torch_layers(model: nn.Module, shape: list[int]) -> list[tuple[str, tuple[in
 
 @dataclass
 class QatInputs:
-    """What quantization-aware fine-tuning needs beyond the PTQ inputs."""
+    """What quantization-aware fine-tuning needs beyond the PTQ inputs; ``ranks`` where a torchrun
+    job's other ranks train it too (None: this process alone, on the CPU)."""
 
     recipe: Recipe
     teacher: nn.Module
     student: nn.Module
     bundle: DataBundle
+    ranks: QatRanks | None = None
+
+
+@dataclass(frozen=True)
+class QatJob:
+    """One flavour's fine-tuning: everything a rank needs to train it that the recipe and the data
+    do not already give every rank alike (rank 0 sends it, cascadec.quantize.qat_ranks)."""
+
+    flavour: str
+    signed: bool  # symmetric (signed) activations: the TensorRT flavour
+    float_modules: tuple[str, ...]
+    weight_levels: int
+    key: str  # what a checkpoint must have been trained from (:func:`_inputs_key`)
+    epochs: int
+    lr: float
+    images: int  # calibration images, sampled from the training split with ``seed``
+    seed: int
+    images_digest: str  # so a rank that sampled other images stops instead of training apart
+
+    @property
+    def checkpoint(self) -> str:
+        return f"qat.{self.flavour}"
+
+
+def images_digest(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+
+
+def train_job(job: QatJob, qat: QatInputs, images: np.ndarray, run: RunDir) -> tuple[nn.Module, dict]:
+    """Run ``job`` on this rank: every rank of a torchrun job calls it with the same job and
+    images, rank 0 from :func:`qat_flavour`, the others from ``qat_ranks.follow``."""
+    recipe = qat.recipe
+    dist = qat.ranks.dist if qat.ranks is not None else SINGLE
+    device = qat.ranks.device if qat.ranks is not None else torch.device("cpu")
+    runtime = Runtime.for_recipe(recipe.train, device, dist, checkpoint_dir=run.file(CHECKPOINTS))
+    return qat_finetune(
+        qat.student,
+        qat.teacher,
+        qat_loader(qat.bundle.train, recipe.data.batch_size, recipe.train.seed, dist),
+        images,
+        signed=job.signed,
+        float_layers=job.float_modules,
+        epochs=job.epochs,
+        lr=job.lr,
+        momentum=recipe.train.momentum,
+        loss=DistillLoss(
+            recipe.distill.ce_weight, recipe.distill.kd_weight if recipe.distill.kd else 0.0, recipe.distill.temperature
+        ),
+        max_steps=recipe.train.max_steps_per_epoch,
+        weight_levels=job.weight_levels,
+        runtime=runtime,
+        checkpoint=job.checkpoint,
+        key=job.key,
+        cache_logits=recipe.train.cache_teacher_logits,
+    )
 
 
 def _inputs_key(
@@ -245,32 +315,26 @@ def qat_flavour(
     weights; the file that scores best on the selection split is the one left in place."""
     recipe, work = qat.recipe, run.file("quantize")
     float_modules = [n["module"] for n in nodes if n["node"] in set(float_nodes)]
-    loader = qat_loader(qat.bundle.train, recipe.data.batch_size, recipe.train.seed)
     weight_levels = 64 if flavour.quantize_kwargs(method["reduce_range"])["reduce_range"] else 127
-    key = _inputs_key(run, q, flavour, float_modules, weight_levels, len(images), recipe)
-    runtime = Runtime.for_recipe(recipe.train, torch.device("cpu"), checkpoint_dir=run.file(CHECKPOINT_DIR))
-    name = f"qat.{flavour.name}"
-    log(f"INT8 ({flavour.name}): quantization-aware fine-tuning with KD, {q.qat_epochs} epoch(s)")
-    tuned, record = qat_finetune(
-        qat.student,
-        qat.teacher,
-        loader,
-        images,
+    job = QatJob(
+        flavour=flavour.name,
         signed=flavour.symmetric_activations,
-        float_layers=float_modules,
+        float_modules=tuple(float_modules),
+        weight_levels=weight_levels,
+        key=_inputs_key(run, q, flavour, float_modules, weight_levels, len(images), recipe),
         epochs=q.qat_epochs,
         lr=q.qat_lr,
-        momentum=recipe.train.momentum,
-        loss=DistillLoss(
-            recipe.distill.ce_weight, recipe.distill.kd_weight if recipe.distill.kd else 0.0, recipe.distill.temperature
-        ),
-        max_steps=recipe.train.max_steps_per_epoch,
-        weight_levels=weight_levels,
-        runtime=runtime,
-        checkpoint=name,
-        key=key,
-        cache_logits=recipe.train.cache_teacher_logits,
+        images=len(images),
+        seed=recipe.train.seed,
+        images_digest=images_digest(images),
     )
+    ranks = qat.ranks.world_size if qat.ranks is not None else 1
+    log(
+        f"INT8 ({flavour.name}): quantization-aware fine-tuning with KD, {q.qat_epochs} epoch(s)"
+        + (f" on {ranks} ranks" if ranks > 1 else "")
+    )
+    with qat.ranks.sending(job) if qat.ranks is not None else nullcontext():
+        tuned, record = train_job(job, qat, images, run)
     tuned_fp32 = work / f"qat.{flavour.name}.onnx"
     export_onnx(tuned, torch.from_numpy(images[:1]), tuned_fp32, opset=recipe.export.opset, slim=recipe.export.slim)
     tuned_prepared = work / f"qat.{flavour.name}.prepared.onnx"
@@ -291,15 +355,15 @@ def qat_flavour(
     if shipped == "qat":
         os.replace(candidate, run.file(flavour.file))
     candidate.unlink(missing_ok=True)
-    path = runtime.checkpoint_path(name)
-    if path is not None:  # this flavour's file is in place: its QAT state is not needed again
-        path.unlink(missing_ok=True)
+    # this flavour's file is in place: its QAT state is not needed again
+    (run.file(CHECKPOINTS) / f"{job.checkpoint}.safetensors").unlink(missing_ok=True)
     out = {
         "ptq_selection_accuracy": ptq_accuracy,
         "qat_selection_accuracy": accuracy,
         "shipped": shipped,
         "epochs": q.qat_epochs,
         "lr": q.qat_lr,
+        "ranks": ranks,
         "folded_batchnorms": record["folded_batchnorms"],
         "fake_quantized_layers": record["fake_quantized_layers"],
         "train": [

@@ -41,8 +41,9 @@ from cascadec.quantize.ptq import (
     resolve_exclude,
 )
 from cascadec.quantize.qat import QatInputs, qat_flavour, torch_layers
+from cascadec.quantize.qat_ranks import QatRanks
 from cascadec.quantize.sensitivity import FloatLayers, keep_in_float, onnx_accuracy, rank_layers
-from cascadec.recipe import QuantizeSection, Recipe
+from cascadec.recipe import QuantizeSection, Recipe, with_values
 from cascadec.run import RunDir, library_versions
 from cascadec.verify.gates import Gate
 from cascadec.verify.parity import verify_backends
@@ -133,20 +134,8 @@ def _labelled(dataset: Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def settings_with(recipe: Recipe, precision: str | None = None, calib_images: int | None = None) -> QuantizeSection:
     """recipe.quantize with the command's --precision / --calib-images, validated by the schema."""
-    data = recipe.quantize.model_dump(mode="json")
-    if precision is not None:
-        data["precision"] = precision
-    if calib_images is not None:
-        data.setdefault("calibration", {})["images"] = calib_images
-    from pydantic import ValidationError
-
-    try:
-        return QuantizeSection.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UserError(
-            f"quantize.{'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}"
-        ) from None
+    values = {"quantize.precision": precision, "quantize.calibration.images": calib_images}
+    return with_values(recipe, values, "quantize options").quantize
 
 
 def stage_quantize(
@@ -158,9 +147,11 @@ def stage_quantize(
     settings: QuantizeSection | None = None,
     *,
     profile: bool = True,
+    ranks: QatRanks | None = None,
 ) -> QuantizeOutcome:
     """Build, verify and time the reduced-precision students; records ``quantize`` and returns
-    the outcome (a failed gate is in ``outcome.parity``: :func:`raise_on_quantize_failure`)."""
+    the outcome (a failed gate is in ``outcome.parity``: :func:`raise_on_quantize_failure`).
+    ``ranks``: a torchrun job's other ranks, which then train QAT beside this one."""
     q = settings or recipe.quantize
     if q.precision == "none":
         raise UserError("quantize.precision is none: nothing to quantize (give --precision int8 or fp16)")
@@ -193,7 +184,7 @@ def stage_quantize(
             cache.unlink(missing_ok=True)  # a cache from other images or another student must not be reused
             nodes = compute_nodes(prepared, torch_layers(student, bundle.input_shape))
             excluded = resolve_exclude(q.exclude, nodes)
-            qat = QatInputs(recipe, teacher, student, bundle)
+            qat = QatInputs(recipe, teacher, student, bundle, ranks=ranks)
             for name in progress.track(q.flavours, "quantize INT8", total=len(q.flavours)):
                 artifacts[f"int8-{name}"] = _int8_flavour(
                     run, q, name, prepared, images, cache, nodes, excluded, sel_x, sel_y, fp32_accuracy, qat
