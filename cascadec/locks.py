@@ -141,9 +141,11 @@ def hold_point(name: str) -> None:
     """A barrier the concurrency tests place a process at, so that they do not race start-up
     times (issue 31): with ``CASCADEC_HOLD_AT=NAME:FOLDER`` the process writes
     ``FOLDER/NAME.reached`` (its pid) when it gets here and waits until ``FOLDER/NAME.release``
-    exists. The points sit where a lock is held: ``run-locked`` (a new run directory's
+    exists (and passes at once after that). The points: ``run-locked`` (a new run directory's
     manifest written under its lock), ``teacher-cache`` (the teacher cache entry's lock taken,
-    nothing checked or trained yet). Without the variable, as in every real run, nothing happens."""
+    nothing checked or trained yet), ``checkpoint-saved`` (rank 0 of a distributed run has written
+    a checkpoint; the other ranks wait for it). Without the variable, as in every real run, nothing
+    happens."""
     spec = os.environ.get(HOLD_ENV)
     if not spec:
         return

@@ -253,9 +253,10 @@ class FbsSection(_Strict):
 
 class PruneSection(_Strict):
     method: str = Field(
-        "cascade",
-        description="a registered pruning method (cascadec.prune.method): cascade: the paper; oneshot: rank once, "
-        "fine-tune; cap: compensation-aware, no training needed; fbs: dynamic channel gating per image (saves "
+        "cap",  # the measured winner at 50/75/90 % fewer FLOPs, at equal epochs and equal time (docs/benchmarks.md)
+        description="a registered pruning method (cascadec.prune.method); cap when a recipe names none. cap: "
+        "compensation-aware selection and refit, then KD fine-tuning for joint + student epochs (0 epochs: no "
+        "training); cascade: the paper; oneshot: rank once, fine-tune; fbs: dynamic channel gating per image (saves "
         "arithmetic only where a runtime skips channels)",
     )
     prune_stem: bool = Field(

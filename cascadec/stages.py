@@ -51,7 +51,7 @@ from cascadec.recipe import ProfileSection, Recipe, load_recipe, with_values
 from cascadec.report import write_run_report
 from cascadec.run import CHECKPOINTS, RunDir, closing_run, open_run
 from cascadec.teacher import obtain_teacher
-from cascadec.train.distributed import init_from_env, shutdown
+from cascadec.train.distributed import elastic_restart, init_from_env, shutdown
 from cascadec.train.loop import evaluate
 from cascadec.train.runtime import NonFiniteLoss, Runtime
 from cascadec.verify.gates import Gate
@@ -465,9 +465,15 @@ def compress(
     Under torchrun (WORLD_SIZE > 1) every rank trains the teacher and prune stages in data
     parallel; rank 0 alone writes the run directory and runs export, verify, profile and
     quantize, the other ranks joining it only to train QAT (cascadec.quantize.qat_ranks); they
-    return an empty dict when rank 0 is done."""
+    return an empty dict when rank 0 is done. When torchrun restarts the workers after one died
+    (``--max-restarts``), the run resumes from its directory as ``resume`` would (a different
+    recipe is still refused)."""
     recipe = prepare_recipe(model, recipe_name, data=data, weights=weights, overrides=overrides)
     dist, dev = init_from_env(resolve_device(device))
+    restarts = elastic_restart()
+    if restarts and not resume:  # torchrun restarted the workers after one died: carry on, as --resume does
+        log(f"torchrun restart {restarts}: resuming the run from its last checkpoint")
+        resume = True
     try:
         per_image = check_input_memory(recipe)  # an image size past the machine: refused before data is built
         bundle = load_data(recipe)  # fail on missing data before creating anything

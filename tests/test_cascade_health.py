@@ -81,7 +81,7 @@ def test_no_decision_is_taken_on_the_reported_split(monkeypatch) -> None:
             "name": "t",
             "model": {"name": "cifar_resnet8"},
             "data": {"name": "digits", "batch_size": 32},
-            "prune": {"target": {"flops_reduction": 0.5}, "importance_batches": 1},
+            "prune": {"method": "cascade", "target": {"flops_reduction": 0.5}, "importance_batches": 1},
             "cascade": {"num_tas": 1},
             "train": {"joint_epochs": 1, "student_epochs": 2, "max_steps_per_epoch": 2},
         }
@@ -174,7 +174,7 @@ def digits_run():
             "model": {"name": "cifar_resnet8"},
             "data": {"name": "digits", "batch_size": 64},
             "teacher": {"train_epochs": 6, "lr": 0.05},
-            "prune": {"target": {"flops_reduction": 0.6}, "importance_batches": 4},
+            "prune": {"method": "cascade", "target": {"flops_reduction": 0.6}, "importance_batches": 4},
             "cascade": {"num_tas": 2, "freeze_fraction": 0.5},
             "train": {"joint_epochs": 4, "student_epochs": 1, "lr": 0.01, "bn_recalibration_batches": 5},
         }

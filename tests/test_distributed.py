@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,17 +102,25 @@ def test_two_ranks_match_a_single_process_run_within_tolerance(runs) -> None:
     assert all(e["images_per_s"] > 0 for e in h2["joint"] + [e for e in h2["student"] if e["epoch"] >= 0])
 
 
+QUANTIZE_WITH_QAT = {"precision": "int8", "flavours": ["onnxruntime"], "qat": "always", "calibration": {"images": 32}}
+
+
+@pytest.fixture(scope="module")
+def two_rank_compress(tmp_path_factory):
+    """``compress --nproc 2`` on the tiny recipe with INT8 QAT, uninterrupted."""
+    root = tmp_path_factory.mktemp("nproc")
+    recipe = write_recipe(root / "tiny.yaml", quantize=QUANTIZE_WITH_QAT)
+    out = root / "run"
+    env = {"CASCADEC_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", out, "--nproc", "2", env=env)
+    return root, out, result
+
+
 @pytest.mark.slow
-def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> None:
+def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(two_rank_compress) -> None:
     """The whole pipeline on two ranks, INT8 QAT included: rank 1 waits through rank 0's export,
     verify, profile and PTQ, trains QAT with it, and both exit 0 once rank 0 says it is done."""
-    recipe = write_recipe(
-        tmp_path / "tiny.yaml",
-        quantize={"precision": "int8", "flavours": ["onnxruntime"], "qat": "always", "calibration": {"images": 32}},
-    )
-    out = tmp_path / "run"
-    env = {"CASCADEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = cli_subprocess("compress", "cifar_resnet8", "--recipe", recipe, "--out", out, "--nproc", "2", env=env)
+    _, out, result = two_rank_compress
     assert result.code == 0, result.err[-3000:]
     assert result.out.count("cascadec summary") == 1  # rank 1 prints nothing
     assert result.err.count("joint epoch 0:") == 1
@@ -123,6 +133,65 @@ def test_compress_nproc_2_trains_on_two_ranks_and_writes_one_run(tmp_path) -> No
     qat = manifest["metrics"]["quantize"]["artifacts"]["int8-onnxruntime"]["qat"]
     assert qat["ranks"] == 2 and "on 2 ranks" in result.err
     assert qat["train"] and qat["train"][0]["images_per_s"] > 0
+
+
+def _pid_of_rank(rank: int, marker: str) -> int:
+    """The pid of the worker with RANK=rank whose environment carries ``marker`` (this test's)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and marker.encode() in env:
+            return int(proc.name)
+    raise AssertionError(f"no worker with RANK={rank} found")
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes_by_itself(two_rank_compress, tmp_path) -> None:
+    """``torchrun --max-restarts 1``, rank 1 SIGKILLed while rank 0 holds the first checkpoint it
+    wrote (``locks.hold_point``, so the kill never races the training): torchrun restarts both
+    ranks, the run resumes from its directory without ``--resume``, and the student is bit for bit
+    the uninterrupted run's (the same recipe, less the quantize stage that comes after it)."""
+    from cascadec import locks
+
+    root, reference, _ = two_rank_compress
+    recipe = write_recipe(tmp_path / "tiny.yaml")  # no quantize stage: the student is the same
+    barrier, out = tmp_path / "barrier", tmp_path / "run"
+    barrier.mkdir()
+    marker = f"{locks.HOLD_ENV}=checkpoint-saved:{barrier}"
+    env = {
+        **os.environ,
+        "CASCADEC_CACHE": str(root / "cache"),  # the reference run's teacher
+        "OMP_NUM_THREADS": "1",
+        "CASCADEC_NO_PROGRESS": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        locks.HOLD_ENV: f"checkpoint-saved:{barrier}",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+        "-m", "cascadec", "compress", "cifar_resnet8", "--recipe", str(recipe), "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (barrier / "checkpoint-saved.reached").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "rank 0 never wrote a checkpoint"
+            time.sleep(0.05)
+        os.kill(_pid_of_rank(1, marker), signal.SIGKILL)
+    finally:
+        (barrier / "checkpoint-saved.release").write_text("go")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "torchrun restart 1: resuming the run from its last checkpoint" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and len(manifest["resumed"]) == 1
+    assert (out / "student.safetensors").read_bytes() == (reference / "student.safetensors").read_bytes()
 
 
 def test_ranks_other_than_0_never_write_the_run_directory(tmp_path) -> None:

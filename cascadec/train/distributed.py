@@ -125,6 +125,15 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def elastic_restart() -> int:
+    """How many times torchrun has restarted this job's workers (``--max-restarts``): above 0,
+    a worker died and the group was started again, and the run continues from its directory."""
+    try:
+        return max(0, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def init_from_env(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun described in the environment; single process otherwise.
     Returns the Dist and the device this rank trains on (cuda:LOCAL_RANK on GPUs)."""
@@ -143,9 +152,13 @@ def init_from_env(device: torch.device) -> tuple[Dist, torch.device]:
     else:
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=30)
-        )
+        timeout = timedelta(minutes=30)
+        # the store torchrun describes (env://), under a prefix of its own per restart: the keys the
+        # group's ranks publish their addresses under would otherwise still hold the dead attempt's,
+        # and the restarted ranks would dial those (gloo: "connectFullMesh failed ... refused")
+        store, _, _ = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        store = torch.distributed.PrefixStore(f"cascadec/attempt_{elastic_restart()}/", store)
+        torch.distributed.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if rank != 0:
         progress.console.quiet = True  # one log, rank 0's: every rank computes the same numbers
         progress.set_enabled(False)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cascadec import locks
 from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.train.checkpoint import load_checkpoint, save_checkpoint
@@ -156,6 +157,7 @@ class Runtime:
                 save_checkpoint(path, state)
             except UserError as exc:  # full disk, NaN state: every rank must stop, not wait for rank 0
                 error = str(exc)
+            locks.hold_point("checkpoint-saved")  # the elastic-restart test stops rank 0 here
         error = self.dist.broadcast_object(error)  # doubles as the barrier
         if error:
             raise UserError(error)
