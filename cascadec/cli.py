@@ -104,6 +104,9 @@ def compress(
     ),
 ) -> None:
     """Prune MODEL with a recipe, then export, verify and profile the student."""
+    from cascadec.recipe import load_recipe
+
+    load_recipe(recipe, list(overrides), model=model)  # a bad recipe or --set: one line at once, before torch loads
     from cascadec import stages
     from cascadec.preflight import dry_run as run_dry
     from cascadec.train.distributed import launched_by_torchrun, relaunch_compress

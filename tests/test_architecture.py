@@ -147,3 +147,19 @@ def test_the_verify_and_profile_defaults_have_one_home() -> None:
     package = Path(__file__).resolve().parents[1] / "cascadec"
     homes = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if "0.999" in p.read_text()]
     assert homes == ["verify/gates.py"], homes
+
+
+def test_torch_pruning_is_a_version_the_adapter_was_tested_with() -> None:
+    """prune/tp_adapter.py patches private Torch-Pruning symbols: another release may have moved
+    them. Upgrading means running the suite against it and adding it to TESTED_VERSIONS."""
+    from cascadec.prune.tp_adapter import TESTED_VERSIONS, installed_version
+
+    assert installed_version() in TESTED_VERSIONS, (
+        f"torch-pruning {installed_version()} is not among the versions prune/tp_adapter.py was tested with "
+        f"({', '.join(TESTED_VERSIONS)})"
+    )
+    pin = re.search(r'"torch-pruning==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin and pin.group(1) in TESTED_VERSIONS
+    private = re.compile(r"^\s*(from|import) torch_pruning\.dependency", re.MULTILINE)
+    users = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if private.search(p.read_text()))
+    assert users == ["prune/tp_adapter.py"], users

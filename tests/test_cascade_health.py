@@ -236,7 +236,7 @@ def test_broken_ladder_warns_or_stops(capsys) -> None:
 def test_student_phase_never_distils_from_a_worse_teacher() -> None:
     """A student already better than the nearest TA skips it; its history says which teacher it used."""
     from cascadec.distill.losses import DistillLoss
-    from cascadec.prune.finetune import student_phase
+    from cascadec.prune.finetune import PhaseSettings, student_phase
     from cascadec.prune.groups import build_groups
 
     torch.manual_seed(0)
@@ -254,14 +254,8 @@ def test_student_phase_never_distils_from_a_worse_teacher() -> None:
         loader,
         loader,
         DistillLoss(),
-        epochs=1,
-        lr=0.01,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=0.0,
+        PhaseSettings(epochs=1, lr=0.01, promote=True, max_steps=2),
         device=CPU,
-        promote=True,
-        max_steps=2,
         teacher_accuracy=[-1.0, 2.0],  # 'weak' below anything the student can score, 'strong' above
     )
     assert [r["teacher"] for r in history if r["epoch"] >= 0] == ["strong"]

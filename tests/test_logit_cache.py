@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from cascadec.data.tensors import RandomCropFlip, TensorImageDataset
 from cascadec.distill.logit_cache import LogitCache, fixed_items, teacher_logits, with_logits
 from cascadec.distill.losses import DistillLoss
-from cascadec.prune.finetune import student_phase
+from cascadec.prune.finetune import PhaseSettings, student_phase
 from cascadec.train.loop import train_epoch
 from cascadec.train.runtime import Runtime
 
@@ -95,16 +95,8 @@ def _phase(teacher, loader, *, cache: bool):
         loader,
         loader,
         DistillLoss(kd_weight=0.9, temperature=4.0),
-        epochs=3,
-        lr=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=0.0,
+        PhaseSettings(epochs=3, lr=0.05, select_best=False, cache_logits=cache),
         device=CPU,
-        promote=False,
-        max_steps=None,
-        select_best=False,
-        cache_logits=cache,
     )
     return student, history
 

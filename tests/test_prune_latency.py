@@ -349,6 +349,7 @@ def test_compress_with_a_latency_target_reports_predicted_and_measured(
             "compress", "cifar_resnet8", "--recipe", tiny_recipe, "--out", out,
             "--set", "prune.target.flops_reduction=null", "--set", f"prune.target.latency_reduction={reduction}",
             "--set", "prune.latency.batch=2", "--set", f"prune.latency.tolerance={tolerance}",
+            "--set", "prune.latency.grid_points=2", "--set", "prune.latency.refine=2",  # keep this test short
         )  # fmt: skip
 
     out = tmp_path / "run"
@@ -364,7 +365,7 @@ def test_compress_with_a_latency_target_reports_predicted_and_measured(
     markdown = (out / "report.md").read_text()
     assert "## Latency target (onnxruntime, batch 2)" in markdown
     tries = report["prune"]["latency_refine"]  # the cascade measured its student before the freeze
-    assert 1 <= len(tries) <= 3 and sum(t["chosen"] for t in tries) == 1
+    assert 1 <= len(tries) <= 2 and sum(t["chosen"] for t in tries) == 1
     assert all(t["measured_speedup"] > 0 for t in tries) and "prune.latency.refine" in markdown
     assert report["latency_prediction"]["ranking"] == "per_ms_per_flop"
     assert "ranked by importance per millisecond per FLOP" in markdown

@@ -12,7 +12,7 @@ from helpers.tiny_prune import tiny_data
 from cascadec.distill.losses import DistillLoss
 from cascadec.models import create_model
 from cascadec.prune.cost import CostModel
-from cascadec.prune.finetune import student_phase
+from cascadec.prune.finetune import PhaseSettings, student_phase
 from cascadec.prune.groups import build_groups
 from cascadec.prune.masks import ChannelMasks
 from cascadec.prune.shrink import shrink, shrink_positions, write_back
@@ -96,17 +96,9 @@ def _phase(student, mask, index, teacher, loader, *, shrunk: bool):
         loader,
         loader,
         DistillLoss(),
-        epochs=1,
-        lr=0.05,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=4e-4,
+        PhaseSettings(epochs=1, lr=0.05, weight_decay=4e-4, max_steps=3, select_best=False, shrunk=shrunk),
         device=CPU,
-        promote=False,
-        max_steps=3,
-        select_best=False,
         example=EX,
-        shrunk=shrunk,
     )
 
 
@@ -138,8 +130,7 @@ def test_a_masked_checkpoint_resumes_masked(tmp_path):
     student = copy.deepcopy(teacher)
     student_phase(
         student, mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
-        epochs=1, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
-        max_steps=2, runtime=runtime, example=EX, shrunk=False,
+        PhaseSettings(epochs=1, lr=0.05, max_steps=2, shrunk=False), device=CPU, runtime=runtime, example=EX,
     )  # fmt: skip
     state = runtime.load("student")
     assert state["layout"] == "masked"
@@ -147,8 +138,8 @@ def test_a_masked_checkpoint_resumes_masked(tmp_path):
     again = copy.deepcopy(teacher)
     history = student_phase(
         again, mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
-        epochs=2, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
-        max_steps=2, runtime=Runtime(CPU, checkpoint_dir=tmp_path / "b"), resume=state, example=EX, shrunk=True,
+        PhaseSettings(epochs=2, lr=0.05, max_steps=2, shrunk=True), device=CPU,
+        runtime=Runtime(CPU, checkpoint_dir=tmp_path / "b"), resume=state, example=EX,
     )  # fmt: skip
     assert [r["epoch"] for r in history] == [-1, 0, 1]
 
@@ -162,14 +153,12 @@ def test_a_shrunk_checkpoint_the_phase_cannot_train_shrunk_is_one_line(tmp_path)
     runtime = Runtime(CPU, checkpoint_dir=tmp_path)
     student_phase(
         copy.deepcopy(teacher), mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
-        epochs=1, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
-        max_steps=1, runtime=runtime, example=EX, shrunk=True,
+        PhaseSettings(epochs=1, lr=0.05, max_steps=1, shrunk=True), device=CPU, runtime=runtime, example=EX,
     )  # fmt: skip
     state = runtime.load("student")
     assert state["layout"] == "shrunk"
     with pytest.raises(UserError, match="holds the shrunk student"):
         student_phase(
             copy.deepcopy(teacher), mask, index, [("teacher", teacher)], loader, loader, DistillLoss(),
-            epochs=2, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.0, device=CPU, promote=False,
-            max_steps=1, resume=state, example=EX, shrunk=False,
+            PhaseSettings(epochs=2, lr=0.05, max_steps=1, shrunk=False), device=CPU, resume=state, example=EX,
         )  # fmt: skip

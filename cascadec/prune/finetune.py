@@ -17,6 +17,9 @@ split (held-out training images), never on the test split the run reports:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -38,6 +41,43 @@ from cascadec.train.runtime import Runtime
 Teachers = list[tuple[str, nn.Module | None]]
 
 
+@dataclass(frozen=True)
+class PhaseSettings:
+    """How the student phase trains: the schedule (SGD, cosine to 0 over ``epochs``), whether the
+    student may move up the teacher ladder (``promote``), which epoch ships (``select_best``: the
+    best on the selection split), BatchNorm recalibration batches, the shrunk layout and the
+    teacher-logit table. :meth:`from_recipe` reads them from a recipe's ``train`` section."""
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    promote: bool = False
+    max_steps: int | None = None
+    select_best: bool = True
+    recalibration_batches: int = 0
+    shrunk: bool = False
+    cache_logits: bool = True
+
+    @classmethod
+    def from_recipe(cls, train: Any, *, epochs: int, promote: bool, recalibration_batches: int = 0) -> PhaseSettings:
+        """A recipe's ``train`` section (cascadec.recipe.TrainSection) as the phase's settings."""
+        return cls(
+            epochs=epochs,
+            lr=train.lr,
+            momentum=train.momentum,
+            nesterov=train.nesterov,
+            weight_decay=train.weight_decay,
+            promote=promote,
+            max_steps=train.max_steps_per_epoch,
+            select_best=train.select_best,
+            recalibration_batches=recalibration_batches,
+            shrunk=train.shrunk_student,
+            cache_logits=train.cache_teacher_logits,
+        )
+
+
 def first_better(teacher_accuracy: list[float], student_accuracy: float, start: int = 0) -> int:
     """The lowest level at or above ``start`` whose teacher beats the student; the top level when
     none does (the pretrained network is still the best signal there is)."""
@@ -55,32 +95,23 @@ def student_phase(
     loader: DataLoader,
     select_loader: DataLoader,
     loss: DistillLoss,
+    settings: PhaseSettings,
     *,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    nesterov: bool,
-    weight_decay: float,
     device: torch.device,
-    promote: bool,
-    max_steps: int | None,
     runtime: Runtime | None = None,
     resume: dict | None = None,
     teacher_accuracy: list[float] | None = None,
     recalibration: DataLoader | None = None,
-    recalibration_batches: int = 0,
-    select_best: bool = True,
     hints: HintSpec | None = None,
     hint_teacher: nn.Module | None = None,
     hsakd: HsakdSpec | None = None,
     teacher_heads: list[nn.ModuleList] | None = None,
     start_heads: nn.ModuleList | None = None,
     example: torch.Tensor | None = None,
-    shrunk: bool = False,
-    cache_logits: bool = True,
 ) -> list[dict]:
     """Fine-tune the masked student in place; returns one record per epoch (plus the start).
 
+    ``settings`` (:class:`PhaseSettings`) holds the schedule and the choices below.
     ``teachers`` runs from the nearest TA up to the pretrained teacher; ``teacher_accuracy``
     (on ``select_loader``) is measured here when not given. With ``promote`` off the student
     keeps the first teacher that beats it. With a checkpointing ``runtime`` the phase saves
@@ -100,6 +131,15 @@ def student_phase(
     the training images are not augmented (cascadec.distill.logit_cache); not with hints or HSAKD,
     which read the teacher's features. The seconds that took are in the epoch's record
     (``teacher_logits_seconds``), apart from its training ``seconds``."""
+    epochs, lr, momentum, nesterov, weight_decay = (
+        settings.epochs,
+        settings.lr,
+        settings.momentum,
+        settings.nesterov,
+        settings.weight_decay,
+    )
+    promote, max_steps, select_best = settings.promote, settings.max_steps, settings.select_best
+    recalibration_batches, shrunk, cache_logits = settings.recalibration_batches, settings.shrunk, settings.cache_logits
     runtime = runtime or Runtime(device)
     hooks = None
     full, positions = student, None

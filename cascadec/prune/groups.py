@@ -1,7 +1,8 @@
 """Dependency groups of coupled channels, read from Torch-Pruning's DependencyGraph.
 
-This is the only module that imports ``torch_pruning`` for graph analysis (``shrink.py``
-uses its pruning functions), so the library could be replaced behind it. A group is a set
+This is the only module that reads ``torch_pruning``'s graph (``shrink.py`` uses its pruning
+functions), so the library could be replaced behind it; the private symbols the guards below
+patch live in ``prune/tp_adapter.py``, pinned to the Torch-Pruning versions tested. A group is a set
 of channels that must be removed together (a residual stream, the two sides of a
 depthwise conv, the slices of a concat). We reduce each Torch-Pruning group to plain data:
 which channels of which module belong to which group channel ("unit").
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -40,10 +40,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
-from torch_pruning.dependency import constants, index_mapping
-from torch_pruning.dependency import group as tp_groups
 
 from cascadec.errors import UserError, first_line
+from cascadec.prune.tp_adapter import IndexExplosion, default_walk_budget, guarded_index_mapping, no_index_remap
 from cascadec.train.bn import BATCHNORMS
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -64,10 +63,6 @@ OPAQUE_RESHAPE_REASON = (
 # stage) exhausts that before it reaches PatchMerging's concat, whose mapping then fails on
 # None. The budget bounds work, not Python stack depth, and the analysis has its own timeout.
 SHAPE_WALK_BUDGET = 2000
-
-
-class _IndexExplosion(Exception):
-    """Raised inside Torch-Pruning's index mapping when a group would outgrow the cap."""
 
 
 @dataclass
@@ -212,112 +207,6 @@ def _widest_layer(model: nn.Module) -> int:
     return widest
 
 
-def _order_split_outputs(split_node) -> None:
-    """Put a split's consumers in the order of the split's outputs.
-
-    Torch-Pruning gives the i-th consumer in its node list the channel offsets of the split's i-th
-    output, but the list is in the order the trace met the consumers, not the order of the outputs:
-    timm's MixedConv2d (MixNet) feeds output 0 to ``conv.0`` and output 1 to ``conv.1``, the trace
-    lists them the other way round, and every channel of one half was mapped onto the other half.
-    Autograd knows which output each consumer reads (``output_nr`` of the edge); a consumer that
-    reads several outputs of the same split keeps its place (the exactness trial then decides)."""
-    grad_fn = getattr(split_node, "grad_fn", None)
-    outputs = getattr(split_node, "outputs", None)
-    if grad_fn is None or not outputs:
-        return
-    numbers = []
-    for out in outputs:
-        edges = getattr(getattr(out, "grad_fn", None), "next_functions", None) or ()
-        found = {nr for fn, nr in edges if fn is grad_fn}
-        if len(found) != 1:
-            return
-        numbers.append(found.pop())
-    if len(set(numbers)) == len(numbers):
-        split_node.outputs = [out for _, out in sorted(zip(numbers, outputs), key=lambda pair: pair[0])]
-
-
-@contextmanager
-def _guarded_index_mapping(
-    opaque_reshapes: set,
-    max_indices: int,
-    walk_budget: int | None = None,
-    failed_concats: set | None = None,
-    max_deps: int | None = None,
-):
-    """Patch Torch-Pruning's index mapping for the duration of one analysis: reshapes whose
-    mapping cannot be inferred are recorded in ``opaque_reshapes`` (their groups get frozen)
-    instead of aborting the trace, and a flatten mapping that would emit more than
-    ``max_indices`` indices raises _IndexExplosion instead of exhausting memory.
-
-    A valid mapping emits distinct channel indices of one layer, so it can never be wider
-    than the widest layer (a flatten into the classifier: C*H*W = in_features). Window and
-    head reshapes around residual loops blow past that within a hop or two.
-
-    ``walk_budget`` replaces Torch-Pruning's shape-walk step budget for the duration;
-    concats that fail on a None width are also added to ``failed_concats``.
-
-    ``max_deps`` caps the dependencies one group may collect: Torch-Pruning's walk re-enters a
-    node whenever it arrives with other indices, and a slice-add that pads channels (ReXNet's
-    ``x[:, :c] += shortcut``) sends it round the same residual loop with ever new index lists,
-    for minutes. A real group has a few entries per layer."""
-    original_reshape = index_mapping.update_reshape_index_mapping
-    original_concat = index_mapping.update_concat_index_mapping
-    original_call = index_mapping._FlattenIndexMapping.__call__
-    original_budget = constants.MAX_RECURSION_DEPTH
-
-    def reshape_mapping(graph, node):
-        try:
-            original_reshape(graph, node)
-        except (ZeroDivisionError, ValueError, TypeError):
-            opaque_reshapes.add(node)
-
-    def concat_mapping(graph, node):
-        try:
-            original_concat(graph, node)
-        except TypeError:  # an input width inferred as None: the slices cannot be placed
-            opaque_reshapes.add(node)
-            if failed_concats is not None:
-                failed_concats.add(node)
-
-    def bounded_call(self, idxs):
-        if not self.reverse and len(idxs) * self._stride > max_indices:
-            raise _IndexExplosion
-        return original_call(self, idxs)
-
-    original_split = index_mapping.update_split_index_mapping
-
-    def split_mapping(graph, node):
-        _order_split_outputs(node)
-        original_split(graph, node)
-
-    original_add_dep = tp_groups.Group.add_dep
-
-    def bounded_add_dep(self, dep, idxs):
-        if max_deps is not None and len(self._group) >= max_deps:
-            raise _IndexExplosion
-        return original_add_dep(self, dep, idxs)
-
-    index_mapping.update_reshape_index_mapping = reshape_mapping
-    index_mapping.update_concat_index_mapping = concat_mapping
-    index_mapping.update_split_index_mapping = split_mapping
-    index_mapping._FlattenIndexMapping.__call__ = bounded_call
-    tp_groups.Group.add_dep = bounded_add_dep
-    constants.MAX_RECURSION_DEPTH = original_budget if walk_budget is None else walk_budget
-    try:
-        with warnings.catch_warnings():
-            # the walk's own "Maximum recursive depth reached!": its None answers are handled
-            # above (opaque nodes, frozen groups), so the warning tells a user nothing
-            warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
-            yield
-    finally:
-        index_mapping.update_reshape_index_mapping = original_reshape
-        index_mapping.update_concat_index_mapping = original_concat
-        index_mapping.update_split_index_mapping = original_split
-        index_mapping._FlattenIndexMapping.__call__ = original_call
-        tp_groups.Group.add_dep = original_add_dep
-        constants.MAX_RECURSION_DEPTH = original_budget
-
-
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, timeout_s: float | None = 300):
     """Trace ``model`` with Torch-Pruning; errors in tracing become one-line UserErrors.
 
@@ -331,9 +220,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     widest = _widest_layer(model)
     # the library's budget first (most models, and shrink then pays no more per group); a
     # concat that ran out of it gets one retrace with SHAPE_WALK_BUDGET
-    budgets = list(
-        dict.fromkeys([constants.MAX_RECURSION_DEPTH, max(constants.MAX_RECURSION_DEPTH, SHAPE_WALK_BUDGET)])
-    )
+    budgets = list(dict.fromkeys([default_walk_budget(), max(default_walk_budget(), SHAPE_WALK_BUDGET)]))
     try:
         for p in frozen:  # Torch-Pruning traces the autograd graph: every weight must be in it
             p.requires_grad_(True)
@@ -341,7 +228,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
             for budget in budgets:
                 opaque: set = set()
                 failed_concats: set = set()
-                with _guarded_index_mapping(opaque, widest, budget, failed_concats):
+                with guarded_index_mapping(opaque, widest, budget, failed_concats):
                     dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
                 if not failed_concats:
                     break
@@ -367,7 +254,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor, *, tim
     max_deps = 8 * sum(1 for _ in model.modules()) + 100
 
     def get_pruning_group(*args, **kwargs):
-        with _guarded_index_mapping(opaque, widest, budget, max_deps=max_deps):
+        with guarded_index_mapping(opaque, widest, budget, max_deps=max_deps):
             return unguarded(*args, **kwargs)
 
     dg.get_pruning_group = get_pruning_group
@@ -411,51 +298,42 @@ def _all_groups(dg, name_of: dict, timeout_s: float | None) -> tuple[list, list[
     """Torch-Pruning's ``get_all_groups`` (conv/linear roots, every output channel), root by
     root, so that one root whose group explodes is frozen instead of failing the model."""
     groups, frozen, visited = [], [], set()
-    # get_pruning_group recomputes every index mapping of the graph on each call (needed
-    # after a prune changes widths); nothing is pruned here, so the mappings computed
-    # by the trace stay valid. Recomputing them per root made analysis quadratic: swin_t
-    # and the shufflenets spent most of their analysis time there.
-    remap = index_mapping.update_index_mapping
-    index_mapping.update_index_mapping = lambda graph: None
-    try:
-        with _time_limit(timeout_s, "dependency grouping"):
-            for module in list(dg.module2node):
-                if not isinstance(module, (ops.TORCH_CONV, ops.TORCH_LINEAR)) or id(module) in visited:
-                    continue
-                pruner = dg.get_pruner_of_module(module)
-                channels = pruner.get_out_channels(module) if pruner is not None else None
-                if channels is None:
-                    continue
-                root = name_of.get(module, str(module))
-                try:
-                    group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
-                    narrow = _narrowest_producer(dg, group, channels)
-                    if narrow is not None:
-                        prune_out = dg.get_pruner_of_module(narrow[0]).prune_out_channels
-                        regrouped = dg.get_pruning_group(narrow[0], prune_out, list(range(narrow[1])))
-                        if _feeds_two(regrouped):
-                            (module, channels), group = narrow, regrouped
-                            root = name_of.get(module, str(module))
-                except _IndexExplosion:
-                    visited.add(id(module))
-                    frozen.append(FrozenGroup(root, channels, EXPLODING_REASON))
-                    continue
-                except MemoryError:
-                    raise UserError("dependency grouping ran out of memory; this model is not supported") from None
-                except (IndexError, KeyError, ValueError, ZeroDivisionError) as exc:
-                    # Follows a mapping we left as identity (an opaque reshape) out of range:
-                    # the channels are coupled in a way we cannot express, so never prune them.
-                    visited.add(id(module))
-                    frozen.append(
-                        FrozenGroup(root, channels, f"Torch-Pruning cannot follow its channels ({type(exc).__name__})")
-                    )
-                    continue
-                for item in group:
-                    if dg.is_out_channel_pruning_fn(item.dep.handler):
-                        visited.add(id(item.dep.target.module))
-                groups.append(group)
-    finally:
-        index_mapping.update_index_mapping = remap
+    with no_index_remap(), _time_limit(timeout_s, "dependency grouping"):
+        for module in list(dg.module2node):
+            if not isinstance(module, (ops.TORCH_CONV, ops.TORCH_LINEAR)) or id(module) in visited:
+                continue
+            pruner = dg.get_pruner_of_module(module)
+            channels = pruner.get_out_channels(module) if pruner is not None else None
+            if channels is None:
+                continue
+            root = name_of.get(module, str(module))
+            try:
+                group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+                narrow = _narrowest_producer(dg, group, channels)
+                if narrow is not None:
+                    prune_out = dg.get_pruner_of_module(narrow[0]).prune_out_channels
+                    regrouped = dg.get_pruning_group(narrow[0], prune_out, list(range(narrow[1])))
+                    if _feeds_two(regrouped):
+                        (module, channels), group = narrow, regrouped
+                        root = name_of.get(module, str(module))
+            except IndexExplosion:
+                visited.add(id(module))
+                frozen.append(FrozenGroup(root, channels, EXPLODING_REASON))
+                continue
+            except MemoryError:
+                raise UserError("dependency grouping ran out of memory; this model is not supported") from None
+            except (IndexError, KeyError, ValueError, ZeroDivisionError) as exc:
+                # Follows a mapping we left as identity (an opaque reshape) out of range:
+                # the channels are coupled in a way we cannot express, so never prune them.
+                visited.add(id(module))
+                frozen.append(
+                    FrozenGroup(root, channels, f"Torch-Pruning cannot follow its channels ({type(exc).__name__})")
+                )
+                continue
+            for item in group:
+                if dg.is_out_channel_pruning_fn(item.dep.handler):
+                    visited.add(id(item.dep.target.module))
+            groups.append(group)
     return groups, frozen
 
 

@@ -30,7 +30,7 @@ from cascadec.formatting import fmt_float
 from cascadec.progress import log
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cap import calibration_loader, compensate_start, prune_cap
-from cascadec.prune.finetune import student_phase
+from cascadec.prune.finetune import PhaseSettings, student_phase
 from cascadec.prune.importance import CRITERIA
 from cascadec.prune.latency_refine import Refined, SpeedupMeter, refine_latency_mask
 from cascadec.prune.method import PruneContext, PruneMethod, PruneOutcome, get_method, register_method
@@ -129,7 +129,6 @@ def _fine_tune(
     teacher_heads: list | None = None,
     start_heads=None,
 ):
-    t = recipe.train
     recal, batches = _recalibration(recipe, loader)
     return student_phase(
         student,
@@ -139,28 +138,18 @@ def _fine_tune(
         loader,
         select_loader,
         distill_loss(recipe),
-        epochs=epochs,
-        lr=t.lr,
-        momentum=t.momentum,
-        nesterov=t.nesterov,
-        weight_decay=t.weight_decay,
+        PhaseSettings.from_recipe(recipe.train, epochs=epochs, promote=promote, recalibration_batches=batches),
         device=device,
-        promote=promote,
-        max_steps=t.max_steps_per_epoch,
         runtime=runtime,
         resume=resume,
         teacher_accuracy=teacher_accuracy,
         recalibration=recal,
-        recalibration_batches=batches,
-        select_best=t.select_best,
         hints=hint_spec_for(recipe, student, analysis),
         hint_teacher=hint_teacher,
         hsakd=hsakd,
         teacher_heads=teacher_heads,
         start_heads=start_heads,
         example=analysis.example,
-        shrunk=t.shrunk_student,
-        cache_logits=t.cache_teacher_logits,
     )
 
 
