@@ -499,12 +499,10 @@ def _print_parity(result: ParityResult) -> None:
 
 
 def _print_latency(result: dict) -> None:
+    from cascadec.profile.results import ProfileResult
+
     protocol = result.get("protocol") or {}
-    models = {
-        k: v
-        for k, v in result.items()
-        if k not in ("protocol", "note") and not k.endswith(("speedup", "speedup_rounds")) and isinstance(v, dict)
-    }
+    models = ProfileResult.from_dict(protocol.get("backend", ""), result).models
     split = any("compute_p50_ms" in s for per_batch in models.values() for s in per_batch.values())
     columns = ["model", "batch", "p50 ms", "p90 ms", "p99 ms", "runs", "images/s"] + (
         ["GPU compute p50 ms"] if split else []

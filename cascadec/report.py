@@ -20,6 +20,7 @@ from typing import Any
 from cascadec.envinfo import environment
 from cascadec.fileio import write_text_atomic
 from cascadec.plots import write_run_plots
+from cascadec.profile.results import ProfileResult
 from cascadec.prune.method import get_method
 from cascadec.report_render import render_markdown, to_jsonable
 from cascadec.run import RunDir
@@ -82,18 +83,12 @@ def build_report(run: RunDir) -> dict:
         key=lambda b: (b != "onnxruntime", b),
     )
     if profiled:
-        report["latency"] = {
-            b: {k: v for k, v in m[f"latency.{b}"].items() if not k.endswith(("speedup", "speedup_rounds"))}
-            for b in profiled
-        }
-        report["speedup"] = {b: m[f"latency.{b}"].get("speedup", {}) for b in profiled}
-        report["speedup_rounds"] = {b: m[f"latency.{b}"].get("speedup_rounds", {}) for b in profiled}
+        results = {b: ProfileResult.from_dict(b, m[f"latency.{b}"]) for b in profiled}
+        report["latency"] = {b: r.timings() for b, r in results.items()}
+        report["speedup"] = {b: r.speedup for b, r in results.items()}
+        report["speedup_rounds"] = {b: r.rounds.get("student", {}) for b, r in results.items()}
         for name in method.extra_model_labels:  # the method's networks timed beside the student
-            rounds = {
-                b: m[f"latency.{b}"][f"{name}_speedup_rounds"]
-                for b in profiled
-                if f"{name}_speedup_rounds" in m[f"latency.{b}"]
-            }
+            rounds = {b: r.rounds[name] for b, r in results.items() if name in r.rounds}
             if rounds:
                 report[f"{name}_speedup_rounds"] = rounds
     if m.get("prune.latency"):

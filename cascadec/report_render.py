@@ -30,6 +30,7 @@ from cascadec.formatting import (
     speedup,
     speedup_range,
 )
+from cascadec.profile.results import ProfileResult
 from cascadec.prune.method import PruneMethod, get_method
 from cascadec.quantize.present import quantize_md, quantize_summary_rows
 from cascadec.verify.present import conditioning_verdict, float64_verdict
@@ -177,7 +178,7 @@ def _parity_md(parity: Mapping) -> list[str]:
 
 def _models(per_model: Mapping) -> list[str]:
     """Model rows of one backend's latency node, teacher and student first; protocol/note aren't models."""
-    names = [k for k in per_model if isinstance(per_model.get(k), Mapping) and k not in ("protocol", "speedup")]
+    names = list(ProfileResult.from_dict("", per_model).models)
     return sorted(names, key=lambda k: (k != "teacher", k != "student", k))
 
 

@@ -34,7 +34,8 @@ from cascadec.models import create_model
 from cascadec.models.external import canonical_name
 from cascadec.preflight import check_input_memory
 from cascadec.profile.engines import profile_backend
-from cascadec.profile.protocol import Timing, compare, profile_interleaved, protocol_record
+from cascadec.profile.protocol import Timing, profile_interleaved, protocol_record
+from cascadec.profile.results import ProfileResult
 from cascadec.progress import log, track
 from cascadec.prune.analysis import Analysis, analyse
 from cascadec.prune.cost import count_macs, count_params
@@ -301,23 +302,25 @@ def stage_profile(
         # the teacher first: ratios are teacher / student
         names = [n for n in ("teacher", "student", *extras) if n in sources]
         pooled, ratios = profile_interleaved(profile_one, names, rounds=p.rounds, timing=timing)
-        out: dict[str, Any] = {name: {str(b): v for b, v in pooled[name].items()} for name in names}
-        if "teacher" in out:
-            out["speedup"] = {str(b): s for b, s in compare(out["teacher"], out["student"]).items()}
-            out["speedup_rounds"] = {str(b): r for b, r in ratios["student"].items()}
-            for name in extras:
-                if name in out:
-                    out[f"{name}_speedup_rounds"] = {str(b): r for b, r in ratios[name].items()}
-        out["protocol"] = protocol_record(
+        result = ProfileResult(
             backend=backend,
-            device=spec.device,
-            timing=timing,
-            threads=p.threads if spec.device == "cpu" else None,
-            cuda_graph=cuda_graph,
-            rounds=p.rounds,
+            models={name: {str(b): v for b, v in pooled[name].items()} for name in names},
+            rounds=(
+                {n: {str(b): r for b, r in ratios[n].items()} for n in names if n != "teacher"}
+                if "teacher" in names
+                else {}
+            ),
+            protocol=protocol_record(
+                backend=backend,
+                device=spec.device,
+                timing=timing,
+                threads=p.threads if spec.device == "cpu" else None,
+                cuda_graph=cuda_graph,
+                rounds=p.rounds,
+            ),
+            note=None if "teacher" in names else "no teacher.plan in the run: student engine only, no speed-up",
         )
-        if "teacher" not in out:
-            out["note"] = "no teacher.plan in the run: student engine only, no speed-up"
+    out = result.to_dict()
     run.record(f"latency.{backend}", out)
     return out
 

@@ -465,3 +465,38 @@ def test_profile_overrides_are_checked_by_the_recipe_schema():
         profile_settings(recipe, {"duration_s": 0})
     with pytest.raises(UserError, match="min_iters"):
         profile_settings(recipe, {"min_iters": 0})
+
+
+def test_profile_result_reads_a_latency_node_apart_and_writes_the_same_layout() -> None:
+    """The manifest's latency.<backend> node: networks, rounds, protocol and note read apart in one
+    place; speed-ups computed from the timings, whatever a stored node says."""
+    from cascadec.profile.results import ProfileResult
+
+    node = {
+        "teacher": {"1": {"p50_ms": 4.0}, "8": {"p50_ms": 20.0}},
+        "student": {"1": {"p50_ms": 2.0}, "8": {"p50_ms": 5.0}},
+        "static": {"1": {"p50_ms": 1.0}},
+        "speedup": {"1": 99.0},  # stale: recomputed
+        "speedup_rounds": {"1": [1.9, 2.1]},
+        "static_speedup_rounds": {"1": [4.0]},
+        "protocol": {"backend": "onnxruntime", "rounds": 2},
+    }
+    result = ProfileResult.from_dict("onnxruntime", node)
+    assert list(result.models) == ["teacher", "student", "static"]
+    assert result.speedup == {"1": 2.0, "8": 4.0} and result.speedup_of("static") == {"1": 4.0}
+    assert result.rounds == {"student": {"1": [1.9, 2.1]}, "static": {"1": [4.0]}}
+    assert set(result.timings()) == {"teacher", "student", "static", "protocol"}
+    written = result.to_dict()
+    assert list(written) == [
+        "teacher",
+        "student",
+        "static",
+        "speedup",
+        "speedup_rounds",
+        "static_speedup_rounds",
+        "protocol",
+    ]
+    assert written["speedup"] == {"1": 2.0, "8": 4.0}
+    assert ProfileResult.from_dict("onnxruntime", written) == result
+    alone = ProfileResult("tensorrt", {"student": {"1": {"p50_ms": 1.0}}}, note="student engine only")
+    assert alone.speedup == {} and "speedup" not in alone.to_dict() and alone.to_dict()["note"] == "student engine only"

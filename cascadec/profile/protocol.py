@@ -31,6 +31,7 @@ import torch
 from cascadec.backends.cuda_runners import DeviceRunner
 from cascadec.errors import UserError
 from cascadec.profile.defaults import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, MIN_WARMUP_S
+from cascadec.profile.results import compare  # noqa: F401  (re-exported: the speed-up, one home)
 
 STATS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms", "std_ms")
 FIELDS = (*STATS, "iterations", "throughput")
@@ -203,21 +204,6 @@ def protocol_record(
         record["warmup_requested_s"] = float(warmup_s)
         record["note"] = f"warm-up raised from {warmup_s:g} s to trtexec's minimum {MIN_WARMUP_S:g} s"
     return record
-
-
-def compare(teacher_prof: Mapping, student_prof: Mapping) -> dict[int, float]:
-    """Per-batch speed-up, teacher p50 / student p50, over the batches both profiles have.
-
-    Keys may be ints (fresh profiles) or strings (profiles read back from report.json).
-    """
-    teacher = {int(k): v for k, v in teacher_prof.items() if str(k).isdigit()}
-    student = {int(k): v for k, v in student_prof.items() if str(k).isdigit()}
-    speedups: dict[int, float] = {}
-    for b in sorted(teacher.keys() & student.keys()):
-        t, s = teacher[b].get("p50_ms"), student[b].get("p50_ms")
-        if t is not None and s:
-            speedups[b] = float(t) / float(s)
-    return speedups
 
 
 def profile_interleaved(
