@@ -58,17 +58,15 @@ class ProfileResult:
 
     def timings(self) -> dict[str, Any]:
         """The networks' statistics with the protocol and note: report.json's ``latency.<backend>``."""
-        out: dict[str, Any] = dict(self.models)
-        if self.protocol is not None:
-            out["protocol"] = self.protocol
-        if self.note is not None:
-            out["note"] = self.note
-        return out
+        return self._layout(with_speedups=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``latency.<backend>`` (the layout runs have always had)."""
+        return self._layout(with_speedups=True)
+
+    def _layout(self, *, with_speedups: bool) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.models)
-        if "teacher" in self.models:
+        if with_speedups and "teacher" in self.models:
             out["speedup"] = self.speedup
             out["speedup_rounds"] = self.rounds.get("student", {})
             for name, per_batch in self.rounds.items():
