@@ -73,6 +73,20 @@ def _parse_batches(text: str) -> list[int]:
     return batches
 
 
+def _note_unusable_device(device: str) -> None:
+    """A dry run plans on any machine (a laptop, for a cluster job), so an absent GPU is a note,
+    not a refusal; but it says that the run itself would stop here."""
+    from cascadec.backends.torch_backend import resolve_device
+    from cascadec.errors import UserError
+
+    try:
+        resolve_device(device)
+    except UserError as exc:
+        err.print(
+            f"note: {exc}: the dry run needs none, but the run itself would stop here", highlight=False, soft_wrap=True
+        )
+
+
 @app.command()
 def compress(
     model: str = typer.Argument(..., help="Model name (cascadec models list)."),
@@ -113,6 +127,7 @@ def compress(
 
     if dry_run:
         resolved = stages.prepare_recipe(model, recipe, data=data, weights=stages.RANDOM_WEIGHTS, overrides=overrides)
+        _note_unusable_device(device)
         _print_inspect(run_dry(model, resolved), resolved.prune.method)
         return
     if nproc > 1 and not launched_by_torchrun():

@@ -421,6 +421,12 @@ class TrainSection(_Strict):
     )
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="mixed precision on CUDA (fp16 uses a GradScaler)")
     channels_last: bool = Field(False, description="NHWC memory format on CUDA (faster convs with Tensor Cores)")
+    grad_sync: Literal["overlap", "after-backward"] = Field(
+        "overlap",
+        description="several ranks: average gradients in buckets while the backward pass runs (DDP's way), "
+        "or in one piece after it",
+    )
+    grad_bucket_mb: float = Field(25.0, gt=0, description="bucket size for grad_sync: overlap (DDP's bucket_cap_mb)")
 
 
 class ToleranceSection(_Strict):

@@ -519,3 +519,16 @@ def test_help_shows_no_value_type_for_flags(cli) -> None:
         assert result.code == 0
         assert "<bool>" not in result.out, result.out
     assert "<int" in cli("quantize", "--help").out  # --calib-images still says what it takes
+
+
+def test_a_dry_run_for_a_gpu_on_a_machine_without_one_plans_and_says_the_run_would_stop(cli, monkeypatch, tmp_path):
+    """Planning on a laptop for a cluster job is allowed (exit 0), but not silently."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    result = cli("compress", "cifar_resnet8", "--recipe", "fmnist_quick", "--device", "cuda", "--dry-run")
+    assert result.code == 0, result.err
+    assert "note: device 'cuda' requested but torch sees no CUDA GPU" in result.err
+    assert "would stop here" in result.err and "Traceback" not in result.err
+    assert "target" in result.out and list(tmp_path.iterdir()) == []
+    quiet = cli("compress", "cifar_resnet8", "--recipe", "fmnist_quick", "--dry-run")
+    assert quiet.code == 0 and "note:" not in quiet.err

@@ -23,6 +23,7 @@ def _user_error(fn, *args) -> str:
 def test_new_train_keys_default_to_the_old_behaviour() -> None:
     t = load_recipe("fmnist_quick").train
     assert (t.checkpoint_every_steps, t.amp, t.channels_last) == (None, "none", False)
+    assert (t.grad_sync, t.grad_bucket_mb) == ("overlap", 25.0)  # DDP's way and bucket size
     assert load_recipe("fmnist_quick").data.workers == 0
 
 
@@ -33,6 +34,8 @@ def test_new_train_keys_default_to_the_old_behaviour() -> None:
         ("train.amp=bf16", "amp", "bf16"),
         ("train.amp=fp16", "amp", "fp16"),
         ("train.channels_last=true", "channels_last", True),
+        ("train.grad_sync=after-backward", "grad_sync", "after-backward"),
+        ("train.grad_bucket_mb=4", "grad_bucket_mb", 4.0),
     ],
 )
 def test_train_keys_are_accepted(override, attr, value) -> None:
@@ -45,6 +48,8 @@ def test_train_keys_are_accepted(override, attr, value) -> None:
         ("train.checkpoint_every_steps=0", "train.checkpoint_every_steps"),
         ("train.amp=fp8", "train.amp"),
         ("train.channels_last=maybe", "train.channels_last"),
+        ("train.grad_sync=ddp", "train.grad_sync"),
+        ("train.grad_bucket_mb=0", "train.grad_bucket_mb"),
         ("data.workers=many", "data.workers"),
         ("data.workers=-1", "data.workers"),
     ],
@@ -81,3 +86,17 @@ def test_amp_and_channels_last_fall_back_to_float32_on_cpu(capsys) -> None:
     assert "needs CUDA" in capsys.readouterr().err
     with pytest.raises(UserError, match="train.amp"):
         Runtime(device=torch.device("cpu"), amp="int4")
+
+
+def test_the_recipe_reaches_the_runtime_and_one_process_never_overlaps() -> None:
+    """``Runtime.for_recipe`` carries the gradient-sync keys; with one rank there is nothing to
+    average, so no hooks are installed."""
+    train = load_recipe("fmnist_quick", ["train.grad_sync=after-backward", "train.grad_bucket_mb=2"]).train
+    runtime = Runtime.for_recipe(train, torch.device("cpu"))
+    assert (runtime.grad_sync, runtime.grad_bucket_mb) == ("after-backward", 2.0)
+    one = Runtime(device=torch.device("cpu"))
+    weight = torch.nn.Parameter(torch.ones(2))
+    with one.overlapped_sync([weight]):
+        assert one._sync is None
+    with pytest.raises(UserError, match="train.grad_sync"):
+        Runtime(device=torch.device("cpu"), grad_sync="ddp")

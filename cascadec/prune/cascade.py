@@ -344,7 +344,7 @@ class CascadeTrainer:
         sums, seen, images_seen = partial.get("sums"), partial.get("steps", 0), partial.get("images", 0)
         prior_seconds, start = partial.get("seconds", 0.0), time.perf_counter()
         weights, score_params = self.parameters()
-        with Status(f"joint epoch {epoch}", steps) as status:
+        with runtime.overlapped_sync([*weights, *score_params]), Status(f"joint epoch {epoch}", steps) as status:
             for step, (images, labels) in enumerate(loader, start=first):
                 if step >= steps:
                     break

@@ -3,13 +3,14 @@
 The cascade's models share one set of conv weights and carry mask hooks, which torch's
 DistributedDataParallel wrapper does not model well (one parameter reached through several
 modules, gradients that flow into scores outside any module). Averaging the gradients of
-the unique parameters and scores after ``backward`` is the same update DDP would make, and
-keeps the training loop readable:
+the unique parameters and scores is the same update DDP would make, and keeps the training
+loop readable:
 
 * every rank starts from the same seed and weights, and sees its own slice of each global
   batch (cascadec.data.sampler);
-* after ``backward``: gradients averaged (``sync_grads``), so every rank takes the same step,
-  the scores stay equal and so do the masks solved from them;
+* gradients averaged, so every rank takes the same step, the scores stay equal and so do the
+  masks solved from them: in buckets while ``backward`` runs (cascadec.train.grad_sync, the
+  default ``train.grad_sync: overlap``), or in one piece after it (``sync_grads``);
 * per step, the loss and a stop flag are agreed on (``agree``) so a NaN on one rank, or a
   Ctrl-C seen by one rank first, stops all of them at the same step;
 * at epoch end: BatchNorm running statistics averaged, parameters broadcast from rank 0

@@ -99,7 +99,7 @@ def train_epoch(
         return loss_sum / max(seen if loss_per == "step" else images_seen // world, 1)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    with Status(description, steps) as status:
+    with runtime.overlapped_sync(params), Status(description, steps) as status:
         for step, (images, labels, *cached) in enumerate(loader, start=first):
             if step >= steps:
                 break

@@ -21,8 +21,10 @@ from cascadec.errors import UserError
 from cascadec.progress import log
 from cascadec.train.checkpoint import load_checkpoint, save_checkpoint
 from cascadec.train.distributed import SINGLE, Dist
+from cascadec.train.grad_sync import OverlappedGradSync
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+GRAD_SYNCS = ("overlap", "after-backward")
 
 
 class NonFiniteLoss(UserError):
@@ -70,11 +72,16 @@ class Runtime:
     channels_last: bool = False
     checkpoint_dir: Path | None = None  # None: no checkpoints (library use, tests of the method)
     checkpoint_every_steps: int | None = None
+    grad_sync: str = "overlap"  # GRAD_SYNCS: how ranks average gradients (cascadec.train.grad_sync)
+    grad_bucket_mb: float = 25.0
     stop: StopRequest = field(default_factory=StopRequest)
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", *AMP_DTYPES):
             raise UserError(f"train.amp {self.amp!r}: expected none, bf16 or fp16")
+        if self.grad_sync not in GRAD_SYNCS:
+            raise UserError(f"train.grad_sync {self.grad_sync!r}: expected one of {', '.join(GRAD_SYNCS)}")
+        self._sync: OverlappedGradSync | None = None
         if self.device.type != "cuda":
             if self.amp != "none":
                 log(f"train.amp {self.amp} needs CUDA; training in float32 on {self.device.type}")
@@ -94,6 +101,8 @@ class Runtime:
             channels_last=train.channels_last,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every_steps=train.checkpoint_every_steps,
+            grad_sync=train.grad_sync,
+            grad_bucket_mb=train.grad_bucket_mb,
         )
 
     # ------------------------------------------------------------ precision / layout
@@ -114,15 +123,36 @@ class Runtime:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels.to(self.device, non_blocking=True)
 
+    @contextmanager
+    def overlapped_sync(self, params: Sequence[torch.Tensor]) -> Iterator[None]:
+        """Inside: ``backward_step`` averages the gradients of (a subset of) ``params`` in
+        buckets while the backward pass runs (``grad_sync: overlap`` on several ranks);
+        otherwise, and outside, in one piece after it. A training loop wraps its epoch in it."""
+        if not self.dist.active or self.grad_sync != "overlap" or self._sync is not None:
+            yield
+            return
+        self._sync = OverlappedGradSync(params, self.dist, bucket_mb=self.grad_bucket_mb)
+        try:
+            yield
+        finally:
+            self._sync.close()
+            self._sync = None
+
     def backward_step(
         self, loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer | None], params: Sequence[torch.Tensor]
     ) -> None:
         """backward, gradient averaging across ranks, optimiser steps (through the fp16 scaler)."""
+        sync = self._sync
+        if sync is not None:
+            sync.begin(params)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        self.dist.sync_grads(params)
+        if sync is not None:
+            sync.finish()
+        else:
+            self.dist.sync_grads(params)
         for opt in optimizers:
             if opt is None:
                 continue
