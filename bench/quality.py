@@ -298,6 +298,21 @@ METHODS: dict[str, dict[str, Any]] = {
         "cascade": {"num_tas": 2},
         "train": {"joint_epochs": 1, "student_epochs": 3},
     },
+    # issue 32 item 3's leads, each at the equal-time split (1 joint + 3 student epochs)
+    "cascade_2ta_eqt_continue": {
+        "label": "cascade, 2 TAs, 1 + 3 epochs, the student phase continuing the joint phase's cosine",
+        "prune": {"method": "cascade", "importance": "taylor"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2, "student_schedule": "continue"},
+        "train": {"joint_epochs": 1, "student_epochs": 3},
+    },
+    "cascade_2ta_eqt_uniform": {
+        "label": "cascade, 2 TAs, 1 + 3 epochs, uniform per-group widths (prune.allocation: uniform)",
+        "prune": {"method": "cascade", "importance": "taylor", "allocation": "uniform"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+        "train": {"joint_epochs": 1, "student_epochs": 3},
+    },
 }
 DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "cascade_2ta", "cascade_3ta"]
 # masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
@@ -308,7 +323,9 @@ TA_METHODS = tuple(
     m
     for m in CASCADE_METHODS
     if METHODS[m]["cascade"]["num_tas"] > 0
-    and not m.endswith(("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd", "_eqt"))
+    and not m.endswith(
+        ("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd", "_eqt", "_continue", "_uniform")
+    )
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")
 ONESHOT_NO_RETRAIN = ("oneshot_none", "oneshot_l1_none", "oneshot_uniform_none")  # issue 14's baselines for CaP

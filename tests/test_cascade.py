@@ -367,3 +367,50 @@ def test_a_refined_student_budget_runs_before_the_freeze_and_survives_a_resume()
     resumed.freeze(callback=False)  # as a resumed run does: no callback, the budget from the checkpoint
     assert calls == [1] and resumed.budgets[0].keep_fraction == pytest.approx(0.3)
     assert torch.equal(resumed.state.hard_masks[0], trainer.state.hard_masks[0])
+
+
+def test_cosine_offset_continues_the_same_curve() -> None:
+    from cascadec.train.loop import cosine_schedule
+
+    def factors(**kw) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cosine_schedule(opt, 10, **kw)
+        out = []
+        for _ in range(4):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    whole = factors()
+    assert factors(offset=2)[:2] == pytest.approx(whole[2:4])
+    assert whole[0] == 1.0 and factors(offset=2)[0] < 1.0
+
+
+@pytest.mark.parametrize("schedule", ["restart", "continue"])
+def test_the_student_phase_restarts_or_continues_the_joint_cosine(schedule, tiny_setup, monkeypatch) -> None:
+    """cascade.student_schedule: continue makes the two phases one cosine (the joint phase its
+    first part, the student phase starting where it stopped); restart gives each its own."""
+    import cascadec.prune.cascade_method as cascade_method
+    import cascadec.prune.finetune as finetune
+    from cascadec.train import loop
+
+    calls: list[tuple[int, int]] = []
+
+    def spy(optimizer, total_steps, *, offset=0):
+        calls.append((total_steps, offset))
+        return loop.cosine_schedule(optimizer, total_steps, offset=offset)
+
+    monkeypatch.setattr(cascade_method, "cosine_schedule", spy)
+    monkeypatch.setattr(finetune, "cosine_schedule", spy)
+    teacher, loader, val = tiny_setup
+    recipe = _recipe("cascade", cascade__num_tas=1, cascade__student_schedule=schedule)
+    prune_model(teacher, recipe, loader, val, EX, CPU)
+    t = recipe.train
+    per_epoch = min(len(loader), t.max_steps_per_epoch or len(loader))
+    joint, student = t.joint_epochs * per_epoch, t.student_epochs * per_epoch
+    assert joint > 0 and student > 0
+    if schedule == "continue":
+        assert calls == [(joint + student, 0), (joint + student, joint)]
+    else:
+        assert calls == [(joint, 0), (student, 0)]

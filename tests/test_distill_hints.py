@@ -218,3 +218,47 @@ def test_hint_weights_default_to_one_for_stages_and_the_papers_lambda_h() -> Non
     assert hint_spec("stages", None, net, x).weight == 1.0
     assert hint_spec("paper", None, net, x).weight == 0.001
     assert hint_spec("stages", 0.25, net, x).weight == 0.25
+
+
+def test_the_student_phase_averages_and_syncs_its_hint_adapters_across_ranks(tiny_setup) -> None:
+    """Stage hints train adapters beside the student: on several ranks their gradients must be
+    averaged and their state synchronised like the student's, or each rank's adapters drift
+    apart. A recording stand-in for the rank group (every collective an identity) shows which
+    tensors reach the averaging in the one-shot student phase."""
+    from dataclasses import dataclass
+
+    from cascadec.train.distributed import Dist
+    from cascadec.train.runtime import Runtime
+
+    averaged: list[set[int]] = []
+    synced: list[list] = []
+
+    @dataclass(frozen=True)
+    class Recording(Dist):
+        def barrier(self) -> None:
+            pass
+
+        def sync_grads(self, params) -> None:
+            averaged.append({id(p) for p in params})
+
+        def agree(self, loss, stop):
+            return loss, stop
+
+        def all_reduce_mean(self, tensor):
+            return tensor
+
+        def sync_state(self, models, extra=()) -> None:
+            synced.append(list(models))
+
+        def broadcast_object(self, obj):
+            return obj
+
+    teacher, loader, val = tiny_setup
+    recipe = _recipe(RUNS["oneshot-stages"])
+    runtime = Runtime(device=CPU, dist=Recording(0, 2, 0), grad_sync="after-backward")
+    torch.manual_seed(0)
+    prune_model(teacher, recipe, loader, val, torch.randn(1, 1, 16, 16), CPU, runtime)
+    beside = [m for models in synced for m in models[1:]]
+    assert beside and all(isinstance(m, torch.nn.ModuleDict) for m in beside), synced  # the adapters
+    adapter_params = {id(p) for m in beside for p in m.parameters()}
+    assert adapter_params and all(adapter_params <= ids for ids in averaged[-3:])

@@ -63,3 +63,91 @@ def test_gradients_that_fit_one_bucket_are_averaged_after_backward_without_hooks
     """Nothing could overlap: the hooks come off after the first step (same gradients, above)."""
     for rank in ranks:
         assert rank["one-bucket-buckets"] == 1 and rank["one-bucket-hooks"] == 0
+
+
+# ------------------------------------------------------------------ one process, collectives recorded
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """torch.distributed's all-reduce and object broadcast replaced by recorders (identities)."""
+    launched: list[int] = []
+
+    def all_reduce(tensor, async_op=False):
+        launched.append(tensor.numel())
+        return _Done() if async_op else None
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects, src=0: None)
+    return launched
+
+
+def _tensors(*sizes: int) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+
+
+def _arrive(sync, params, order) -> None:
+    for i in order:  # what autograd's hooks do, in the order given
+        params[i].grad = torch.ones_like(params[i])
+        sync._ready(params[i])
+
+
+def test_buckets_are_sent_in_index_order_whatever_order_the_gradients_arrive_in(recorded) -> None:
+    """Every rank must issue the same collectives in the same order; a rank whose gradients
+    arrive in another order (another thread timing, another device) still sends bucket 0 first."""
+    from cascadec.train.distributed import Dist
+    from cascadec.train.grad_sync import OverlappedGradSync
+
+    params = _tensors(10, 20, 30, 40)
+    sync = OverlappedGradSync(params, Dist(0, 2, 0), bucket_mb=1e-6, first_bucket_mb=1e-6)  # one tensor each
+    sync.begin(params)
+    _arrive(sync, params, [0, 1, 2, 3])  # the first step learns this order
+    sync.finish()
+    assert [b.members for b in sync.buckets] == [[0], [1], [2], [3]]
+    recorded.clear()
+    sync.begin(params)
+    _arrive(sync, params, [3, 1])
+    assert recorded == []  # bucket 0 is not ready: nothing may leave before it
+    _arrive(sync, params, [0])
+    assert recorded == [10, 20]
+    _arrive(sync, params, [2])
+    assert recorded == [10, 20, 30, 40]
+    sync.finish()
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)  # the sum over 1 "rank" / 2
+
+
+def test_a_gradient_accumulated_again_after_its_bucket_left_is_refused(recorded) -> None:
+    from cascadec.train.distributed import Dist
+    from cascadec.train.grad_sync import OverlappedGradSync
+
+    params = _tensors(10, 20)
+    sync = OverlappedGradSync(params, Dist(0, 2, 0), bucket_mb=1e-6, first_bucket_mb=1e-6)
+    sync.begin(params)
+    _arrive(sync, params, [0, 0, 1])  # a repeat while learning the order is harmless
+    sync.finish()
+    sync.begin(params)
+    _arrive(sync, params, [0])
+    with pytest.raises(RuntimeError, match="after-backward"):
+        _arrive(sync, params, [0])
+
+
+def test_frozen_tensors_are_left_out_and_foreign_ones_fall_back_to_after_backward(recorded) -> None:
+    from cascadec.train.distributed import Dist
+    from cascadec.train.runtime import Runtime
+
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    weight, other = _tensors(4, 5)
+    runtime = Runtime(device=torch.device("cpu"), dist=Dist(0, 2, 0))
+    with runtime.overlapped_sync([frozen, weight]):  # registering a frozen tensor raised before
+        sync = runtime._sync
+        assert sync is not None and sync.params == [weight] and sync.covers([frozen, weight])
+        assert not sync.covers([other])
+        (other * 2).sum().backward()
+        recorded.clear()
+        runtime.backward_step((other * 3).sum(), [], [other])  # not this epoch's tensors: one piece, after
+        assert recorded == [5] and sync._expected == set()

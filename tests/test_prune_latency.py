@@ -638,7 +638,9 @@ def test_recipe_latency_multiple_and_refine() -> None:
 
 
 def test_report_and_inspect_name_the_half_block(capsys) -> None:
-    from cascadec.cli import _print_inspect
+    from rich.console import Console
+
+    from cascadec.console_tables import print_inspect
     from cascadec.report_render import _latency_target_md
 
     table = {"layers": 9, "grid_points": 40, "cached": True, "channel_block": 16, "multiple": 16, "narrow": 8}
@@ -652,7 +654,7 @@ def test_report_and_inspect_name_the_half_block(capsys) -> None:
     without = "\n".join(_latency_target_md(check, {"table": {**table, "narrow": 0}}))
     assert "widths at multiples of 16" in without and "below them" not in without
     lat = {**table, "backend": "onnxruntime", "batch": 32, "configurations": 9, "build_seconds": 1.0}
-    _print_inspect({"model": "m", "input_shape": [1, 28, 28], "flops": 1, "params": 1, "prunable_units": 1,
+    print_inspect(Console(width=160), {"model": "m", "input_shape": [1, 28, 28], "flops": 1, "params": 1, "prunable_units": 1,
                     "groups": [], "frozen": [], "latency": lat})  # fmt: skip
     assert "at multiples of 16 and 8 below them" in capsys.readouterr().out
 

@@ -123,8 +123,8 @@ def select_cap(
 ) -> tuple[torch.Tensor, list[dict]]:
     """The mask, in ``steps`` equal steps of the budget, re-scored after each. ``per_cost`` off
     ranks by error alone (the paper; kept for bench/cap_ablation.py). ``refine``: the last
-    step's solve held to the backend's measurement (a latency target; ``methods.refine_for_latency``),
-    its tries in that step's record as ``latency_refine``."""
+    step's solve held to the backend's measurement (a latency target; ``methods.refine_for_latency``,
+    whose caller keeps the measured tries)."""
     keep, record, _ = _select(
         model, analysis, consumers, stats, steps=steps, ridge=ridge, per_cost=per_cost, refine=refine
     )
@@ -174,7 +174,7 @@ def _select(
             ranking[keep > 0.5] = steps + 1 + order[keep > 0.5]
         record.append({"step": step, "keep_fraction": fraction, "units_kept": int(keep.sum())})
         if refined is not None:
-            record[-1].update(keep_fraction=refined.budget.keep_fraction, latency_refine=refined.history)
+            record[-1].update(keep_fraction=refined.budget.keep_fraction)
     return keep, record, ranking
 
 
@@ -230,7 +230,7 @@ def prune_cap(
     refine: Callable[[torch.Tensor, float], Refined | None] | None = None,
 ) -> tuple[nn.Module, torch.Tensor, dict]:
     """CaP's mask and its compensated (still full-width, masked) student; no training.
-    ``refine``: see ``select_cap`` (the measured tries stay in the last step's record)."""
+    ``refine``: see ``select_cap``."""
     start = time.perf_counter()
     c = recipe.prune.compensation
     calibration = calibration_loader(loader.dataset, recipe)

@@ -59,9 +59,12 @@ class PhaseSettings:
     recalibration_batches: int = 0
     shrunk: bool = False
     cache_logits: bool = True
+    schedule_offset: int = 0  # steps of an earlier phase this phase's cosine continues (0: restart)
 
     @classmethod
-    def from_recipe(cls, train: Any, *, epochs: int, promote: bool, recalibration_batches: int = 0) -> PhaseSettings:
+    def from_recipe(
+        cls, train: Any, *, epochs: int, promote: bool, recalibration_batches: int = 0, schedule_offset: int = 0
+    ) -> PhaseSettings:
         """A recipe's ``train`` section (cascadec.recipe.TrainSection) as the phase's settings."""
         return cls(
             epochs=epochs,
@@ -75,6 +78,7 @@ class PhaseSettings:
             recalibration_batches=recalibration_batches,
             shrunk=train.shrunk_student,
             cache_logits=train.cache_teacher_logits,
+            schedule_offset=schedule_offset,
         )
 
 
@@ -131,20 +135,11 @@ def student_phase(
     the training images are not augmented (cascadec.distill.logit_cache); not with hints or HSAKD,
     which read the teacher's features. The seconds that took are in the epoch's record
     (``teacher_logits_seconds``), apart from its training ``seconds``."""
-    epochs, lr, momentum, nesterov, weight_decay = (
-        settings.epochs,
-        settings.lr,
-        settings.momentum,
-        settings.nesterov,
-        settings.weight_decay,
-    )
-    promote, max_steps, select_best = settings.promote, settings.max_steps, settings.select_best
-    recalibration_batches, shrunk, cache_logits = settings.recalibration_batches, settings.shrunk, settings.cache_logits
     runtime = runtime or Runtime(device)
     hooks = None
     full, positions = student, None
     if (
-        shrunk
+        settings.shrunk
         and mask is not None
         and example is not None
         and hints is None
@@ -183,14 +178,20 @@ def student_phase(
         *(adapters.parameters() if adapters is not None else []),
         *(aux_heads.parameters() if aux_heads is not None else []),
     ]
-    opt = make_optimizer(trained, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-    steps = steps_in(loader, max_steps)
-    sched = cosine_schedule(opt, epochs * steps)
+    opt = make_optimizer(
+        trained,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=settings.nesterov,
+        weight_decay=settings.weight_decay,
+    )
+    steps = steps_in(loader, settings.max_steps)
+    sched = cosine_schedule(opt, settings.schedule_offset + settings.epochs * steps, offset=settings.schedule_offset)
 
     def recalibrate() -> None:
-        if recalibration is not None and recalibration_batches > 0:  # HSAKD: on rotated batches, as trained
+        if recalibration is not None and settings.recalibration_batches > 0:  # HSAKD: on rotated batches, as trained
             net = Rotated(student) if hsakd is not None else student
-            recalibrate_batchnorm(net, recalibration, device=device, limit=recalibration_batches)
+            recalibrate_batchnorm(net, recalibration, device=device, limit=settings.recalibration_batches)
 
     if resume is not None:
         student.load_state_dict(resume["student"])
@@ -271,10 +272,10 @@ def student_phase(
     logits = LogitCache(
         loader,
         runtime,
-        enabled=cache_logits and hints is None and hsakd is None,
-        images_ahead=(epochs - first_epoch) * steps * _global_batch(loader),
+        enabled=settings.cache_logits and hints is None and hsakd is None,
+        images_ahead=(settings.epochs - first_epoch) * steps * _global_batch(loader),
     )
-    for epoch in range(first_epoch, epochs):
+    for epoch in range(first_epoch, settings.epochs):
         name, teacher = teachers[level]
         before = logits.seconds
         cached = logits.loader_for(level, teacher)
@@ -300,7 +301,7 @@ def student_phase(
                 device=device,
                 teacher=None if cached is not None else teaching,
                 description=f"student epoch {epoch} (teacher {name})",
-                max_steps=max_steps,
+                max_steps=settings.max_steps,
                 epoch=epoch,
                 runtime=runtime,
                 phase="student",
@@ -309,6 +310,7 @@ def student_phase(
                 save=save,
                 loss_per="step",
                 where="student phase",
+                beside=[adapters] if adapters is not None and isinstance(epoch_loss, HintedLoss) else [],
             )
         finally:  # no tap left on the student or a teacher, whatever ended the epoch
             if isinstance(epoch_loss, HintedLoss):
@@ -333,9 +335,9 @@ def student_phase(
         history.append(record)
         against = f" (teacher {name} {teacher_acc[level]:.4f})" if teacher is not None else " (no teacher)"
         log(f"student epoch {epoch}: selection accuracy {acc:.4f}{against}, {rate:.0f} images/s")
-        if acc > best["accuracy"] or not select_best:
+        if acc > best["accuracy"] or not settings.select_best:
             best = {"accuracy": acc, "epoch": epoch, "state": _snapshot(student)}
-        if promote and teacher is not None and acc >= teacher_acc[level] and level + 1 < len(teachers):
+        if settings.promote and teacher is not None and acc >= teacher_acc[level] and level + 1 < len(teachers):
             level = first_better(teacher_acc, acc, level + 1)
             log(f"student catches {name}; its teacher is now {teachers[level][0]}")
         save(epoch + 1, 0, {})

@@ -128,6 +128,7 @@ def _fine_tune(
     hsakd: HsakdSpec | None = None,
     teacher_heads: list | None = None,
     start_heads=None,
+    schedule_offset: int = 0,
 ):
     recal, batches = _recalibration(recipe, loader)
     return student_phase(
@@ -138,7 +139,9 @@ def _fine_tune(
         loader,
         select_loader,
         distill_loss(recipe),
-        PhaseSettings.from_recipe(recipe.train, epochs=epochs, promote=promote, recalibration_batches=batches),
+        PhaseSettings.from_recipe(
+            recipe.train, epochs=epochs, promote=promote, recalibration_batches=batches, schedule_offset=schedule_offset
+        ),
         device=device,
         runtime=runtime,
         resume=resume,
@@ -251,19 +254,20 @@ class Cap(PruneMethod):
         teacher, analysis, recipe, device, runtime = ctx.teacher, ctx.analysis, ctx.recipe, ctx.device, ctx.runtime
         start = time.perf_counter()
         resume = runtime.load("student") if runtime is not None else None
+        tries: dict[str, Any] = {}  # a latency target's measured tries (prune/latency_refine.py)
         if resume is not None:
             mask, report = resume["mask"].to(device), {}
             student = copy.deepcopy(teacher).to(device)
         else:
             # a latency target: the last selection step's solve is held to the backend's measurement
             def refine(scores: torch.Tensor, ceiling: float) -> Refined | None:
-                return refine_for_latency(teacher, analysis, recipe, scores, runtime, ceiling=ceiling)
+                refined = refine_for_latency(teacher, analysis, recipe, scores, runtime, ceiling=ceiling)
+                if refined is not None:
+                    tries["latency_refine"] = refined.history  # where the report reads them
+                return refined
 
             student, mask, report = prune_cap(teacher, analysis, recipe, ctx.loader, device, refine=refine)
-        record = {"cap": report}
-        last = (report.get("steps") or [{}])[-1]
-        if "latency_refine" in last:  # where the report reads a latency target's tries
-            record["latency_refine"] = last.pop("latency_refine")
+        record = {"cap": report, **tries}
         return fine_tuned(ctx, student, mask, resume, start, record)
 
     def training_lines(self, prune: Mapping[str, Any]) -> list[str]:

@@ -28,6 +28,7 @@ in the last bit, as DDP's does.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,7 +65,8 @@ class OverlappedGradSync:
     ) -> None:
         unique: dict[int, torch.Tensor] = {}
         for p in params:
-            unique.setdefault(id(p), p)
+            if p.requires_grad and p.is_leaf:  # a frozen tensor never gets a gradient to average
+                unique.setdefault(id(p), p)
         self.params = list(unique.values())
         self.index = {id(p): i for i, p in enumerate(self.params)}
         self.dist = dist
@@ -75,18 +77,25 @@ class OverlappedGradSync:
         self._order: list[int] = []  # the first step's ready order
         self._armed = False
         self._expected: set[int] = set()
+        self._arrived: set[int] = set()
+        self._lock = threading.Lock()  # hooks may fire on several autograd threads (several devices)
         self._next = 0
         self._flights: list[_InFlight] = []
         self.early_launches = 0  # buckets launched while backward still ran (observability, tests)
         self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
 
     # ------------------------------------------------------------ one step
+    def covers(self, step_params: Sequence[torch.Tensor]) -> bool:
+        """Whether every tensor of ``step_params`` that can have a gradient was registered here."""
+        return all(id(p) in self.index for p in step_params if p.requires_grad and p.is_leaf)
+
     def begin(self, step_params: Sequence[torch.Tensor]) -> None:
-        """Arm the hooks for one ``backward``; ``step_params`` are the tensors to average."""
+        """Arm the hooks for one ``backward``; ``step_params`` are the tensors to average (a subset
+        of those registered, see ``covers``; frozen ones are ignored)."""
+        if not self.covers(step_params):
+            raise ValueError("tensors to average that were not registered with this gradient sync")
         self._expected = {self.index[id(p)] for p in step_params if id(p) in self.index}
-        missing = [p for p in step_params if id(p) not in self.index]
-        if missing:
-            raise ValueError(f"{len(missing)} tensor(s) to average were not registered with this gradient sync")
+        self._arrived = set()
         self._next, self._flights, self._armed = 0, [], not self.single_bucket
         if self.buckets is not None:
             for bucket in self.buckets:
@@ -99,11 +108,21 @@ class OverlappedGradSync:
         i = self.index[id(param)]
         if i not in self._expected:
             return
-        if self.buckets is None:
-            self._order.append(i)
-            return
-        self.buckets[self.bucket_of[i]].ready += 1
-        self._launch_ready()
+        with self._lock:
+            if i in self._arrived:  # a second accumulation in one backward (reentrant checkpointing)
+                if self.buckets is not None and self.bucket_of[i] < self._next:
+                    raise RuntimeError(
+                        "train.grad_sync overlap: a gradient was accumulated again after its bucket was "
+                        "sent (a second backward through the same weights in one step); use "
+                        "train.grad_sync: after-backward"
+                    )
+                return
+            self._arrived.add(i)
+            if self.buckets is None:
+                self._order.append(i)
+                return
+            self.buckets[self.bucket_of[i]].ready += 1
+            self._launch_ready()
 
     def _launch_ready(self) -> None:
         """Launch, in index order, every bucket whose expected gradients have all arrived."""

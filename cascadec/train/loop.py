@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,10 +34,14 @@ def make_optimizer(
     )
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, *, offset: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine from the optimiser's lr to 0 over ``total_steps``; ``offset``: this schedule starts
+    that many steps in (a phase that continues an earlier phase's cosine)."""
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step + offset, total) / total))
     )
 
 
@@ -64,6 +68,7 @@ def train_epoch(
     save: Callable[[int, int, dict], None] | None = None,
     loss_per: str = "image",
     where: str | None = None,
+    beside: Sequence[nn.Module] = (),
 ) -> dict[str, float]:
     """One epoch of ``model`` (``teacher``, if any, runs under no_grad for ``loss_fn(logits,
     labels, teacher_logits_or_None)``). A ``runtime`` (cascadec.train.runtime) adds mixed
@@ -77,6 +82,10 @@ def train_epoch(
     the sums of the steps already done. ``save(epoch, next_step, partial)`` writes a mid-epoch
     checkpoint when ``runtime.due`` says so and when a stop (Ctrl-C) was requested; after a stop
     the epoch raises KeyboardInterrupt, saved or not.
+
+    ``beside``: modules trained with ``model`` but outside it (``optimizer`` holds their
+    parameters; the student phase's hint adapters): their gradients are averaged across ranks
+    and their state synchronised at epoch end, as the model's.
 
     ``loss_per`` is what the returned ``loss`` averages over: ``"image"`` (each batch weighted
     by its images) or ``"step"`` (each batch counts once, the student phase's records);
@@ -98,7 +107,7 @@ def train_epoch(
     def average() -> float:  # per image: over this rank's images, as the loss is this rank's
         return loss_sum / max(seen if loss_per == "step" else images_seen // world, 1)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for m in (model, *beside) for p in m.parameters() if p.requires_grad]
     with runtime.overlapped_sync(params), Status(description, steps) as status:
         for step, (images, labels, *cached) in enumerate(loader, start=first):
             if step >= steps:
@@ -134,7 +143,7 @@ def train_epoch(
                 )
             if stop:
                 raise KeyboardInterrupt
-    runtime.dist.sync_state([model])
+    runtime.dist.sync_state([model, *beside])
     elapsed = prior_seconds + time.perf_counter() - start
     return {
         "loss": average(),

@@ -143,6 +143,8 @@ class Runtime:
     ) -> None:
         """backward, gradient averaging across ranks, optimiser steps (through the fp16 scaler)."""
         sync = self._sync
+        if sync is not None and not sync.covers(params):
+            sync = None  # a backward_step over other tensors than the epoch's: after backward, as before
         if sync is not None:
             sync.begin(params)
         if self.scaler is not None:
