@@ -299,13 +299,6 @@ METHODS: dict[str, dict[str, Any]] = {
         "train": {"joint_epochs": 1, "student_epochs": 3},
     },
     # issue 32 item 3's leads, each at the equal-time split (1 joint + 3 student epochs)
-    "cascade_2ta_eqt_continue": {
-        "label": "cascade, 2 TAs, 1 + 3 epochs, the student phase continuing the joint phase's cosine",
-        "prune": {"method": "cascade", "importance": "taylor"},
-        "distill": {"kd": True},
-        "cascade": {"num_tas": 2, "student_schedule": "continue"},
-        "train": {"joint_epochs": 1, "student_epochs": 3},
-    },
     "cascade_2ta_eqt_uniform": {
         "label": "cascade, 2 TAs, 1 + 3 epochs, uniform per-group widths (prune.allocation: uniform)",
         "prune": {"method": "cascade", "importance": "taylor", "allocation": "uniform"},

@@ -335,11 +335,6 @@ class CascadeSection(_Strict):
         description="last fraction of the joint phase trained on fixed masks (score step annealed to 0 before)",
     )
     promote_teacher: bool = True
-    student_schedule: Literal["restart", "continue"] = Field(
-        "restart",
-        description="restart: the student phase's cosine learning rate starts again at train.lr; continue: one "
-        "cosine over joint + student epochs, the student phase picking up where the joint phase left off",
-    )
     ladder_check: Literal["warn", "stop", "off"] = Field(
         "warn",
         description="a TA less accurate than the model below it at the end of the joint phase: warn, stop the run, or nothing",

@@ -104,10 +104,7 @@ def run_cascade(
     weight_opt = make_optimizer(weights, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
     score_opt = make_score_optimizer(score_params, signal=c.score_signal, optimizer=c.score_optimizer, lr=c.score_lr)
     joint_steps = t.joint_epochs * steps_in(loader, t.max_steps_per_epoch)
-    # cascade.student_schedule continue: one cosine over both phases, the joint phase its first part
-    continued = c.student_schedule == "continue"
-    student_steps = t.student_epochs * steps_in(loader, t.max_steps_per_epoch)
-    sched = cosine_schedule(weight_opt, joint_steps + (student_steps if continued else 0))
+    sched = cosine_schedule(weight_opt, joint_steps)
     trainer.freeze_at = freeze_step(joint_steps, c.freeze_fraction)
     score_sched = score_schedule(score_opt, trainer.freeze_at) if score_opt is not None else None
     recal, recal_batches = _recalibration(recipe, loader)
@@ -277,7 +274,6 @@ def run_cascade(
         hsakd=hsakd,
         teacher_heads=heads,
         start_heads=student_start_heads,
-        schedule_offset=joint_steps if continued else 0,
     )
     history["seconds"] = time.perf_counter() - start
     return PruneOutcome(student, final_mask, analysis, history)

@@ -59,12 +59,9 @@ class PhaseSettings:
     recalibration_batches: int = 0
     shrunk: bool = False
     cache_logits: bool = True
-    schedule_offset: int = 0  # steps of an earlier phase this phase's cosine continues (0: restart)
 
     @classmethod
-    def from_recipe(
-        cls, train: Any, *, epochs: int, promote: bool, recalibration_batches: int = 0, schedule_offset: int = 0
-    ) -> PhaseSettings:
+    def from_recipe(cls, train: Any, *, epochs: int, promote: bool, recalibration_batches: int = 0) -> PhaseSettings:
         """A recipe's ``train`` section (cascadec.recipe.TrainSection) as the phase's settings."""
         return cls(
             epochs=epochs,
@@ -78,7 +75,6 @@ class PhaseSettings:
             recalibration_batches=recalibration_batches,
             shrunk=train.shrunk_student,
             cache_logits=train.cache_teacher_logits,
-            schedule_offset=schedule_offset,
         )
 
 
@@ -186,7 +182,7 @@ def student_phase(
         weight_decay=settings.weight_decay,
     )
     steps = steps_in(loader, settings.max_steps)
-    sched = cosine_schedule(opt, settings.schedule_offset + settings.epochs * steps, offset=settings.schedule_offset)
+    sched = cosine_schedule(opt, settings.epochs * steps)
 
     def recalibrate() -> None:
         if recalibration is not None and settings.recalibration_batches > 0:  # HSAKD: on rotated batches, as trained

@@ -128,7 +128,6 @@ def _fine_tune(
     hsakd: HsakdSpec | None = None,
     teacher_heads: list | None = None,
     start_heads=None,
-    schedule_offset: int = 0,
 ):
     recal, batches = _recalibration(recipe, loader)
     return student_phase(
@@ -139,9 +138,7 @@ def _fine_tune(
         loader,
         select_loader,
         distill_loss(recipe),
-        PhaseSettings.from_recipe(
-            recipe.train, epochs=epochs, promote=promote, recalibration_batches=batches, schedule_offset=schedule_offset
-        ),
+        PhaseSettings.from_recipe(recipe.train, epochs=epochs, promote=promote, recalibration_batches=batches),
         device=device,
         runtime=runtime,
         resume=resume,

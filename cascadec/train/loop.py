@@ -34,14 +34,10 @@ def make_optimizer(
     )
 
 
-def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, *, offset: int = 0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine from the optimiser's lr to 0 over ``total_steps``; ``offset``: this schedule starts
-    that many steps in (a phase that continues an earlier phase's cosine)."""
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step + offset, total) / total))
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     )
 
 
