@@ -431,9 +431,6 @@ def models_list(
             out.print(f"{name}\t{origin}" if source else name, highlight=False)
 
 
-# ---------------------------------------------------------------- printing
-
-
 # ---------------------------------------------------------------- entry point
 
 

@@ -91,9 +91,7 @@ class OverlappedGradSync:
 
     def begin(self, step_params: Sequence[torch.Tensor]) -> None:
         """Arm the hooks for one ``backward``; ``step_params`` are the tensors to average (a subset
-        of those registered, see ``covers``; frozen ones are ignored)."""
-        if not self.covers(step_params):
-            raise ValueError("tensors to average that were not registered with this gradient sync")
+        of those registered: the caller checks ``covers``; frozen ones are ignored)."""
         self._expected = {self.index[id(p)] for p in step_params if id(p) in self.index}
         self._arrived = set()
         self._next, self._flights, self._armed = 0, [], not self.single_bucket
