@@ -306,6 +306,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "cascade": {"num_tas": 2},
         "train": {"joint_epochs": 1, "student_epochs": 3},
     },
+    "cascade_2ta_eqt_capcomp": {
+        "label": "cascade, 2 TAs, 1 + 3 epochs, masks from CaP's ranking, student phase starts compensated",
+        "prune": {"method": "cascade", "importance": "cap", "compensate": True},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+        "train": {"joint_epochs": 1, "student_epochs": 3},
+    },
 }
 DEFAULT_METHODS = ["oneshot_ft", "oneshot_kd", "learned_0ta", "cascade_1ta", "cascade_2ta", "cascade_3ta"]
 # masked (full-width) vs shrunk student accuracy: identical on CPU; on a GPU different conv
@@ -317,7 +324,19 @@ TA_METHODS = tuple(
     for m in CASCADE_METHODS
     if METHODS[m]["cascade"]["num_tas"] > 0
     and not m.endswith(
-        ("_paper", "_signed", "_comp", "_stages", "_paperhints", "_capinit", "_hsakd", "_eqt", "_continue", "_uniform")
+        (
+            "_paper",
+            "_signed",
+            "_comp",
+            "_stages",
+            "_paperhints",
+            "_capinit",
+            "_hsakd",
+            "_eqt",
+            "_continue",
+            "_uniform",
+            "_capcomp",
+        )
     )
 )
 BASELINES = ("oneshot_ft", "oneshot_kd", "learned_0ta", "oneshot_kd_uniform")

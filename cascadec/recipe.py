@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cascadec.errors import UserError, first_line
+from cascadec.names import CRITERIA, DATASETS, DEFAULT_LATENCY_RANKING, LATENCY_BACKENDS, LATENCY_RANKINGS
 from cascadec.profile.defaults import DEFAULT_DURATION_S, DEFAULT_MIN_ITERS, DEFAULT_ROUNDS, MIN_WARMUP_S
 from cascadec.verify.gates import DEFAULT_ILL_CONDITIONED, DEFAULT_MIN_TOP1_AGREEMENT, DEFAULT_TOLERANCES, PRECISIONS
 
@@ -35,9 +36,11 @@ class ModelSection(_Strict):
     )
 
 
-# the data sets cascadec.data.registry builds (tests/test_architecture.py keeps the two in step);
-# named here so that a typo is a recipe error naming the file and the key, with close matches
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "fashion_mnist", "imagefolder", "synthetic")
+# the vocabularies' one home (cascadec/names.py): DATASETS is checked by name so that a typo is a
+# recipe error naming the file and the key, with close matches
+Criterion = Literal[CRITERIA]  # type: ignore[valid-type]
+LatencyBackend = Literal[LATENCY_BACKENDS]  # type: ignore[valid-type]
+LatencyRanking = Literal[LATENCY_RANKINGS]  # type: ignore[valid-type]
 
 
 class DataSection(_Strict):
@@ -177,7 +180,7 @@ class LatencySection(_Strict):
     """Where a latency target is measured (the latency table: prune/latency.py) and how strictly
     the profiled student is held to it."""
 
-    backend: Literal["onnxruntime", "onnxruntime-cuda"] = "onnxruntime"
+    backend: LatencyBackend = "onnxruntime"
     batch: int = Field(1, ge=1)
     precision: Literal["fp32", "int8"] = Field(
         "fp32",
@@ -207,8 +210,8 @@ class LatencySection(_Strict):
         """``multiple`` as the table builder takes it: None to probe."""
         return None if self.multiple == "auto" else int(self.multiple)
 
-    ranking: Literal["per_ms_per_flop", "per_ms", "importance"] = Field(
-        "per_ms_per_flop",
+    ranking: LatencyRanking = Field(
+        DEFAULT_LATENCY_RANKING,
         description="what the solver divides a unit's importance by under a latency budget: per_ms_per_flop, its "
         "milliseconds per FLOP (the FLOPs solver's ranking where time follows FLOPs, and FLOPs that are cheap in "
         "time kept first where it does not); per_ms, its milliseconds (HALP's knapsack ratio); importance, nothing",
@@ -272,7 +275,7 @@ class PruneSection(_Strict):
     compensation: CompensationSection = Field(default_factory=CompensationSection)
     fbs: FbsSection = Field(default_factory=FbsSection)
     target: TargetSection = Field(default_factory=lambda: TargetSection(flops_reduction=0.5))
-    importance: Literal["taylor", "l1", "cap"] = Field(
+    importance: Criterion = Field(
         "taylor",
         description="oneshot criterion; also initialises learned scores (cap: CaP's compensation-aware "
         "selection as a ranking, prune.compensation sets its images and steps)",

@@ -69,9 +69,23 @@ def test_latency_rankings_match_the_schema() -> None:
 
 
 def test_the_schema_knows_every_dataset_the_registry_builds() -> None:
-    from cascadec.recipe import DATASETS
+    from cascadec.names import DATASETS
 
     assert set(DATASETS) == set(list_datasets())
+
+
+def test_a_registry_out_of_step_with_its_declared_names_fails_at_import() -> None:
+    """cascadec/names.py is the one home of the vocabularies the schema's literals are built
+    from; each registry checks itself against it when imported (issue 29)."""
+    from cascadec import names
+    from cascadec.recipe import LatencySection
+
+    names.check_registry("x", {"a": 1, "b": 2}, ("a", "b"))
+    with pytest.raises(RuntimeError, match=r"declares \['c'\].*implements \['b'\]"):
+        names.check_registry("x", {"a": 1, "b": 2}, ("a", "c"))
+    assert typing.get_args(PruneSection.model_fields["importance"].annotation) == names.CRITERIA
+    assert typing.get_args(LatencySection.model_fields["backend"].annotation) == names.LATENCY_BACKENDS
+    assert typing.get_args(LatencySection.model_fields["ranking"].annotation) == names.LATENCY_RANKINGS
 
 
 def test_every_dataset_has_a_geometry() -> None:

@@ -367,3 +367,63 @@ def test_a_refined_student_budget_runs_before_the_freeze_and_survives_a_resume()
     resumed.freeze(callback=False)  # as a resumed run does: no callback, the budget from the checkpoint
     assert calls == [1] and resumed.budgets[0].keep_fraction == pytest.approx(0.3)
     assert torch.equal(resumed.state.hard_masks[0], trainer.state.hard_masks[0])
+
+
+def _joint_phase(seed: int):
+    from cascadec.prune.cascade_method import JointPhase
+    from cascadec.prune.scores import make_score_optimizer, score_schedule
+    from cascadec.recipe import CascadeSection
+    from cascadec.train.loop import cosine_schedule, make_optimizer
+
+    c = CascadeSection()
+    trainer = _make_trainer("chain", num_tas=1, cascade_update=True, seed=seed)
+    weights, score_params = trainer.parameters()
+    weight_opt = make_optimizer(weights, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    score_opt = make_score_optimizer(score_params, signal=c.score_signal, optimizer=c.score_optimizer, lr=c.score_lr)
+    sched = cosine_schedule(weight_opt, 10)
+    trainer.freeze_at = 8
+    score_sched = score_schedule(score_opt, trainer.freeze_at) if score_opt is not None else None
+    return JointPhase(trainer, weight_opt, score_opt, sched, score_sched, 1.0, None)
+
+
+def _phase_step(phase, seed: int) -> None:
+    for opt in (phase.weight_opt, phase.score_opt):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+    phase.trainer.joint_step(*_batch(seed))
+    for opt, sched in ((phase.weight_opt, phase.sched), (phase.score_opt, phase.score_sched)):
+        if opt is not None:
+            opt.step()
+            sched.step()
+
+
+def test_the_joint_phase_resumes_from_its_state_dict_as_if_never_stopped() -> None:
+    """``JointPhase.state_dict`` / ``load_state_dict`` (issue 29): a phase whose weights, scores
+    and optimisers have moved elsewhere, loaded from a running one's state, takes the next step exactly as the
+    running one does (weights, scores, momentum, both schedules) and reports the same records."""
+    running = _joint_phase(seed=0)
+    for step in range(3):
+        _phase_step(running, seed=10 + step)
+    running.epoch, running.step, running.partial = 1, 3, {"loss": 1.5}
+    running.history.append({"epoch": 0, "losses": [1.0, 2.0]})
+    running.ladder[:] = [0.5, 0.6]
+    running.latency_refine[:] = [{"fraction": 0.4}]
+    state = copy.deepcopy(running.state_dict())
+
+    resumed = _joint_phase(seed=0)  # the same teacher (a resumed run's), trained elsewhere since
+    for step in range(2):
+        _phase_step(resumed, seed=30 + step)
+    assert not torch.equal(resumed.trainer.scores[0], running.trainer.scores[0])
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.step, resumed.partial) == (1, 3, {"loss": 1.5})
+    assert resumed.history == running.history and resumed.ladder == [0.5, 0.6]
+    assert resumed.latency_refine == [{"fraction": 0.4}]
+    assert torch.equal(resumed.initial_mask, running.initial_mask)
+    for phase in (running, resumed):
+        _phase_step(phase, seed=20)
+    for a, b in zip(running.trainer.parameters()[0], resumed.trainer.parameters()[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(running.trainer.scores, resumed.trainer.scores):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.sched.last_epoch == running.sched.last_epoch == 4
+    assert resumed.weight_opt.param_groups[0]["lr"] == running.weight_opt.param_groups[0]["lr"]

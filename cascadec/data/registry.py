@@ -21,6 +21,7 @@ from cascadec.data import cifar, digits, fashion_mnist, imagefolder, synthetic
 from cascadec.data.bundle import DataBundle
 from cascadec.data.tensors import eval_view, limit_dataset, split_off
 from cascadec.errors import UserError
+from cascadec.names import DATASETS, check_registry
 
 __all__ = ["build_data", "input_geometry", "list_datasets"]
 
@@ -34,6 +35,7 @@ _DATASETS: dict[str, Callable[..., DataBundle]] = {
     "imagefolder": imagefolder.build,
     "synthetic": synthetic.build,
 }
+check_registry("data sets", _DATASETS, DATASETS)
 
 
 # (input channels, native image size, classes) of each builder's output, read from the builder

@@ -55,6 +55,62 @@ def _scale_free_scores(importance: torch.Tensor) -> tuple[torch.Tensor, float]:
     return importance / c, c
 
 
+class JointPhase:
+    """The joint phase's resumable state, as torchvision's references checkpoint: everything a
+    run needs to continue from any step is gathered by :meth:`state_dict` and put back by
+    :meth:`load_state_dict` (the ``joint`` checkpoint; the caller adds the RNG state and the
+    runtime its AMP scaler). ``history``, ``ladder`` and ``latency_refine`` are lists the
+    schedule appends to or fills in place, so they are saved as they stand."""
+
+    def __init__(self, trainer: CascadeTrainer, weight_opt, score_opt, sched, score_sched, scale: float, hsakd) -> None:
+        self.trainer, self.weight_opt, self.score_opt = trainer, weight_opt, score_opt
+        self.sched, self.score_sched, self.scale, self.hsakd = sched, score_sched, scale, hsakd
+        self.initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()  # the mask scoring gave
+        self.epoch, self.step, self.partial = 0, 0, {}  # where a resumed run starts: epoch, step in it
+        self.history: list[dict] = []  # one record per joint epoch
+        self.ladder: list[float] = []  # the models' selection accuracy once the joint phase ends
+        self.latency_refine: list[dict] = []  # the student budget's latency tries (refine_for_latency)
+
+    def state_dict(self) -> dict:
+        return {
+            "phase": "joint",
+            "epoch": self.epoch,
+            "step": self.step,
+            "partial": self.partial,
+            "score_scale": self.scale,
+            "initial_mask": self.initial_mask,
+            "trainer": self.trainer.checkpoint_state(),
+            "weight_optimizer": self.weight_opt.state_dict(),
+            "score_optimizer": self.score_opt.state_dict() if self.score_opt is not None else None,
+            "score_scheduler": self.score_sched.state_dict() if self.score_sched is not None else None,
+            "scheduler": self.sched.state_dict(),
+            "history": self.history,
+            "ladder": self.ladder,
+            "hsakd_teacher_heads": self.hsakd.teacher_heads.state_dict() if self.hsakd is not None else None,
+            "latency_refine": self.latency_refine or None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put a ``joint`` checkpoint back. The scores' scale is not set here: the trainer's
+        score hooks are built with it, so the caller reads ``state["score_scale"]`` first."""
+        self.trainer.load_checkpoint_state(state["trainer"])
+        self.weight_opt.load_state_dict(state["weight_optimizer"])
+        if self.score_opt is not None:
+            self.score_opt.load_state_dict(state["score_optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.score_sched is not None and state.get("score_scheduler") is not None:
+            self.score_sched.load_state_dict(state["score_scheduler"])
+        if self.trainer.freeze_due(self.sched.last_epoch):
+            self.trainer.freeze(callback=False)  # the checkpoint holds the recalibrated statistics
+        if self.hsakd is not None and state.get("hsakd_teacher_heads") is not None:
+            self.hsakd.teacher_heads.load_state_dict(state["hsakd_teacher_heads"])  # the heads this run distils from
+        self.initial_mask = state["initial_mask"]
+        self.epoch, self.step, self.partial = state["epoch"], state["step"], state["partial"]
+        self.history[:] = list(state["history"])
+        self.ladder[:] = list(state.get("ladder") or [])
+        self.latency_refine[:] = list(state.get("latency_refine") or [])
+
+
 def run_cascade(
     teacher, analysis, recipe, loader, select_loader, device, runtime: Runtime | None = None
 ) -> PruneOutcome:
@@ -81,8 +137,6 @@ def run_cascade(
         scores, scale = torch.zeros(analysis.index.num_units), float(joint_state["score_scale"])
     base = copy.deepcopy(teacher)
     hsakd = hsakd_spec_for(recipe, teacher, analysis, loader, device, runtime)
-    if hsakd is not None and joint_state is not None and joint_state.get("hsakd_teacher_heads") is not None:
-        hsakd.teacher_heads.load_state_dict(joint_state["hsakd_teacher_heads"])  # the heads this run distils from
     trainer = CascadeTrainer(
         base,
         teacher,
@@ -118,64 +172,31 @@ def run_cascade(
         )
 
     trainer.on_freeze = on_freeze
-    refine_record: list[dict] = []
 
     def before_freeze() -> None:
         # the student's mask is about to be final: hold its latency target to the backend
         refined = refine_for_latency(teacher, analysis, recipe, trainer.scores[0], runtime)
         if refined is not None:
             trainer.set_student_budget(refined.budget)
-            refine_record[:] = refined.history
+            phase.latency_refine[:] = refined.history  # kept through a resume (the checkpoint)
 
     trainer.before_freeze = before_freeze
+    phase = JointPhase(trainer, weight_opt, score_opt, sched, score_sched, scale, hsakd)
     if joint_state is not None:
-        trainer.load_checkpoint_state(joint_state["trainer"])
-        weight_opt.load_state_dict(joint_state["weight_optimizer"])
-        if score_opt is not None:
-            score_opt.load_state_dict(joint_state["score_optimizer"])
-        sched.load_state_dict(joint_state["scheduler"])
-        if score_sched is not None and joint_state.get("score_scheduler") is not None:
-            score_sched.load_state_dict(joint_state["score_scheduler"])
-        if trainer.freeze_due(sched.last_epoch):
-            trainer.freeze(callback=False)  # the checkpoint holds the recalibrated statistics
+        phase.load_state_dict(joint_state)
         runtime.restore_scaler(joint_state)
-        initial_mask = joint_state["initial_mask"]
-        joint = list(joint_state["history"])
-        first_epoch, first_step, partial = joint_state["epoch"], joint_state["step"], joint_state["partial"]
         if student_state is None:
             set_rng_state(joint_state["rng"])
-            log(f"joint phase: resuming at epoch {first_epoch}, step {first_step}")
-    else:
-        initial_mask = trainer.state.hard_masks[0].detach().cpu().clone()
-        joint, first_epoch, first_step, partial = [], 0, 0, {}
+            log(f"joint phase: resuming at epoch {phase.epoch}, step {phase.step}")
+    joint, initial_mask = phase.history, phase.initial_mask
+    first_epoch, first_step, partial = phase.epoch, phase.step, phase.partial
 
     def save_joint(epoch: int, step: int, partial: dict) -> None:
-        if runtime.checkpoint_dir is None:
-            return
-        runtime.save(
-            "joint",
-            {
-                "phase": "joint",
-                "epoch": epoch,
-                "step": step,
-                "partial": partial,
-                "score_scale": scale,
-                "initial_mask": initial_mask,
-                "trainer": trainer.checkpoint_state(),
-                "weight_optimizer": weight_opt.state_dict(),
-                "score_optimizer": score_opt.state_dict() if score_opt is not None else None,
-                "score_scheduler": score_sched.state_dict() if score_sched is not None else None,
-                "scheduler": sched.state_dict(),
-                "history": joint,
-                "rng": rng_state(),
-                "ladder": ladder_acc,
-                "hsakd_teacher_heads": hsakd.teacher_heads.state_dict() if hsakd is not None else None,
-                "latency_refine": refine_record
-                or (joint_state.get("latency_refine") if joint_state is not None else None),
-            },
-        )
+        if runtime.checkpoint_dir is not None:
+            phase.epoch, phase.step, phase.partial = epoch, step, partial
+            runtime.save("joint", {**phase.state_dict(), "rng": rng_state()})
 
-    ladder_acc: list[float] = list(joint_state.get("ladder") or []) if joint_state is not None else []
+    ladder_acc = phase.ladder
     if joint_state is None:
         if trainer.freeze_due(0):
             trainer.freeze()  # a joint phase too short to move the masks at all
@@ -213,7 +234,7 @@ def run_cascade(
     if not ladder_acc:  # (a resumed run whose joint phase had finished kept these in its checkpoint)
         if recal is not None:
             trainer.recalibrate(recal, recal_batches)  # the statistics of the weights the models end with
-        ladder_acc = trainer.evaluate_models(select_loader)
+        ladder_acc[:] = trainer.evaluate_models(select_loader)
         save_joint(t.joint_epochs, 0, {})
     ladder = check_ladder(names, trainer.state.fractions, ladder_acc, c.ladder_check)
     # the TAs teach shrunk to their masks (the same function, less compute) unless their features
@@ -252,8 +273,8 @@ def run_cascade(
     }
     if compensation is not None:
         history["compensation"] = compensation
-    if refine_record or (joint_state is not None and joint_state.get("latency_refine")):
-        history["latency_refine"] = refine_record or joint_state["latency_refine"]
+    if phase.latency_refine:
+        history["latency_refine"] = phase.latency_refine
     if hsakd is not None:
         history["hsakd"] = hsakd.report
     history["student"] = _fine_tune(

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from cascadec.names import CRITERIA as CRITERION_NAMES
+from cascadec.names import check_registry
 from cascadec.prune.groups import GroupIndex
 from cascadec.prune.masks import masked
 
@@ -103,3 +105,4 @@ CRITERIA: dict[str, Criterion] = {
     # calibration images, not the loader's batches, so every rank computes the same one
     "cap": Criterion(_cap, needs_data=False),
 }
+check_registry("prune.importance criteria", CRITERIA, CRITERION_NAMES)

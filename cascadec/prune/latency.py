@@ -28,12 +28,12 @@ import torch
 import torch.nn as nn
 
 from cascadec.errors import UserError
+from cascadec.names import DEFAULT_LATENCY_RANKING, LATENCY_RANKINGS
 from cascadec.prune.cost import CostModel
 from cascadec.prune.latency_table import LATENCY_BACKENDS, LatencyTable, build_table, network_ms, network_pair_ms
 
 # what the solver divides importance by under a latency budget (LatencyModel.unit_weights)
-RANKINGS = ("per_ms_per_flop", "per_ms", "importance")
-DEFAULT_RANKING = "per_ms_per_flop"
+RANKINGS, DEFAULT_RANKING = LATENCY_RANKINGS, DEFAULT_LATENCY_RANKING  # (cascadec/names.py)
 
 # --------------------------------------------------------------------------- the model the solver uses
 

@@ -41,10 +41,10 @@ import torch.nn as nn
 from cascadec.backends import get_backend
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_json_atomic
+from cascadec.names import LATENCY_BACKENDS
 from cascadec.prune.cost import CostModel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-LATENCY_BACKENDS = ("onnxruntime", "onnxruntime-cuda")
 # the precisions a table can be timed in, and the backends that run each fast
 LATENCY_PRECISIONS = {"fp32": LATENCY_BACKENDS, "int8": ("onnxruntime",)}
 TABLE_VERSION = 5
