@@ -141,6 +141,25 @@ def test_measure_warms_up_200ms_then_meets_duration_and_min_iters():
     assert measure(call, Timing(warmup_s=0.2, min_duration_s=10.0, min_iters=1, max_iters=4), clock=clock).size == 4
 
 
+def test_warm_calls_replace_the_timed_warm_up_for_a_latency_tables_grid_points():
+    """The latency table times each grid point with the protocol's loop, three untimed calls
+    instead of 200 ms of warm-up (issue 29: one timing protocol)."""
+    from cascadec.prune.latency_table import median_ms
+
+    clock = FakeClock()
+    calls = []
+
+    def call():
+        calls.append(clock.now)
+        clock.now += 0.002 * (10 if len(calls) <= 3 else 1)  # three slow first calls, then 2 ms
+
+    times = measure(call, Timing(min_duration_s=0.0, min_iters=5), clock=clock, warm_calls=3)
+    assert len(calls) == 8 and times.size == 5 and np.allclose(times, 2.0)
+    calls.clear()
+    assert median_ms(lambda: calls.append(1), min_iters=4, min_seconds=0.0) >= 0.0
+    assert len(calls) == 7  # three untimed, four timed
+
+
 def test_measure_device_splits_host_latency_and_gpu_compute():
     clock = FakeClock()
     runner = FakeRunner(clock, batch=4)

@@ -42,6 +42,7 @@ from cascadec.backends import get_backend
 from cascadec.errors import UserError, first_line
 from cascadec.fileio import write_json_atomic
 from cascadec.names import LATENCY_BACKENDS
+from cascadec.profile.protocol import Timing, measure
 from cascadec.prune.cost import CostModel
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -241,19 +242,12 @@ LayerTimer = Callable[[bytes, tuple[int, ...]], float]
 
 
 def median_ms(run: Callable[[], object], *, min_iters: int = 10, min_seconds: float = 0.05) -> float:
-    """The profile protocol in small: one untimed first call (allocation, kernel choice), two
-    more untimed, then at least ``min_iters`` runs and ``min_seconds``; the median. The 200 ms
-    warm-up that ``profile`` pays per model is paid once per table (``ort_timer``), not per
-    grid point: a table has hundreds of points."""
-    for _ in range(3):
-        run()
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < min_iters or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(samples))
+    """The profile protocol (``profile.protocol.measure``) for one grid point: three untimed
+    calls (allocation, kernel choice), then at least ``min_iters`` runs and ``min_seconds``; the
+    median. The 200 ms warm-up that ``profile`` pays per model is paid once per table
+    (``ort_timer``), not per grid point: a table has hundreds of points."""
+    timing = Timing(min_duration_s=min_seconds, min_iters=min_iters)
+    return float(np.median(measure(run, timing, warm_calls=3)))
 
 
 def ort_timer(device: str = "cpu", threads: int | None = None) -> LayerTimer:
