@@ -306,6 +306,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "cascade": {"num_tas": 2},
         "train": {"joint_epochs": 1, "student_epochs": 3},
     },
+    "cascade_2ta_eqt_capinit": {
+        "label": "cascade, 2 TAs, 1 + 3 epochs, masks from CaP's ranking (no compensation)",
+        "prune": {"method": "cascade", "importance": "cap"},
+        "distill": {"kd": True},
+        "cascade": {"num_tas": 2},
+        "train": {"joint_epochs": 1, "student_epochs": 3},
+    },
     "cascade_2ta_eqt_capcomp": {
         "label": "cascade, 2 TAs, 1 + 3 epochs, masks from CaP's ranking, student phase starts compensated",
         "prune": {"method": "cascade", "importance": "cap", "compensate": True},

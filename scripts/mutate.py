@@ -45,6 +45,21 @@ MODULES: dict[str, list[str]] = {
     "cascadec/distill/hints.py": ["tests/test_distill_hints.py", "-m", "not slow"],
     "cascadec/prune/targets.py": ["tests/test_prune_targets.py", "-m", "not slow"],
     "cascadec/memory.py": ["tests/test_audit.py", "tests/test_zoo_refusals.py", "-k", "memory or activation or refus"],
+    "cascadec/prune/fbs.py": ["tests/test_prune_fbs.py", "tests/test_audit.py", "-k", "fbs", "-m", "not slow"],
+    "cascadec/prune/cost.py": ["tests/test_prune_targets.py", "tests/test_prune_latency.py", "-m", "not slow"],
+    "cascadec/prune/latency.py": ["tests/test_prune_latency.py", "-m", "not slow"],
+    "cascadec/prune/latency_refine.py": [
+        "tests/test_prune_latency.py",
+        "tests/test_audit.py",
+        "-k",
+        "latency or refine or speedup",
+        "-m",
+        "not slow",
+    ],
+    "cascadec/verify/compare.py": ["tests/test_verify.py", "-m", "not slow"],
+    "cascadec/verify/gates.py": ["tests/test_verify.py", "tests/test_divergence.py", "-m", "not slow"],
+    "cascadec/prune/shrink.py": ["tests/test_prune_masks.py", "tests/test_prune_groups.py", "-m", "not slow"],
+    "cascadec/train/grad_sync.py": ["tests/test_grad_sync.py"],
 }
 # survivors read by hand: "equivalent: ..." (no test can tell them apart) or what kills them now
 EXPLAINED: dict[tuple[str, int, str], str] = {
@@ -69,6 +84,20 @@ EXPLAINED: dict[tuple[str, int, str], str] = {
     "test_onnx_activation_bytes_count_every_float_tensor_at_batch_one (checked by hand)",
     ("cascadec/memory.py", 141, "4 -> 5"): "killed since by the same test (checked by hand)",
     ("cascadec/memory.py", 130, "1 -> 2"): "killed since by the same test (checked by hand)",
+    ("cascadec/prune/fbs.py", 109, "And -> Or"): "killed since by tests/test_prune_fbs.py::"
+    "test_only_a_conv_whose_one_reader_is_a_batchnorm_is_gated (checked by hand)",
+    ("cascadec/prune/fbs.py", 139, "0.01 -> 1.01"): "killed since by tests/test_prune_fbs.py::"
+    "test_fresh_gates_start_near_the_identity_and_break_ties_by_gamma (checked by hand)",
+    ("cascadec/prune/cost.py", 130, "0 -> 1"): "killed since by tests/test_prune_targets.py::"
+    "test_a_conv_with_one_output_channel_is_costed_like_any_other (checked by hand, either index)",
+    ("cascadec/prune/latency.py", 82, "1 -> 2"): "equivalent: the width of padded grids with no layer rows "
+    "(a network without timed layers) is never read",
+    ("cascadec/prune/latency.py", 120, "LtE -> Lt"): "equivalent: at x equal to the first grid point "
+    "searchsorted already gives lo = hi = 0 and a weight of 0",
+    ("cascadec/prune/latency.py", 159, "1e-12 -> 1.000000000001"): "equivalent: a floor on the mean that "
+    "scales every unit's ms share alike, and the weights are divided by their median",
+    ("cascadec/prune/latency.py", 183, "0.0 -> 1.0"): "equivalent: the `else` of `if full_in`: a layer "
+    "has at least one input channel (checked by hand: the other 0.0, max(1.0, d_in), is killed)",
     ("cascadec/memory.py", 110, "0 -> 1"): "equivalent: the probe image is square (PROBE_SIZE x PROBE_SIZE)",
 }
 BINOPS = {
@@ -216,7 +245,8 @@ def write(doc: dict, out: Path) -> None:
     lines = [
         "# Mutation testing of the core numeric modules (scripts/mutate.py)",
         "",
-        f"`{doc['command']}` ({doc['status']}). A mutant is killed when the module's tests fail (or run past 3x "
+        f"{', '.join(f'`{c}`' for c in dict.fromkeys(m.get('command', doc['command']) for m in doc['modules'].values()))} "
+        f"({doc['status']}). A mutant is killed when the module's tests fail (or run past 3x "
         "the unmutated run's time); the score is killed / run. Mutants are a random sample of the candidate sites "
         "(`--seed`), so each score estimates the module's.",
         "",
@@ -277,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen = chosen[: args.sample]
             entry = doc["modules"].setdefault(name, {"tests": tests, "mutants": []})
             entry["candidates"] = len(candidates)
+            entry["command"] = doc["command"]
             judged = {(r["number"], r["what"]) for r in entry["mutants"]}
             (root / name).write_text(ast.unparse(ast.parse(source)))
             verdict, base = run_tests(root, tests, timeout=1800)

@@ -192,3 +192,42 @@ def test_fbs_recipe_keys_are_checked() -> None:
         prune_recipe("fbs", {"prune": {"method": "fbs", "target": {"latency_reduction": 0.5}}})
     with pytest.raises(ValueError):
         prune_recipe("fbs", {"prune": {"method": "fbs", "fbs": {"keep": 0.0}}})
+
+
+class _Pairs(nn.Module):
+    """A stem, then a conv -> BN pair (gated), a conv -> ReLU without BN (not gated) and a conv
+    whose output feeds its BN and a second use (not gated: the BN is not its only reader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a, self.a_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.b_act = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.c, self.c_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a_bn(self.a(self.stem_bn(self.stem(x))))
+        x = self.b_act(self.b(x))
+        y = self.c(x)
+        return self.c_bn(y) + y
+
+
+def test_only_a_conv_whose_one_reader_is_a_batchnorm_is_gated() -> None:
+    assert gate_points(_Pairs()) == [("a", "a_bn")]
+
+
+def test_fresh_gates_start_near_the_identity_and_break_ties_by_gamma() -> None:
+    """The gates' first outputs are 1 + 0.01 x the channel's |gamma| rank: within 1 % of the
+    identity, all distinct (equal saliencies would leave the pick to each runtime's TopK)."""
+    net = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    gated, _ = gated_student(net, 0.5)
+    x = torch.randn(2, 1, 16, 16)
+    for layer in gated_layers(gated):
+        with torch.no_grad():
+            g = layer.gate(torch.randn(2, layer.conv.in_channels, 8, 8))
+        kept = g[g > 0]
+        assert kept.numel() == 2 * layer.gate.k
+        assert kept.min() >= 1.0 and kept.max() < 1.01
+        assert len(set(g[0][g[0] > 0].tolist())) == layer.gate.k  # no ties
+    with torch.no_grad():
+        assert torch.isfinite(gated(x)).all()

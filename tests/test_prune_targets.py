@@ -278,3 +278,26 @@ def test_every_segment_of_a_split_group_ranks_its_best_unit_first() -> None:
     assert solver._leaders(scores).tolist() == [True, False, False, True]
     ranks = solver._ranks_within_group(scores)
     assert sorted(ranks[[0, 3]].tolist()) == [0, 1]  # both leaders before unit 1, which outscores unit 3
+
+
+def test_a_conv_with_one_output_channel_is_costed_like_any_other() -> None:
+    """A one-channel map (a saliency or segmentation head) read by the classifier: the cost
+    model's MACs and params of every mask equal the shrunk network's, counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),  # the stem (its outputs are kept by policy)
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 1, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(36, 3),
+    ).eval()
+    example = torch.randn(1, 1, 6, 6)
+    index = build_groups(model, example)
+    cost = CostModel.build(model, index, example)
+    assert index.num_units == 8 and cost.macs(torch.ones(8)) == count_macs(model, example)
+    mask = torch.ones(index.num_units)
+    mask[: index.num_units // 2] = 0.0
+    small = shrink(model, index, mask, example)
+    assert cost.macs(mask) == count_macs(small, example) and cost.params(mask) == count_params(small)
