@@ -417,3 +417,33 @@ def test_onnx_activation_bytes_count_every_float_tensor_at_batch_one(tmp_path) -
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00 not onnx")
     assert memory.onnx_activation_bytes(garbage, (1, 8, 8)) == memory.FALLBACK_ACTIVATIONS * image
+
+
+def test_onnx_activation_bytes_count_float_tensors_only(tmp_path) -> None:
+    """A graph with an INT64 shape tensor beside its float ones (Shape, as a flatten exports)
+    adds only the float tensors: the input, the conv's output and the ReLU's."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cascadec import memory
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 1, 3, 3], [0.1] * 36)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Shape", ["c"], ["s"]),  # INT64 [4]: not an activation
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [4]),
+        ],
+        [weight],
+    )
+    path = tmp_path / "shape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    image = memory.image_bytes((1, 8, 8))
+    assert memory.onnx_activation_bytes(path, (1, 8, 8)) == image + 2 * (4 * 6 * 6 * 4)

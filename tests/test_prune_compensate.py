@@ -5,6 +5,7 @@ kept ones, every consumer of a residual group refitted, and CaP through ``prune_
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -191,7 +192,9 @@ def test_prune_model_with_compensation(name, tiny_setup) -> None:
     teacher_state = copy.deepcopy(teacher.state_dict())
     recipe = _recipe(RUNS[name])
     example = torch.randn(1, 1, 16, 16)
+    started = time.perf_counter()
     result = prune_model(teacher, recipe, loader, val, example, CPU)
+    elapsed = time.perf_counter() - started
     a, mask = result.analysis, result.mask
     achieved = a.cost.metric(a.budget.metric, mask) / a.cost.base(a.budget.metric)
     assert achieved <= a.budget.keep_fraction + 1e-9 and abs(achieved - a.budget.keep_fraction) <= 0.03
@@ -219,6 +222,7 @@ def test_prune_model_with_compensation(name, tiny_setup) -> None:
     elif recipe.prune.compensate:
         record = h["compensation"]
         assert record["layers"] and record["ridge"] == recipe.prune.compensation.ridge
+        assert 0 <= record["seconds"] <= elapsed
     # compensation changed weights even where no epoch was trained
     assert any(not torch.equal(v, teacher_state[k]) for k, v in student.state_dict().items() if v.is_floating_point())
 
@@ -322,3 +326,26 @@ def test_cap_holds_a_latency_target_to_the_measured_speedup(saves, tiny_setup, m
         assert len(tries) >= 2 and steps[-1]["keep_fraction"] > 0.7
         assert all(t["budget_fraction"] <= steps[0]["keep_fraction"] + 1e-9 for t in tries)
         assert steps[-1]["units_kept"] <= steps[0]["units_kept"]  # nothing removed came back
+
+
+def test_marginal_costs_are_what_removing_one_more_unit_of_the_group_saves() -> None:
+    """Against a brute-force removal per group, with each group's first unit already removed
+    (so the unit the marginal cost removes is not the group's first)."""
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet8", num_classes=10, in_channels=1).eval()
+    from cascadec.prune.analysis import analyse
+
+    analysis = analyse(model, _recipe({"prune": {"method": "cap"}}), torch.randn(2, 1, 16, 16))
+    index, cost = analysis.index, analysis.cost
+    keep = torch.ones(index.num_units)
+    offsets = list(index.offsets())
+    for offset in offsets:
+        keep[offset] = 0.0
+    costs = marginal_costs(analysis, keep)
+    base = cost.macs(keep)
+    for group, offset in zip(index.groups, offsets):
+        trial = keep.clone()
+        trial[offset + group.size - 1] = 0.0  # any kept unit of the group: the cost is bilinear
+        expected = base - cost.macs(trial)
+        assert expected > 0
+        assert torch.allclose(costs[offset : offset + group.size], torch.tensor(float(expected)), rtol=1e-5)

@@ -622,6 +622,30 @@ def test_refinement_stops_at_the_narrowest_network(chain) -> None:
     assert sum(h["chosen"] for h in refined.history) == 1
 
 
+def test_a_coarse_network_bounds_the_solves_not_only_the_measurements(chain) -> None:
+    """Every budget lands on the one network measured already: no second measurement, and the
+    re-solves stop after SOLVES_PER_MEASUREMENT (4) x rounds instead of running on."""
+    from cascadec.prune.latency_refine import refine_latency_mask
+
+    index, cost = _latency_chain(chain)
+    budget = Budget.from_target(cost, latency_reduction=0.3)
+    solves, measured = [], []
+
+    class Coarse:  # one network whatever the budget
+        def __init__(self) -> None:
+            self.cost = cost
+
+        def solve(self, scores, current):
+            solves.append(current.keep_fraction)
+            return torch.ones(index.num_units)
+
+    refined = refine_latency_mask(
+        Coarse(), torch.ones(index.num_units), budget, lambda keep: measured.append(1) or 1.0, rounds=2
+    )
+    assert len(measured) == 1 and len(refined.history) == 1
+    assert len(solves) == 4 * 2 and len(set(solves)) == len(solves)  # each a new budget, the same network
+
+
 def test_recipe_latency_multiple_and_refine() -> None:
     base = {"name": "r", "model": {"name": "cifar_resnet8"}, "prune": {"target": {"latency_reduction": 0.3}}}
     recipe = Recipe.model_validate(base)

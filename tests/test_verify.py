@@ -635,3 +635,55 @@ def test_a_wrong_backend_of_an_ill_conditioned_network_still_fails(ill_condition
         assert b.float64_judgement["failures"]
     with pytest.raises(GateFailed, match="onnxruntime"):
         raise_on_failure(result)
+
+
+def test_a_tie_is_judged_by_atol_alone_or_rtol_alone() -> None:
+    """top1_disagreements forgives a row whose reference scores the two classes within
+    max(atol, rtol x |best|); either bound alone is enough (None counts as 0)."""
+    from cascadec.verify.compare import top1_disagreements
+    from cascadec.verify.gates import Tolerance
+
+    ref = np.array([[10.0, 9.9995, 0.0], [10.0, 9.0, 0.0]])
+    cand = np.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # both rows pick class 1
+    differ, ties = top1_disagreements(ref, cand, Tolerance(atol=1e-3, rtol=None))
+    assert differ.tolist() == [False, True] and ties == 1  # row 0: a margin of 5e-4 < atol
+    differ, ties = top1_disagreements(ref, cand, Tolerance(atol=None, rtol=1e-4))
+    assert differ.tolist() == [False, True] and ties == 1  # 5e-4 < 1e-4 x 10
+    differ, ties = top1_disagreements(ref, cand, Tolerance(atol=1e-5, rtol=1e-6))
+    assert differ.tolist() == [True, True] and ties == 0
+    assert top1_disagreements(ref, cand)[0].tolist() == [True, True]
+
+
+def test_one_image_of_logits_compares_as_one_row() -> None:
+    """A 1-D output (one image's logits) is one row, not one row per class."""
+    from cascadec.verify.compare import as_2d, compare_outputs
+
+    logits = np.array([0.1, 2.0, -1.0, 0.5])
+    assert as_2d(logits).shape == (1, 4) and as_2d(np.zeros((3, 2, 2))).shape == (3, 4)
+    same = compare_outputs(logits, logits.copy())
+    assert same["top1_agreement"] == 1.0
+    other = compare_outputs(logits, np.array([2.0, 0.1, -1.0, 0.5]))
+    assert other["top1_agreement"] == 0.0
+
+
+def test_a_top5_gate_fails_below_its_minimum_and_passes_at_it() -> None:
+    no_tensor_check = {"fp32": Tolerance(atol=None, rtol=None)}
+    gate = Gate(tolerances=no_tensor_check, min_top1_agreement=None, min_top5_agreement=0.9)
+    failures = gate.check({"top5_agreement": 0.5})
+    assert [(f["metric"], f["value"], f["op"], f["threshold"]) for f in failures] == [
+        ("top5_agreement", 0.5, ">=", 0.9)
+    ]
+    assert gate.check({"top5_agreement": 0.9}) == [] and gate.check({"top5_agreement": 1.0}) == []
+    assert gate.check({}) == []  # fewer than five classes: no top-5 to judge
+
+
+def test_a_result_compared_under_other_tolerances_is_judged_by_its_max_differences() -> None:
+    """The element count is trusted only when the comparison used the gate's own tolerances;
+    otherwise the max |diff| and max rel decide (both must exceed their bound, None being 0)."""
+    gate = Gate(tolerances={"fp32": Tolerance(atol=1e-4, rtol=None)}, min_top1_agreement=None)
+    loose = {"mismatched_elements": 0, "total_elements": 10, "atol": 1.0, "rtol": 1.0}
+    result = {**loose, "max_abs_diff": 0.01, "max_rel_diff": 0.5}
+    assert [f["metric"] for f in gate.check(result)] == ["tolerance"]  # 0.01 > 1e-4 and 0.5 > 0
+    own = {**result, "atol": 1e-4, "rtol": None}
+    assert gate.check(own) == []  # its own tolerances: 0 elements outside
+    assert gate.check({**result, "max_abs_diff": 5e-5}) == []
