@@ -33,7 +33,8 @@ TESTS = (
     "tests/test_locks.py::test_two_processes_need_one_teacher_cache_entry",
 )
 NO_LOCK = (
-    "def _try_lock(fd: int) -> bool:\n    return True  # repeat_lock_tests.py --without-lock\n\n\ndef _unused_try_lock"
+    "def _try_lock(fd: int) -> bool:\n    return True  # repeat_lock_tests.py --without-lock\n\n\n"
+    "def _unused_try_lock(fd: int) -> bool:"
 )
 
 
@@ -54,6 +55,8 @@ def run_one(root: Path, test: str) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode not in (0, 1):  # 2-5: a collection error, not a verdict on the lock
+        raise SystemExit(f"{test}: pytest exited {proc.returncode}:\n{proc.stdout[-3000:]}")
     return {"passed": proc.returncode == 0, "seconds": round(time.perf_counter() - start, 1), "summary": tail}
 
 
@@ -61,7 +64,11 @@ def write_md(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     lines = [
         "# The lock tests, many times in a row (scripts/repeat_lock_tests.py)",
         "",
-        f"Command: `python scripts/repeat_lock_tests.py {' '.join(sys.argv[1:])}`.",
+        "Commands: "
+        + ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command", "") for r in rows) if c)
+        + ". Each round runs the two tests once, one after the other, against the checkout (lock on) or a "
+        "copy whose `locks._try_lock` always succeeds (lock removed); `beside` is what ran on the machine "
+        "meanwhile (2 cores).",
         "",
         "| test | lock | beside | rounds | passed | failed | median s | load average (1 min) min-max |",
         "|---|---|---|---|---|---|---|---|",
@@ -96,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out.with_suffix("")
     lock = "removed" if args.without_lock else "on"
+    command = "python scripts/repeat_lock_tests.py " + " ".join(
+        f'"{a}"' if " " in a else a for a in (argv if argv is not None else sys.argv[1:])
+    )
     rows = (
         [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
         if out.with_suffix(".jsonl").is_file()
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             for test in TESTS:
                 if (test, round_) in done:
                     continue
-                row = {"test": test, "round": round_, "lock": lock, "beside": args.beside}
+                row = {"test": test, "round": round_, "lock": lock, "beside": args.beside, "command": command}
                 row.update(run_one(root, test))
                 row["load1"] = os.getloadavg()[0]
                 rows.append(row)
