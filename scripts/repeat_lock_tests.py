@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.mutants import package_copy  # noqa: E402 - the mutants' copy of the package, one definition
+
 TESTS = (
     "tests/test_locks.py::test_two_compress_processes_on_one_directory",
     "tests/test_locks.py::test_two_processes_need_one_teacher_cache_entry",
@@ -39,9 +41,7 @@ NO_LOCK = (
 
 
 def _lockless_copy(root: Path) -> None:
-    for part in ("cascadec", "tests", "recipes"):
-        shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    package_copy(root)
     locks = root / "cascadec" / "locks.py"
     source = locks.read_text()
     if "def _try_lock(fd: int) -> bool:" not in source:
