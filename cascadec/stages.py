@@ -341,7 +341,7 @@ def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = Non
     batch = min(recipe.data.batch_size, len(bundle.train))
     copies, why = images_per_sample(recipe.distill)  # a distillation that trains on transformed copies
     memory.require(
-        memory.TRAINING_FACTOR * batch * copies * per_image,
+        memory.training_bytes(per_image, batch, copies),
         f"training {recipe.model.name} on batches of {batch} {shape} images" + (f" {why}" if copies > 1 else ""),
         "lower data.batch_size or data.image_size",
     )

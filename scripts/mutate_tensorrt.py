@@ -1,4 +1,5 @@
-"""Do the TensorRT tests catch mistakes in the TensorRT code? (run on demand, not in CI)
+"""Do the TensorRT tests catch mistakes in the TensorRT code? (the table on demand; CI replays the same
+mutations through tests/test_mutants_tensorrt.py)
 
     python scripts/mutate_tensorrt.py [--out bench/results/tensorrt-mutations.md]
 
@@ -21,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.mutants import package_copy  # noqa: E402 - the mutants' copy of the package, one definition
+
 TARGET = Path("cascadec/backends/tensorrt_backend.py")
 
 MUTATIONS: list[tuple[str, str, str]] = [
@@ -138,10 +142,7 @@ def main() -> None:
     source = (REPO / TARGET).read_text()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cascadec-mutants-") as tmp:
-        root = Path(tmp)
-        for part in ("cascadec", "tests", "recipes"):
-            shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+        root = package_copy(Path(tmp))
         assert run_tests(root), "the tests fail on the unmutated copy: fix them first"
         for name, old, new in MUTATIONS:
             assert old in source, f"mutation {name!r} no longer applies: {old!r} is not in {TARGET}"

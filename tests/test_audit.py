@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -275,6 +276,48 @@ def test_activation_bytes_bounds_a_hand_count() -> None:
         area = side * side
         hand = 4 * area * (3 + 8 + 8 + 4)  # input, conv, relu, conv
         assert hand <= activation_bytes(net, (3, side, side)) <= 2 * hand
+
+
+_PEAK_SCRIPT = """
+import json, sys, torch
+torch.set_num_threads(1)
+from cascadec.memory import activation_bytes, training_bytes
+from cascadec.models import create_model
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+batch, shape = int(sys.argv[1]), (3, 32, 32)
+model = create_model("cifar_resnet8", num_classes=10, in_channels=3).train()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
+estimate = training_bytes(activation_bytes(model, shape), batch)
+base, before = status("VmRSS"), status("VmHWM")
+torch.nn.functional.cross_entropy(model(x), y).backward()
+opt.step()
+print(json.dumps({"estimate": estimate, "peak": status("VmHWM") - base, "headroom": before - base}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+def test_the_training_estimate_bounds_a_measured_step_without_refusing_far_too_early() -> None:
+    """One SGD step of cifar_resnet8 on 256 images in a fresh process: the peak resident memory
+    it adds (VmHWM) stays under the estimate the memory refusal uses, and the estimate is not
+    more than 2.5x that peak (measured 2.2x), or requests that fit would be refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, "256"], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["headroom"] < 0.05 * got["peak"], got  # the step set the high-water mark, not start-up
+    assert got["peak"] <= got["estimate"] <= 2.5 * got["peak"], (got, got["estimate"] / got["peak"])
 
 
 # ---------------------------------------------------------------- speed-up meter

@@ -140,6 +140,56 @@ def test_infeasible_target_raises(r8, kind) -> None:
         solver.solve(_scores(r8, 0), Budget.from_target(r8.cost, **{kind: 0.999}))
 
 
+class StemTiedNet(nn.Module):
+    """A user's own small network (issue 32, item 6): a stem, two branches concatenated and added
+    back to the stem's output, a squeeze-excitation gate, a head. Every wide conv's outputs are
+    tied to the stem's, so with the stem kept by policy almost nothing is prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.branch_a = nn.Conv2d(32, 16, 3, padding=1, bias=False)
+        self.branch_b = nn.Conv2d(32, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.se_reduce = nn.Conv2d(32, 8, 1)
+        self.se_expand = nn.Conv2d(8, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = self.bn1(torch.cat([self.branch_a(x), self.branch_b(x)], 1))
+        y = y * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(x + y).mean((2, 3)))
+
+
+def test_a_target_refused_for_the_stems_policy_says_how_to_lift_it() -> None:
+    """Refused at 30 % fewer FLOPs with the first conv's outputs kept: the one line names
+    prune.prune_stem; with it set, the same target is met."""
+    model, x = StemTiedNet().eval(), torch.zeros(1, 3, 16, 16)
+    for prune_stem in (False, True):
+        index = build_groups(model, x, prune_stem=prune_stem)
+        cost = CostModel.build(model, index, x)
+        solver, budget = MaskSolver(index, cost), Budget.from_target(cost, flops_reduction=0.3)
+        scores = torch.rand(index.num_units, generator=torch.Generator().manual_seed(0))
+        if not prune_stem:
+            with pytest.raises(UserError, match="infeasible") as refused:
+                solver.solve(scores, budget)
+            assert "first conv's outputs among them" in str(refused.value)
+            assert "--set prune.prune_stem=true" in str(refused.value)
+        else:
+            mask = solver.solve(scores, budget)
+            assert cost.metric("flops", mask) <= budget.value
+
+
+def test_an_infeasible_target_without_the_stem_frozen_does_not_mention_it(r8) -> None:
+    index = build_groups(r8.model, r8.example, prune_stem=True)
+    cost = CostModel.build(r8.model, index, r8.example)
+    with pytest.raises(UserError, match="infeasible") as refused:
+        MaskSolver(index, cost).solve(torch.ones(index.num_units), Budget.from_target(cost, flops_reduction=0.999))
+    assert "prune_stem" not in str(refused.value)
+
+
 def test_budget_needs_exactly_one_target(r8) -> None:
     with pytest.raises(UserError, match="exactly one"):
         Budget.from_target(r8.cost)

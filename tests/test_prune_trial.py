@@ -176,6 +176,47 @@ def test_weight_standardised_convs_prune_exactly_once_folded() -> None:
         assert torch.allclose(folded(x), expected, atol=1e-6)
 
 
+class ChannelScaledConv(nn.Conv2d):
+    """A conv subclass with its own per-output-channel parameter (like ScaledStdConv2d's ``gain``,
+    but not weight-standardised, so folding leaves it as it is): Torch-Pruning slices ``weight``
+    and ``bias`` only, and shrink must slice ``scale`` with them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.scale, self.bias)
+
+
+class ChannelScaledNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = ChannelScaledConv(3, 8, 3, padding=1)
+        self.conv1 = ChannelScaledConv(8, 12, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_a_conv_subclass_own_per_channel_parameter_is_sliced_with_its_weight() -> None:
+    """The shrunk conv1 keeps the ``scale`` entries of its kept filters, so masked == shrunk; a
+    scale left whole (or one sliced twice) changes the width or the channels it multiplies."""
+    model = ChannelScaledNet()
+    with torch.no_grad():
+        for conv in (model.conv0, model.conv1):
+            conv.scale.copy_(torch.rand_like(conv.scale) + 0.5)  # every channel its own scale
+    index, gap = _exact_at(model, 16, reduction=0.4)
+    assert "conv1" in index.by_root(), _frozen(index)
+    assert gap < 1e-5
+    x = torch.randn(1, 3, 16, 16)
+    student = shrink(model.eval(), index, torch.ones(index.num_units), x)
+    assert student.conv1.scale.shape == (12, 1, 1, 1)  # nothing removed: nothing sliced
+
+
 class GhostNet(nn.Module):
     """GhostNet's module: ``cat([x1, dw(x1)])`` on a residual stream. Channel j of ``primary`` is
     channels j and 4 + j of the stream, so the group is rooted at a 4-channel layer (4 units)."""

@@ -366,12 +366,15 @@ def _graph_freeze_reason(dg, tp_group, param_names: dict, owners: dict) -> str |
     return None
 
 
+STEM_REASON = "holds the output channels of the first conv"  # the start of a policy freeze's reason
+
+
 def _freeze_reason(
     group_members: list[tuple[nn.Module, Member]], first_conv: str | None, classifier: str | None
 ) -> str | None:
     for module, member in group_members:
         if member.role == "out" and member.module == first_conv:
-            return f"holds the output channels of the first conv '{first_conv}' (kept by policy; prune.prune_stem: true prunes it)"
+            return f"{STEM_REASON} '{first_conv}' (kept by policy; prune.prune_stem: true prunes it)"
         if member.role == "out" and member.module == classifier:
             return f"holds the outputs of the classifier '{classifier}'"
         if isinstance(module, _CHANNEL_MIXING_NORMS) or (isinstance(module, nn.GroupNorm) and module.num_groups == 1):
