@@ -37,7 +37,7 @@ from cascadec.profile.engines import profile_backend
 from cascadec.profile.protocol import Timing, profile_interleaved, protocol_record
 from cascadec.profile.results import ProfileResult
 from cascadec.progress import log, track
-from cascadec.prune.analysis import Analysis, analyse
+from cascadec.prune.analysis import Analysis, analyse, check_feasible
 from cascadec.prune.cost import count_macs, count_params
 from cascadec.prune.latency import latency_prediction
 from cascadec.prune.method import get_method
@@ -346,7 +346,7 @@ def check_target(recipe: Recipe, bundle: DataBundle, per_image: int | None = Non
         "lower data.batch_size or data.image_size",
     )
     analysis = analyse(model, recipe, torch.zeros(1, *bundle.input_shape))
-    analysis.solver.check_feasible(analysis.budget)
+    check_feasible(model, recipe, analysis)
     return analysis
 
 

@@ -294,6 +294,9 @@ model = create_model("cifar_resnet8", num_classes=10, in_channels=3).train()
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
 estimate = training_bytes(activation_bytes(model, shape), batch)
+torch.nn.functional.cross_entropy(model(x[:2]), y[:2]).backward()  # the kernels' code and workspaces loaded
+opt.step()
+opt.zero_grad(set_to_none=True)
 base, before = status("VmRSS"), status("VmHWM")
 torch.nn.functional.cross_entropy(model(x), y).backward()
 opt.step()
@@ -303,9 +306,11 @@ print(json.dumps({"estimate": estimate, "peak": status("VmHWM") - base, "headroo
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
 def test_the_training_estimate_bounds_a_measured_step_without_refusing_far_too_early() -> None:
-    """One SGD step of cifar_resnet8 on 256 images in a fresh process: the peak resident memory
-    it adds (VmHWM) stays under the estimate the memory refusal uses, and the estimate is not
-    more than 2.5x that peak (measured 2.2x), or requests that fit would be refused."""
+    """One SGD step of cifar_resnet8 on 256 images in a fresh process, after a 2-image step has
+    loaded the kernels and the momentum buffers: the peak resident memory the step adds (VmHWM)
+    stays under the estimate the memory refusal uses, and the estimate is at most 3.2x that peak
+    (measured 2.6-2.8x over four runs), or requests that fit would be refused. A factor of 4
+    instead of 3 gives 3.4-3.8x; a factor of 1 falls under the peak."""
     import json
     import os
     import subprocess
@@ -317,7 +322,7 @@ def test_the_training_estimate_bounds_a_measured_step_without_refusing_far_too_e
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["headroom"] < 0.05 * got["peak"], got  # the step set the high-water mark, not start-up
-    assert got["peak"] <= got["estimate"] <= 2.5 * got["peak"], (got, got["estimate"] / got["peak"])
+    assert got["peak"] <= got["estimate"] <= 3.2 * got["peak"], (got, got["estimate"] / got["peak"])
 
 
 # ---------------------------------------------------------------- speed-up meter

@@ -194,7 +194,7 @@ class ChannelScaledNet(nn.Module):
         super().__init__()
         self.conv0 = ChannelScaledConv(3, 8, 3, padding=1)
         self.conv1 = ChannelScaledConv(8, 12, 3, padding=1)
-        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.conv2 = ChannelScaledConv(12, 8, 3, padding=1)
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
@@ -203,18 +203,27 @@ class ChannelScaledNet(nn.Module):
 
 
 def test_a_conv_subclass_own_per_channel_parameter_is_sliced_with_its_weight() -> None:
-    """The shrunk conv1 keeps the ``scale`` entries of its kept filters, so masked == shrunk; a
-    scale left whole (or one sliced twice) changes the width or the channels it multiplies."""
-    model = ChannelScaledNet()
+    """conv1's and conv2's ``scale`` lose the entries of their removed filters, so both groups
+    prove exact and masked == shrunk; a scale left whole (or sliced twice) fails the trial, which
+    freezes the group, or changes the channels it multiplies."""
+    model = ChannelScaledNet().eval()
     with torch.no_grad():
-        for conv in (model.conv0, model.conv1):
+        for conv in (model.conv0, model.conv1, model.conv2):
             conv.scale.copy_(torch.rand_like(conv.scale) + 0.5)  # every channel its own scale
-    index, gap = _exact_at(model, 16, reduction=0.4)
-    assert "conv1" in index.by_root(), _frozen(index)
-    assert gap < 1e-5
-    x = torch.randn(1, 3, 16, 16)
-    student = shrink(model.eval(), index, torch.ones(index.num_units), x)
-    assert student.conv1.scale.shape == (12, 1, 1, 1)  # nothing removed: nothing sliced
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    index = prove_groups(model, build_groups(model, x[:1]), x[:1])
+    assert {"conv1", "conv2"} <= set(index.by_root()), _frozen(index)  # conv0: the stem, kept by policy
+    cost = CostModel.build(model, index, x[:1])
+    scores = torch.rand(index.num_units, generator=torch.Generator().manual_seed(0))
+    keep = MaskSolver(index, cost).solve(scores, Budget.from_target(cost, flops_reduction=0.5))
+    student = shrink(model, index, keep, x[:1]).eval()
+    for name, width in (("conv1", 12), ("conv2", 8)):
+        conv = getattr(student, name)
+        assert conv.out_channels < width and conv.scale.shape == (conv.out_channels, 1, 1, 1), name
+    with torch.no_grad(), masked(model, index, keep):
+        expected = model(x)
+    with torch.no_grad():
+        assert torch.allclose(student(x), expected, atol=1e-5)
 
 
 class GhostNet(nn.Module):

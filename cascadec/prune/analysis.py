@@ -12,7 +12,7 @@ import torch.nn as nn
 from cascadec import progress
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
-from cascadec.prune.groups import GroupIndex, build_groups
+from cascadec.prune.groups import STEM_REASON, GroupIndex, build_groups
 from cascadec.prune.latency import attach_latency_model
 from cascadec.prune.targets import Budget, MaskSolver
 from cascadec.prune.trial import prove_groups
@@ -71,3 +71,27 @@ def analyse(model: nn.Module, recipe: Recipe, example_input: torch.Tensor) -> An
     )
     budget = Budget.from_section(cost, p.target)
     return Analysis(index, cost, solver, budget, example_input.detach()[:1].clone())
+
+
+def check_feasible(model: nn.Module, recipe: Recipe, analysis: Analysis) -> None:
+    """Refuse a target the narrowest allowed network cannot meet (MaskSolver.check_feasible).
+    When the first conv's outputs are frozen by policy alone, the same target is tried with them
+    prunable, and where that meets it the one line says so (a small network of one's own whose
+    widest group is tied to the stem is otherwise refused with no way out named). Not for a
+    latency target: trying it would time a second latency table."""
+    try:
+        analysis.solver.check_feasible(analysis.budget)
+    except UserError as refused:
+        policy = any(f.reason.startswith(STEM_REASON) for f in analysis.index.frozen)
+        if recipe.prune.prune_stem or not policy or recipe.prune.target.is_latency:
+            raise
+        lifted = recipe.model_copy(update={"prune": recipe.prune.model_copy(update={"prune_stem": True})})
+        try:
+            other = analyse(model, lifted, analysis.example)
+            other.solver.check_feasible(other.budget)
+        except UserError:
+            raise refused from None
+        raise UserError(
+            f"{refused}; the first conv's outputs are kept by policy, and with them prunable the target is "
+            "met: --set prune.prune_stem=true"
+        ) from None

@@ -15,7 +15,7 @@ import torch
 
 from cascadec.errors import UserError
 from cascadec.prune.cost import CostModel
-from cascadec.prune.groups import STEM_REASON, GroupIndex
+from cascadec.prune.groups import GroupIndex
 from cascadec.recipe import TargetSection, target_budget
 
 METRICS = ("flops", "params", "units", "latency")
@@ -199,11 +199,6 @@ class MaskSolver:
                 + (
                     f"; {len(self.index.frozen)} channel groups are frozen (`cascadec inspect` lists them and why)"
                     if self.index.frozen
-                    else ""
-                )
-                + (
-                    ", the first conv's outputs among them by policy (--set prune.prune_stem=true prunes them)"
-                    if any(f.reason.startswith(STEM_REASON) for f in self.index.frozen)
                     else ""
                 )
             )
