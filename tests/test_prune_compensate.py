@@ -227,6 +227,31 @@ def test_prune_model_with_compensation(name, tiny_setup) -> None:
     assert any(not torch.equal(v, teacher_state[k]) for k, v in student.state_dict().items() if v.is_floating_point())
 
 
+@pytest.mark.slow
+def test_the_cascade_compensates_toward_the_top_of_its_ladder(tiny_setup, monkeypatch) -> None:
+    """The reference whose statistics the cascade's student is refitted to is the unpruned top TA
+    (its own BatchNorm), not the student run without its mask (BatchNorm trained for the masked
+    network: the statistics of a network that never trained) nor the pretrained teacher."""
+    import cascadec.prune.cascade_method as cascade_method
+
+    seen = {}
+    real = cascade_method.compensate_start
+
+    def spy(student, reference, *args, **kwargs):
+        seen.update(student=copy.deepcopy(student.state_dict()), reference=copy.deepcopy(reference.state_dict()))
+        return real(student, reference, *args, **kwargs)
+
+    monkeypatch.setattr(cascade_method, "compensate_start", spy)
+    teacher, loader, val = tiny_setup
+    prune_model(teacher, _recipe(RUNS["cascade-compensated"]), loader, val, torch.randn(1, 1, 16, 16), CPU)
+    student, reference, pretrained = seen["student"], seen["reference"], teacher.state_dict()
+    stats = [k for k in reference if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(reference[k], student[k]) for k in stats)  # not the student's BatchNorm
+    assert any(not torch.equal(reference[k], pretrained[k]) for k in stats)  # nor the teacher's
+    shared = [k for k in reference if k.endswith("conv1.weight") and k.startswith("layer")]
+    assert shared and all(torch.equal(reference[k], student[k]) for k in shared)  # the student's shared convs
+
+
 def test_recipe_refuses_unknown_method_and_bad_compensation() -> None:
     with pytest.raises(ValueError):
         _recipe({"prune": {"method": "caps"}})

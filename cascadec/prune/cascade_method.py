@@ -260,8 +260,15 @@ def run_cascade(
     final_mask = mask.cpu()
     compensation = None
     if recipe.prune.compensate and student_state is None:
-        # toward the unmasked shared network the student was cut from (the top of the ladder)
-        compensation = compensate_start(student, student, analysis, final_mask, loader, recipe, device)
+        # toward the unmasked shared network the student was cut from: the top of the ladder, with
+        # its own BatchNorm, classifier and first conv. Not the student run without its mask: its
+        # BatchNorm was trained and calibrated for the masked network, so unmasked it is a network
+        # that never trained (the statistics it gave knocked the student to chance at 90 %).
+        # With no unpruned TA the pretrained teacher is the top.
+        top = len(trainer.models) - 1
+        reference = copy.deepcopy(trainer.models[top]).eval() if trainer.state.fractions[top] >= 1.0 else teacher
+        compensation = compensate_start(student, reference, analysis, final_mask, loader, recipe, device)
+        del reference
     history = {
         "fractions": trainer.state.fractions,
         "joint": joint,
